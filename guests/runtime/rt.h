@@ -1,0 +1,45 @@
+/* kvmguest guest runtime: serial console, exit, command line, memory map. */
+#ifndef RT_H
+#define RT_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef unsigned long size_t;
+
+#define PAGE_SIZE 4096UL
+#define COM1 0x3f8
+#define DEBUG_EXIT_PORT 0xf4
+
+/* The guest's entry point: return value is the exit code. */
+int main(void);
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+
+void putc(char c);
+void puts(const char *s);
+void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void __attribute__((noreturn)) exit(int code);
+void __attribute__((noreturn)) fail(const char *why);
+
+/* Command line: "key=value" words; numbers in decimal or 0x hex, with K/M/G suffixes. */
+const char *cmdline(void);
+u64 cmdline_u64(const char *key, u64 dflt);
+int cmdline_has(const char *word);
+
+/* RAM from the PVH memory map (type 1 entries), sorted by address. */
+struct ram_range { u64 start, end; };
+int ram_ranges(struct ram_range *out, int max);
+u64 ram_top(void);
+
+extern char _start_image[], _end_image[];
+
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+int strncmp(const char *a, const char *b, size_t n);
+size_t strlen(const char *s);
+
+#endif
