@@ -1,0 +1,42 @@
+"""Every magic guest-physical address and boot constant, in one place, with why."""
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# The first page stays unused so that a null pointer in the guest reads zeros.
+# Boot GDT for the PVH start state (PVH wants flat 32-bit segments and a TSS).
+BOOT_GDT = 0x500
+BOOT_GDT_ENTRIES = 4          # null, code32, data32, tss
+# hvm_start_info, then its memory map, each in their own page.
+START_INFO = 0x6000
+MEMMAP = 0x6040
+MEMMAP_MAX_ENTRIES = 16
+# The kernel command line: one page, NUL-terminated.
+CMDLINE = 0x7000
+CMDLINE_MAX = 4096
+# Everything the VMM writes for boot sits below this address; ELF segments must not.
+BOOT_STRUCTS_END = 0x8000
+
+# Legacy PC holes reported in the memory map: the EBDA/VGA/BIOS area [640 KiB, 1 MiB).
+LOW_RAM_END = 0xA0000
+KERNEL_MIN_ADDR = 1 * MiB
+
+# RAM above 3 GiB goes above 4 GiB, leaving the usual hole for MMIO (PCI, LAPIC, IOAPIC).
+MMIO_HOLE_START = 3 * GiB
+HIGH_RAM_START = 4 * GiB
+
+# Required by KVM on Intel (real-mode emulation); three pages inside the MMIO hole.
+TSS_ADDR = 0xFFFBD000
+
+# PVH: the start_info magic and the ELF note type that carries the 32-bit entry.
+HVM_START_MAGIC = 0x336EC578
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+# Memory map entry types (e820).
+E820_RAM = 1
+E820_RESERVED = 2
+
+# Ports of the devices every guest has.
+COM1_PORT = 0x3F8
+DEBUG_EXIT_PORT = 0xF4
+
+MIN_MEMORY = 4 * MiB

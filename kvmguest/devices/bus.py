@@ -1,0 +1,54 @@
+"""Port-I/O bus: routes each access to the device that owns the port."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class PortDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class PortBus:
+    """Maps port ranges to devices. Unknown ports read as all-ones, logged once each."""
+
+    def __init__(self):
+        self._ranges: list[tuple[int, int, PortDevice]] = []
+        self._unknown_seen: set[int] = set()
+        self.unknown_accesses = 0
+
+    def register(self, base: int, size: int, device: PortDevice) -> None:
+        for b, s, _ in self._ranges:
+            if base < b + s and b < base + size:
+                raise ValueError(f"ports {base:#x}+{size} overlap {b:#x}+{s}")
+        self._ranges.append((base, size, device))
+
+    def _find(self, port: int):
+        for base, size, dev in self._ranges:
+            if base <= port < base + size:
+                return dev, port - base
+        return None, 0
+
+    def _unknown(self, port: int, what: str) -> None:
+        self.unknown_accesses += 1
+        if port not in self._unknown_seen:
+            self._unknown_seen.add(port)
+            log.info("guest %s unknown port %#x (logged once per port)", what, port)
+
+    def read(self, port: int, size: int) -> int:
+        dev, off = self._find(port)
+        if dev is None:
+            self._unknown(port, "read")
+            return (1 << (8 * size)) - 1
+        return dev.read(off, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        dev, off = self._find(port)
+        if dev is None:
+            self._unknown(port, "wrote")
+            return
+        dev.write(off, size, value)

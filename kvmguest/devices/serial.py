@@ -1,0 +1,107 @@
+"""A 16550 UART with enough of the register model for a polling driver.
+
+Output is kept in a bounded buffer (the newest ``capacity`` bytes; older bytes are
+counted as dropped) and optionally streamed to a callback. Input is a queue the guest
+reads from RBR, with LSR.DR telling it that a byte is waiting. No interrupts: the VM has
+no interrupt controller, so IER is stored but never acted on."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable
+
+# Register offsets.
+RBR_THR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
+LCR_DLAB = 0x80
+LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
+MSR_DCD_DSR_CTS = 0xB0
+IIR_NO_INT, IIR_FIFO_ENABLED = 0x01, 0xC0
+
+
+class Serial:
+    def __init__(self, capacity: int = 1 << 20, stream: Callable[[bytes], None] | None = None):
+        self.capacity = capacity
+        self.stream = stream
+        self._out = bytearray()
+        self.dropped = 0
+        self._in: collections.deque[int] = collections.deque()
+        self._lock = threading.Lock()
+        self.regs = {"ier": 0, "lcr": 0x03, "mcr": 0x08, "scr": 0, "dll": 0x0C, "dlm": 0,
+                     "fcr": 0}
+
+    # --- host side ---
+    @property
+    def output(self) -> bytes:
+        with self._lock:
+            return bytes(self._out)
+
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def feed(self, data: bytes) -> None:
+        """Queue input for the guest."""
+        with self._lock:
+            self._in.extend(data)
+
+    def _emit(self, byte: int) -> None:
+        with self._lock:
+            self._out.append(byte)
+            if len(self._out) > self.capacity:
+                excess = len(self._out) - self.capacity
+                del self._out[:excess]
+                self.dropped += excess
+        if self.stream is not None:
+            self.stream(bytes((byte,)))
+
+    # --- guest side ---
+    def read(self, offset: int, size: int) -> int:
+        dlab = self.regs["lcr"] & LCR_DLAB
+        if offset == RBR_THR:
+            if dlab:
+                return self.regs["dll"]
+            with self._lock:
+                return self._in.popleft() if self._in else 0
+        if offset == IER:
+            return self.regs["dlm"] if dlab else self.regs["ier"]
+        if offset == IIR_FCR:
+            return IIR_NO_INT | (IIR_FIFO_ENABLED if self.regs["fcr"] & 1 else 0)
+        if offset == LCR:
+            return self.regs["lcr"]
+        if offset == MCR:
+            return self.regs["mcr"]
+        if offset == LSR:
+            with self._lock:
+                ready = LSR_DR if self._in else 0
+            return LSR_THRE | LSR_TEMT | ready
+        if offset == MSR:
+            return MSR_DCD_DSR_CTS
+        return self.regs["scr"]
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
+        dlab = self.regs["lcr"] & LCR_DLAB
+        if offset == RBR_THR:
+            if dlab:
+                self.regs["dll"] = value
+            else:
+                self._emit(value)
+        elif offset == IER:
+            self.regs["dlm" if dlab else "ier"] = value
+        elif offset == IIR_FCR:
+            self.regs["fcr"] = value
+        elif offset == LCR:
+            self.regs["lcr"] = value
+        elif offset == MCR:
+            self.regs["mcr"] = value
+        elif offset == SCR:
+            self.regs["scr"] = value
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return {"regs": dict(self.regs), "input": bytes(self._in).hex()}
+
+    def restore_state(self, state: dict) -> None:
+        self.regs.update(state["regs"])
+        with self._lock:
+            self._in = collections.deque(bytes.fromhex(state.get("input", "")))

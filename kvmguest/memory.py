@@ -1,0 +1,154 @@
+"""Guest RAM: regions backed by anonymous mmap, numpy views, gpa translation and the
+host-side dirty bitmap that records the VMM's own writes (KVM's log cannot see them)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .boot import layout
+
+PAGE_SIZE = 4096
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access outside RAM, or a bad memory size."""
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Where a RAM block sits: KVM slot, guest-physical base, size in bytes, name."""
+    slot: int
+    gpa: int
+    size: int
+    name: str
+
+
+def plan_regions(ram_size: int) -> list[RegionSpec]:
+    """Split ``ram_size`` bytes of RAM into slots: below the 3 GiB MMIO hole, then at 4 GiB."""
+    if ram_size % PAGE_SIZE or ram_size <= 0:
+        raise GuestMemoryError(f"memory size {ram_size} is not a positive multiple of 4 KiB")
+    low = min(ram_size, layout.MMIO_HOLE_START)
+    specs = [RegionSpec(0, 0, low, "ram-low")]
+    if ram_size > low:
+        specs.append(RegionSpec(1, layout.HIGH_RAM_START, ram_size - low, "ram-high"))
+    return specs
+
+
+class Region:
+    """One RAM block: an anonymous (or file-backed, private) mapping and its numpy view."""
+
+    def __init__(self, spec: RegionSpec, mapping: mmap.mmap | None = None):
+        self.spec = spec
+        self.slot, self.gpa, self.size, self.name = spec.slot, spec.gpa, spec.size, spec.name
+        # Dropping pages of an anonymous mapping zeroes them; of a file mapping, it
+        # brings the file's bytes back.
+        self.anonymous = mapping is None
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        self.map = mapping if mapping is not None else mmap.mmap(
+            -1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.array = np.frombuffer(self.map, dtype=np.uint8)
+        self.host_addr = self.array.ctypes.data
+        self.npages = spec.size // PAGE_SIZE
+        # One byte per page is simplest to set from many places; packed on harvest.
+        self.host_dirty = np.zeros(self.npages, dtype=np.bool_)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+    def pages(self) -> np.ndarray:
+        """The region as a (npages, PAGE_SIZE) uint8 array (a view, no copy)."""
+        return self.array.reshape(self.npages, PAGE_SIZE)
+
+    def close(self) -> None:
+        self.array = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a caller still holds a view; unmapped when it goes
+                pass
+            self.map = None
+
+
+class GuestMemory:
+    """All RAM of one VM: the regions, translation, and VMM writes with dirty tracking."""
+
+    def __init__(self, regions: list[Region]):
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def anonymous(cls, ram_size: int) -> "GuestMemory":
+        return cls([Region(s) for s in plan_regions(ram_size)])
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def region_at(self, gpa: int, length: int = 1) -> Region:
+        for r in self.regions:
+            if r.contains(gpa, length):
+                return r
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not in RAM")
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        return any(r.contains(gpa, length) for r in self.regions)
+
+    def view(self, gpa: int, length: int) -> np.ndarray:
+        """A read-only-by-convention numpy view of guest memory (use write() to modify)."""
+        r = self.region_at(gpa, length)
+        off = gpa - r.gpa
+        return r.array[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.view(gpa, length).tobytes()
+
+    def _mark(self, r: Region, off: int, length: int) -> None:
+        if length:
+            with self._lock:
+                r.host_dirty[off // PAGE_SIZE:(off + length - 1) // PAGE_SIZE + 1] = True
+
+    def write(self, gpa: int, data) -> None:
+        """Copy ``data`` into guest RAM and mark the pages dirty for the VMM's bitmap."""
+        buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray, memoryview))
+                            else data, dtype=np.uint8)
+        r = self.region_at(gpa, len(buf))
+        off = gpa - r.gpa
+        r.array[off:off + len(buf)] = buf
+        self._mark(r, off, len(buf))
+
+    def write_struct(self, gpa: int, struct: ctypes.Structure) -> None:
+        self.write(gpa, bytes(struct))
+
+    def zero(self, gpa: int, length: int) -> None:
+        """Zero a range; whole pages are dropped (MADV_DONTNEED) so nothing gets resident."""
+        r = self.region_at(gpa, length)
+        off, end = gpa - r.gpa, gpa - r.gpa + length
+        first_full = -(-off // PAGE_SIZE) * PAGE_SIZE
+        last_full = end // PAGE_SIZE * PAGE_SIZE
+        if first_full < last_full and r.anonymous:
+            r.map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
+            r.array[off:first_full] = 0
+            r.array[last_full:end] = 0
+        else:
+            r.array[off:end] = 0
+        self._mark(r, off, length)
+
+    def take_host_dirty(self, r: Region) -> np.ndarray:
+        """The pages the VMM wrote in ``r`` since the last call (a bool per page), reset."""
+        with self._lock:
+            bits = r.host_dirty
+            r.host_dirty = np.zeros(r.npages, dtype=np.bool_)
+        return bits
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.close()
