@@ -22,7 +22,7 @@ from .boot import cpu, layout, pvh
 from .devices import DebugExit, PortBus, Serial
 from .dirty import DirtyLog
 from .kvm import Kvm, KvmError
-from .memory import GuestMemory
+from .memory import GuestMemory, plan_regions
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class Machine:
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise ValueError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
+        if self.kernel is not None:  # every boot error before any VM exists
+            pvh.check_fits(self.kernel, guest_memory.regions if guest_memory is not None
+                           else plan_regions(memory), cmdline)
         self.kvm = kvm or Kvm()
         self._own_kvm = kvm is None
         self.vm = self.vcpu = None
@@ -128,7 +131,11 @@ class Machine:
         self._started_at = 0.0
         self._finished_at = 0.0
         if self.kernel is not None:
-            self.boot()
+            try:
+                self.boot()
+            except BaseException:
+                self.close()
+                raise
 
     # --- set-up -----------------------------------------------------------------------
     def boot(self) -> None:

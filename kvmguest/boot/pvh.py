@@ -137,18 +137,28 @@ def memory_map(memory) -> list[tuple[int, int, int]]:
     return entries
 
 
-def load(memory, kernel: Kernel, cmdline: str = "") -> int:
-    """Write the kernel and the PVH boot structures into guest memory; return start_info."""
+def check_fits(kernel: Kernel, regions, cmdline: str = "") -> bytes:
+    """Check the kernel and command line against a RAM layout, before any VM exists.
+
+    ``regions`` are objects with ``gpa`` and ``size`` (RegionSpec or Region). Returns the
+    encoded command line."""
     blob = cmdline.encode()
     if b"\0" in blob:
         raise BootError("command line contains a NUL byte")
     if len(blob) >= layout.CMDLINE_MAX:
         raise BootError(f"command line is {len(blob)} bytes; the limit is "
                         f"{layout.CMDLINE_MAX - 1}")
+    total = sum(r.size for r in regions)
     for s in kernel.segments:
-        if not memory.is_ram(s.paddr, s.memsz):
+        if not any(r.gpa <= s.paddr and s.paddr + s.memsz <= r.gpa + r.size for r in regions):
             raise BootError(f"{kernel.path}: segment at {s.paddr:#x}+{s.memsz:#x} is outside "
-                            f"guest RAM ({memory.size >> 20} MiB); give the guest more memory")
+                            f"guest RAM ({total >> 20} MiB); give the guest more memory")
+    return blob
+
+
+def load(memory, kernel: Kernel, cmdline: str = "") -> int:
+    """Write the kernel and the PVH boot structures into guest memory; return start_info."""
+    blob = check_fits(kernel, memory.regions, cmdline)
     for s in kernel.segments:
         memory.write(s.paddr, s.data)
         if s.memsz > len(s.data):

@@ -1,0 +1,55 @@
+"""Pausing a guest that never exits on its own, resuming it, and timeouts."""
+
+import re
+import struct
+import time
+
+import pytest
+
+from conftest import guest
+from kvmguest import GuestTimeout
+
+
+def _counter(m) -> int:
+    addr = int(re.search(r"counter at (0x[0-9a-f]+)", m.serial.text()).group(1), 16)
+    return struct.unpack("<Q", m.memory.read(addr, 8))[0]
+
+
+def _wait_console(m, text, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while text not in m.serial.text():
+        assert time.monotonic() < deadline, f"no {text!r} on the console"
+        time.sleep(0.005)
+
+
+def test_pause_stops_a_spinning_guest_and_resume_continues_it(machine_factory):
+    m = machine_factory(guest("spin"))
+    m.start()
+    _wait_console(m, "counter at")
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    m.pause()
+    assert time.monotonic() - t0 < 1.0
+    assert m.paused
+    frozen = _counter(m)
+    time.sleep(0.1)
+    assert _counter(m) == frozen, "guest ran while paused"
+    m.resume()
+    time.sleep(0.1)
+    m.pause()
+    assert _counter(m) > frozen, "guest did not run after resume"
+    for _ in range(5):          # repeated pause/resume stays reliable
+        m.resume()
+        m.pause()
+    m.resume()
+    assert m.running
+
+
+def test_timeout_stops_a_guest_that_never_exits(machine_factory):
+    m = machine_factory(guest("spin"))
+    t0 = time.monotonic()
+    with pytest.raises(GuestTimeout, match="did not finish within 0.3 s") as info:
+        m.run(timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+    assert "spin: counter at" in info.value.console
+    assert not m.running
