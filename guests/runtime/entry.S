@@ -2,8 +2,8 @@
  * PVH entry for the kvmguest test guests.
  *
  * The VMM (ours or QEMU) enters pvh_start in 32-bit protected mode, paging off,
- * with %ebx = physical address of hvm_start_info.  We identity-map the first
- * 1 GiB with 2 MiB pages (the C runtime maps the rest of RAM from the memory map),
+ * with %ebx = physical address of hvm_start_info.  We identity-map the first 8 MiB
+ * with 2 MiB pages (the C runtime maps the rest of RAM from the memory map),
  * switch to long mode, load our own GDT/TSS/IDT and call rt_main(start_info).
  */
 #define CR0_PE      (1 << 0)
@@ -17,6 +17,7 @@
 #define EFER_LME    (1 << 8)
 #define PTE_P_RW_US 0x7
 #define PDE_LARGE   0x87      /* present, writable, user, 2 MiB page */
+#define BOOT_MAPPED_2M 4      /* entry maps the first 8 MiB (the image lives there); rt.c the rest */
 
     /* The PVH note: Xen's XEN_ELFNOTE_PHYS32_ENTRY (18), a 32-bit entry point. */
     .section .note.Xen, "a", @note
@@ -49,7 +50,7 @@ pvh_start:
     orl $PDE_LARGE, %eax
     movl %eax, (%edi,%ecx,8)
     incl %ecx
-    cmpl $512, %ecx
+    cmpl $BOOT_MAPPED_2M, %ecx
     jne 1b
 
     movl %cr4, %eax

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +58,31 @@ class Kernel:
         return max(s.paddr + s.memsz for s in self.segments)
 
 
+_parsed: dict[tuple, Kernel] = {}
+
+
 def parse_kernel(path: str | Path) -> Kernel:
-    """Read and check a PVH ELF kernel; raise BootError naming what is wrong."""
+    """Read and check a PVH ELF kernel; raise BootError naming what is wrong.
+
+    A kernel already parsed is reused while its file is unchanged (same inode, size and
+    mtime): pyelftools takes milliseconds, which would dominate a small guest's boot."""
     path = str(path)
     try:
+        st = os.stat(path)
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _parsed:
+            return _parsed[key]
         raw = Path(path).read_bytes()
     except OSError as err:
         raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
+    kernel = _parse(path, raw)
+    if len(_parsed) > 32:
+        _parsed.clear()
+    _parsed[key] = kernel
+    return kernel
+
+
+def _parse(path: str, raw: bytes) -> Kernel:
     if raw[:4] != b"\x7fELF":
         raise BootError(f"{path}: not an ELF file")
     try:
