@@ -127,6 +127,8 @@ class Machine:
         self._paused = threading.Event()
         self._resume = threading.Event()
         self.error: BaseException | None = None
+        self.origin: dict = {}          # kernel/cmdline a restored guest was booted with
+        self._msr_indices: list[int] | None = None
         self.exits = 0
         self._started_at = 0.0
         self._finished_at = 0.0
@@ -146,6 +148,12 @@ class Machine:
         cpu.setup_sregs(sregs)
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_regs(cpu.setup_regs(self.kernel.entry, start_info))
+
+    def msr_indices(self) -> list[int]:
+        """The MSRs to save (KVM_GET_MSR_INDEX_LIST), read once per machine."""
+        if self._msr_indices is None:
+            self._msr_indices = self.kvm.get_msr_index_list()
+        return self._msr_indices
 
     # --- running ----------------------------------------------------------------------
     def start(self) -> None:

@@ -102,6 +102,10 @@ class Serial:
             return {"regs": dict(self.regs), "input": bytes(self._in).hex()}
 
     def restore_state(self, state: dict) -> None:
-        self.regs.update(state["regs"])
+        regs = state["regs"]
+        if set(regs) != set(self.regs) or not all(
+                isinstance(v, int) and 0 <= v <= 0xFF for v in regs.values()):
+            raise ValueError("serial state has unknown registers or values")
+        self.regs.update(regs)
         with self._lock:
             self._in = collections.deque(bytes.fromhex(state.get("input", "")))

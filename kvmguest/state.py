@@ -1,0 +1,211 @@
+"""vCPU, VM and device state: capture and apply, in Firecracker's order.
+
+The state is a JSON-able dict; each KVM struct is stored as the hex of its raw bytes and
+checked against ``sizeof`` when applied. Capture requires a paused (or never-run) vCPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+from . import abi
+from .abi import Cap
+from .kvm import KvmError, ioctl
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "kvmguest-state"
+STATE_VERSION = 1
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+
+class StateError(ValueError):
+    """Saved state that cannot be applied (wrong sizes, missing fields)."""
+
+
+def _hex(struct) -> str:
+    return bytes(struct).hex()
+
+
+def _load(struct_type, text: str, what: str):
+    try:
+        data = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise StateError(f"state field {what} is not hex") from None
+    if len(data) != ctypes.sizeof(struct_type):
+        raise StateError(f"state field {what} is {len(data)} bytes, expected "
+                         f"{ctypes.sizeof(struct_type)}")
+    return struct_type.from_buffer_copy(data)
+
+
+def readable_msrs(vcpu, indices: list[int]) -> dict[int, int]:
+    """Read every MSR of the list that KVM lets us read (it stops at the first it can't)."""
+    values: dict[int, int] = {}
+    pending = list(indices)
+    while pending:
+        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(pending))()
+        msrs.hdr.nmsrs = len(pending)
+        for e, index in zip(msrs.entries, pending):
+            e.index = index
+        got = ioctl(vcpu.fd, abi.VcpuIoctl.KVM_GET_MSRS, msrs)
+        if got > len(pending):
+            raise KvmError(f"KVM_GET_MSRS (returned {got} of {len(pending)})", 22)
+        for e in msrs.entries[:got]:
+            values[e.index] = e.data
+        if got < len(pending):
+            log.debug("MSR %#x not readable; skipped", pending[got])
+        pending = pending[got + 1:]
+    return values
+
+
+def restore_msrs(vcpu, items: list[tuple[int, int]]) -> None:
+    """KVM_SET_MSRS stops at the first MSR it refuses. One it refuses whose current value
+    already equals the saved one (e.g. an unused paravirt MSR at 0) is skipped; any other
+    is an error naming it."""
+    pending = list(items)
+    while pending:
+        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(pending))()
+        msrs.hdr.nmsrs = len(pending)
+        for e, (index, value) in zip(msrs.entries, pending):
+            e.index, e.data = index, value
+        done = ioctl(vcpu.fd, abi.VcpuIoctl.KVM_SET_MSRS, msrs)
+        if done >= len(pending):
+            return
+        index, value = pending[done]
+        current = readable_msrs(vcpu, [index]).get(index)
+        if current != value:
+            raise StateError(f"KVM refused MSR {index:#x} = {value:#x} (now {current!r})")
+        log.debug("MSR %#x refused but already %#x; skipped", index, value)
+        pending = pending[done + 1:]
+
+
+def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave_size: int) -> dict:
+    """mp_state first, then regs, sregs, xsave, xcrs, debugregs, MSRs, vcpu events last
+    (events last: the other reads must not change what is pending)."""
+    out = {"cpuid": bytes(cpuid)[:8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2)].hex()}
+    out["mp_state"] = _hex(vcpu.get_mp_state())
+    out["regs"] = _hex(vcpu.get_regs())
+    out["sregs"] = _hex(vcpu.get_sregs())
+    out["xsave"] = vcpu.get_xsave(xsave_size).hex()
+    out["xcrs"] = _hex(vcpu.get_xcrs())
+    out["debugregs"] = _hex(vcpu.get_debugregs())
+    out["msrs"] = [[i, v] for i, v in readable_msrs(vcpu, msr_indices).items()]
+    out["vcpu_events"] = _hex(vcpu.get_vcpu_events())
+    return out
+
+
+def _cpuid_from_hex(text: str):
+    data = bytes.fromhex(text)
+    if len(data) < 8:
+        raise StateError("state field cpuid is too short")
+    nent = int.from_bytes(data[:4], "little")
+    if nent > abi.KVM_MAX_CPUID_ENTRIES or len(data) != 8 + nent * ctypes.sizeof(
+            abi.kvm_cpuid_entry2):
+        raise StateError("state field cpuid has an inconsistent entry count")
+    cpuid = abi.flexible(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, nent)()
+    ctypes.memmove(ctypes.addressof(cpuid), data, len(data))
+    return cpuid
+
+
+def check_vcpu_state(state: dict) -> None:
+    """Decode every field without touching KVM: StateError if anything is malformed."""
+    try:
+        _cpuid_from_hex(state["cpuid"])
+        for name, typ in _STRUCTS:
+            _load(typ, state[name], name)
+        bytes.fromhex(state["xsave"])
+        if len(state["xsave"]) < 2 * ctypes.sizeof(abi.kvm_xsave):
+            raise StateError("state field xsave is shorter than 4096 bytes")
+        for pair in state["msrs"]:
+            index, value = pair
+            if not (isinstance(index, int) and isinstance(value, int)
+                    and 0 <= index < 1 << 32 and 0 <= value < 1 << 64):
+                raise StateError(f"bad MSR entry {pair!r}")
+    except (KeyError, TypeError) as err:
+        raise StateError(f"vCPU state is missing or has a bad field: {err}") from None
+    except ValueError as err:
+        raise StateError(str(err)) from None
+
+
+_STRUCTS = [("mp_state", abi.kvm_mp_state), ("regs", abi.kvm_regs), ("sregs", abi.kvm_sregs),
+            ("xcrs", abi.kvm_xcrs), ("debugregs", abi.kvm_debugregs),
+            ("vcpu_events", abi.kvm_vcpu_events)]
+
+
+def restore_vcpu(vcpu, state: dict) -> None:
+    """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> MSRs (TSC
+    before TSC-deadline) -> vcpu events."""
+    check_vcpu_state(state)
+    vcpu.set_cpuid2(_cpuid_from_hex(state["cpuid"]))      # before anything that depends on it
+    vcpu.set_mp_state(_load(abi.kvm_mp_state, state["mp_state"], "mp_state"))
+    vcpu.set_regs(_load(abi.kvm_regs, state["regs"], "regs"))
+    vcpu.set_sregs(_load(abi.kvm_sregs, state["sregs"], "sregs"))  # before xsave: CR4.OSXSAVE
+    vcpu.set_xsave(bytes.fromhex(state["xsave"]))
+    vcpu.set_xcrs(_load(abi.kvm_xcrs, state["xcrs"], "xcrs"))
+    vcpu.set_debugregs(_load(abi.kvm_debugregs, state["debugregs"], "debugregs"))
+    msrs = dict((int(i), int(v)) for i, v in state["msrs"])
+    # The TSC first: the deadline is relative to it.
+    ordered = sorted(msrs, key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE, i))
+    restore_msrs(vcpu, [(i, msrs[i]) for i in ordered])
+    vcpu.set_vcpu_events(_load(abi.kvm_vcpu_events, state["vcpu_events"], "vcpu_events"))
+
+
+def save_vm(vm) -> dict:
+    out = {}
+    if vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
+        out["clock"] = _hex(vm.get_clock())
+    return out
+
+
+def restore_vm(vm, state: dict) -> None:
+    if "clock" in state and vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
+        clock = _load(abi.kvm_clock_data, state["clock"], "clock")
+        vm.set_clock(abi.kvm_clock_data(clock=clock.clock))
+
+
+def save_machine(machine) -> dict:
+    """Everything but RAM, for a paused machine."""
+    if machine.running and not machine.paused:
+        raise RuntimeError("machine must be paused to capture its state")
+    kvm = machine.kvm
+    xsave_size = max(kvm.check_extension(Cap.KVM_CAP_XSAVE2), ctypes.sizeof(abi.kvm_xsave))
+    return {
+        "format": STATE_FORMAT, "version": STATE_VERSION,
+        "vcpus": [save_vcpu(machine.vcpu, machine.cpuid, machine.msr_indices(), xsave_size)],
+        "vm": save_vm(machine.vm),
+        "devices": {"serial": machine.serial.save_state(),
+                    "debug_exit": machine.debug_exit.save_state()},
+        "guest": {"kernel": machine.kernel.path if machine.kernel else machine.origin.get("kernel"),
+                  "cmdline": machine.cmdline if machine.kernel else machine.origin.get("cmdline", ""),
+                  "memory": machine.memory.size},
+    }
+
+
+def check_machine_state(state: dict) -> None:
+    if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise StateError(f"state format {state.get('format')!r} version {state.get('version')!r} "
+                         "is not supported")
+    vcpus = state.get("vcpus")
+    if not isinstance(vcpus, list) or len(vcpus) != 1:
+        raise StateError("state must hold exactly one vCPU")
+    check_vcpu_state(vcpus[0])
+    devices = state.get("devices")
+    if not isinstance(devices, dict) or not isinstance(devices.get("serial"), dict) \
+            or not isinstance(devices["serial"].get("regs"), dict):
+        raise StateError("state has no serial device state")
+    if not isinstance(state.get("vm", {}), dict):
+        raise StateError("state field vm is not an object")
+    if "clock" in state.get("vm", {}):
+        _load(abi.kvm_clock_data, state["vm"]["clock"], "clock")
+
+
+def restore_machine(machine, state: dict) -> None:
+    """vCPU first, VM-wide state after, our own devices last."""
+    check_machine_state(state)
+    restore_vcpu(machine.vcpu, state["vcpus"][0])
+    restore_vm(machine.vm, state.get("vm", {}))
+    machine.serial.restore_state(state["devices"]["serial"])
+    machine.debug_exit.restore_state(state["devices"].get("debug_exit", {}))
+    machine.origin = dict(state.get("guest", {}))

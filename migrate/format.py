@@ -1,0 +1,334 @@
+"""The snapshot format of docs/FORMAT.md: plan the layout, pack and parse, validate.
+
+Pure Python and numpy, no KVM. Every problem found in a file is a :class:`SnapshotError`
+with a one-line message naming it; nothing here allocates more than a small multiple of
+the file's size, whatever the file claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+MAGIC = b"KVMGSNAP"
+VERSION = 1
+FLAG_COMPLETE = 1 << 0
+PAGE_SIZE = 4096
+HEADER_SIZE = 4096
+SECTION_ALIGN = 4096
+PAGES_ALIGN = 1 << 20
+BLOCK_ENTRY_SIZE = 128
+MAX_BLOCKS = 32
+MAX_STATE = 16 << 20
+NAME_LEN = 32
+
+_HEADER = struct.Struct("<8sIIIIQQQQQII52s")     # up to header_crc
+_HEADER_CRC_AT = 124
+_BLOCK = struct.Struct("<32sQQIIQQQQQII24s")
+assert _HEADER.size == _HEADER_CRC_AT and _BLOCK.size == BLOCK_ENTRY_SIZE
+
+
+class SnapshotError(ValueError):
+    """A snapshot file is not usable; the message names the problem."""
+
+
+def align(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+def crc(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass
+class Block:
+    name: str
+    gpa: int
+    size: int
+    slot: int
+    page_size: int = PAGE_SIZE
+    bitmap_offset: int = 0
+    bitmap_length: int = 0
+    pages_offset: int = 0
+    pages_present: int = 0
+    bitmap_crc: int = 0
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+    @property
+    def pages_length(self) -> int:
+        return self.size
+
+    def page_offset(self, index: int) -> int:
+        return self.pages_offset + index * self.page_size
+
+
+@dataclass
+class Layout:
+    blocks: list[Block]
+    table_offset: int = HEADER_SIZE
+    state_offset: int = 0
+
+    @property
+    def table_length(self) -> int:
+        return len(self.blocks) * BLOCK_ENTRY_SIZE
+
+    @property
+    def pages_end(self) -> int:
+        return max(b.pages_offset + b.size for b in self.blocks)
+
+
+def bitmap_length(npages: int) -> int:
+    return align(-(-npages // 8), 8)
+
+
+def plan(blocks: list[tuple[str, int, int, int]]) -> Layout:
+    """Offsets for (name, gpa, size, slot) blocks; a pure function of the list."""
+    if not 1 <= len(blocks) <= MAX_BLOCKS:
+        raise SnapshotError(f"{len(blocks)} RAM blocks; 1 to {MAX_BLOCKS} are supported")
+    out = [Block(name, gpa, size, slot) for name, gpa, size, slot in sorted(blocks, key=lambda b: b[1])]
+    pos = align(HEADER_SIZE + len(out) * BLOCK_ENTRY_SIZE, SECTION_ALIGN)
+    for b in out:
+        b.bitmap_offset = pos
+        b.bitmap_length = bitmap_length(b.npages)
+        pos = align(pos + b.bitmap_length, SECTION_ALIGN)
+    for b in out:
+        b.pages_offset = align(pos, PAGES_ALIGN)
+        pos = b.pages_offset + b.size
+    return Layout(out, HEADER_SIZE, align(pos, SECTION_ALIGN))
+
+
+def max_file_size(layout: Layout, state_length: int) -> int:
+    """The bound of docs/FORMAT.md for this layout (the file size is exactly this)."""
+    return layout.state_offset + align(state_length, SECTION_ALIGN)
+
+
+def documented_bound(ram_size: int, nblocks: int, state_length: int) -> int:
+    """FORMAT.md's closed-form bound: RAM + n MiB + bitmaps + a few KiB + state."""
+    return (ram_size + HEADER_SIZE + SECTION_ALIGN + nblocks * (PAGES_ALIGN + SECTION_ALIGN)
+            + ram_size // (PAGE_SIZE * 8) + 8 * nblocks + align(state_length, SECTION_ALIGN))
+
+
+# --- packing -----------------------------------------------------------------------------
+def pack_table(layout: Layout) -> bytes:
+    out = bytearray()
+    for b in layout.blocks:
+        name = b.name.encode()
+        if len(name) > NAME_LEN:
+            raise SnapshotError(f"block name {b.name!r} is longer than {NAME_LEN} bytes")
+        out += _BLOCK.pack(name.ljust(NAME_LEN, b"\0"), b.gpa, b.size, b.page_size, b.slot,
+                           b.bitmap_offset, b.bitmap_length, b.pages_offset, b.size,
+                           b.pages_present, b.bitmap_crc, 0, b"\0" * 24)
+    return bytes(out)
+
+
+def pack_header(layout: Layout, *, complete: bool, state_length: int = 0,
+                table_crc: int = 0, state_crc: int = 0) -> bytes:
+    body = _HEADER.pack(MAGIC, VERSION, FLAG_COMPLETE if complete else 0, PAGE_SIZE,
+                        len(layout.blocks), layout.table_offset, layout.table_length,
+                        layout.state_offset, state_length,
+                        max_file_size(layout, state_length) if complete else 0,
+                        table_crc, state_crc, b"\0" * 52)
+    header_crc = crc(body) if complete else 0
+    return (body + struct.pack("<I", header_crc)).ljust(HEADER_SIZE, b"\0")
+
+
+def pad(data: bytes) -> bytes:
+    return data + b"\0" * (align(len(data), SECTION_ALIGN) - len(data))
+
+
+def pack_bitmap(present: np.ndarray, length: int) -> bytes:
+    """bool per page -> the on-disk bitmap of ``length`` bytes (LSB-first)."""
+    packed = np.packbits(present.astype(np.bool_), bitorder="little").tobytes()
+    return packed.ljust(length, b"\0")
+
+
+def unpack_bitmap(data: bytes, npages: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little",
+                         count=npages).view(np.bool_)
+
+
+def encode_state(state: dict) -> bytes:
+    data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+    if len(data) > MAX_STATE:
+        raise SnapshotError(f"state is {len(data)} bytes; the limit is {MAX_STATE}")
+    return data
+
+
+# --- parsing and validation ---------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """A fully validated snapshot: layout, presence bitmaps and decoded state."""
+    path: str
+    file_size: int
+    layout: Layout
+    present: list[np.ndarray] = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+    state_length: int = 0
+
+    @property
+    def ram_size(self) -> int:
+        return sum(b.size for b in self.layout.blocks)
+
+    @property
+    def pages_present(self) -> int:
+        return sum(b.pages_present for b in self.layout.blocks)
+
+
+def _read_exact(fd: int, offset: int, length: int, what: str, file_size: int) -> bytes:
+    if offset < 0 or length < 0 or offset + length > file_size:
+        raise SnapshotError(f"{what} at {offset}+{length} runs past the end of the file "
+                            f"({file_size} bytes): truncated?")
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise SnapshotError(f"{what}: short read ({len(data)} of {length} bytes)")
+    return data
+
+
+def read_snapshot(path: str, fd: int | None = None) -> Snapshot:
+    """Open and validate everything but page contents; raise SnapshotError if anything is off."""
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise SnapshotError(f"cannot open {path}: {err.strerror}") from err
+    try:
+        return _validate(path, fd)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _validate(path: str, fd: int) -> Snapshot:
+    size = os.fstat(fd).st_size
+    if size < HEADER_SIZE:
+        raise SnapshotError(f"file is {size} bytes, shorter than the {HEADER_SIZE}-byte "
+                            "header: truncated or not a snapshot")
+    head = _read_exact(fd, 0, HEADER_SIZE, "header", size)
+    if head[:8] != MAGIC:
+        if head[:8] == b"KVMGSTRM":
+            raise SnapshotError("this is a streaming-format snapshot; restore it with the "
+                                "stream reader (kvmguest restore detects it)")
+        raise SnapshotError("not a kvmguest snapshot (bad magic)")
+    (_, version, flags, page_size, nblocks, table_offset, table_length, state_offset,
+     state_length, file_size, table_crc, state_crc, _) = _HEADER.unpack_from(head)
+    header_crc, = struct.unpack_from("<I", head, _HEADER_CRC_AT)
+    if version != VERSION:
+        raise SnapshotError(f"snapshot format version {version}; this kvmguest reads "
+                            f"version {VERSION}")
+    if not flags & FLAG_COMPLETE:
+        raise SnapshotError("snapshot is incomplete: the save that wrote it did not finish")
+    if header_crc != crc(head[:_HEADER_CRC_AT]):
+        raise SnapshotError("header checksum mismatch: the header is corrupt")
+    if flags & ~FLAG_COMPLETE:
+        raise SnapshotError(f"unknown header flags {flags:#x}")
+    if page_size != PAGE_SIZE:
+        raise SnapshotError(f"page size {page_size}; only {PAGE_SIZE} is supported")
+    if not 1 <= nblocks <= MAX_BLOCKS:
+        raise SnapshotError(f"block count {nblocks} out of range 1..{MAX_BLOCKS}")
+    if file_size != size:
+        raise SnapshotError(f"file is {size} bytes but the header says {file_size}: "
+                            + ("truncated" if size < file_size else "trailing data"))
+    if table_offset != HEADER_SIZE or table_length != nblocks * BLOCK_ENTRY_SIZE:
+        raise SnapshotError(f"block table at {table_offset}+{table_length} does not match "
+                            f"{nblocks} blocks")
+    table = _read_exact(fd, table_offset, table_length, "block table", size)
+    if crc(table) != table_crc:
+        raise SnapshotError("block table checksum mismatch: the block table is corrupt")
+
+    blocks = []
+    for i in range(nblocks):
+        (name, gpa, bsize, bpage, slot, bm_off, bm_len, pg_off, pg_len, present, bm_crc,
+         bflags, _) = _BLOCK.unpack_from(table, i * BLOCK_ENTRY_SIZE)
+        try:
+            name_s = name.rstrip(b"\0").decode()
+        except UnicodeDecodeError:
+            raise SnapshotError(f"block {i}: name is not UTF-8") from None
+        where = f"block {i} ({name_s!r})"
+        if bpage != PAGE_SIZE:
+            raise SnapshotError(f"{where}: page size {bpage}, expected {PAGE_SIZE}")
+        if bsize == 0 or bsize % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise SnapshotError(f"{where}: base {gpa:#x} / size {bsize:#x} not page aligned")
+        if pg_len != bsize:
+            raise SnapshotError(f"{where}: page area length {pg_len} differs from size {bsize}")
+        if bm_len != bitmap_length(bsize // PAGE_SIZE):
+            raise SnapshotError(f"{where}: bitmap length {bm_len} does not match "
+                                f"{bsize // PAGE_SIZE} pages")
+        if pg_off % PAGES_ALIGN or bm_off % SECTION_ALIGN:
+            raise SnapshotError(f"{where}: misaligned page area or bitmap offset")
+        if bflags:
+            raise SnapshotError(f"{where}: unknown block flags {bflags:#x}")
+        if present > bsize // PAGE_SIZE:
+            raise SnapshotError(f"{where}: {present} pages present of {bsize // PAGE_SIZE}")
+        blocks.append(Block(name_s, gpa, bsize, slot, PAGE_SIZE, bm_off, bm_len, pg_off,
+                            present, bm_crc))
+    layout = Layout(blocks, table_offset, state_offset)
+
+    # Sections must lie inside the file and not overlap one another.
+    sections = [(0, HEADER_SIZE, "header"), (table_offset, table_length, "block table"),
+                (state_offset, state_length, "state")]
+    for b in blocks:
+        sections += [(b.bitmap_offset, b.bitmap_length, f"bitmap of {b.name!r}"),
+                     (b.pages_offset, b.size, f"page area of {b.name!r}")]
+    for off, length, what in sections:
+        if off + length > size:
+            raise SnapshotError(f"{what} at {off}+{length} runs past the end of the file "
+                                f"({size} bytes)")
+    ordered = sorted(sections)
+    for (o1, l1, w1), (o2, _, w2) in zip(ordered, ordered[1:]):
+        if o1 + l1 > o2:
+            raise SnapshotError(f"{w1} overlaps {w2} in the file")
+    by_gpa = sorted(blocks, key=lambda b: b.gpa)
+    for a, b in zip(by_gpa, by_gpa[1:]):
+        if a.gpa + a.size > b.gpa:
+            raise SnapshotError(f"blocks {a.name!r} and {b.name!r} overlap in guest memory")
+    if len({b.slot for b in blocks}) != len(blocks):
+        raise SnapshotError("two blocks claim the same memory slot")
+
+    present_maps = []
+    for b in blocks:
+        raw = _read_exact(fd, b.bitmap_offset, b.bitmap_length, f"bitmap of {b.name!r}", size)
+        if crc(raw) != b.bitmap_crc:
+            raise SnapshotError(f"bitmap of {b.name!r}: checksum mismatch")
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        if bits[b.npages:].any():
+            raise SnapshotError(f"bitmap of {b.name!r} has bits set past its last page")
+        bits = bits[:b.npages].view(np.bool_)
+        if int(bits.sum()) != b.pages_present:
+            raise SnapshotError(f"bitmap of {b.name!r}: {int(bits.sum())} bits set but "
+                                f"{b.pages_present} pages recorded")
+        present_maps.append(bits)
+
+    if state_offset % SECTION_ALIGN or state_offset < layout.pages_end:
+        raise SnapshotError("state section is misplaced")
+    if state_length > MAX_STATE:
+        raise SnapshotError(f"state length {state_length} exceeds {MAX_STATE}")
+    if size != state_offset + align(state_length, SECTION_ALIGN):
+        raise SnapshotError("file size does not match the end of the state section")
+    raw_state = _read_exact(fd, state_offset, state_length, "state", size)
+    if crc(raw_state) != state_crc:
+        raise SnapshotError("state checksum mismatch: the vCPU/device state is corrupt")
+    try:
+        state = json.loads(raw_state)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SnapshotError(f"state does not decode: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != "kvmguest-state":
+        raise SnapshotError("state section is not kvmguest state")
+    return Snapshot(path, size, layout, present_maps, state, state_length)
+
+
+def with_present(layout: Layout, present: list[np.ndarray]) -> Layout:
+    """A copy of ``layout`` whose blocks carry the counts and CRCs of these bitmaps."""
+    blocks = []
+    for b, bits in zip(layout.blocks, present):
+        data = pack_bitmap(bits, b.bitmap_length)
+        blocks.append(replace(b, pages_present=int(bits.sum()), bitmap_crc=crc(data)))
+    return Layout(blocks, layout.table_offset, layout.state_offset)

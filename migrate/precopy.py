@@ -1,0 +1,172 @@
+"""Live save: pre-copy passes while the guest runs, then a short stop-and-copy.
+
+Pass 0 writes every non-zero page; each later pass rewrites what the dirty log (merged
+with the VMM's own writes) reports. When the remaining dirty set would take no longer
+than the downtime target at the measured bandwidth, or a pass/time limit is reached, the
+vCPU is paused, the last dirty pages and the vCPU/device state are written, and the
+file is made durable and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kvmguest.state import save_machine
+
+from .writer import MappedWriter, PassStats, SaveError
+
+log = logging.getLogger(__name__)
+PAGE = 4096
+
+
+@dataclass
+class SaveReport:
+    path: str
+    format: str
+    passes: list[PassStats] = field(default_factory=list)
+    downtime_ms: float = 0.0
+    total_seconds: float = 0.0
+    file_size: int = 0
+    allocated: int = 0
+    stop_reason: str = ""
+    then: str = "stop"
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(p.bytes_written for p in self.passes)
+
+    @property
+    def throughput(self) -> float:
+        busy = sum(p.seconds for p in self.passes)
+        return self.bytes_written / busy if busy else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["bytes_written"] = self.bytes_written
+        d["throughput"] = self.throughput
+        return d
+
+    def summary(self) -> str:
+        lines = [f"saved {self.path} ({self.format}): {len(self.passes)} passes, "
+                 f"{self.bytes_written / 2**20:.1f} MiB written at "
+                 f"{self.throughput / 2**20:.0f} MiB/s, downtime {self.downtime_ms:.1f} ms, "
+                 f"file {self.file_size / 2**20:.1f} MiB ({self.allocated / 2**20:.1f} MiB "
+                 f"allocated); stopped iterating: {self.stop_reason}; guest {self.then}"]
+        for p in self.passes:
+            lines.append(f"  pass {p.index}: {p.pages_dirty} dirty, {p.pages_written} written, "
+                         f"{p.pages_zero} zero, {p.seconds * 1e3:.1f} ms")
+        return "\n".join(lines)
+
+
+_busy: set[int] = set()
+_busy_lock = threading.Lock()
+
+
+def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
+              downtime_ms: float = 50.0, max_passes: int = 30, max_seconds: float = 60.0,
+              then: str = "stop", format: str = "mapped",
+              progress: Callable[[str, float], None] | None = None) -> SaveReport:
+    """Save a running machine to ``path``; the guest keeps running until the final pause.
+
+    ``then`` is "stop" (the source guest ends) or "continue" (a live checkpoint). On any
+    failure the temporary file is removed, a running guest is resumed, and SaveError is
+    raised; the previous file at ``path`` is untouched."""
+    if then not in ("stop", "continue"):
+        raise SaveError(f"--then must be stop or continue, not {then!r}")
+    if not machine.running:
+        raise SaveError("the guest is not running")
+    with _busy_lock:
+        if id(machine) in _busy:
+            raise SaveError("a save of this guest is already in progress")
+        _busy.add(id(machine))
+    try:
+        return _live_save(machine, path, threads, direct, downtime_ms, max_passes,
+                          max_seconds, then, format, progress)
+    finally:
+        with _busy_lock:
+            _busy.discard(id(machine))
+
+
+def make_writer(format: str, path: str, memory, threads: int, direct: bool):
+    if format == "mapped":
+        return MappedWriter(path, memory, threads=threads, direct=direct)
+    if format == "stream":
+        from .stream import StreamWriter
+        return StreamWriter(path, memory, direct=direct)
+    raise SaveError(f"unknown format {format!r} (mapped or stream)")
+
+
+def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seconds, then,
+               format, progress) -> SaveReport:
+    t0 = time.perf_counter()
+    writer = make_writer(format, path, machine.memory, threads, direct)
+    report = SaveReport(path=os.path.abspath(path), format=format, then=then)
+    started_log = not machine.dirty.enabled
+    paused = False
+    total_pages = sum(r.npages for r in machine.memory.regions)
+    try:
+        machine.dirty.start()
+        machine.dirty.harvest()                 # from here on, every write is logged
+        stats = writer.write_pass(None)         # pass 0: all of RAM
+        if progress:
+            progress("pass 0", 1.0)
+        while True:
+            dirty = machine.dirty.harvest()
+            n = sum(len(v) for v in dirty.values())
+            bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
+            estimate_ms = n * PAGE / bandwidth * 1e3 if n else 0.0
+            if estimate_ms <= downtime_ms:
+                report.stop_reason = (f"{n} dirty pages fit the {downtime_ms:g} ms downtime "
+                                      f"target (~{estimate_ms:.1f} ms)")
+                break
+            if len(writer.passes) >= max_passes:
+                report.stop_reason = f"pass limit {max_passes} reached with {n} dirty pages"
+                break
+            if time.perf_counter() - t0 > max_seconds:
+                report.stop_reason = f"time limit {max_seconds:g} s reached with {n} dirty pages"
+                break
+            if not machine.running:
+                report.stop_reason = "guest stopped running"
+                break
+            stats = writer.write_pass(dirty)
+            if progress:
+                progress(f"pass {stats.index}", min(1.0, 1 - n / max(total_pages, 1)))
+        # Stop-and-copy: what the guest dirtied since the last harvest, then state.
+        t_pause = time.perf_counter()
+        machine.pause()
+        paused = True
+        # The set harvested last (not yet written) plus what came after it.
+        final = machine.dirty.harvest()
+        writer.write_pass({slot: np.union1d(dirty.get(slot, final[slot]), final[slot])
+                           for slot in final})
+        state = save_machine(machine)
+        report.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        if then == "continue":
+            # The pages and state are in the file (page cache) already; the guest may run.
+            if started_log:
+                machine.dirty.stop()
+            machine.resume()
+            paused = False
+        writer.finish(state)
+    except BaseException:
+        writer.abort()
+        if paused:
+            machine.resume()   # nothing lost: the guest carries on as if no save happened
+        if started_log and machine.dirty.enabled:
+            machine.dirty.stop()
+        raise
+    if then == "stop":
+        machine.stop()
+    report.passes = writer.passes
+    st = os.stat(report.path)
+    report.file_size, report.allocated = st.st_size, st.st_blocks * 512
+    report.total_seconds = time.perf_counter() - t0
+    log.info("%s", report.summary())
+    return report
