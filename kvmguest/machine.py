@@ -201,7 +201,8 @@ class Machine:
         self._resume.clear()
         self._pause_req.set()
         deadline = time.monotonic() + timeout
-        while not self._paused.wait(0.002):
+        self._kick()
+        while not self._paused.wait(0.001):
             if self._done.is_set():
                 return
             if time.monotonic() > deadline:

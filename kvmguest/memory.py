@@ -68,6 +68,25 @@ class Region:
         """The region as a (npages, PAGE_SIZE) uint8 array (a view, no copy)."""
         return self.array.reshape(self.npages, PAGE_SIZE)
 
+    def maybe_nonzero(self) -> np.ndarray:
+        """bool per page: False where the page is certainly all zeros.
+
+        For anonymous memory a page that is neither present nor swapped (per
+        /proc/self/pagemap) was never written, or was dropped, so it reads as zeros.
+        File-backed pages may hold data anywhere, so they are all "maybe"."""
+        if not self.anonymous:
+            return np.ones(self.npages, dtype=np.bool_)
+        try:
+            with open("/proc/self/pagemap", "rb", buffering=0) as f:
+                f.seek(self.host_addr // PAGE_SIZE * 8)
+                raw = f.read(self.npages * 8)
+        except OSError:
+            return np.ones(self.npages, dtype=np.bool_)
+        if len(raw) != self.npages * 8:
+            return np.ones(self.npages, dtype=np.bool_)
+        entries = np.frombuffer(raw, dtype=np.uint64)
+        return (entries & np.uint64(0xC000000000000000)) != 0   # bit 63 present, 62 swapped
+
     def close(self) -> None:
         self.array = None
         if self.map is not None:

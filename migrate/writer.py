@@ -222,7 +222,11 @@ class MappedWriter:
         jobs = []
         for bi, r in enumerate(self.regions):
             if dirty is None:
-                runs = np.array([[0, r.npages]], dtype=np.int64)
+                # Every page; those the host never backed are zeros: no need to read them.
+                candidates = r.maybe_nonzero()
+                stats.pages_dirty += r.npages - int(candidates.sum())
+                stats.pages_zero += r.npages - int(candidates.sum())
+                runs = runs_of_mask(candidates)
             else:
                 idx = dirty.get(r.slot, np.empty(0, dtype=np.int64))
                 runs = runs_of(idx)
@@ -240,7 +244,7 @@ class MappedWriter:
         except OSError as err:
             raise _io_error(err, self.tmp, "writing") from None
         stats.pages_written = sum(w for w, _ in results)
-        stats.pages_zero = sum(z for _, z in results)
+        stats.pages_zero += sum(z for _, z in results)
         stats.bytes_written = stats.pages_written * PAGE
         stats.seconds = time.perf_counter() - t
         self.passes.append(stats)
