@@ -80,10 +80,13 @@ _busy_lock = threading.Lock()
 
 def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
               downtime_ms: float = 50.0, max_passes: int = 30, max_seconds: float = 60.0,
+              min_passes: int = 1,
               then: str = "stop", format: str = "mapped",
               progress: Callable[[str, float], None] | None = None) -> SaveReport:
     """Save a running machine to ``path``; the guest keeps running until the final pause.
 
+    ``min_passes`` pre-copy passes run even when the dirty set converges sooner (for
+    measurements); ``max_passes`` and ``max_seconds`` bound the iteration.
     ``then`` is "stop" (the source guest ends) or "continue" (a live checkpoint). On any
     failure the temporary file is removed, a running guest is resumed, and SaveError is
     raised; the previous file at ``path`` is untouched."""
@@ -97,7 +100,7 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
         _busy.add(id(machine))
     try:
         return _live_save(machine, path, threads, direct, downtime_ms, max_passes,
-                          max_seconds, then, format, progress)
+                          max_seconds, min_passes, then, format, progress)
     finally:
         with _busy_lock:
             _busy.discard(id(machine))
@@ -112,8 +115,8 @@ def make_writer(format: str, path: str, memory, threads: int, direct: bool):
     raise SaveError(f"unknown format {format!r} (mapped or stream)")
 
 
-def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seconds, then,
-               format, progress) -> SaveReport:
+def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seconds,
+               min_passes, then, format, progress) -> SaveReport:
     t0 = time.perf_counter()
     writer = make_writer(format, path, machine.memory, threads, direct)
     report = SaveReport(path=os.path.abspath(path), format=format, then=then)
@@ -131,7 +134,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
             n = sum(len(v) for v in dirty.values())
             bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
             estimate_ms = n * PAGE / bandwidth * 1e3 if n else 0.0
-            if estimate_ms <= downtime_ms:
+            if estimate_ms <= downtime_ms and len(writer.passes) >= min_passes:
                 report.stop_reason = (f"{n} dirty pages fit the {downtime_ms:g} ms downtime "
                                       f"target (~{estimate_ms:.1f} ms)")
                 break

@@ -67,9 +67,15 @@ class StreamWriter:
         stats = PassStats(len(self.passes))
         t = time.perf_counter()
         for bi, r in enumerate(self.regions):
-            idx = (np.arange(r.npages) if dirty is None
-                   else np.asarray(dirty.get(r.slot, []), dtype=np.int64))
-            stats.pages_dirty += len(idx)
+            if dirty is None:
+                # Pass 0: restore starts from zeroed RAM, so only pages that may hold
+                # data are sent (QEMU likewise skips zero pages on its first pass).
+                idx = np.flatnonzero(r.maybe_nonzero())
+                stats.pages_dirty += r.npages
+                stats.pages_zero += r.npages - len(idx)
+            else:
+                idx = np.asarray(dirty.get(r.slot, []), dtype=np.int64)
+                stats.pages_dirty += len(idx)
             for start, end in runs_of(idx).tolist():
                 for c in range(start, end, BATCH):
                     ce = min(end, c + BATCH)
@@ -77,7 +83,9 @@ class StreamWriter:
                         ce - c, PAGE // 8).any(axis=1)
                     bufs = []
                     for i in range(c, ce):
-                        if nonzero[i - c]:
+                        if dirty is None and not nonzero[i - c]:
+                            stats.pages_zero += 1
+                        elif nonzero[i - c]:
                             bufs += [_REC.pack(KIND_PAGE, bi, i), r.array[i * PAGE:(i + 1) * PAGE]]
                             stats.pages_written += 1
                         else:

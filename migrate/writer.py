@@ -134,6 +134,12 @@ class MappedWriter:
         try:
             self.fds.append(open_excl(self.tmp, self.direct))
         except OSError as err:
+            if err.errno != errno.EEXIST:
+                # Some filesystems create the file, then refuse O_DIRECT: remove our file.
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
             if self.direct and err.errno == errno.EINVAL:
                 raise SaveError(f"the filesystem holding {directory} does not support O_DIRECT "
                                 "(drop --direct-io)") from None
