@@ -22,7 +22,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.restype = ctypes.c_int
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
-KVM_PATH = "/dev/kvm"
+# The device to open; KVMGUEST_DEVICE points elsewhere (e.g. a second node, or, in the
+# plugin's own tests, a path that does not exist).
+KVM_PATH = os.environ.get("KVMGUEST_DEVICE", "/dev/kvm")
 
 
 class KvmError(OSError):
@@ -106,7 +108,8 @@ class _Fd:
 class Kvm(_Fd):
     """The ``/dev/kvm`` system fd."""
 
-    def __init__(self, path: str = KVM_PATH):
+    def __init__(self, path: str | None = None):
+        path = path or KVM_PATH
         try:
             st = os.stat(path)
         except OSError as err:
@@ -296,10 +299,11 @@ class Vcpu(_Fd):
     def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
         ioctl(self.fd, VcpuIoctl.KVM_SET_LAPIC, lapic)
 
-    def get_xsave(self, size: int = ctypes.sizeof(abi.kvm_xsave)) -> bytes:
-        """KVM_GET_XSAVE2 with ``size`` bytes when size > 4096, else KVM_GET_XSAVE."""
-        buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(abi.kvm_xsave)))()
-        req = VcpuIoctl.KVM_GET_XSAVE2 if size > 4096 else VcpuIoctl.KVM_GET_XSAVE
+    def get_xsave(self, xsave2_size: int = 0) -> bytes:
+        """KVM_GET_XSAVE2 into ``xsave2_size`` bytes (what KVM_CAP_XSAVE2 reports) when the
+        kernel has it, else the legacy 4 KiB KVM_GET_XSAVE."""
+        buf = (ctypes.c_uint8 * max(xsave2_size, ctypes.sizeof(abi.kvm_xsave)))()
+        req = VcpuIoctl.KVM_GET_XSAVE2 if xsave2_size > 0 else VcpuIoctl.KVM_GET_XSAVE
         ioctl(self.fd, req, buf)
         return bytes(buf)
 

@@ -81,14 +81,14 @@ def restore_msrs(vcpu, items: list[tuple[int, int]]) -> None:
         pending = pending[done + 1:]
 
 
-def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave_size: int) -> dict:
+def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int) -> dict:
     """mp_state first, then regs, sregs, xsave, xcrs, debugregs, MSRs, vcpu events last
     (events last: the other reads must not change what is pending)."""
     out = {"cpuid": bytes(cpuid)[:8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2)].hex()}
     out["mp_state"] = _hex(vcpu.get_mp_state())
     out["regs"] = _hex(vcpu.get_regs())
     out["sregs"] = _hex(vcpu.get_sregs())
-    out["xsave"] = vcpu.get_xsave(xsave_size).hex()
+    out["xsave"] = vcpu.get_xsave(xsave2_size).hex()
     out["xcrs"] = _hex(vcpu.get_xcrs())
     out["debugregs"] = _hex(vcpu.get_debugregs())
     out["msrs"] = [[i, v] for i, v in readable_msrs(vcpu, msr_indices).items()]
@@ -170,7 +170,7 @@ def save_machine(machine) -> dict:
     if machine.running and not machine.paused:
         raise RuntimeError("machine must be paused to capture its state")
     kvm = machine.kvm
-    xsave_size = max(kvm.check_extension(Cap.KVM_CAP_XSAVE2), ctypes.sizeof(abi.kvm_xsave))
+    xsave_size = kvm.check_extension(Cap.KVM_CAP_XSAVE2)     # 0: no XSAVE2, use XSAVE
     return {
         "format": STATE_FORMAT, "version": STATE_VERSION,
         "vcpus": [save_vcpu(machine.vcpu, machine.cpuid, machine.msr_indices(), xsave_size)],

@@ -6,6 +6,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests" / "build"
 
+pytest_plugins = ["pytester"]
+
 
 def guest(name: str) -> Path:
     path = GUESTS / f"{name}.elf"
@@ -22,7 +24,7 @@ def guest_path():
 def pytest_collection_modifyitems(items):
     # Every test that touches KVM is marked, so the plugin skips (or fails under CI).
     for item in items:
-        if "nokvm" not in item.keywords and not item.nodeid.startswith(
+        if item.get_closest_marker("nokvm") is None and not item.nodeid.startswith(
                 ("tests/test_abi.py", "tests/test_devices.py", "tests/test_format.py")):
             item.add_marker(pytest.mark.kvm)
 

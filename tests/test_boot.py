@@ -110,3 +110,10 @@ def test_missing_kernel_file_is_a_boot_error(tmp_path):
 def test_oversized_command_line_is_refused():
     with pytest.raises(BootError, match="command line is 5000 bytes"):
         Machine(str(guest("hello")), cmdline="x" * 5000)
+
+
+def test_unmapped_mmio_access_is_a_clear_error(machine_factory):
+    m = machine_factory(guest("mmio"))
+    with pytest.raises(GuestCrashed, match=r"guest read from unmapped guest-physical address "
+                                           r"0x3f000000 \(4 bytes\)"):
+        m.run(timeout=10)

@@ -200,6 +200,12 @@ static void map_ram(void)
     __asm__ volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
 }
 
+void map_2m(u64 addr)
+{
+    rt_pd_pool[(addr >> 21) & 511] = (addr & ~((2UL << 20) - 1)) | 0x83;
+    __asm__ volatile("invlpg (%0)" :: "r"(addr) : "memory");
+}
+
 static void setup_idt(void)
 {
     for (int v = 0; v < 20; v++) {

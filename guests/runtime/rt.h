@@ -35,6 +35,9 @@ struct ram_range { u64 start, end; };
 int ram_ranges(struct ram_range *out, int max);
 u64 ram_top(void);
 
+/* Identity-map the 2 MiB page holding `addr` (in the first GiB) even if it is not RAM. */
+void map_2m(u64 addr);
+
 extern char _start_image[], _end_image[];
 
 void *memset(void *d, int c, size_t n);

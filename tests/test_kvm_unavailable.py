@@ -1,0 +1,65 @@
+"""What a user sees when /dev/kvm cannot be used, and what the pytest plugin does then."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, guest
+from kvmguest.kvm import Kvm, KvmUnavailable
+
+pytestmark = pytest.mark.nokvm
+
+
+def test_missing_device_says_how_to_fix_it(tmp_path):
+    with pytest.raises(KvmUnavailable, match="does not exist: load the KVM module"):
+        Kvm(str(tmp_path / "kvm"))
+
+
+def test_a_regular_file_is_not_a_kvm_device(tmp_path):
+    fake = tmp_path / "kvm"
+    fake.write_text("")
+    with pytest.raises(KvmUnavailable, match="is not a character device"):
+        Kvm(str(fake))
+
+
+def test_permission_denied_names_the_group_and_the_acl(tmp_path):
+    from kvmguest.kvm import explain_open_error
+    msg = explain_open_error(PermissionError(13, "Permission denied"), "/dev/kvm")
+    assert "add your user to the" in msg and "setfacl -m u:$USER:rw /dev/kvm" in msg
+
+
+def test_cli_error_is_one_line(tmp_path):
+    env = dict(os.environ, KVMGUEST_DEVICE=str(tmp_path / "nokvm"))
+    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "run", str(guest("hello"))],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "does not exist" in p.stderr
+
+
+PLUGIN_TEST = """
+import pytest
+
+@pytest.mark.kvm
+def test_needs_kvm(boot_guest):
+    assert boot_guest({kernel!r}).exit_code == 0
+"""
+
+
+@pytest.mark.parametrize("ci,outcome", [("", "skipped"), ("true", "errors")])  # setup fails
+def test_plugin_skips_without_kvm_but_fails_under_ci(pytester, tmp_path, ci, outcome):
+    pytester.makepyfile(PLUGIN_TEST.format(kernel=str(guest("hello"))))
+    env = {"KVMGUEST_DEVICE": str(tmp_path / "nokvm"), "CI": ci}
+    for k, v in env.items():
+        pytester._monkeypatch.setenv(k, v)
+    pytester._monkeypatch.delenv("KVMGUEST_REQUIRE_KVM", raising=False)
+    result = pytester.runpytest_subprocess("-rsf")   # the plugin loads by entry point
+    result.assert_outcomes(**{outcome: 1})
+    result.stdout.fnmatch_lines(["*does not exist*"])
+
+
+def test_plugin_runs_the_guest_where_kvm_works(pytester):
+    pytester.makepyfile(PLUGIN_TEST.format(kernel=str(guest("hello"))))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
