@@ -91,6 +91,8 @@ def cmd_run(args) -> int:
                 finally:
                     progress.done()
             result = m.wait(args.timeout)
+            if control:
+                control.drain()       # a save over the socket may have stopped the guest
         finally:
             sys.stdout.flush()
             if control:

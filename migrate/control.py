@@ -35,6 +35,8 @@ class ControlServer:
         finally:
             os.umask(old)
         self.sock.listen(4)
+        self._inflight = 0
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
 
@@ -64,6 +66,21 @@ class ControlServer:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        with self._idle:
+            self._inflight += 1
+        try:
+            self._handle_one(conn)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float = 600.0) -> None:
+        """Wait for requests in progress (a save that stopped the guest) to reply."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def _handle_one(self, conn: socket.socket) -> None:
         with conn:
             try:
                 line = conn.makefile("rb").readline(1 << 16)
