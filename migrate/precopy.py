@@ -20,7 +20,7 @@ import numpy as np
 
 from kvmguest.state import save_machine
 
-from .writer import MappedWriter, PassStats, SaveError
+from .writer import MappedWriter, PassStats, SaveError, fault_point
 
 log = logging.getLogger(__name__)
 PAGE = 4096
@@ -155,6 +155,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         machine.pause()
         paused = True
         t_paused = time.perf_counter()
+        fault_point("final-pass")
         # The set harvested last (not yet written) plus what came after it.
         final = machine.dirty.harvest()
         writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])

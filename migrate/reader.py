@@ -37,11 +37,29 @@ class RestoreReport:
         return f"restored {self.path}: {how} in {self.seconds * 1e3:.1f} ms"
 
 
-def mem_available() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
+def meminfo(field: str) -> int:
+    """A /proc/meminfo figure in bytes (0 when absent)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     return 0
+
+
+def check_host_capacity(snap: fmt.Snapshot, lazy: bool) -> None:
+    """Refuse, before allocating anything, a guest this host could never hold: more RAM
+    than the host's RAM + swap, or (reading eagerly) more present pages than are
+    available now. A lazy restore maps the file and allocates only what the guest
+    writes, so it is checked against RAM + swap only."""
+    capacity = meminfo("MemTotal") + meminfo("SwapTotal")
+    if capacity and snap.ram_size > capacity:
+        raise SnapshotError(f"snapshot records {snap.ram_size / 2**30:.1f} GiB of guest RAM; "
+                            f"this host has {capacity / 2**30:.1f} GiB (RAM + swap)")
+    need, avail = snap.pages_present * PAGE, meminfo("MemAvailable")
+    if not lazy and avail and need > avail:
+        raise SnapshotError(f"restoring needs {need / 2**30:.1f} GiB of RAM for the guest's "
+                            f"pages; the host has {avail / 2**30:.1f} GiB available "
+                            "(try --lazy)")
 
 
 def _preadv_all(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -80,13 +98,8 @@ def _data_extents(fd: int, start: int, end: int):
 def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int) -> tuple[GuestMemory, int]:
     """Guest memory with the snapshot's layout and contents; returns (memory, pages read)."""
     specs = [RegionSpec(b.slot, b.gpa, b.size, b.name) for b in snap.layout.blocks]
+    check_host_capacity(snap, lazy)
     if not lazy:
-        need = snap.pages_present * PAGE
-        avail = mem_available()
-        if avail and need > avail:
-            raise SnapshotError(f"restoring needs {need / 2**30:.1f} GiB of RAM for the guest's "
-                                f"pages; the host has {avail / 2**30:.1f} GiB available "
-                                "(try --lazy)")
         memory = GuestMemory([Region(s) for s in specs])
         try:
             jobs = []

@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import secrets
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,16 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 PAGE = fmt.PAGE_SIZE
 MAX_IO = 64 << 20          # bytes per pwritev call
+
+
+FAULT_ENV = "KVMGUEST_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL this process at the named point when
+    KVMGUEST_FAULT_POINT says so (pass0, midpass, final-pass, state, before-rename)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SaveError(RuntimeError):
@@ -242,11 +253,18 @@ class MappedWriter:
                 jobs += [(bi, g) for g in split_runs(runs, self.threads)]
         try:
             if self._pool is None:
-                results = [self._write_runs(self.fds[0], bi, g) for bi, g in jobs]
+                results = []
+                for bi, g in jobs:
+                    results.append(self._write_runs(self.fds[0], bi, g))
+                    # Crash tests die here, with this pass partly on disk.
+                    fault_point("pass0" if stats.index == 0 else "midpass")
             else:
                 futures = [self._pool.submit(self._write_runs, self.fds[i % self.threads], bi, g)
                            for i, (bi, g) in enumerate(jobs)]
-                results = [f.result() for f in futures]
+                results = []
+                for f in futures:
+                    results.append(f.result())
+                    fault_point("pass0" if stats.index == 0 else "midpass")
         except OSError as err:
             raise _io_error(err, self.tmp, "writing") from None
         stats.pages_written = sum(w for w, _ in results)
@@ -267,6 +285,7 @@ class MappedWriter:
             self._pwrite_meta(table, layout.table_offset)
             state_bytes = fmt.encode_state(state)
             self._pwrite_meta(state_bytes, layout.state_offset)
+            fault_point("state")
             os.ftruncate(self.fds[0], fmt.max_file_size(layout, len(state_bytes)))
             os.fsync(self.fds[0])
             self._pwrite_meta(fmt.pack_header(layout, complete=True, state_length=len(state_bytes),
@@ -275,6 +294,7 @@ class MappedWriter:
             os.fsync(self.fds[0])
             self.layout = layout
             self._close_fds()
+            fault_point("before-rename")
             os.rename(self.tmp, self.path)
             self._fsync_dir()
         except OSError as err:

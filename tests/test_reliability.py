@@ -1,0 +1,282 @@
+"""Nothing is lost: killed and failed saves, full disks, read-only restores, permissions,
+concurrency, misbehaving guests and impossible snapshots."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, guest
+from kvmguest import GuestTimeout, Machine
+from migrate import format as fmt
+from migrate.format import SnapshotError
+from migrate.precopy import live_save
+from migrate.reader import restore
+from migrate.writer import MappedWriter, SaveError, open_excl
+
+GiB, MiB, PAGE = 1 << 30, 1 << 20, 4096
+RAM = 3 * GiB + 32 * MiB
+BASE = 3 * GiB - 100 * PAGE
+
+
+def cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+
+
+def save_cmd(path, pages=600, passes=40, after=0.7, *extra):
+    return ("run", guest("dirty"), "--memory", f"{RAM >> 20}M", "--cmdline",
+            f"pages={pages} base={BASE} passes={passes} quiet", "--save", path,
+            "--save-after", after, *extra)
+
+
+def fingerprint(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def assert_restores_and_verifies(path, pages=600, passes=40, lazy=False):
+    p = cli("restore", path, "--timeout", "120", *(["--lazy"] if lazy else []))
+    assert p.returncode == 0, p.stdout[-1000:] + p.stderr
+    assert f"verified {pages} pages over {passes} passes" in p.stdout
+
+
+KILL_POINTS = ["pass0", "midpass", "final-pass", "state", "before-rename"]
+
+
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory):
+    """A good snapshot, made once, copied into each test's directory."""
+    d = tmp_path_factory.mktemp("prev")
+    path = d / "guest.snap"
+    p = cli(*save_cmd(path, 600, 40, 0.7, "--threads", "2"))
+    assert p.returncode == 0, p.stderr
+    return path
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_save_killed_at_any_point_leaves_previous_snapshot_restorable(previous, tmp_path,
+                                                                       point):
+    path = tmp_path / "guest.snap"
+    subprocess.run(["cp", "--sparse=always", previous, path], check=True)
+    before = fingerprint(path)
+    p = cli(*save_cmd(path, 600, 40, 0.5), env={"KVMGUEST_FAULT_POINT": point})
+    assert p.returncode == -signal.SIGKILL, (point, p.returncode, p.stderr)
+    assert fingerprint(path) == before
+    assert_restores_and_verifies(path)
+    # Whatever the killed save left behind is either refused, or complete and correct.
+    leftovers = [f for f in tmp_path.iterdir() if f.name != "guest.snap"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".guest.snap.")
+    assert os.stat(leftovers[0]).st_mode & 0o777 == 0o600
+    info = cli("inspect", leftovers[0])
+    if point == "before-rename":
+        assert info.returncode == 0, info.stdout     # complete: must restore correctly
+        assert_restores_and_verifies(leftovers[0])
+    else:
+        assert info.returncode == 1 and "incomplete" in info.stdout
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 24 MiB tmpfs: the disk that fills up."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI runs as root and must run the disk-full test")
+        pytest.skip("mounting a small filesystem needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full_fails_clearly_keeps_guest_running_and_previous_snapshot(small_fs,
+                                                                           machine_factory):
+    path = small_fs / "guest.snap"
+    small = machine_factory(guest("dirty"), memory=256 * MiB, cmdline="pages=100 passes=0")
+    small.start()
+    time.sleep(0.2)
+    live_save(small, str(path), then="stop")          # ~0.5 MiB of pages: fits
+    before = fingerprint(path)
+    # 8000 pages (31 MiB) do not fit in 24 MiB.
+    m = machine_factory(guest("dirty"), memory=256 * MiB,
+                        cmdline=f"pages=8000 base={16 * MiB} passes=30 quiet")
+    m.start()
+    time.sleep(0.5)
+    with pytest.raises(SaveError, match="no space left on device"):
+        live_save(m, str(path), then="continue")
+    assert m.running
+    assert fingerprint(path) == before
+    assert [f.name for f in small_fs.iterdir()] == ["guest.snap"]
+    fmt.read_snapshot(str(path))                      # still valid
+    result = m.wait(timeout=120)
+    assert result.exit_code == 0 and "verified 8000 pages over 30 passes" in result.console
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["preadv", "lazy"])
+def test_restore_never_writes_its_input(previous, tmp_path, lazy):
+    path = tmp_path / "ro.snap"
+    subprocess.run(["cp", "--sparse=always", previous, path], check=True)
+    before = (fingerprint(path), sparse_digest(path))
+    assert_restores_and_verifies(path, lazy=lazy)   # the guest rewrites its pages meanwhile
+    assert (fingerprint(path), sparse_digest(path)) == before
+
+
+def sparse_digest(path) -> str:
+    """SHA-256 over the data extents (and their positions) of a sparse file."""
+    from migrate.reader import _data_extents
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, end in _data_extents(fd, 0, os.fstat(fd).st_size):
+            h.update(f"{start}-{end}".encode())
+            h.update(os.pread(fd, end - start, start))
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def test_symlink_at_the_output_path_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = tmp_path / "link.snap"
+    path.symlink_to(victim)
+    from kvmguest.memory import GuestMemory
+    mem = GuestMemory.anonymous(8 * MiB)
+    mem.regions[0].array[:PAGE] = 1
+    w = MappedWriter(str(path), mem)
+    w.write_pass(None)
+    w.finish({"format": "kvmguest-state", "version": 1})
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_temporary_name_that_already_exists_is_never_opened(tmp_path):
+    target = tmp_path / "planted"
+    link = tmp_path / ".x.snap.planted.tmp"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        open_excl(str(link), False)
+    assert not target.exists()
+
+
+def test_second_concurrent_save_of_one_guest_is_refused(machine_factory, tmp_path):
+    m = machine_factory(guest("dirty"), memory=256 * MiB, cmdline="pages=500 passes=0 quiet")
+    m.start()
+    time.sleep(0.2)
+    started, errors = threading.Event(), []
+
+    def slow(*_):
+        started.set()
+        time.sleep(0.3)
+
+    def first():
+        try:
+            live_save(m, str(tmp_path / "a.snap"), then="continue", progress=slow,
+                      min_passes=3, max_passes=3)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(10)
+    with pytest.raises(SaveError, match="already in progress"):
+        live_save(m, str(tmp_path / "b.snap"), then="continue")
+    t.join()
+    assert errors == [] and (tmp_path / "a.snap").exists() and not (tmp_path / "b.snap").exists()
+
+
+def test_reader_racing_saves_of_the_same_path_sees_a_complete_snapshot(machine_factory,
+                                                                        tmp_path):
+    m = machine_factory(guest("dirty"), memory=256 * MiB, cmdline="pages=500 passes=0 quiet")
+    m.start()
+    time.sleep(0.2)
+    path = tmp_path / "race.snap"
+    live_save(m, str(path), then="continue")
+    stop, seen, failures = threading.Event(), set(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                snap = fmt.read_snapshot(str(path))
+                seen.add(snap.state["vcpus"][0]["regs"])
+            except SnapshotError as err:
+                failures.append(str(err))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(4):
+        live_save(m, str(path), then="continue")
+    stop.set()
+    t.join()
+    assert failures == []
+    assert len(seen) >= 2                      # it did see old and new snapshots
+
+
+def test_console_flood_is_bounded_and_the_timeout_still_works(machine_factory):
+    m = machine_factory(guest("flood"), console_capacity=64 * 1024)
+    with pytest.raises(GuestTimeout):
+        m.run(timeout=3)
+    assert len(m.serial.output) == 64 * 1024
+    assert m.serial.dropped > 0
+    assert m.serial.text().rstrip("\n").split("\n")[-1].startswith("flood ")
+
+
+def test_port_io_flood_completes_and_logs_the_unknown_port_once(machine_factory, caplog):
+    m = machine_factory(guest("ioloop"), cmdline="iters=50000")
+    with caplog.at_level("INFO", logger="kvmguest.devices.bus"):
+        result = m.run(timeout=60)
+    assert result.exit_code == 0
+    assert m.bus.unknown_accesses == 50000
+    assert sum("unknown port 0x80" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_snapshot_claiming_more_ram_than_the_host_has_is_refused_before_allocating(tmp_path):
+    class Spec:                                 # the writer only needs the block list here
+        def __init__(self, slot, gpa, size, name):
+            self.slot, self.gpa, self.size, self.name = slot, gpa, size, name
+            self.npages = size // PAGE
+
+    class Plan:
+        regions = [Spec(0, 0, 3 * GiB, "ram-low"), Spec(1, 4 * GiB, 61 * GiB, "ram-high")]
+
+    path = tmp_path / "huge.snap"
+    w = MappedWriter(str(path), Plan)
+    from kvmguest.state import STATE_FORMAT
+    good = fmt.read_snapshot(str(_any_real_snapshot(tmp_path))).state
+    assert good["format"] == STATE_FORMAT
+    w.finish(good)
+    rss = _rss()
+    for lazy in (False, True):
+        with pytest.raises(SnapshotError, match=r"records 64.0 GiB of guest RAM; this host has"):
+            restore(str(path), lazy=lazy)
+    assert _rss() - rss < 16 * MiB
+    p = cli("restore", path)
+    assert p.returncode == 1 and p.stderr.startswith("kvmguest: error: snapshot records 64.0")
+
+
+def _any_real_snapshot(tmp_path):
+    path = tmp_path / "real.snap"
+    m = Machine(str(guest("dirty")), memory=64 * MiB, cmdline="pages=10 passes=0")
+    try:
+        m.start()
+        time.sleep(0.1)
+        live_save(m, str(path), then="stop")
+    finally:
+        m.close()
+    return path
+
+
+def _rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
