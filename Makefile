@@ -27,6 +27,13 @@ test: all
 demo: all
 	$(PY) -m kvmguest.demo
 
+# Long modes, not part of `make test`.
+soak: all
+	KVMGUEST_SOAK_ROUNDS=$${ROUNDS:-100} $(PY) -m pytest -q -s tests/test_soak.py
+
+fuzz: all
+	KVMGUEST_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PY) -m pytest -q tests/test_fuzz.py
+
 bench: all
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
@@ -35,4 +42,4 @@ clean:
 	$(MAKE) -C guests clean
 	rm -rf $(VENV) *.egg-info
 
-.PHONY: all deps guests venv test demo bench clean
+.PHONY: all deps guests venv test demo bench soak fuzz clean

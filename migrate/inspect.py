@@ -6,10 +6,10 @@ import ctypes
 import os
 
 from kvmguest import abi
-from kvmguest.state import StateError, check_machine_state
 
 from . import format as fmt
 from .format import SnapshotError
+from .reader import validate
 
 
 def _vcpu_summary(state: dict) -> dict:
@@ -38,12 +38,11 @@ def describe(path: str) -> dict:
                 info["error"] = ("streaming-format file: inspect reads mapped-ram snapshots; "
                                  "`kvmguest restore` can replay it")
                 return info
-        snap = fmt.read_snapshot(path)
-        check_machine_state(snap.state)
+        snap = validate(path)
     except OSError as err:
         info["error"] = f"cannot read: {err.strerror}"
         return info
-    except (SnapshotError, StateError) as err:
+    except SnapshotError as err:
         info["error"] = str(err)
         return info
     info.update(valid=True, format="mapped-ram", version=fmt.VERSION, ram_size=snap.ram_size,

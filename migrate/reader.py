@@ -139,6 +139,17 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int) -> tuple[
     return GuestMemory(regions), 0
 
 
+def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
+    """Everything restore checks before it allocates guest memory or creates a VM:
+    the file (format.read_snapshot) and the decoded vCPU/device state."""
+    snap = fmt.read_snapshot(path, fd)
+    try:
+        check_machine_state(snap.state)
+    except StateError as err:
+        raise SnapshotError(f"state: {err}") from None
+    return snap
+
+
 def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
             console_capacity: int = 1 << 20) -> tuple[Machine, RestoreReport]:
     """A paused-at-start Machine rebuilt from ``path``; call ``start()`` to resume the guest."""
@@ -154,12 +165,8 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
             memory, state, loaded = read_stream(path, fd)
             lazy = False
         else:
-            snap = fmt.read_snapshot(path, fd)
+            snap = validate(path, fd)
             state = snap.state
-            try:
-                check_machine_state(state)
-            except StateError as err:
-                raise SnapshotError(f"state: {err}") from None
             memory, loaded = load_memory(snap, fd, lazy, threads)
     finally:
         os.close(fd)
