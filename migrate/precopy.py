@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvmguest.dirty import merge_pages
 from kvmguest.state import save_machine
 
 from .writer import MappedWriter, PassStats, SaveError, fault_point
@@ -63,15 +64,6 @@ class SaveReport:
             lines.append(f"  pass {p.index}: {p.pages_dirty} dirty, {p.pages_written} written, "
                          f"{p.pages_zero} zero, {p.seconds * 1e3:.1f} ms")
         return "\n".join(lines)
-
-
-def merge_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sorted union of two page-index arrays. (np.union1d costs ~20 ms on its first call,
-    a lazy import inside numpy, which must not land in the guest's downtime.)"""
-    both = np.sort(np.concatenate((a, b)))
-    if len(both) < 2:
-        return both
-    return both[np.concatenate(([True], both[1:] != both[:-1]))]
 
 
 _busy: set[int] = set()
