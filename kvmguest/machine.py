@@ -131,6 +131,7 @@ class Machine:
         self._msr_indices: list[int] | None = None
         self.exits = 0
         self._started_at = 0.0
+        self.first_run_at: float | None = None   # perf_counter() at the first KVM_RUN
         self._finished_at = 0.0
         if self.kernel is not None:
             try:
@@ -231,6 +232,7 @@ class Machine:
 
     def _vcpu_loop(self) -> None:
         run = self.vcpu.run_struct
+        self.first_run_at = time.perf_counter()
         try:
             while not self._stop.is_set():
                 if self._pause_req.is_set():

@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from kvmguest.dirty import merge_pages
 from kvmguest.state import save_machine
 

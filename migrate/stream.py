@@ -21,7 +21,8 @@ import numpy as np
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 
 from .format import SnapshotError
-from .writer import PassStats, SaveError, _io_error, open_excl, runs_of, temp_path_for
+from .writer import (PassStats, SaveError, _io_error, nonzero_pages, open_excl, runs_of,
+                     temp_path_for)
 
 MAGIC = b"KVMGSTRM"
 VERSION = 1
@@ -79,8 +80,7 @@ class StreamWriter:
             for start, end in runs_of(idx).tolist():
                 for c in range(start, end, BATCH):
                     ce = min(end, c + BATCH)
-                    nonzero = r.array[c * PAGE:ce * PAGE].view(np.uint64).reshape(
-                        ce - c, PAGE // 8).any(axis=1)
+                    nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
                     bufs = []
                     for i in range(c, ce):
                         if dirty is None and not nonzero[i - c]:
