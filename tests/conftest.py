@@ -29,6 +29,32 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.kvm)
 
 
+def assert_file_matches_source(path, machine, lazy: bool) -> int:
+    """The snapshot's page areas hold exactly the source RAM at the pause, byte for byte.
+    Returns the number of pages compared."""
+    import numpy as np
+
+    from migrate import format as fmt
+    from migrate.reader import load_memory
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        snap = fmt.read_snapshot(str(path), fd)
+        mem, _ = load_memory(snap, fd, lazy=lazy, threads=2)
+    finally:
+        os.close(fd)
+    compared = 0
+    try:
+        assert [r.slot for r in mem.regions] == [r.slot for r in machine.memory.regions]
+        for src, got in zip(machine.memory.regions, mem.regions):
+            differ = np.flatnonzero((src.pages() != got.pages()).any(axis=1))
+            assert len(differ) == 0, f"{src.name}: pages {differ[:10]} differ from the source"
+            compared += src.npages
+    finally:
+        mem.close()
+    return compared
+
+
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -6,14 +6,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from conftest import ROOT, guest
-from kvmguest import Machine
+from conftest import ROOT, assert_file_matches_source, guest
 from migrate import format as fmt
 from migrate.precopy import live_save
-from migrate.reader import load_memory, restore
+from migrate.reader import restore
 
 GiB, MiB, PAGE = 1 << 30, 1 << 20, 4096
 RAM = 3 * GiB + 32 * MiB                           # two slots: [0, 3G) and [4G, 4G+32M)
@@ -42,23 +40,6 @@ def start_dirty(machine_factory, **kw):
     wait_for(m, "dirty: range 0x100000000")
     time.sleep(0.3)                                # well into the passes
     return m
-
-
-def assert_file_matches_source(path, m, lazy):
-    """The page areas hold exactly the source RAM at the pause, byte for byte."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        snap = fmt.read_snapshot(str(path), fd)
-        mem, _ = load_memory(snap, fd, lazy=lazy, threads=2)
-    finally:
-        os.close(fd)
-    try:
-        assert [r.slot for r in mem.regions] == [0, 1]
-        for src, got in zip(m.memory.regions, mem.regions):
-            differ = np.flatnonzero((src.pages() != got.pages()).any(axis=1))
-            assert len(differ) == 0, f"{src.name}: pages {differ[:10]} differ"
-    finally:
-        mem.close()
 
 
 def restore_in_new_process(path, *extra):

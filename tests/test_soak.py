@@ -9,13 +9,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
-from conftest import ROOT, guest
+from conftest import ROOT, assert_file_matches_source, guest
 from kvmguest import Machine
-from migrate import format as fmt
 from migrate.precopy import live_save
-from migrate.reader import load_memory
 
 GiB, MiB, PAGE = 1 << 30, 1 << 20, 4096
 RAM = 3 * GiB + 64 * MiB
@@ -38,21 +34,7 @@ def one_round(rng: random.Random, tmp_path, n: int) -> dict:
         if not m.running:
             return {"skipped": 1}
         live_save(m, str(path), threads=threads, direct=direct, then="stop")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            snap = fmt.read_snapshot(str(path), fd)
-            mem, _ = load_memory(snap, fd, lazy=lazy, threads=2)
-        finally:
-            os.close(fd)
-        compared = 0
-        try:
-            for src, got in zip(m.memory.regions, mem.regions):
-                differ = np.flatnonzero((src.pages() != got.pages()).any(axis=1))
-                assert len(differ) == 0, (f"round {n} (seed {SEED}): {src.name} pages "
-                                          f"{differ[:8]} differ from the source at the pause")
-                compared += src.npages
-        finally:
-            mem.close()
+        compared = assert_file_matches_source(path, m, lazy=lazy)
     finally:
         m.close()
     p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "restore", str(path),
