@@ -34,8 +34,11 @@ soak: all
 fuzz: all
 	KVMGUEST_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PY) -m pytest -q tests/test_fuzz.py
 
+# `make bench` (full, ~15 min) or `make bench BENCH_ARGS=--quick` (under 2 min).
+# bench/setup-qemu installs QEMU >= 9 (mapped-ram) for the side by side, when root.
 bench: all
 	$(PY) -m pip install -q -e '.[bench]'
+	-./bench/setup-qemu
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
