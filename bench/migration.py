@@ -219,7 +219,7 @@ def harvest_figures(report: Report, ram: int, runs: int) -> None:
         m.dirty.harvest()
         raw, ours = [], []
         bitmaps = {r.slot: np.zeros(-(-r.npages // 64), dtype=np.uint64) for r in m.memory.regions}
-        for _ in range(max(runs, 9)):
+        for _ in range(max(runs, 25)):
             time.sleep(0.02)
             t = time.perf_counter()
             for r in m.memory.regions:

@@ -44,12 +44,10 @@ class KvmUnavailable(RuntimeError):
 
 def ioctl(fd: int, request: abi.enum.IntEnum, arg=None) -> int:
     """Call ioctl(2); ``arg`` is an int, a ctypes object (passed by reference) or None."""
-    if arg is None:
-        ptr = None
-    elif isinstance(arg, int):
-        ptr = ctypes.c_void_p(arg)
+    if arg is None or isinstance(arg, int):
+        ptr = arg
     else:
-        ptr = ctypes.cast(ctypes.byref(arg), ctypes.c_void_p)
+        ptr = ctypes.addressof(arg)
     ret = _libc.ioctl(fd, int(request), ptr)
     if ret < 0:
         raise KvmError(request.name, ctypes.get_errno())

@@ -23,6 +23,7 @@ from .writer import MappedWriter, PassStats, SaveError, fault_point
 
 log = logging.getLogger(__name__)
 PAGE = 4096
+CONVERGED_PAGES = 256        # a final set this small is not worth another pass
 
 
 @dataclass
@@ -117,6 +118,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         machine.dirty.start()
         machine.dirty.harvest()                 # from here on, every write is logged
         stats = writer.write_pass(None)         # pass 0: all of RAM
+        previous = total_pages
         if progress:
             progress("pass 0", 1.0)
         while True:
@@ -124,10 +126,15 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
             n = sum(len(v) for v in dirty.values())
             bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
             estimate_ms = n * PAGE / bandwidth * 1e3 if n else 0.0
-            if estimate_ms <= downtime_ms and len(writer.passes) >= min_passes:
+            # Converged: the rest fits the downtime target, and another pass would not
+            # shrink it much (passes are cheap; every page left here is downtime).
+            shrinking = n >= CONVERGED_PAGES and n < previous // 2
+            if (estimate_ms <= downtime_ms and not shrinking
+                    and len(writer.passes) >= min_passes):
                 report.stop_reason = (f"{n} dirty pages fit the {downtime_ms:g} ms downtime "
                                       f"target (~{estimate_ms:.1f} ms)")
                 break
+            previous = n
             if len(writer.passes) >= max_passes:
                 report.stop_reason = f"pass limit {max_passes} reached with {n} dirty pages"
                 break

@@ -24,7 +24,9 @@ from . import format as fmt
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+SYNC_FILE_RANGE_WRITE = 0x2
 PAGE = fmt.PAGE_SIZE
 MAX_IO = 64 << 20          # bytes per pwritev call
 
@@ -233,6 +235,11 @@ class MappedWriter:
                 for c in range(s, e, MAX_IO // PAGE):
                     ce = min(e, c + MAX_IO // PAGE)
                     self._pwrite_all(fd, [pages[c * PAGE:ce * PAGE]], block.page_offset(c))
+                    if not self.direct:
+                        # Start writeback now, while the guest runs, so that the fsync
+                        # in finish() (inside no downtime, but in the save's time) is short.
+                        _libc.sync_file_range(fd, block.page_offset(c), (ce - c) * PAGE,
+                                              SYNC_FILE_RANGE_WRITE)
                 written += e - s
             zeros = ~nonzero
             if zeros.any():
