@@ -17,6 +17,7 @@ from migrate.precopy import live_save
 from migrate.reader import restore
 
 from .common import GUESTS, Figure, Report, run_cmd
+from .disk import drop_cache
 
 CONFIGS = {
     "mapped-ram": ({"mapped-ram": True}, {}),
@@ -155,6 +156,7 @@ def side_by_side(report: Report, workdir: str, ram: int, ws_pages: int, runs: in
                 r = QemuGuest(qemu, workdir, ram, cmdline, incoming=True)
                 try:
                     r.configure(config)
+                    drop_cache(path)           # both restores read a cold file
                     t = time.perf_counter()
                     r.qmp.cmd("migrate-incoming", uri=f"file:{path}")
                     r.qmp.wait_migration()
@@ -186,6 +188,7 @@ def side_by_side(report: Report, workdir: str, ram: int, ws_pages: int, runs: in
                 saves.append(rep.total_seconds * 1e3)
                 downs.append(rep.downtime_ms)
                 size = (rep.file_size, rep.allocated)
+                drop_cache(path)
                 t = time.perf_counter()
                 r, _ = restore(path, threads=2)
                 restores.append((time.perf_counter() - t) * 1e3)
