@@ -309,25 +309,22 @@ class Vcpu(_Fd):
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         ioctl(self.fd, VcpuIoctl.KVM_SET_XSAVE, buf)
 
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """KVM_GET_MSRS; raises if the kernel returns fewer MSRs than asked for."""
+    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS: (index, value) for the MSRs KVM read. KVM stops at the first MSR
+        it cannot read, so the list may be shorter than ``indices``."""
         msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(indices))()
         msrs.hdr.nmsrs = len(indices)
         for e, index in zip(msrs.entries, indices):
             e.index = index
         got = ioctl(self.fd, VcpuIoctl.KVM_GET_MSRS, msrs)
-        if got != len(indices):
-            raise KvmError(f"KVM_GET_MSRS (read {got} of {len(indices)}, stopped at "
-                           f"{indices[got]:#x})", errno.EINVAL)
-        return {e.index: e.data for e in msrs.entries}
+        if got > len(indices):
+            raise KvmError(f"KVM_GET_MSRS (returned {got} of {len(indices)})", errno.EINVAL)
+        return [(e.index, e.data) for e in msrs.entries[:got]]
 
-    def set_msrs(self, values: dict[int, int]) -> None:
-        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(values))()
-        msrs.hdr.nmsrs = len(values)
-        items = list(values.items())
+    def set_msrs(self, items: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: how many of ``items`` KVM wrote (it stops at the first it refuses)."""
+        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(items))()
+        msrs.hdr.nmsrs = len(items)
         for e, (index, data) in zip(msrs.entries, items):
             e.index, e.data = index, data
-        got = ioctl(self.fd, VcpuIoctl.KVM_SET_MSRS, msrs)
-        if got != len(values):
-            raise KvmError(f"KVM_SET_MSRS (wrote {got} of {len(values)}, stopped at "
-                           f"{items[got][0]:#x})", errno.EINVAL)
+        return ioctl(self.fd, VcpuIoctl.KVM_SET_MSRS, msrs)

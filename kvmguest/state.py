@@ -11,7 +11,6 @@ import logging
 
 from . import abi
 from .abi import Cap
-from .kvm import KvmError, ioctl
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +44,11 @@ def readable_msrs(vcpu, indices: list[int]) -> dict[int, int]:
     values: dict[int, int] = {}
     pending = list(indices)
     while pending:
-        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(pending))()
-        msrs.hdr.nmsrs = len(pending)
-        for e, index in zip(msrs.entries, pending):
-            e.index = index
-        got = ioctl(vcpu.fd, abi.VcpuIoctl.KVM_GET_MSRS, msrs)
-        if got > len(pending):
-            raise KvmError(f"KVM_GET_MSRS (returned {got} of {len(pending)})", 22)
-        for e in msrs.entries[:got]:
-            values[e.index] = e.data
-        if got < len(pending):
-            log.debug("MSR %#x not readable; skipped", pending[got])
-        pending = pending[got + 1:]
+        got = vcpu.get_msrs(pending)
+        values.update(got)
+        if len(got) < len(pending):
+            log.debug("MSR %#x not readable; skipped", pending[len(got)])
+        pending = pending[len(got) + 1:]
     return values
 
 
@@ -66,11 +58,7 @@ def restore_msrs(vcpu, items: list[tuple[int, int]]) -> None:
     is an error naming it."""
     pending = list(items)
     while pending:
-        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(pending))()
-        msrs.hdr.nmsrs = len(pending)
-        for e, (index, value) in zip(msrs.entries, pending):
-            e.index, e.data = index, value
-        done = ioctl(vcpu.fd, abi.VcpuIoctl.KVM_SET_MSRS, msrs)
+        done = vcpu.set_msrs(pending)
         if done >= len(pending):
             return
         index, value = pending[done]
