@@ -142,14 +142,15 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
                 report.stop_reason = f"time limit {max_seconds:g} s reached with {n} dirty pages"
                 break
             if not machine.running:
-                report.stop_reason = "guest stopped running"
-                break
+                raise SaveError("the guest finished during the save; nothing was saved")
             stats = writer.write_pass(dirty)
             if progress:
                 progress(f"pass {stats.index}", min(1.0, 1 - n / max(total_pages, 1)))
         # Stop-and-copy: what the guest dirtied since the last harvest, then state.
         t_pause = time.perf_counter()
         machine.pause()
+        if not machine.running:
+            raise SaveError("the guest finished during the save; nothing was saved")
         paused = True
         t_paused = time.perf_counter()
         fault_point("final-pass")

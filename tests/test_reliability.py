@@ -279,3 +279,16 @@ def _rss():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def test_guest_that_finishes_during_the_save_is_not_saved(machine_factory, tmp_path):
+    m = machine_factory(guest("dirty"), memory=64 * MiB, cmdline="pages=64 passes=30")
+    m.start()
+    while "dirty: range" not in m.serial.text():
+        time.sleep(0.01)
+    path = tmp_path / "late.snap"
+    with pytest.raises(SaveError, match="finished during the save"):
+        live_save(m, str(path), then="continue", min_passes=20, max_passes=20,
+                  progress=lambda *_: time.sleep(0.3))
+    assert m.wait(timeout=30).exit_code == 0
+    assert list(tmp_path.iterdir()) == []
