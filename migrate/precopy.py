@@ -115,6 +115,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
     paused = False
     total_pages = sum(r.npages for r in machine.memory.regions)
     try:
+        machine.msr_indices()                   # fetched now, not during the downtime
         machine.dirty.start()
         machine.dirty.harvest()                 # from here on, every write is logged
         stats = writer.write_pass(None)         # pass 0: all of RAM

@@ -29,6 +29,7 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SYNC_FILE_RANGE_WRITE = 0x2
 PAGE = fmt.PAGE_SIZE
 MAX_IO = 64 << 20          # bytes per pwritev call
+SMALL_PASS = 1024          # pages; fewer are written without the thread pool
 
 
 FAULT_ENV = "KVMGUEST_FAULT_POINT"
@@ -272,7 +273,9 @@ class MappedWriter:
             if n:
                 jobs += [(bi, g) for g in split_runs(runs, self.threads)]
         try:
-            if self._pool is None:
+            # A small pass (the stop-and-copy, usually) is quicker written here than
+            # handed to the pool: the hand-off costs more than the writes.
+            if self._pool is None or stats.pages_dirty - stats.pages_zero <= SMALL_PASS:
                 results = []
                 for bi, g in jobs:
                     results.append(self._write_runs(self.fds[0], bi, g))
