@@ -60,12 +60,6 @@ class DirtyLog:
             self.vm.clear_dirty_log(r.slot, 0, r.npages, addr)
         return bitmap
 
-    def harvest_bitmap(self, r: Region) -> np.ndarray:
-        """Dirty pages of one region since the last harvest, guest and VMM, as bool per page."""
-        words = self.harvest_kvm(r)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=r.npages)
-        return bits.view(np.bool_) | self.memory.take_host_dirty(r)
-
     def harvest_pages(self, r: Region) -> np.ndarray:
         """Dirty page indices of one region since the last harvest (sorted).
 

@@ -169,16 +169,9 @@ class GuestMemory:
             r.array[off:end] = 0
         self._mark(r, off, length)
 
-    def take_host_dirty(self, r: Region) -> np.ndarray:
-        """The pages the VMM wrote in ``r`` since the last call (a bool per page), reset."""
-        with self._lock:
-            bits = r.host_dirty
-            r.host_dirty = np.zeros(r.npages, dtype=np.bool_)
-            r.host_dirty_any = False
-        return bits
-
     def take_host_dirty_pages(self, r: Region) -> np.ndarray:
-        """Like take_host_dirty, as sorted page indices; cheap when nothing was written."""
+        """The pages the VMM wrote in ``r`` since the last call, sorted, and reset; cheap
+        when nothing was written."""
         with self._lock:
             if not r.host_dirty_any:
                 return np.empty(0, dtype=np.int64)

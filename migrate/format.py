@@ -150,11 +150,6 @@ def pack_bitmap(present: np.ndarray, length: int) -> bytes:
     return packed.ljust(length, b"\0")
 
 
-def unpack_bitmap(data: bytes, npages: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little",
-                         count=npages).view(np.bool_)
-
-
 def encode_state(state: dict) -> bytes:
     data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
     if len(data) > MAX_STATE:

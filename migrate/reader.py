@@ -18,10 +18,9 @@ from kvmguest.state import StateError, check_machine_state, restore_machine
 
 from . import format as fmt
 from .format import SnapshotError
-from .writer import runs_of_mask, split_runs
+from .writer import MAX_IO, runs_of_mask, split_runs
 
 PAGE = fmt.PAGE_SIZE
-MAX_IO = 64 << 20
 
 
 @dataclass

@@ -21,8 +21,8 @@ import numpy as np
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 
 from .format import SnapshotError
-from .writer import (PassStats, SaveError, _io_error, nonzero_pages, open_excl, runs_of,
-                     temp_path_for)
+from .writer import (PassStats, SaveError, _io_error, fsync_dir, nonzero_pages, open_excl,
+                     pwrite_all, runs_of, temp_path_for)
 
 MAGIC = b"KVMGSTRM"
 VERSION = 1
@@ -56,11 +56,8 @@ class StreamWriter:
 
     def _append(self, bufs) -> None:
         try:
-            total = sum(len(b) for b in bufs)
-            done = os.pwritev(self.fd, bufs, self.offset)
-            if done != total:
-                raise OSError(5, "short write")
-            self.offset += total
+            pwrite_all(self.fd, bufs, self.offset)
+            self.offset += sum(len(b) for b in bufs)
         except OSError as err:
             raise _io_error(err, self.tmp, "writing") from None
 
@@ -107,9 +104,7 @@ class StreamWriter:
             os.close(self.fd)
             self.fd = -1
             os.rename(self.tmp, self.path)
-            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(dfd)
-            os.close(dfd)
+            fsync_dir(self.path)
         except OSError as err:
             self.abort()
             raise _io_error(err, self.path, "finishing") from None

@@ -75,6 +75,34 @@ def nonzero_pages(data: np.ndarray) -> np.ndarray:
     return nonzero
 
 
+def pwrite_all(fd: int, bufs: list, offset: int) -> None:
+    """pwritev until every byte is written (a short write carries on where it stopped)."""
+    total = sum(len(b) for b in bufs)
+    done = os.pwritev(fd, bufs, offset)
+    while done < total:
+        rest, skip = [], done
+        for b in bufs:
+            mv = memoryview(b)
+            if skip >= len(mv):
+                skip -= len(mv)
+                continue
+            rest.append(mv[skip:])
+            skip = 0
+        n = os.pwritev(fd, rest, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        done += n
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory holding ``path``, so that a rename into it is durable."""
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def runs_of(indices: np.ndarray) -> np.ndarray:
     """Sorted page indices -> (start, end) rows of consecutive runs."""
     if len(indices) == 0:
@@ -188,27 +216,9 @@ class MappedWriter:
         buf = mmap.mmap(-1, len(padded))
         try:
             buf.write(padded)
-            self._pwrite_all(self.fds[0], [memoryview(buf)], offset)
+            pwrite_all(self.fds[0], [memoryview(buf)], offset)
         finally:
             buf.close()
-
-    @staticmethod
-    def _pwrite_all(fd: int, bufs: list, offset: int) -> None:
-        total = sum(len(b) for b in bufs)
-        done = os.pwritev(fd, bufs, offset)
-        while done < total:  # short write: carry on from where it stopped
-            rest, skip = [], done
-            for b in bufs:
-                mv = memoryview(b)
-                if skip >= len(mv):
-                    skip -= len(mv)
-                    continue
-                rest.append(mv[skip:])
-                skip = 0
-            n = os.pwritev(fd, rest, offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "pwritev wrote nothing")
-            done += n
 
     def _punch(self, fd: int, offset: int, length: int) -> None:
         if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
@@ -216,7 +226,7 @@ class MappedWriter:
             if err in (errno.EOPNOTSUPP, errno.ENOSYS):   # keep correctness: write zeros
                 zeros = mmap.mmap(-1, length)
                 try:
-                    self._pwrite_all(fd, [memoryview(zeros)], offset)
+                    pwrite_all(fd, [memoryview(zeros)], offset)
                 finally:
                     zeros.close()
             else:
@@ -235,7 +245,7 @@ class MappedWriter:
                 s, e = s + start, e + start
                 for c in range(s, e, MAX_IO // PAGE):
                     ce = min(e, c + MAX_IO // PAGE)
-                    self._pwrite_all(fd, [pages[c * PAGE:ce * PAGE]], block.page_offset(c))
+                    pwrite_all(fd, [pages[c * PAGE:ce * PAGE]], block.page_offset(c))
                     if not self.direct:
                         # Start writeback now, while the guest runs, so that the fsync
                         # in finish() (inside no downtime, but in the save's time) is short.
@@ -319,20 +329,13 @@ class MappedWriter:
             self._close_fds()
             fault_point("before-rename")
             os.rename(self.tmp, self.path)
-            self._fsync_dir()
+            fsync_dir(self.path)
         except OSError as err:
             self.abort()
             raise _io_error(err, self.path, "finishing") from None
         except BaseException:
             self.abort()
             raise
-
-    def _fsync_dir(self) -> None:
-        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     def _close_fds(self) -> None:
         if self._pool is not None:

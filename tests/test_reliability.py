@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, guest
+from conftest import ROOT, guest, rss_bytes
 from kvmguest import GuestTimeout, Machine
 from migrate import format as fmt
 from migrate.format import SnapshotError
@@ -255,11 +255,11 @@ def test_snapshot_claiming_more_ram_than_the_host_has_is_refused_before_allocati
     good = fmt.read_snapshot(str(_any_real_snapshot(tmp_path))).state
     assert good["format"] == STATE_FORMAT
     w.finish(good)
-    rss = _rss()
+    rss = rss_bytes()
     for lazy in (False, True):
         with pytest.raises(SnapshotError, match=r"records 64.0 GiB of guest RAM; this host has"):
             restore(str(path), lazy=lazy)
-    assert _rss() - rss < 16 * MiB
+    assert rss_bytes() - rss < 16 * MiB
     p = cli("restore", path)
     assert p.returncode == 1 and p.stderr.startswith("kvmguest: error: snapshot records 64.0")
 
@@ -274,14 +274,6 @@ def _any_real_snapshot(tmp_path):
     finally:
         m.close()
     return path
-
-
-def _rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def test_guest_that_finishes_during_the_save_is_not_saved(machine_factory, tmp_path):
