@@ -49,6 +49,8 @@ KVMIO = 0xAE
 KVM_API_VERSION = 12
 KVM_NR_INTERRUPTS = 256
 PAGE_SIZE = 4096
+# A memory slot holds at most this many pages (KVM_MEM_MAX_NR_PAGES, virt/kvm/kvm_main.c).
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 
 
 # --- structs ----------------------------------------------------------------------

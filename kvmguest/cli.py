@@ -1,35 +1,85 @@
-"""`kvmguest run|info`: the command line. Only this module prints."""
+"""`kvmguest run|save|restore|inspect|info`: the command line. Only this module prints.
+
+Every error kvmguest means to report is a KvmguestError carrying its exit code; main()
+catches that one type, prints one line (terminal controls escaped) and exits with the
+code. Options are checked before anything boots or is read. SIGINT, SIGTERM and SIGHUP
+cancel what is in progress cleanly (a save removes its temporary file, a control socket
+is removed); a second signal during that clean-up is noted, not obeyed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import signal
 import sys
 
-from .abi import Cap
-from .boot.pvh import BootError
-from .kvm import Kvm, KvmError, KvmUnavailable, backend_module
-from .machine import GuestError, GuestTimeout, Machine
-from .memory import GuestMemoryError
+from . import __version__
+from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, KvmguestError, UsageError,
+                     printable)
 from .progress import Progress
-from migrate.control import ControlError
-from migrate.format import SnapshotError
-from migrate.writer import SaveError
 
-_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+MAX_SECONDS = 10 ** 7          # ~115 days: longer waits are a typo, not a plan
 
 
 def parse_size(text: str) -> int:
     """'64M', '1G', '512MiB', '1048576B' -> bytes (a bare number means MiB, like QEMU)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    m = re.fullmatch(r"\s*(\d{1,20})\s*([kmgtp]?)(i?b)?\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 64M, 1G)")
     number, unit, suffix = m.groups()
-    if suffix == "b" and not unit:
-        return int(number)
-    return int(number) * _UNITS[unit]
+    size = int(number) if suffix == "b" and not unit else int(number) * _UNITS[unit]
+    if size >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"size {text!r} is larger than any address space")
+    return size
+
+
+def _seconds(allow_zero: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        low_ok = value >= 0 if allow_zero else value > 0
+        if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds "
+                                             f"{bound} and at most {MAX_SECONDS}")
+        return value
+    return parse
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS * 1000):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of ms > 0")
+    return value
+
+
+def _threads(text: str) -> int:
+    from migrate.pageio import MAX_THREADS
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{value} threads: use 1 to {MAX_THREADS}")
+    return value
+
+
+def _cmdline(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the command line is not valid UTF-8") from None
+    return text
 
 
 def _stream_stdout(data: bytes) -> None:
@@ -38,32 +88,55 @@ def _stream_stdout(data: bytes) -> None:
         sys.stdout.buffer.flush()
 
 
-def _save_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--then", choices=("stop", "continue"), default="stop",
-                   help="after the save: stop the guest (default) or let it run on")
-    p.add_argument("--threads", type=int, default=1, help="writer threads (default 1)")
-    p.add_argument("--direct-io", action="store_true", help="write pages with O_DIRECT")
-    p.add_argument("--format", choices=("mapped", "stream"), default="mapped",
-                   help="mapped-ram (default) or the append-only streaming baseline")
-    p.add_argument("--downtime", type=float, default=50.0, metavar="MS",
-                   help="downtime target in ms (default 50)")
+def _err(message: str) -> None:
+    print(f"kvmguest: {message}", file=sys.stderr)
 
 
-def _finish(m: Machine, result, saved) -> int:
+# --- signals ---------------------------------------------------------------------------
+class _Signals:
+    """SIGINT/SIGTERM/SIGHUP -> Interrupted in the main thread, once. Later signals, which
+    arrive while that first one is being cleaned up after, are counted and ignored, so
+    that clean-up (removing a temporary file, stopping vCPU threads) always completes."""
+
+    def __init__(self):
+        self.first: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.first is not None:
+            return
+        self.first = signum
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
+# --- commands --------------------------------------------------------------------------
+def _finish(result, saved) -> int:
     if result.exit_code is None:
         if saved is not None and saved.then == "stop":
             return 0
-        print("kvmguest: guest stopped without writing a result", file=sys.stderr)
-        return 1
+        _err("guest stopped without writing a result")
+        return EXIT_FAILED
     return result.exit_code & 0xFF
 
 
 def cmd_run(args) -> int:
-    from migrate.control import ControlServer
+    from migrate.control import ControlServer, check_socket_path
     from migrate.precopy import live_save
+    from migrate.writer import check_save_target
+
+    from .machine import Machine
 
     if (args.save is None) != (args.save_after is None):
         raise UsageError("--save and --save-after go together")
+    if args.save is not None:
+        target = check_save_target(args.save)
+        if args.control and os.path.abspath(args.control) == target:
+            raise UsageError("--save and --control name the same path")
+    if args.control:
+        check_socket_path(args.control)
     saved = None
 
     def on_saved(report):
@@ -71,53 +144,75 @@ def cmd_run(args) -> int:
         saved = report
         print(report.summary(), file=sys.stderr)
 
-    with Machine(args.kernel, memory=args.memory, cmdline=args.cmdline,
-                 stream=None if args.quiet else _stream_stdout) as m:
-        control = ControlServer(args.control, m, on_saved) if args.control else None
-        try:
-            m.start()
-            if args.save:
-                if m._done.wait(args.save_after):
-                    result = m.wait()
-                    print(f"kvmguest: the guest finished before --save-after "
-                          f"{args.save_after:g} s; nothing saved", file=sys.stderr)
-                    return _finish(m, result, None)
-                progress = Progress("saving")
-                try:
-                    on_saved(live_save(m, args.save, threads=args.threads,
-                                       direct=args.direct_io, then=args.then,
-                                       format=args.format, downtime_ms=args.downtime,
-                                       progress=progress))
-                finally:
-                    progress.done()
-            result = m.wait(args.timeout)
-            if control:
-                control.drain()       # a save over the socket may have stopped the guest
-        finally:
-            sys.stdout.flush()
-            if control:
-                control.close()
-        return _finish(m, result, saved)
+    control = ControlServer(args.control, on_saved=on_saved) if args.control else None
+    try:
+        with Machine(args.kernel, memory=args.memory, cmdline=args.cmdline,
+                     stream=None if args.quiet else _stream_stdout) as m:
+            try:
+                if control:
+                    control.attach(m)
+                m.start()
+                if args.save:
+                    if m.wait_done(args.save_after):
+                        result = m.wait()
+                        _err(f"the guest finished before --save-after {args.save_after:g} s; "
+                             "nothing saved")
+                        return _finish(result, None)
+                    progress = Progress("saving")
+                    try:
+                        report = live_save(m, args.save, threads=args.threads,
+                                           direct=args.direct_io, then=args.then,
+                                           format=args.format, downtime_ms=args.downtime,
+                                           progress=progress)
+                    finally:
+                        progress.done()
+                    on_saved(report)
+                result = m.wait(args.timeout)
+                if control:
+                    control.drain()       # a save over the socket may have stopped the guest
+            finally:
+                sys.stdout.flush()
+                if control:
+                    control.close()       # cancels a save in progress, removes the socket
+            return _finish(result, saved)
+    finally:
+        if control:
+            control.close()
 
 
 def cmd_save(args) -> int:
-    from migrate.control import request
-    reply = request(args.control, {"op": "save", "path": os.path.abspath(args.path),
-                                   "threads": args.threads, "direct": args.direct_io,
-                                   "then": args.then, "format": args.format,
-                                   "downtime_ms": args.downtime})
-    if not reply.get("ok"):
-        raise SaveFailed(reply.get("error", "save failed"))
-    print(reply["summary"])
+    from migrate.control import SaveFailed, request
+
+    progress = Progress("saving")
+    try:
+        reply = request(args.control, {"op": "save", "path": os.path.abspath(args.path),
+                                       "threads": args.threads, "direct": args.direct_io,
+                                       "then": args.then, "format": args.format,
+                                       "downtime_ms": args.downtime}, progress=progress)
+    finally:
+        progress.done()
+    if reply.get("interrupted"):
+        if reply["ok"]:
+            print(printable(reply["summary"], keep_newlines=True))
+            raise Interrupted("interrupted, but the save had already completed (above)")
+        raise Interrupted("interrupted: the save was cancelled; the guest keeps running and "
+                          "nothing was written")
+    if not reply["ok"]:
+        raise SaveFailed(f"the guest could not save: {printable(reply['error'])}")
+    print(printable(reply["summary"], keep_newlines=True))
     return 0
 
 
 def cmd_restore(args) -> int:
     from migrate.reader import restore
+
     progress = Progress("restoring")
-    m, report = restore(args.path, lazy=args.lazy, threads=args.threads,
-                        stream=None if args.quiet else _stream_stdout)
-    progress.done()
+    progress("reading", 0.0)
+    try:
+        m, report = restore(args.path, lazy=args.lazy, threads=args.threads,
+                            stream=None if args.quiet else _stream_stdout, progress=progress)
+    finally:
+        progress.done()
     with m:
         if args.verbose:
             print(report.summary(), file=sys.stderr)
@@ -125,7 +220,7 @@ def cmd_restore(args) -> int:
             result = m.run(timeout=args.timeout)
         finally:
             sys.stdout.flush()
-        return _finish(m, result, None)
+        return _finish(result, None)
 
 
 def cmd_inspect(args) -> int:
@@ -135,29 +230,34 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         print(_inspect_text(info))
-    return 0 if info["valid"] else 1
+    return 0 if info["valid"] else info.get("exit_code", 1)
 
 
 def _inspect_text(info: dict) -> str:
+    p = printable
     if not info["valid"]:
-        return f"{info['path']}: INVALID: {info['error']}"
-    lines = [f"{info['path']}: valid, complete kvmguest snapshot ({info['format']}, "
+        return f"{p(info['path'])}: {info['verdict']}: {p(info['error'])}"
+    lines = [f"{p(info['path'])}: valid, complete kvmguest snapshot ({info['format']}, "
              f"version {info['version']})",
              f"  file size {info['file_size']} bytes ({info['allocated']} allocated); "
              f"RAM {info['ram_size'] >> 20} MiB"]
     for b in info.get("blocks", []):
-        lines.append(f"  block {b['name']:<10} slot {b['slot']} gpa {b['gpa']:#x} size "
+        where = (f"page area at {b['pages_offset']:#x}" if "pages_offset" in b
+                 else f"{b['records']} page records")
+        lines.append(f"  block {p(b['name']):<10} slot {b['slot']} gpa {b['gpa']:#x} size "
                      f"{b['size'] >> 20} MiB: {b['pages_present']}/{b['pages']} pages present, "
-                     f"page area at {b['pages_offset']:#x}")
+                     f"{where}")
     st = info.get("state", {})
     if st:
         lines.append(f"  vCPU: rip {st['rip']:#x} rsp {st['rsp']:#x} cr3 {st['cr3']:#x} "
                      f"mode {st['mode']}; {st['msrs']} MSRs")
-        lines.append(f"  guest: {st.get('kernel')} cmdline {st.get('cmdline')!r}")
+        lines.append(f"  guest: {p(st.get('kernel'))} cmdline {p(repr(st.get('cmdline')))}")
     return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
+    from .abi import Cap
+    from .kvm import Kvm, backend_module
     with Kvm() as kvm:
         print(f"KVM API version: {kvm.get_api_version()}")
         print(f"backend module:  {backend_module()}")
@@ -170,85 +270,109 @@ def cmd_info(args) -> int:
     return 0
 
 
-class UsageError(ValueError):
-    """Options that do not fit together."""
-
-
-class SaveFailed(RuntimeError):
-    """A save asked for over the control socket failed."""
+# --- parser ----------------------------------------------------------------------------
+def _save_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--then", choices=("stop", "continue"), default="stop",
+                   help="after the save: stop the guest (default) or let it run on")
+    p.add_argument("--threads", type=_threads, default=1, help="writer threads (default 1)")
+    p.add_argument("--direct-io", action="store_true", help="write pages with O_DIRECT")
+    p.add_argument("--format", choices=("mapped", "stream"), default="mapped",
+                   help="mapped-ram (default) or the append-only streaming baseline")
+    p.add_argument("--downtime", type=_positive_ms, default=50.0, metavar="MS",
+                   help="downtime target in ms (default 50)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvmguest", description="Run tiny PVH guests on /dev/kvm.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log debug information; show the traceback of unexpected errors")
+    p = argparse.ArgumentParser(prog="kvmguest", parents=[common],
+                                description="Run tiny guest kernels on /dev/kvm; save and "
+                                            "restore them live.")
+    p.add_argument("--version", action="version", version=f"kvmguest {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="boot a PVH ELF kernel, stream its console, exit with "
-                                     "its result")
+    run = sub.add_parser("run", parents=[common],
+                         help="boot a PVH ELF kernel, stream its console, exit with its result")
     run.add_argument("kernel", help="PVH ELF kernel (e.g. guests/build/hello.elf)")
     run.add_argument("--memory", "-m", type=parse_size, default=64 << 20,
                      help="guest RAM (default 64M; bare numbers are MiB)")
-    run.add_argument("--cmdline", default="", help="kernel command line")
-    run.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+    run.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line")
+    run.add_argument("--timeout", type=_seconds(False), default=None,
+                     help="seconds before giving up")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
-    run.add_argument("--save-after", type=float, metavar="SECONDS",
+    run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
     run.add_argument("--control", metavar="SOCK",
                      help="listen on a Unix socket for `kvmguest save --control SOCK PATH`")
     _save_args(run)
     run.set_defaults(func=cmd_run)
 
-    save = sub.add_parser("save", help="live-save a guest started with --control")
+    save = sub.add_parser("save", parents=[common],
+                          help="live-save a guest started with --control")
     save.add_argument("--control", metavar="SOCK", required=True, help="the guest's socket")
     save.add_argument("path", help="snapshot file to write")
     _save_args(save)
     save.set_defaults(func=cmd_save)
 
-    restore = sub.add_parser("restore", help="resume a saved guest and stream its console")
+    restore = sub.add_parser("restore", parents=[common],
+                             help="resume a saved guest and stream its console")
     restore.add_argument("path", help="snapshot file")
     restore.add_argument("--lazy", action="store_true",
                          help="map the page areas (MAP_PRIVATE) instead of reading them")
-    restore.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
-    restore.add_argument("--threads", type=int, default=2, help="reader threads (default 2)")
+    restore.add_argument("--timeout", type=_seconds(False), default=None,
+                         help="seconds before giving up")
+    restore.add_argument("--threads", type=_threads, default=2,
+                         help="reader threads (default 2)")
     restore.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")
     restore.set_defaults(func=cmd_restore)
 
-    inspect = sub.add_parser("inspect", help="show a snapshot's layout and check it")
+    inspect = sub.add_parser("inspect", parents=[common],
+                             help="show a snapshot's layout and check it")
     inspect.add_argument("path", help="snapshot file")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=cmd_inspect)
 
-    info = sub.add_parser("info", help="show KVM's version, backend and capabilities")
+    info = sub.add_parser("info", parents=[common],
+                          help="show KVM's version, backend and capabilities")
     info.set_defaults(func=cmd_info)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     if args.verbose:
         import logging
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    signals = _Signals()
+    signals.install()
     try:
         return args.func(args)
-    except GuestTimeout as err:
-        print(f"\nkvmguest: {err}", file=sys.stderr)
-        return 124
-    except GuestError as err:
-        print(f"\nkvmguest: {err}", file=sys.stderr)
-        return 1
-    except (SnapshotError, SaveError, SaveFailed, ControlError) as err:
-        print(f"kvmguest: error: {err}", file=sys.stderr)
-        return 1
-    except (KvmUnavailable, BootError, GuestMemoryError, KvmError, ValueError) as err:
-        print(f"kvmguest: error: {err}", file=sys.stderr)
-        return 2
+    except Interrupted as err:
+        _err(f"{err}" if str(err) != "interrupted" else "interrupted")
+        return err.exit_code
+    except KvmguestError as err:
+        from .machine import GuestError
+        if isinstance(err, GuestError):   # registers and code bytes: our own multi-line text
+            print(f"\nkvmguest: {printable(err, keep_newlines=True)}", file=sys.stderr)
+        else:
+            _err(f"error: {printable(err)}")
+        return err.exit_code
     except KeyboardInterrupt:
-        print("\nkvmguest: interrupted", file=sys.stderr)
-        return 130
+        _err("interrupted")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILED
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        _err(f"internal error: {type(err).__name__}: {printable(err)} "
+             "(run with -v for the traceback, and please report it)")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

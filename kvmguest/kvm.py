@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import abi
 from .abi import Cap, SysIoctl, VcpuIoctl, VmIoctl
+from .errors import EXIT_BAD_INPUT, KvmguestError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.restype = ctypes.c_int
@@ -27,7 +28,7 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 KVM_PATH = os.environ.get("KVMGUEST_DEVICE", "/dev/kvm")
 
 
-class KvmError(OSError):
+class KvmError(KvmguestError, OSError):
     """An ioctl failed: ``KvmError: KVM_SET_REGS failed: [Errno 22] Invalid argument``."""
 
     def __init__(self, name: str, err: int):
@@ -38,8 +39,10 @@ class KvmError(OSError):
         return f"{self.ioctl} failed: [Errno {self.errno}] {self.strerror}"
 
 
-class KvmUnavailable(RuntimeError):
+class KvmUnavailable(KvmguestError):
     """KVM cannot be used on this host; the message says why and how to fix it."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def ioctl(fd: int, request: abi.enum.IntEnum, arg=None) -> int:

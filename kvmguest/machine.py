@@ -21,16 +21,19 @@ from .abi import Cap, ExitReason
 from .boot import cpu, layout, pvh
 from .devices import DebugExit, PortBus, Serial
 from .dirty import DirtyLog
+from .errors import EXIT_TIMEOUT, KvmguestError
 from .kvm import Kvm, KvmError
 from .memory import GuestMemory, plan_regions
 
 log = logging.getLogger(__name__)
 
-KICK_SIGNAL = signal.SIGUSR1
+# The kick that makes KVM_RUN return: a real-time signal of our own (SIGUSR1/2 belong to
+# the application embedding us). Its handler does nothing; EINTR is the point.
+KICK_SIGNAL = signal.SIGRTMIN + 2
 DEFAULT_MEMORY = 64 << 20
 
 
-class GuestError(RuntimeError):
+class GuestError(KvmguestError):
     """The guest did something the VMM cannot continue from."""
 
     def __init__(self, message: str, console: str = ""):
@@ -44,6 +47,8 @@ class GuestCrashed(GuestError):
 
 class GuestTimeout(GuestError):
     """The guest did not finish within the timeout."""
+
+    exit_code = EXIT_TIMEOUT
 
 
 @dataclass
@@ -66,8 +71,18 @@ def _install_kick_handler() -> bool:
     return _kick_installed
 
 
-def _check_kvm(kvm: Kvm) -> None:
-    kvm.require(Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
+REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
+
+
+def open_kvm() -> Kvm:
+    """``/dev/kvm``, checked for every capability a Machine needs (KvmUnavailable if not)."""
+    kvm = Kvm()
+    try:
+        kvm.require(*REQUIRED_CAPS)
+    except BaseException:
+        kvm.close()
+        raise
+    return kvm
 
 
 class Machine:
@@ -76,7 +91,9 @@ class Machine:
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,
                  cmdline: str = "", stream: Callable[[bytes], None] | None = None,
                  console_capacity: int = 1 << 20, guest_memory: GuestMemory | None = None,
-                 kvm: Kvm | None = None):
+                 kvm: Kvm | None = None, own_kvm: bool = False):
+        """Boot ``kernel``, or (kernel None) build a VM around ``guest_memory`` for a
+        restore. A ``kvm`` passed in stays the caller's unless ``own_kvm``."""
         self.kernel = pvh.parse_kernel(kernel) if kernel is not None else None
         self.cmdline = cmdline
         if guest_memory is None and memory < layout.MIN_MEMORY:
@@ -85,12 +102,12 @@ class Machine:
         if self.kernel is not None:  # every boot error before any VM exists
             pvh.check_fits(self.kernel, guest_memory.regions if guest_memory is not None
                            else plan_regions(memory), cmdline)
-        self.kvm = kvm or Kvm()
-        self._own_kvm = kvm is None
+        self._own_kvm = kvm is None or own_kvm
+        self.kvm = kvm or open_kvm()
         self.vm = self.vcpu = None
         self.memory = guest_memory
         try:
-            _check_kvm(self.kvm)
+            self.kvm.require(*REQUIRED_CAPS)
             self.vm = self.kvm.create_vm()
             self.manual_protect = self.vm.check_extension(
                 Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0
@@ -175,12 +192,20 @@ class Machine:
     def running(self) -> bool:
         return self._thread is not None and not self._done.is_set()
 
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Wait until the guest has finished (exit, crash or stop); False on timeout."""
+        return self._done.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> GuestResult:
         """Wait for the guest to finish; raise its error, or GuestTimeout (guest stopped)."""
         if not self._done.wait(timeout):
-            self.stop()
-            raise GuestTimeout(f"guest did not finish within {timeout:g} s",
-                               console=self.serial.text())
+            timeout_error = GuestTimeout(f"guest did not finish within {timeout:g} s",
+                                         console=self.serial.text())
+            try:
+                self.stop()
+            except GuestError as err:    # the timeout is what the caller must hear about
+                log.error("after the timeout: %s", err)
+            raise timeout_error
         if self.error is not None:
             raise self.error
         return GuestResult(self.debug_exit.result, self.serial.text(),

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .abi import KVM_MEM_MAX_NR_PAGES, PAGE_SIZE
 from .boot import layout
+from .errors import EXIT_BAD_INPUT, KvmguestError
 
-PAGE_SIZE = 4096
 
-
-class GuestMemoryError(ValueError):
+class GuestMemoryError(KvmguestError, ValueError):
     """A guest-physical access outside RAM, or a bad memory size."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,46 @@ def plan_regions(ram_size: int) -> list[RegionSpec]:
     specs = [RegionSpec(0, 0, low, "ram-low")]
     if ram_size > low:
         specs.append(RegionSpec(1, layout.HIGH_RAM_START, ram_size - low, "ram-high"))
+    check_layout(specs)
     return specs
+
+
+def host_phys_bits() -> int:
+    """The host CPU's physical address width (what KVM offers a guest at most)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("address sizes"):
+                    return int(line.split(":")[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 36       # the architectural minimum
+
+
+def size_text(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} bytes"
+
+
+def check_layout(specs) -> None:
+    """The one policy for guest RAM, shared by ``run`` and ``restore``: every slot within
+    KVM's per-slot limit and all RAM inside the guest-physical address space of this host.
+    Whatever boots here can therefore be restored here; how much of it the host must
+    really back is a separate question (present pages, see migrate.reader)."""
+    bits = host_phys_bits()
+    end = max(s.gpa + s.size for s in specs)
+    if end > 1 << bits:
+        total = sum(s.size for s in specs)
+        raise GuestMemoryError(
+            f"{size_text(total)} of guest RAM would end at guest-physical {end:#x}, beyond "
+            f"the {size_text(1 << bits)} ({bits}-bit) guest-physical address space of this host")
+    for s in specs:
+        if s.size // PAGE_SIZE > KVM_MEM_MAX_NR_PAGES:
+            raise GuestMemoryError(
+                f"guest RAM block {s.name} of {size_text(s.size)} exceeds KVM's limit of "
+                f"{size_text(KVM_MEM_MAX_NR_PAGES * PAGE_SIZE)} per memory slot")
 
 
 class Region:
@@ -49,8 +90,12 @@ class Region:
         # brings the file's bytes back.
         self.anonymous = mapping is None
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
-        self.map = mapping if mapping is not None else mmap.mmap(
-            -1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self.map = mapping if mapping is not None else mmap.mmap(
+                -1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, OverflowError) as err:
+            raise GuestMemoryError(f"cannot reserve {size_text(spec.size)} of address space for "
+                                   f"guest RAM ({getattr(err, 'strerror', None) or err})") from err
         if mapping is None and hasattr(mmap, "MADV_HUGEPAGE"):
             # Transparent huge pages, as QEMU asks for guest RAM: far fewer page faults
             # when RAM is filled (a restore reads ~2x faster here); KVM splits them for
@@ -124,6 +169,12 @@ class GuestMemory:
             if r.contains(gpa, length):
                 return r
         raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not in RAM")
+
+    def region_of_slot(self, slot: int) -> Region:
+        for r in self.regions:
+            if r.slot == slot:
+                return r
+        raise GuestMemoryError(f"no RAM region in slot {slot}")
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
         return any(r.contains(gpa, length) for r in self.regions)

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from .kvm import Kvm, KvmUnavailable
+from .kvm import KvmUnavailable
 
 
 def kvm_required() -> bool:
@@ -27,9 +27,8 @@ def kvm_required() -> bool:
 def kvm_problem() -> str | None:
     """None when KVM is usable, else why not."""
     try:
-        with Kvm() as kvm:
-            from .machine import _check_kvm
-            _check_kvm(kvm)
+        from .machine import open_kvm
+        open_kvm().close()
     except KvmUnavailable as err:
         return str(err)
     return None

@@ -11,6 +11,7 @@ import logging
 
 from . import abi
 from .abi import Cap
+from .errors import EXIT_BAD_INPUT, KvmguestError
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,10 @@ MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 
 
-class StateError(ValueError):
+class StateError(KvmguestError, ValueError):
     """Saved state that cannot be applied (wrong sizes, missing fields)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def _hex(struct) -> str:
@@ -197,3 +200,21 @@ def restore_machine(machine, state: dict) -> None:
     machine.serial.restore_state(state["devices"]["serial"])
     machine.debug_exit.restore_state(state["devices"].get("debug_exit", {}))
     machine.origin = dict(state.get("guest", {}))
+
+
+def vcpu_summary(state: dict) -> dict:
+    """The first vCPU's registers and mode, and the guest's origin, for `inspect`
+    (``state`` has passed check_machine_state)."""
+    v = state["vcpus"][0]
+    regs = _load(abi.kvm_regs, v["regs"], "regs")
+    sregs = _load(abi.kvm_sregs, v["sregs"], "sregs")
+    if sregs.efer & (1 << 10):
+        mode = "64-bit long mode"
+    elif sregs.cr0 & 1:
+        mode = "32-bit protected mode"
+    else:
+        mode = "real mode"
+    guest = state.get("guest", {})
+    return {"rip": regs.rip, "rsp": regs.rsp, "cr3": sregs.cr3, "mode": mode,
+            "msrs": len(v["msrs"]), "kernel": guest.get("kernel"), "cmdline": guest.get("cmdline"),
+            "xsave_bytes": len(v["xsave"]) // 2, "regs_bytes": ctypes.sizeof(abi.kvm_regs)}

@@ -1,136 +1,373 @@
 """A control socket: `kvmguest run ... --control SOCK` listens; `kvmguest save --control
-SOCK PATH` asks it to save the running guest. One JSON request line, one JSON reply line.
-The socket is created mode 0600 and removed when the guest ends."""
+SOCK PATH` asks it to save the running guest.
+
+Protocol: the client sends one JSON request line. The server answers with progress lines
+(``{"progress": "pass 1", "fraction": 0.8}``) and ends with one reply line that has
+``"ok"``. While a save runs, the client may send the line ``cancel`` (or hang up): the
+save is then cancelled, the guest keeps running, and the reply says so.
+
+Trust: the socket is created mode 0600; both ends check who is on the other side with
+``SO_PEERCRED`` (the server serves only its own user or root; the client talks only to
+a socket, and a server, of its own user). The server removes the socket it created when
+it exits, and nothing else (same inode). Connections are bounded in number and in how
+long they may sit idle.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import select
 import socket
 import stat
+import struct
 import threading
 
+from kvmguest.errors import EXIT_BAD_INPUT, Interrupted, KvmguestError, printable
+
 from .precopy import live_save
-from .writer import SaveError
+from .writer import SaveCancelled, SaveError, check_save_target
 
 log = logging.getLogger(__name__)
 
+MAX_PATH = 107              # sun_path holds 108 bytes with the NUL
+MAX_CONNECTIONS = 4         # at once; more are told the guest is busy
+REQUEST_TIMEOUT = 10.0      # seconds a client may take to send its request line
+REPLY_SILENCE = 600.0       # seconds the client waits for any line before giving up
+SAVE_OPTIONS = {"path", "threads", "direct", "then", "format", "downtime_ms"}
 
-class ControlError(RuntimeError):
-    pass
+
+class ControlError(KvmguestError):
+    """The control socket cannot be used (bad path, no guest there, another user's)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SaveFailed(KvmguestError):
+    """A save asked for over the control socket failed; the guest said why."""
+
+
+def check_socket_path(path: str) -> str:
+    """The absolute socket path, or ControlError if it cannot be a Unix socket's."""
+    if not path:
+        raise ControlError("the control socket path is empty")
+    full = os.path.abspath(path)
+    n = len(os.fsencode(full))
+    if n > MAX_PATH:
+        raise ControlError(f"control socket path {printable(full)} is {n} bytes; Unix sockets "
+                           f"allow at most {MAX_PATH} (use a shorter one, e.g. under "
+                           "$XDG_RUNTIME_DIR)")
+    return full
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 class ControlServer:
-    def __init__(self, path: str, machine, on_saved=None):
-        self.path, self.machine, self.on_saved = os.path.abspath(path), machine, on_saved
+    """Listens at ``path`` for requests about ``machine`` (attach it once it exists)."""
+
+    def __init__(self, path: str, machine=None, on_saved=None, on_progress=None):
+        self.path = check_socket_path(path)
+        self.machine, self.on_saved = machine, on_saved
         self._claim_path()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             self.sock.bind(self.path)
+            self.inode = os.lstat(self.path).st_ino
         except OSError as err:
             self.sock.close()
-            raise ControlError(f"cannot create control socket {self.path}: {err.strerror}") from None
+            raise ControlError(f"cannot create control socket {printable(self.path)}: "
+                               f"{err.strerror}") from None
         finally:
             os.umask(old)
-        self.sock.listen(4)
-        self._inflight = 0
+        self.sock.listen(MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._saves: list[threading.Event] = []     # cancel events of saves in progress
         self._idle = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
+
+    def attach(self, machine) -> None:
+        self.machine = machine
 
     def _claim_path(self) -> None:
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
             return
+        where = printable(self.path)
         if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"{self.path} exists and is not a socket; not replacing it")
+            raise ControlError(f"{where} exists and is not a socket; not replacing it")
+        if st.st_uid != os.geteuid():
+            raise ControlError(f"{where} is a socket owned by another user (uid {st.st_uid}); "
+                               "not touching it: choose another path, e.g. under "
+                               "$XDG_RUNTIME_DIR")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(self.path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(self.path)   # a stale socket left by a guest that died
             return
+        except OSError as err:
+            raise ControlError(f"cannot check control socket {where}: {err.strerror}") from None
+        else:
+            pid, _, _ = peer_credentials(probe)
+            name = _process_name(pid)
+            who = "another running guest" if "kvmguest" in name or "python" in name else \
+                "another program"
+            raise ControlError(f"{where} is in use by {who} (pid {pid}, {printable(name)})")
         finally:
             probe.close()
-        raise ControlError(f"{self.path} is in use by another running guest")
 
+    # --- serving -------------------------------------------------------------------------
     def _serve(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                self._send(conn, {"ok": False, "error": "the guest is busy with "
+                                  f"{MAX_CONNECTIONS} other connections; try again"})
+                conn.close()
+                continue
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with self._idle:
-            self._inflight += 1
         try:
-            self._handle_one(conn)
+            with conn:
+                pid, uid, _ = peer_credentials(conn)
+                if uid not in (os.geteuid(), 0):
+                    log.warning("control: refused a connection from uid %d (pid %d)", uid, pid)
+                    self._send(conn, {"ok": False, "error": "permission denied: this guest "
+                                      "serves only its own user"})
+                    return
+                conn.settimeout(REQUEST_TIMEOUT)
+                try:
+                    line = conn.makefile("rb").readline(1 << 16)
+                except OSError:          # idle or broken: drop it
+                    return
+                conn.settimeout(None)
+                self._send(conn, self._reply(conn, line))
         finally:
-            with self._idle:
-                self._inflight -= 1
-                self._idle.notify_all()
+            self._slots.release()
 
-    def drain(self, timeout: float = 600.0) -> None:
-        """Wait for requests in progress (a save that stopped the guest) to reply."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+    @staticmethod
+    def _send(conn: socket.socket, message: dict) -> bool:
+        try:
+            conn.sendall(json.dumps(message).encode() + b"\n")
+            return True
+        except OSError:
+            return False
 
-    def _handle_one(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                line = conn.makefile("rb").readline(1 << 16)
-                req = json.loads(line)
-                reply = self._dispatch(req)
-            except (ValueError, TypeError) as err:
-                reply = {"ok": False, "error": f"bad request: {err}"}
-            except (SaveError, RuntimeError, OSError) as err:
-                reply = {"ok": False, "error": str(err)}
-            try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                pass
-
-    def _dispatch(self, req: dict) -> dict:
+    def _reply(self, conn: socket.socket, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except (UnicodeDecodeError, ValueError):
+            return {"ok": False, "error": "bad request: not a JSON line"}
+        if not isinstance(req, dict):
+            return {"ok": False, "error": "bad request: expected a JSON object"}
         op = req.get("op")
         if op == "status":
-            return {"ok": True, "running": self.machine.running}
-        if op == "save":
-            report = live_save(self.machine, str(req["path"]), threads=int(req.get("threads", 1)),
-                               direct=bool(req.get("direct", False)),
-                               then=str(req.get("then", "stop")),
-                               format=str(req.get("format", "mapped")),
-                               downtime_ms=float(req.get("downtime_ms", 50.0)))
-            if self.on_saved:
-                self.on_saved(report)
-            return {"ok": True, "report": report.as_dict(), "summary": report.summary()}
-        return {"ok": False, "error": f"unknown op {op!r}"}
+            return {"ok": True, "running": bool(self.machine and self.machine.running)}
+        if op != "save":
+            return {"ok": False, "error": f"bad request: unknown op {printable(op)!r}"}
+        try:
+            options = self._save_options(req)
+        except ValueError as err:
+            return {"ok": False, "error": f"bad request: {err}"}
+        try:
+            report = self._save(conn, options)
+        except SaveCancelled as err:
+            return {"ok": False, "cancelled": True, "error": str(err)}
+        except KvmguestError as err:
+            return {"ok": False, "error": str(err)}
+        except Exception as err:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("control: save failed")
+            return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
+        if self.on_saved:
+            self.on_saved(report)
+        return {"ok": True, "report": report.as_dict(), "summary": report.summary()}
 
-    def close(self) -> None:
+    def _save_options(self, req: dict) -> dict:
+        unknown = set(req) - SAVE_OPTIONS - {"op"}
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(map(printable, unknown))}")
+        path = req.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("save needs a path (a non-empty string)")
+        if not os.path.isabs(path):
+            raise ValueError("the path must be absolute")
+        if os.path.abspath(path) == self.path:
+            raise ValueError("the snapshot path is the control socket itself")
+        threads = req.get("threads", 1)
+        if type(threads) is not int:
+            raise ValueError("threads must be an integer")
+        downtime = req.get("downtime_ms", 50.0)
+        if type(downtime) not in (int, float) or not math.isfinite(downtime) or downtime <= 0:
+            raise ValueError("downtime_ms must be a positive number")
+        then, format, direct = req.get("then", "stop"), req.get("format", "mapped"), \
+            req.get("direct", False)
+        if then not in ("stop", "continue") or format not in ("mapped", "stream") \
+                or type(direct) is not bool:
+            raise ValueError("then must be stop|continue, format mapped|stream, direct a bool")
+        return dict(path=path, threads=threads, direct=direct, then=then, format=format,
+                    downtime_ms=float(downtime))
+
+    def _save(self, conn: socket.socket, options: dict):
+        if self.machine is None or not self.machine.running:
+            raise SaveError("the guest is not running")
+        cancel = threading.Event()
+        with self._idle:
+            if self._closed:
+                raise SaveCancelled("the guest is shutting down; nothing was saved")
+            self._saves.append(cancel)
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(conn, cancel, done),
+                                   name="control-watch", daemon=True)
+        watcher.start()
+
+        def progress(what: str, fraction: float) -> None:
+            self._send(conn, {"progress": what, "fraction": round(fraction, 4)})
+
+        try:
+            return live_save(self.machine, options["path"], threads=options["threads"],
+                             direct=options["direct"], then=options["then"],
+                             format=options["format"], downtime_ms=options["downtime_ms"],
+                             progress=progress, cancel=cancel)
+        finally:
+            done.set()
+            watcher.join()
+            with self._idle:
+                self._saves.remove(cancel)
+                self._idle.notify_all()
+
+    @staticmethod
+    def _watch(conn: socket.socket, cancel: threading.Event, done: threading.Event) -> None:
+        """While a save runs: a ``cancel`` line, or the client hanging up, cancels it."""
+        while not done.is_set():
+            try:
+                ready, _, _ = select.select([conn], [], [], 0.05)
+                if not ready:
+                    continue
+                data = conn.recv(64)
+            except (OSError, ValueError):
+                data = b""
+            if not data or b"cancel" in data:
+                cancel.set()
+                return
+
+    def drain(self, timeout: float = 600.0) -> None:
+        """Wait for saves in progress (one may have stopped the guest) to reply."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._saves, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop listening, cancel saves in progress and wait (bounded) for them to clean up,
+        then remove our socket (only if the path still holds the one we created)."""
+        with self._idle:
+            self._closed = True
+            for cancel in self._saves:
+                cancel.set()
         try:
             self.sock.close()
         finally:
+            with self._idle:
+                self._idle.wait_for(lambda: not self._saves, timeout)
             try:
-                os.unlink(self.path)
+                if os.lstat(self.path).st_ino == self.inode:
+                    os.unlink(self.path)
             except FileNotFoundError:
                 pass
 
 
-def request(path: str, req: dict, timeout: float = 600.0) -> dict:
+def _connect(path: str) -> socket.socket:
+    where = printable(path)
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise ControlError(f"cannot connect to control socket {where}: {err.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{where} is not a socket")
+    if st.st_uid != os.geteuid():
+        raise ControlError(f"control socket {where} belongs to another user (uid {st.st_uid}); "
+                           "refusing to send it a request")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s.settimeout(REQUEST_TIMEOUT)
     try:
         s.connect(path)
+        pid, uid, _ = peer_credentials(s)
     except OSError as err:
         s.close()
-        raise ControlError(f"cannot connect to control socket {path}: {err.strerror}") from None
+        raise ControlError(f"cannot connect to control socket {where}: {err.strerror}") from None
+    if uid != os.geteuid():
+        s.close()
+        raise ControlError(f"the process at {where} (pid {pid}) runs as another user "
+                           f"(uid {uid}); refusing to send it a request")
+    return s
+
+
+def _reply_line(line: bytes) -> dict:
+    try:
+        reply = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        reply = None
+    if not isinstance(reply, dict) or not (
+            (reply.get("ok") is True and isinstance(reply.get("summary"), str))
+            or (reply.get("ok") is False and isinstance(reply.get("error"), str))
+            or ("ok" not in reply and isinstance(reply.get("progress"), str))):
+        raise ControlError("the guest sent a malformed reply")
+    return reply
+
+
+def request(path: str, req: dict, progress=None, silence: float = REPLY_SILENCE) -> dict:
+    """Send ``req`` and return the final reply; progress lines go to ``progress(what,
+    fraction)``. An interrupt (Ctrl-C) asks the guest to cancel and returns its answer
+    with ``"interrupted": True``."""
+    s = _connect(path)
     with s:
         s.sendall(json.dumps(req).encode() + b"\n")
-        data = s.makefile("rb").readline()
-    if not data:
-        raise ControlError("the guest closed the control connection without a reply")
-    return json.loads(data)
+        s.settimeout(silence)
+        f = s.makefile("rb")
+        interrupted = None
+        while True:
+            try:
+                line = f.readline(1 << 20)
+            except TimeoutError:
+                raise ControlError(f"no word from the guest for {silence:g} s; gave up (the "
+                                   "save is cancelled when this connection closes)") from None
+            except (KeyboardInterrupt, Interrupted) as err:
+                if interrupted is not None:
+                    continue           # already asked; keep waiting for the answer
+                interrupted = err
+                try:
+                    s.sendall(b"cancel\n")
+                except OSError:
+                    raise err from None
+                s.settimeout(30.0)
+                continue
+            if not line:
+                raise ControlError("the guest closed the control connection without a reply")
+            reply = _reply_line(line)
+            if "ok" in reply:
+                if interrupted is not None:
+                    reply["interrupted"] = True
+                return reply
+            if progress:
+                fraction = reply.get("fraction", 0.0)
+                progress(reply["progress"], fraction if isinstance(fraction, float) else 0.0)

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
+from kvmguest.memory import PAGE_SIZE
+
 MAGIC = b"KVMGSNAP"
+STREAM_MAGIC = b"KVMGSTRM"        # the streaming baseline (migrate/stream.py)
 VERSION = 1
 FLAG_COMPLETE = 1 << 0
-PAGE_SIZE = 4096
 HEADER_SIZE = 4096
 SECTION_ALIGN = 4096
 PAGES_ALIGN = 1 << 20
@@ -27,14 +30,88 @@ MAX_BLOCKS = 32
 MAX_STATE = 16 << 20
 NAME_LEN = 32
 
-_HEADER = struct.Struct("<8sIIIIQQQQQII52s")     # up to header_crc
-_HEADER_CRC_AT = 124
-_BLOCK = struct.Struct("<32sQQIIQQQQQII24s")
-assert _HEADER.size == _HEADER_CRC_AT and _BLOCK.size == BLOCK_ENTRY_SIZE
+
+@dataclass(frozen=True)
+class Field:
+    """One fixed-size field of an on-disk record: name, struct code, meaning."""
+    name: str
+    code: str
+    doc: str
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize("<" + self.code)
+
+    @property
+    def doc_type(self) -> str:
+        """The type as docs/FORMAT.md writes it."""
+        return {"I": "u32", "Q": "u64"}.get(self.code, f"{self.size} bytes")
 
 
-class SnapshotError(ValueError):
+class Record:
+    """A fixed-size little-endian record described by a field table: the single
+    description from which packing, parsing, the fuzz tests and the check of
+    docs/FORMAT.md's tables all derive. Fields named ``reserved`` are written as zero."""
+
+    def __init__(self, fields: list[Field]):
+        self.fields = fields
+        self.struct = struct.Struct("<" + "".join(f.code for f in fields))
+        self.size = self.struct.size
+        self.offsets, pos = {}, 0
+        for f in fields:
+            self.offsets[f.name] = pos
+            pos += f.size
+
+    def code(self, name: str) -> str:
+        return "<" + next(f.code for f in self.fields if f.name == name)
+
+    def pack(self, **values) -> bytes:
+        return self.struct.pack(*(values.get(f.name, b"" if f.code.endswith("s") else 0)
+                                  for f in self.fields))
+
+    def unpack(self, data, offset: int = 0) -> dict:
+        return dict(zip((f.name for f in self.fields), self.struct.unpack_from(data, offset)))
+
+
+HEADER = Record([
+    Field("magic", "8s", "`KVMGSNAP`"),
+    Field("version", "I", "1"),
+    Field("flags", "I", "bit 0 `COMPLETE`: set only by the last write of a finished save"),
+    Field("page_size", "I", "4096"),
+    Field("nblocks", "I", f"RAM blocks, 1 to {MAX_BLOCKS}"),
+    Field("table_offset", "Q", "4096"),
+    Field("table_length", "Q", "`nblocks * 128`"),
+    Field("state_offset", "Q", "where the state JSON starts"),
+    Field("state_length", "Q", "its length in bytes (at most 16 MiB)"),
+    Field("file_size", "Q", "the exact size of the file"),
+    Field("table_crc", "I", "CRC of the block table's `table_length` bytes"),
+    Field("state_crc", "I", "CRC of the state's `state_length` bytes"),
+    Field("reserved", "52s", "zero"),
+    Field("header_crc", "I", "CRC of header bytes 0-123"),
+])
+BLOCK = Record([
+    Field("name", "32s", "UTF-8, NUL-padded (`ram-low`, `ram-high`)"),
+    Field("gpa", "Q", "guest-physical base, page aligned"),
+    Field("size", "Q", "bytes, a multiple of page_size, > 0"),
+    Field("page_size", "I", "4096"),
+    Field("slot", "I", "KVM memory slot"),
+    Field("bitmap_offset", "Q", "4 KiB aligned"),
+    Field("bitmap_length", "Q", "`align(ceil(npages / 8), 8)` bytes"),
+    Field("pages_offset", "Q", "1 MiB aligned"),
+    Field("pages_length", "Q", "equals `size`"),
+    Field("pages_present", "Q", "number of bits set in the bitmap"),
+    Field("bitmap_crc", "I", "CRC of the bitmap's `bitmap_length` bytes"),
+    Field("flags", "I", "zero (no block flags are defined)"),
+    Field("reserved", "24s", "zero"),
+])
+_HEADER_CRC_AT = HEADER.offsets["header_crc"]
+assert HEADER.size == _HEADER_CRC_AT + 4 and BLOCK.size == BLOCK_ENTRY_SIZE
+
+
+class SnapshotError(KvmguestError, ValueError):
     """A snapshot file is not usable; the message names the problem."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def align(x: int, a: int) -> int:
@@ -123,19 +200,23 @@ def pack_table(layout: Layout) -> bytes:
         name = b.name.encode()
         if len(name) > NAME_LEN:
             raise SnapshotError(f"block name {b.name!r} is longer than {NAME_LEN} bytes")
-        out += _BLOCK.pack(name.ljust(NAME_LEN, b"\0"), b.gpa, b.size, b.page_size, b.slot,
-                           b.bitmap_offset, b.bitmap_length, b.pages_offset, b.size,
-                           b.pages_present, b.bitmap_crc, 0, b"\0" * 24)
+        out += BLOCK.pack(name=name, gpa=b.gpa, size=b.size, page_size=b.page_size,
+                          slot=b.slot, bitmap_offset=b.bitmap_offset,
+                          bitmap_length=b.bitmap_length, pages_offset=b.pages_offset,
+                          pages_length=b.size, pages_present=b.pages_present,
+                          bitmap_crc=b.bitmap_crc)
     return bytes(out)
 
 
 def pack_header(layout: Layout, *, complete: bool, state_length: int = 0,
                 table_crc: int = 0, state_crc: int = 0) -> bytes:
-    body = _HEADER.pack(MAGIC, VERSION, FLAG_COMPLETE if complete else 0, PAGE_SIZE,
-                        len(layout.blocks), layout.table_offset, layout.table_length,
-                        layout.state_offset, state_length,
-                        max_file_size(layout, state_length) if complete else 0,
-                        table_crc, state_crc, b"\0" * 52)
+    fields = dict(magic=MAGIC, version=VERSION, flags=FLAG_COMPLETE if complete else 0,
+                  page_size=PAGE_SIZE, nblocks=len(layout.blocks),
+                  table_offset=layout.table_offset, table_length=layout.table_length,
+                  state_offset=layout.state_offset, state_length=state_length,
+                  file_size=max_file_size(layout, state_length) if complete else 0,
+                  table_crc=table_crc, state_crc=state_crc)
+    body = HEADER.pack(**fields)[:_HEADER_CRC_AT]
     header_crc = crc(body) if complete else 0
     return (body + struct.pack("<I", header_crc)).ljust(HEADER_SIZE, b"\0")
 
@@ -209,13 +290,15 @@ def _validate(path: str, fd: int) -> Snapshot:
                             "header: truncated or not a snapshot")
     head = _read_exact(fd, 0, HEADER_SIZE, "header", size)
     if head[:8] != MAGIC:
-        if head[:8] == b"KVMGSTRM":
+        if head[:8] == STREAM_MAGIC:
             raise SnapshotError("this is a streaming-format snapshot; restore it with the "
                                 "stream reader (kvmguest restore detects it)")
         raise SnapshotError("not a kvmguest snapshot (bad magic)")
-    (_, version, flags, page_size, nblocks, table_offset, table_length, state_offset,
-     state_length, file_size, table_crc, state_crc, _) = _HEADER.unpack_from(head)
-    header_crc, = struct.unpack_from("<I", head, _HEADER_CRC_AT)
+    h = HEADER.unpack(head)
+    version, flags, page_size, nblocks = h["version"], h["flags"], h["page_size"], h["nblocks"]
+    table_offset, table_length = h["table_offset"], h["table_length"]
+    state_offset, state_length, file_size = h["state_offset"], h["state_length"], h["file_size"]
+    table_crc, state_crc, header_crc = h["table_crc"], h["state_crc"], h["header_crc"]
     if version != VERSION:
         raise SnapshotError(f"snapshot format version {version}; this kvmguest reads "
                             f"version {VERSION}")
@@ -225,6 +308,8 @@ def _validate(path: str, fd: int) -> Snapshot:
         raise SnapshotError("header checksum mismatch: the header is corrupt")
     if flags & ~FLAG_COMPLETE:
         raise SnapshotError(f"unknown header flags {flags:#x}")
+    if h["reserved"].strip(b"\0"):
+        raise SnapshotError("header reserved bytes are not zero")
     if page_size != PAGE_SIZE:
         raise SnapshotError(f"page size {page_size}; only {PAGE_SIZE} is supported")
     if not 1 <= nblocks <= MAX_BLOCKS:
@@ -241,8 +326,11 @@ def _validate(path: str, fd: int) -> Snapshot:
 
     blocks = []
     for i in range(nblocks):
-        (name, gpa, bsize, bpage, slot, bm_off, bm_len, pg_off, pg_len, present, bm_crc,
-         bflags, _) = _BLOCK.unpack_from(table, i * BLOCK_ENTRY_SIZE)
+        e = BLOCK.unpack(table, i * BLOCK_ENTRY_SIZE)
+        name, gpa, bsize, bpage, slot = e["name"], e["gpa"], e["size"], e["page_size"], e["slot"]
+        bm_off, bm_len, pg_off, pg_len = (e["bitmap_offset"], e["bitmap_length"],
+                                          e["pages_offset"], e["pages_length"])
+        present, bm_crc, bflags = e["pages_present"], e["bitmap_crc"], e["flags"]
         try:
             name_s = name.rstrip(b"\0").decode()
         except UnicodeDecodeError:
@@ -261,6 +349,10 @@ def _validate(path: str, fd: int) -> Snapshot:
             raise SnapshotError(f"{where}: misaligned page area or bitmap offset")
         if bflags:
             raise SnapshotError(f"{where}: unknown block flags {bflags:#x}")
+        if e["reserved"].strip(b"\0"):
+            raise SnapshotError(f"{where}: reserved bytes are not zero")
+        if blocks and gpa <= blocks[-1].gpa:
+            raise SnapshotError(f"{where}: blocks are not in ascending guest-physical order")
         if present > bsize // PAGE_SIZE:
             raise SnapshotError(f"{where}: {present} pages present of {bsize // PAGE_SIZE}")
         blocks.append(Block(name_s, gpa, bsize, slot, PAGE_SIZE, bm_off, bm_len, pg_off,

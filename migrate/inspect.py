@@ -1,55 +1,66 @@
-"""`kvmguest inspect`: a snapshot's layout, pages, state summary, and validity."""
+"""`kvmguest inspect`: a snapshot's layout, pages, state summary, and validity.
+
+Both formats are described (mapped-ram and the streaming baseline); a file that cannot
+be read at all is said to be unreadable, with why, not called invalid."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 
-from kvmguest import abi
+from kvmguest.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from kvmguest.state import vcpu_summary
 
 from . import format as fmt
 from .format import SnapshotError
-from .reader import validate
+from .reader import open_snapshot, validate
 
 
-def _vcpu_summary(state: dict) -> dict:
-    v = state["vcpus"][0]
-    regs = abi.kvm_regs.from_buffer_copy(bytes.fromhex(v["regs"]))
-    sregs = abi.kvm_sregs.from_buffer_copy(bytes.fromhex(v["sregs"]))
-    if sregs.efer & (1 << 10):
-        mode = "64-bit long mode"
-    elif sregs.cr0 & 1:
-        mode = "32-bit protected mode"
-    else:
-        mode = "real mode"
-    guest = state.get("guest", {})
-    return {"rip": regs.rip, "rsp": regs.rsp, "cr3": sregs.cr3, "mode": mode,
-            "msrs": len(v["msrs"]), "kernel": guest.get("kernel"), "cmdline": guest.get("cmdline"),
-            "xsave_bytes": len(v["xsave"]) // 2, "regs_bytes": ctypes.sizeof(abi.kvm_regs)}
-
-
-def describe(path: str) -> dict:
-    info: dict = {"path": path, "valid": False}
-    try:
-        st = os.stat(path)
-        info["file_size"], info["allocated"] = st.st_size, st.st_blocks * 512
-        with open(path, "rb") as f:
-            if f.read(8) == b"KVMGSTRM":
-                info["error"] = ("streaming-format file: inspect reads mapped-ram snapshots; "
-                                 "`kvmguest restore` can replay it")
-                return info
-        snap = validate(path)
-    except OSError as err:
-        info["error"] = f"cannot read: {err.strerror}"
-        return info
-    except SnapshotError as err:
-        info["error"] = str(err)
-        return info
+def _describe_mapped(info: dict, path: str, fd: int) -> None:
+    snap = validate(path, fd)
     info.update(valid=True, format="mapped-ram", version=fmt.VERSION, ram_size=snap.ram_size,
                 pages_present=snap.pages_present,
                 blocks=[{"name": b.name, "slot": b.slot, "gpa": b.gpa, "size": b.size,
                          "pages": b.npages, "pages_present": b.pages_present,
                          "pages_offset": b.pages_offset, "bitmap_offset": b.bitmap_offset}
                         for b in snap.layout.blocks],
-                state=_vcpu_summary(snap.state), state_length=snap.state_length)
+                state=vcpu_summary(snap.state), state_length=snap.state_length)
+
+
+def _describe_stream(info: dict, path: str, fd: int) -> None:
+    from .stream import VERSION, page_census, validate_stream
+    s = validate_stream(path, fd)
+    present, records = page_census(s, fd)
+    info.update(valid=True, format="stream", version=VERSION,
+                ram_size=sum(b.size for b in s.blocks), pages_present=int(sum(present)),
+                page_records=s.pages, zero_records=s.zero_records,
+                blocks=[{"name": b.name, "slot": b.slot, "gpa": b.gpa, "size": b.size,
+                         "pages": b.npages, "pages_present": int(n), "records": int(r)}
+                        for b, n, r in zip(s.blocks, present, records)],
+                state=vcpu_summary(s.state))
+
+
+def describe(path: str) -> dict:
+    """What ``path`` is: ``valid`` with its layout, or a ``verdict`` (INVALID, UNREADABLE)
+    and the ``error``; ``exit_code`` for the CLI."""
+    info: dict = {"path": path, "valid": False}
+    try:
+        fd = open_snapshot(path)
+    except SnapshotError as err:
+        info.update(verdict="UNREADABLE", error=str(err), exit_code=EXIT_BAD_INPUT)
+        return info
+    try:
+        st = os.fstat(fd)
+        info["file_size"], info["allocated"] = st.st_size, st.st_blocks * 512
+        try:
+            if os.pread(fd, len(fmt.STREAM_MAGIC), 0) == fmt.STREAM_MAGIC:
+                _describe_stream(info, path, fd)
+            else:
+                _describe_mapped(info, path, fd)
+        except OSError as err:
+            info.update(verdict="UNREADABLE", error=f"cannot read: {err.strerror}",
+                        exit_code=EXIT_BAD_INPUT)
+        except SnapshotError as err:
+            info.update(verdict="INVALID", error=str(err), exit_code=EXIT_FAILED)
+    finally:
+        os.close(fd)
     return info

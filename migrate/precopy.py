@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from kvmguest.dirty import merge_pages
+from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.state import save_machine
 
-from .writer import MappedWriter, PassStats, SaveError, fault_point
+from .writer import MappedWriter, PassStats, SaveError, check_cancel, fault_point
 
 log = logging.getLogger(__name__)
-PAGE = 4096
 CONVERGED_PAGES = 256        # a final set this small is not worth another pass
 
 
@@ -73,14 +73,20 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
               downtime_ms: float = 50.0, max_passes: int = 30, max_seconds: float = 60.0,
               min_passes: int = 1,
               then: str = "stop", format: str = "mapped",
-              progress: Callable[[str, float], None] | None = None) -> SaveReport:
+              progress: Callable[[str, float], None] | None = None,
+              cancel: threading.Event | None = None) -> SaveReport:
     """Save a running machine to ``path``; the guest keeps running until the final pause.
 
     ``min_passes`` pre-copy passes run even when the dirty set converges sooner (for
     measurements); ``max_passes`` and ``max_seconds`` bound the iteration.
     ``then`` is "stop" (the source guest ends) or "continue" (a live checkpoint). On any
     failure the temporary file is removed, a running guest is resumed, and SaveError is
-    raised; the previous file at ``path`` is untouched."""
+    raised; the previous file at ``path`` is untouched. Setting ``cancel`` stops the
+    save at its next chunk of pages with SaveCancelled, with the same clean-up.
+
+    ``progress(what, fraction)`` is told how far the save is; the fraction never goes
+    backwards (pass 0 is most of the work; later passes fill the rest as the dirty set
+    shrinks)."""
     if then not in ("stop", "continue"):
         raise SaveError(f"--then must be stop or continue, not {then!r}")
     if not machine.running:
@@ -91,40 +97,66 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
         _busy.add(id(machine))
     try:
         return _live_save(machine, path, threads, direct, downtime_ms, max_passes,
-                          max_seconds, min_passes, then, format, progress)
+                          max_seconds, min_passes, then, format, progress, cancel)
     finally:
         with _busy_lock:
             _busy.discard(id(machine))
 
 
-def make_writer(format: str, path: str, memory, threads: int, direct: bool):
+def make_writer(format: str, path: str, memory, threads: int, direct: bool,
+                cancel: threading.Event | None = None):
     if format == "mapped":
-        return MappedWriter(path, memory, threads=threads, direct=direct)
+        return MappedWriter(path, memory, threads=threads, direct=direct, cancel=cancel)
     if format == "stream":
         from .stream import StreamWriter
-        return StreamWriter(path, memory, direct=direct)
+        return StreamWriter(path, memory, direct=direct, cancel=cancel)
     raise SaveError(f"unknown format {format!r} (mapped or stream)")
 
 
+class _Progress:
+    """Monotonic progress: pass 0 counts for PASS0_SHARE, later passes for the rest."""
+    PASS0_SHARE = 0.8
+
+    def __init__(self, report: Callable[[str, float], None] | None, total_pages: int):
+        self.report, self.total, self.shown = report, max(total_pages, 1), 0.0
+
+    def __call__(self, what: str, fraction: float) -> None:
+        self.shown = max(self.shown, min(fraction, 1.0))
+        if self.report:
+            self.report(what, self.shown)
+
+    def pass0(self, done_pages: int) -> None:
+        self(f"pass 0", self.PASS0_SHARE * done_pages / self.total)
+
+    def later(self, index: int, dirty: int, first_dirty: int) -> None:
+        left = dirty / max(first_dirty, 1)
+        self(f"pass {index}", self.PASS0_SHARE + (1 - self.PASS0_SHARE) * (1 - left) * 0.9)
+
+
 def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seconds,
-               min_passes, then, format, progress) -> SaveReport:
+               min_passes, then, format, progress, cancel) -> SaveReport:
     t0 = time.perf_counter()
-    writer = make_writer(format, path, machine.memory, threads, direct)
+    writer = make_writer(format, path, machine.memory, threads, direct, cancel)
     report = SaveReport(path=os.path.abspath(path), format=format, then=then)
     started_log = not machine.dirty.enabled
     paused = False
     total_pages = sum(r.npages for r in machine.memory.regions)
+    shown = _Progress(progress, total_pages)
+    writer.on_progress = shown.pass0
+    first_dirty = None
     try:
         machine.msr_indices()                   # fetched now, not during the downtime
         machine.dirty.start()
         machine.dirty.harvest()                 # from here on, every write is logged
         stats = writer.write_pass(None)         # pass 0: all of RAM
+        writer.on_progress = None
         previous = total_pages
-        if progress:
-            progress("pass 0", 1.0)
+        shown.pass0(total_pages)
         while True:
+            check_cancel(cancel, report.path)
             dirty = machine.dirty.harvest()
             n = sum(len(v) for v in dirty.values())
+            first_dirty = n if first_dirty is None else first_dirty
             bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
             estimate_ms = n * PAGE / bandwidth * 1e3 if n else 0.0
             # Converged: the rest fits the downtime target, and another pass would not
@@ -145,9 +177,10 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
             if not machine.running:
                 raise SaveError("the guest finished during the save; nothing was saved")
             stats = writer.write_pass(dirty)
-            if progress:
-                progress(f"pass {stats.index}", min(1.0, 1 - n / max(total_pages, 1)))
+            shown.later(stats.index, n, first_dirty)
         # Stop-and-copy: what the guest dirtied since the last harvest, then state.
+        check_cancel(cancel, report.path)
+        shown("stop-and-copy", shown.shown)
         t_pause = time.perf_counter()
         machine.pause()
         if not machine.running:
@@ -172,6 +205,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
             machine.resume()
             paused = False
         writer.finish(state)
+        shown("done", 1.0)
     except BaseException:
         writer.abort()
         if paused:

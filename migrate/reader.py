@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from kvmguest.machine import Machine
-from kvmguest.memory import GuestMemory, Region, RegionSpec
+from kvmguest.machine import Machine, open_kvm
+from kvmguest.memory import PAGE_SIZE as PAGE
+from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
 from kvmguest.state import StateError, check_machine_state, restore_machine
 
 from . import format as fmt
 from .format import SnapshotError
-from .writer import MAX_IO, runs_of_mask, split_runs
-
-PAGE = fmt.PAGE_SIZE
+from .pageio import (MAX_IO, check_threads, data_extents, open_regular, pread_into,
+                     runs_of_mask, split_runs)
 
 
 @dataclass
@@ -45,71 +46,87 @@ def meminfo(field: str) -> int:
     return 0
 
 
-def check_host_capacity(snap: fmt.Snapshot, lazy: bool) -> None:
-    """Refuse, before allocating anything, a guest this host could never hold: more RAM
-    than the host's RAM + swap, or (reading eagerly) more present pages than are
-    available now. A lazy restore maps the file and allocates only what the guest
-    writes, so it is checked against RAM + swap only."""
-    capacity = meminfo("MemTotal") + meminfo("SwapTotal")
-    if capacity and snap.ram_size > capacity:
-        raise SnapshotError(f"snapshot records {snap.ram_size / 2**30:.1f} GiB of guest RAM; "
-                            f"this host has {capacity / 2**30:.1f} GiB (RAM + swap)")
-    need, avail = snap.pages_present * PAGE, meminfo("MemAvailable")
+def region_specs(blocks) -> list[RegionSpec]:
+    """The RAM layout a snapshot records, checked against the same policy as ``run``
+    (kvmguest.memory.check_layout): what boots on this host restores on it."""
+    specs = [RegionSpec(b.slot, b.gpa, b.size, b.name) for b in blocks]
+    try:
+        check_layout(specs)
+    except GuestMemoryError as err:
+        raise SnapshotError(f"snapshot cannot be restored on this host: {err}") from None
+    return specs
+
+
+def check_host_capacity(pages_present: int, lazy: bool) -> None:
+    """Refuse, before allocating anything, an eager restore whose present pages do not
+    fit in the memory available now. A lazy restore maps the file and allocates only
+    what the guest writes afterwards, exactly like the guest it was saved from."""
+    need, avail = pages_present * PAGE, meminfo("MemAvailable")
     if not lazy and avail and need > avail:
         raise SnapshotError(f"restoring needs {need / 2**30:.1f} GiB of RAM for the guest's "
                             f"pages; the host has {avail / 2**30:.1f} GiB available "
                             "(try --lazy)")
 
 
-def _preadv_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf)
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise SnapshotError(f"page data at {offset + done} is missing: file truncated")
-        done += n
-
-
-def _read_runs(fd: int, region: Region, block: fmt.Block, runs: np.ndarray) -> int:
+def _read_runs(fd: int, region: Region, block: fmt.Block, runs: np.ndarray,
+               cancel: threading.Event) -> int:
     for start, end in runs.tolist():
         for c in range(start, end, MAX_IO // PAGE):
+            if cancel.is_set():
+                return 0
             ce = min(end, c + MAX_IO // PAGE)
-            _preadv_all(fd, region.array[c * PAGE:ce * PAGE], block.page_offset(c))
+            if not pread_into(fd, region.array[c * PAGE:ce * PAGE], block.page_offset(c)):
+                raise SnapshotError(f"page data at {block.page_offset(c)} is missing: "
+                                    "file truncated")
     return int((runs[:, 1] - runs[:, 0]).sum()) if len(runs) else 0
 
 
-def _data_extents(fd: int, start: int, end: int):
-    """(offset, end) ranges of [start, end) that hold data (not holes)."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            return
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole
-        pos = hole
+def paired(memory: GuestMemory, blocks) -> list[tuple[Region, fmt.Block]]:
+    """Each block with the region of the same slot (never by position)."""
+    return [(memory.region_of_slot(b.slot), b) for b in blocks]
 
 
-def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int) -> tuple[GuestMemory, int]:
+def read_pages(pairs, presents, fd: int, threads: int, progress=None) -> int:
+    """preadv every present page into its region, ``threads`` at a time. An interrupt
+    (Ctrl-C) stops the readers at their next chunk instead of draining the queue."""
+    cancel = threading.Event()
+    jobs = []
+    for (region, block), bits in zip(pairs, presents):
+        runs = runs_of_mask(bits)
+        n = int((runs[:, 1] - runs[:, 0]).sum()) if len(runs) else 0
+        jobs += [(region, block, g)
+                 for g in split_runs(runs, max(threads, -(-n // (MAX_IO // PAGE))))]
+    total = max(sum(int(b.sum()) for b in presents), 1)
+    done = 0
+
+    def tally(n: int) -> int:
+        nonlocal done
+        done += n
+        if progress:
+            progress("reading pages", done / total)
+        return n
+
+    if threads <= 1 or len(jobs) <= 1:
+        return sum(tally(_read_runs(fd, *j, cancel)) for j in jobs)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="reader")
+    try:
+        futures = [pool.submit(_read_runs, fd, *j, cancel) for j in jobs]
+        return sum(tally(f.result()) for f in futures)
+    finally:
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
+                progress=None) -> tuple[GuestMemory, int]:
     """Guest memory with the snapshot's layout and contents; returns (memory, pages read)."""
-    specs = [RegionSpec(b.slot, b.gpa, b.size, b.name) for b in snap.layout.blocks]
-    check_host_capacity(snap, lazy)
+    specs = region_specs(snap.layout.blocks)
+    check_host_capacity(snap.pages_present, lazy)
     if not lazy:
         memory = GuestMemory([Region(s) for s in specs])
         try:
-            jobs = []
-            for region, block, bits in zip(memory.regions, snap.layout.blocks, snap.present):
-                runs = runs_of_mask(bits)
-                jobs += [(region, block, g) for g in split_runs(runs, threads)]
-            if threads > 1 and len(jobs) > 1:
-                with ThreadPoolExecutor(threads) as pool:
-                    loaded = sum(pool.map(lambda j: _read_runs(fd, *j), jobs))
-            else:
-                loaded = sum(_read_runs(fd, *j) for j in jobs)
+            loaded = read_pages(paired(memory, snap.layout.blocks), snap.present, fd, threads,
+                                progress)
         except OSError as err:
             memory.close()
             raise SnapshotError(f"reading pages failed: {err.strerror}") from None
@@ -119,14 +136,14 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int) -> tuple[
         return memory, loaded
     regions = []
     try:
-        for spec, block, bits in zip(specs, snap.layout.blocks, snap.present):
+        for spec, block, bits in zip(specs, snap.layout.blocks, snap.present):   # same order
             m = mmap.mmap(fd, block.size, flags=mmap.MAP_PRIVATE,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=block.pages_offset)
             region = Region(spec, mapping=m)
             regions.append(region)
             # A clear bit means zero. Our writer leaves holes there; if a file has data
             # at such a page anyway, zero it in the private mapping.
-            for s, e in _data_extents(fd, block.pages_offset, block.pages_offset + block.size):
+            for s, e in data_extents(fd, block.pages_offset, block.pages_offset + block.size):
                 first, last = (s - block.pages_offset) // PAGE, -(-(e - block.pages_offset) // PAGE)
                 absent = ~bits[first:last]
                 for a, b in runs_of_mask(absent).tolist():
@@ -149,31 +166,45 @@ def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
     return snap
 
 
+def open_snapshot(path: str) -> int:
+    """A read-only fd of ``path`` if it is a regular file (a FIFO, a device or a
+    directory is refused at once, never read)."""
+    return open_regular(path, "snapshot", SnapshotError)
+
+
 def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
-            console_capacity: int = 1 << 20) -> tuple[Machine, RestoreReport]:
-    """A paused-at-start Machine rebuilt from ``path``; call ``start()`` to resume the guest."""
+            console_capacity: int = 1 << 20, progress=None) -> tuple[Machine, RestoreReport]:
+    """A paused-at-start Machine rebuilt from ``path``; call ``start()`` to resume the guest.
+
+    KVM is checked first (a host without it is told so before a byte is read), then the
+    whole file is validated, then memory is allocated and the VM created."""
     t = time.perf_counter()
+    check_threads(threads)
+    kvm = open_kvm()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise SnapshotError(f"cannot open {path}: {err.strerror}") from None
-    try:
-        head = os.pread(fd, 8, 0)
-        if head == b"KVMGSTRM":
-            from .stream import read_stream
-            memory, state, loaded = read_stream(path, fd)
-            lazy = False
-        else:
-            snap = validate(path, fd)
-            state = snap.state
-            memory, loaded = load_memory(snap, fd, lazy, threads)
-    finally:
-        os.close(fd)
-    try:
-        machine = Machine(None, guest_memory=memory, stream=stream,
-                          console_capacity=console_capacity)
+        fd = open_snapshot(path)
+        try:
+            if os.pread(fd, len(fmt.STREAM_MAGIC), 0) == fmt.STREAM_MAGIC:
+                from .stream import load_stream, validate_stream
+                info = validate_stream(path, fd)
+                region_specs(info.blocks)
+                check_host_capacity(info.pages, lazy=False)
+                memory, loaded = load_stream(info, fd)
+                state, lazy = info.state, False
+            else:
+                snap = validate(path, fd)
+                state = snap.state
+                memory, loaded = load_memory(snap, fd, lazy, threads, progress)
+        finally:
+            os.close(fd)
+        try:
+            machine = Machine(None, guest_memory=memory, kvm=kvm, own_kvm=True,
+                              stream=stream, console_capacity=console_capacity)
+        except BaseException:
+            memory.close()
+            raise
     except BaseException:
-        memory.close()
+        kvm.close()
         raise
     try:
         restore_machine(machine, state)

@@ -13,20 +13,28 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
+from kvmguest.errors import printable
+from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import GuestMemory, Region, RegionSpec
+from kvmguest.state import StateError, check_machine_state
 
+from . import format as fmt
 from .format import SnapshotError
-from .writer import (PassStats, SaveError, _io_error, fsync_dir, nonzero_pages, open_excl,
-                     pwrite_all, runs_of, temp_path_for)
+from .pageio import (IOV_MAX, fsync_dir, nonzero_pages, open_excl, pwrite_all, runs_of,
+                     temp_path_for)
+from .writer import PassStats, SaveError, check_cancel, check_save_target, io_error
 
-MAGIC = b"KVMGSTRM"
+MAGIC = fmt.STREAM_MAGIC
 VERSION = 1
-PAGE = 4096
+MAX_BLOCK_LIST = 1 << 20
+MAX_SLOT = 1 << 15
 _HEAD = struct.Struct("<8sII48s")
 _REC = struct.Struct("<IIQ")
 KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
@@ -36,18 +44,21 @@ BATCH = 256                     # pages per pwritev
 class StreamWriter:
     format_name = "stream"
 
-    def __init__(self, path: str, memory, direct: bool = False):
+    def __init__(self, path: str, memory, direct: bool = False,
+                 cancel: threading.Event | None = None):
         if direct:
             raise SaveError("--direct-io applies to the mapped format only (stream records "
                             "are not page aligned)")
-        self.path = os.path.abspath(path)
+        self.path = check_save_target(path)
+        self.cancel = cancel
+        self.on_progress = None     # per-page progress is not reported for this baseline
         self.regions = list(memory.regions)
         self.passes: list[PassStats] = []
         self.tmp = temp_path_for(self.path)
         try:
             self.fd = open_excl(self.tmp, False)
         except OSError as err:
-            raise _io_error(err, self.tmp, "creating") from None
+            raise io_error(err, self.tmp, "creating") from None
         blocks = json.dumps([{"name": r.name, "gpa": r.gpa, "size": r.size, "slot": r.slot}
                              for r in self.regions]).encode()
         self.offset = 0
@@ -59,7 +70,7 @@ class StreamWriter:
             pwrite_all(self.fd, bufs, self.offset)
             self.offset += sum(len(b) for b in bufs)
         except OSError as err:
-            raise _io_error(err, self.tmp, "writing") from None
+            raise io_error(err, self.tmp, "writing") from None
 
     def write_pass(self, dirty) -> PassStats:
         stats = PassStats(len(self.passes))
@@ -76,6 +87,7 @@ class StreamWriter:
                 stats.pages_dirty += len(idx)
             for start, end in runs_of(idx).tolist():
                 for c in range(start, end, BATCH):
+                    check_cancel(self.cancel, self.path)
                     ce = min(end, c + BATCH)
                     nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
                     bufs = []
@@ -88,8 +100,8 @@ class StreamWriter:
                         else:
                             bufs.append(_REC.pack(KIND_ZERO, bi, i))
                             stats.pages_zero += 1
-                    for k in range(0, len(bufs), 1024):     # IOV_MAX
-                        self._append(bufs[k:k + 1024])
+                    for k in range(0, len(bufs), IOV_MAX):
+                        self._append(bufs[k:k + IOV_MAX])
         stats.bytes_written = stats.pages_written * PAGE
         stats.seconds = time.perf_counter() - t
         self.passes.append(stats)
@@ -103,11 +115,15 @@ class StreamWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
+            check_save_target(self.path)      # still nothing but a file (or nothing) there
             os.rename(self.tmp, self.path)
             fsync_dir(self.path)
         except OSError as err:
             self.abort()
-            raise _io_error(err, self.path, "finishing") from None
+            raise io_error(err, self.path, "finishing") from None
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -119,69 +135,181 @@ class StreamWriter:
             pass
 
 
-def read_stream(path: str, fd: int) -> tuple[GuestMemory, dict, int]:
-    """Replay a stream file into fresh memory; (memory, state, page records read)."""
+@dataclass
+class StreamInfo:
+    """A fully validated stream file: its blocks, page records and decoded state."""
+    path: str
+    file_size: int
+    blocks: list[fmt.Block]
+    records_offset: int
+    pages: int              # page records (an upper bound on the pages restore touches)
+    zero_records: int
+    state: dict
+
+
+def _read(f, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise SnapshotError(f"stream file truncated in {what}")
+    return data
+
+
+def _blocks(raw: bytes, nblocks: int) -> list[fmt.Block]:
+    try:
+        items = json.loads(raw)
+        if not isinstance(items, list):
+            raise TypeError("not a list")
+        blocks = []
+        for b in items:
+            if not isinstance(b, dict):
+                raise TypeError("an entry is not an object")
+            slot, gpa, size, name = b["slot"], b["gpa"], b["size"], b["name"]
+            if not (all(type(v) is int for v in (slot, gpa, size)) and isinstance(name, str)):
+                raise TypeError("slot, gpa and size must be integers and name a string")
+            blocks.append(fmt.Block(name, gpa, size, slot))
+    except (ValueError, KeyError, TypeError) as err:
+        raise SnapshotError(f"stream block list does not decode: {err}") from None
+    if len(blocks) != nblocks or not 1 <= nblocks <= fmt.MAX_BLOCKS:
+        raise SnapshotError(f"stream block list has {len(blocks)} blocks, header says "
+                            f"{nblocks} (1 to {fmt.MAX_BLOCKS} are supported)")
+    for i, b in enumerate(blocks):
+        where = f"stream block {i} ({printable(b.name)!r})"
+        if len(b.name.encode("utf-8", "replace")) > fmt.NAME_LEN:
+            raise SnapshotError(f"{where}: name longer than {fmt.NAME_LEN} bytes")
+        if not 0 <= b.slot < MAX_SLOT:
+            raise SnapshotError(f"{where}: slot {b.slot} out of range 0..{MAX_SLOT - 1}")
+        if b.size <= 0 or b.size % PAGE or b.gpa % PAGE or b.gpa < 0 or b.gpa + b.size > 1 << 64:
+            raise SnapshotError(f"{where}: base {b.gpa:#x} / size {b.size:#x} not page aligned "
+                                "or out of range")
+        if i and b.gpa < blocks[i - 1].gpa + blocks[i - 1].size:
+            raise SnapshotError(f"{where}: blocks overlap or are not in ascending "
+                                "guest-physical order")
+    if len({b.slot for b in blocks}) != len(blocks):
+        raise SnapshotError("two stream blocks claim the same memory slot")
+    return blocks
+
+
+def validate_stream(path: str, fd: int) -> StreamInfo:
+    """Read the whole stream file without allocating guest memory: header, blocks, every
+    record (in range, complete, one state record, the end record last), and the decoded
+    state. Anything wrong is a one-line SnapshotError."""
     size = os.fstat(fd).st_size
     f = os.fdopen(os.dup(fd), "rb")
     try:
-        head = f.read(_HEAD.size)
-        if len(head) != _HEAD.size:
-            raise SnapshotError("stream file truncated in its header")
-        magic, version, nblocks, _ = _HEAD.unpack(head)
-        if magic != MAGIC or version != VERSION:
-            raise SnapshotError("not a kvmguest stream file of a supported version")
-        (blen,) = struct.unpack("<I", f.read(4))
-        if blen > 1 << 20:
-            raise SnapshotError("stream block list too large")
-        try:
-            blocks = json.loads(f.read(blen))
-            specs = [RegionSpec(int(b["slot"]), int(b["gpa"]), int(b["size"]), str(b["name"]))
-                     for b in blocks]
-        except (ValueError, KeyError, TypeError) as err:
-            raise SnapshotError(f"stream block list does not decode: {err}") from None
-        if len(specs) != nblocks or not 1 <= nblocks <= 32 or any(
-                s.size <= 0 or s.size % PAGE or s.gpa % PAGE for s in specs):
-            raise SnapshotError("stream block list is inconsistent")
-        if sum(s.size for s in specs) > 64 * size + (1 << 34):
-            raise SnapshotError("stream claims more RAM than is plausible for its size")
-        memory = GuestMemory([Region(s) for s in specs])
-        state, pages = None, 0
-        try:
-            while True:
-                rec = f.read(_REC.size)
-                if len(rec) != _REC.size:
-                    raise SnapshotError("stream file truncated: no end record")
-                kind, bi, index = _REC.unpack(rec)
-                if kind in (KIND_PAGE, KIND_ZERO):
-                    if bi >= nblocks or index >= memory.regions[bi].npages:
-                        raise SnapshotError(f"stream record for page {index} of block {bi} "
-                                            "is out of range")
-                    r = memory.regions[bi]
-                    if kind == KIND_PAGE:
-                        data = f.read(PAGE)
-                        if len(data) != PAGE:
-                            raise SnapshotError("stream file truncated inside a page")
-                        r.array[index * PAGE:(index + 1) * PAGE] = np.frombuffer(data, np.uint8)
-                        pages += 1
-                    else:
-                        r.array[index * PAGE:(index + 1) * PAGE] = 0
-                elif kind == KIND_STATE:
-                    length, crc = struct.unpack("<QI", f.read(12))
-                    if length > 16 << 20:
-                        raise SnapshotError("stream state too large")
-                    data = f.read(length)
-                    if len(data) != length or zlib.crc32(data) != crc:
-                        raise SnapshotError("stream state is truncated or corrupt")
-                    state = json.loads(data)
-                elif kind == KIND_END:
-                    break
+        f.seek(0)
+        magic, version, nblocks, _ = _HEAD.unpack(_read(f, _HEAD.size, "its header"))
+        if magic != MAGIC:
+            raise SnapshotError("not a kvmguest stream file (bad magic)")
+        if version != VERSION:
+            raise SnapshotError(f"stream format version {version}; this kvmguest reads "
+                                f"version {VERSION}")
+        (blen,) = struct.unpack("<I", _read(f, 4, "its block list"))
+        if blen > MAX_BLOCK_LIST:
+            raise SnapshotError(f"stream block list of {blen} bytes is too large")
+        blocks = _blocks(_read(f, blen, "its block list"), nblocks)
+        records_offset = f.tell()
+        state, pages, zeros = None, 0, 0
+        while True:
+            kind, bi, index = _REC.unpack(_read(f, _REC.size, "a record (no end record)"))
+            if kind in (KIND_PAGE, KIND_ZERO):
+                if bi >= nblocks or index >= blocks[bi].npages:
+                    raise SnapshotError(f"stream record for page {index} of block {bi} "
+                                        "is out of range")
+                if kind == KIND_PAGE:
+                    if f.seek(PAGE, os.SEEK_CUR) > size:
+                        raise SnapshotError("stream file truncated inside a page")
+                    pages += 1
                 else:
-                    raise SnapshotError(f"unknown stream record kind {kind}")
-            if state is None:
-                raise SnapshotError("stream file has no state record")
-        except BaseException:
-            memory.close()
-            raise
-        return memory, state, pages
+                    zeros += 1
+            elif kind == KIND_STATE:
+                if state is not None:
+                    raise SnapshotError("stream file has two state records")
+                length, crc = struct.unpack("<QI", _read(f, 12, "the state record"))
+                if length > fmt.MAX_STATE:
+                    raise SnapshotError(f"stream state of {length} bytes exceeds "
+                                        f"{fmt.MAX_STATE}")
+                data = _read(f, length, "the state record")
+                if zlib.crc32(data) != crc:
+                    raise SnapshotError("stream state checksum mismatch: the state is corrupt")
+                try:
+                    state = json.loads(data)
+                except (UnicodeDecodeError, ValueError) as err:
+                    raise SnapshotError(f"stream state does not decode: {err}") from None
+                if not isinstance(state, dict):
+                    raise SnapshotError("stream state is not kvmguest state")
+                try:
+                    check_machine_state(state)
+                except StateError as err:
+                    raise SnapshotError(f"state: {err}") from None
+            elif kind == KIND_END:
+                break
+            else:
+                raise SnapshotError(f"unknown stream record kind {kind}")
+        if state is None:
+            raise SnapshotError("stream file has no state record")
+        if f.tell() != size:
+            raise SnapshotError(f"stream file has {size - f.tell()} bytes after its end record")
     finally:
         f.close()
+    return StreamInfo(path, size, blocks, records_offset, pages, zeros, state)
+
+
+def page_census(info: StreamInfo, fd: int) -> tuple[list[int], list[int]]:
+    """Per block: pages that end up non-zero (last record wins), and page records."""
+    last = [np.zeros(b.npages, dtype=np.int8) for b in info.blocks]   # 1 page, -1 zero
+    records = [0] * len(info.blocks)
+    f = os.fdopen(os.dup(fd), "rb")
+    try:
+        f.seek(info.records_offset)
+        while True:
+            kind, bi, index = _REC.unpack(f.read(_REC.size))
+            if kind == KIND_PAGE:
+                f.seek(PAGE, os.SEEK_CUR)
+                last[bi][index] = 1
+                records[bi] += 1
+            elif kind == KIND_ZERO:
+                last[bi][index] = -1
+            elif kind == KIND_STATE:
+                f.seek(struct.unpack("<QI", f.read(12))[0], os.SEEK_CUR)
+            else:
+                break
+    finally:
+        f.close()
+    return [int((a == 1).sum()) for a in last], records
+
+
+def load_stream(info: StreamInfo, fd: int) -> tuple[GuestMemory, int]:
+    """Replay a validated stream file into fresh memory: (memory, page records read).
+
+    The last copy of a page wins. A zero record touches memory only where an earlier
+    record wrote the page, so what restore allocates is bounded by the page records in
+    the file, not by the RAM the file claims."""
+    memory = GuestMemory([Region(RegionSpec(b.slot, b.gpa, b.size, b.name))
+                          for b in info.blocks])
+    by_index = [memory.region_of_slot(b.slot) for b in info.blocks]   # paired by slot
+    written = [np.zeros(b.npages, dtype=np.bool_) for b in info.blocks]
+    pages = 0
+    f = os.fdopen(os.dup(fd), "rb")
+    try:
+        f.seek(info.records_offset)
+        while True:
+            kind, bi, index = _REC.unpack(f.read(_REC.size))
+            if kind == KIND_PAGE:
+                page = by_index[bi].array[index * PAGE:(index + 1) * PAGE]
+                if f.readinto(memoryview(page)) != PAGE:
+                    raise SnapshotError("stream file changed while it was restored")
+                written[bi][index] = True
+                pages += 1
+            elif kind == KIND_ZERO:
+                if written[bi][index]:
+                    by_index[bi].array[index * PAGE:(index + 1) * PAGE] = 0
+            elif kind == KIND_STATE:
+                f.seek(struct.unpack("<QI", f.read(12))[0], os.SEEK_CUR)
+            else:
+                break
+    except BaseException:
+        memory.close()
+        raise
+    finally:
+        f.close()
+    return memory, pages

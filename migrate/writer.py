@@ -8,28 +8,29 @@ path before the rename, so a failed or killed save leaves the previous snapshot 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
-import secrets
 import signal
+import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from . import format as fmt
+from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-SYNC_FILE_RANGE_WRITE = 0x2
+from . import format as fmt
+from .pageio import (MAX_IO, check_threads, file_kind, fsync_dir, nonzero_pages, open_excl, punch,
+                     pwrite_all, runs_of, runs_of_mask, split_runs, start_writeback,
+                     temp_path_for)
+
 PAGE = fmt.PAGE_SIZE
-MAX_IO = 64 << 20          # bytes per pwritev call
 SMALL_PASS = 1024          # pages; fewer are written without the thread pool
+JOB_PAGES = MAX_IO // PAGE # pages per job at most: progress and cancellation are per job
 
 
 FAULT_ENV = "KVMGUEST_FAULT_POINT"
@@ -42,8 +43,18 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class SaveError(RuntimeError):
+class SaveError(KvmguestError):
     """A save failed; the message says why. The previous snapshot at the path is intact."""
+
+
+class SavePathError(SaveError):
+    """The save's target path cannot hold a snapshot (bad input: nothing was written)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SaveCancelled(SaveError):
+    """The save was cancelled (a signal, or the client that asked for it went away)."""
 
 
 @dataclass
@@ -61,98 +72,36 @@ class PassStats:
         return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def nonzero_pages(data: np.ndarray) -> np.ndarray:
-    """bool per 4 KiB page of ``data``: does it hold any non-zero byte?
+def check_save_target(path: str) -> str:
+    """The absolute path a snapshot may be saved to, or SavePathError saying why not.
 
-    Most pages with data have a non-zero first or last word, which settles them without
-    reading the rest; only the others are scanned in full."""
-    words = data.view(np.uint64).reshape(-1, PAGE // 8)
-    nonzero = (words[:, 0] != 0) | (words[:, -1] != 0)
-    unsure = np.flatnonzero(~nonzero)
-    for k in range(0, len(unsure), 4096):          # bounded temporary copies
-        rows = unsure[k:k + 4096]
-        nonzero[rows] = words[rows].any(axis=1)
-    return nonzero
-
-
-def pwrite_all(fd: int, bufs: list, offset: int) -> None:
-    """pwritev until every byte is written (a short write carries on where it stopped)."""
-    total = sum(len(b) for b in bufs)
-    done = os.pwritev(fd, bufs, offset)
-    while done < total:
-        rest, skip = [], done
-        for b in bufs:
-            mv = memoryview(b)
-            if skip >= len(mv):
-                skip -= len(mv)
-                continue
-            rest.append(mv[skip:])
-            skip = 0
-        n = os.pwritev(fd, rest, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        done += n
-
-
-def fsync_dir(path: str) -> None:
-    """fsync the directory holding ``path``, so that a rename into it is durable."""
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    A save replaces a regular file or a symbolic link (the link itself, never its
+    target), or creates a new file; anything else at the path (a device, a FIFO, a
+    socket, a directory) is refused, so a save never destroys what is not a snapshot."""
+    if not isinstance(path, str) or not path:
+        raise SavePathError("the snapshot path is empty")
+    if "\0" in path:
+        raise SavePathError("the snapshot path contains a NUL byte")
+    target = os.path.abspath(path)
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise SavePathError(f"directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SavePathError(f"cannot create files in {directory}: permission denied")
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise SavePathError(f"cannot check {target}: {err.strerror}") from err
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise SavePathError(f"{target} is {file_kind(st.st_mode)}; a snapshot replaces only "
+                            "a regular file, refusing to touch it")
+    return target
 
 
-def runs_of(indices: np.ndarray) -> np.ndarray:
-    """Sorted page indices -> (start, end) rows of consecutive runs."""
-    if len(indices) == 0:
-        return np.empty((0, 2), dtype=np.int64)
-    idx = np.asarray(indices, dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([idx[0]], idx[breaks]))
-    ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
-    return np.stack([starts, ends], axis=1)
-
-
-def runs_of_mask(mask: np.ndarray) -> np.ndarray:
-    """bool per page -> (start, end) rows of the runs of True."""
-    padded = np.concatenate(([False], mask, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return edges.reshape(-1, 2)
-
-
-def split_runs(runs: np.ndarray, parts: int) -> list[np.ndarray]:
-    """Split runs into ``parts`` groups of about equal page count (runs may be cut)."""
-    if parts <= 1 or len(runs) == 0:
-        return [runs]
-    total = int((runs[:, 1] - runs[:, 0]).sum())
-    share = -(-total // parts)
-    groups, current, filled = [], [], 0
-    for start, end in runs.tolist():
-        while start < end:
-            take = min(end - start, share - filled)
-            current.append((start, start + take))
-            filled += take
-            start += take
-            if filled >= share:
-                groups.append(np.array(current, dtype=np.int64))
-                current, filled = [], 0
-    if current:
-        groups.append(np.array(current, dtype=np.int64))
-    return groups
-
-
-def open_excl(path: str, direct: bool) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
-
-
-def temp_path_for(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-
-
-def _io_error(err: OSError, path: str, what: str) -> SaveError:
+def io_error(err: OSError, path: str, what: str) -> SaveError:
+    """A SaveError naming what failed (disk full and quota said plainly)."""
     if err.errno == errno.ENOSPC:
         return SaveError(f"no space left on device while {what} {path}")
     if err.errno == errno.EDQUOT:
@@ -160,15 +109,23 @@ def _io_error(err: OSError, path: str, what: str) -> SaveError:
     return SaveError(f"{what} {path} failed: {err.strerror}")
 
 
+def check_cancel(cancel: threading.Event | None, path: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise SaveCancelled(f"save cancelled; nothing was written to {path}")
+
+
 class MappedWriter:
     """One snapshot being written in the mapped-ram layout."""
 
     format_name = "mapped"
 
-    def __init__(self, path: str, memory, threads: int = 1, direct: bool = False):
-        if threads < 1:
-            raise SaveError("--threads must be at least 1")
-        self.path = os.path.abspath(path)
+    def __init__(self, path: str, memory, threads: int = 1, direct: bool = False,
+                 cancel: threading.Event | None = None):
+        self.path = check_save_target(path)
+        check_threads(threads)
+        self.cancel = cancel
+        self._stop = threading.Event()      # set when the save fails: stop every job
+        self.on_progress: Callable[[int], None] | None = None   # pages done in a pass
         self.memory, self.threads, self.direct = memory, threads, direct
         self.regions = list(memory.regions)
         self.layout = fmt.plan([(r.name, r.gpa, r.size, r.slot) for r in self.regions])
@@ -183,10 +140,6 @@ class MappedWriter:
     # --- files ---------------------------------------------------------------------------
     def _open(self) -> None:
         directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            raise SaveError(f"directory {directory} does not exist")
-        if os.path.isdir(self.path):
-            raise SaveError(f"{self.path} is a directory")
         try:
             self.fds.append(open_excl(self.tmp, self.direct))
         except OSError as err:
@@ -199,7 +152,7 @@ class MappedWriter:
             if self.direct and err.errno == errno.EINVAL:
                 raise SaveError(f"the filesystem holding {directory} does not support O_DIRECT "
                                 "(drop --direct-io)") from None
-            raise _io_error(err, self.tmp, "creating") from None
+            raise io_error(err, self.tmp, "creating") from None
         try:
             for _ in range(self.threads - 1):
                 self.fds.append(os.open(self.tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -208,7 +161,7 @@ class MappedWriter:
             self._pwrite_meta(fmt.pack_header(self.layout, complete=False), 0)
         except OSError as err:
             self.abort()
-            raise _io_error(err, self.tmp, "writing") from None
+            raise io_error(err, self.tmp, "writing") from None
 
     def _pwrite_meta(self, data: bytes, offset: int) -> None:
         """Metadata goes through a page-aligned buffer padded to 4 KiB (O_DIRECT-safe)."""
@@ -219,18 +172,6 @@ class MappedWriter:
             pwrite_all(self.fds[0], [memoryview(buf)], offset)
         finally:
             buf.close()
-
-    def _punch(self, fd: int, offset: int, length: int) -> None:
-        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EOPNOTSUPP, errno.ENOSYS):   # keep correctness: write zeros
-                zeros = mmap.mmap(-1, length)
-                try:
-                    pwrite_all(fd, [memoryview(zeros)], offset)
-                finally:
-                    zeros.close()
-            else:
-                raise OSError(err, os.strerror(err))
 
     # --- pages ---------------------------------------------------------------------------
     def _write_runs(self, fd: int, bi: int, runs: np.ndarray) -> tuple[int, int]:
@@ -244,20 +185,21 @@ class MappedWriter:
             for s, e in runs_of_mask(nonzero).tolist():
                 s, e = s + start, e + start
                 for c in range(s, e, MAX_IO // PAGE):
+                    check_cancel(self.cancel, self.path)
+                    check_cancel(self._stop, self.path)
                     ce = min(e, c + MAX_IO // PAGE)
                     pwrite_all(fd, [pages[c * PAGE:ce * PAGE]], block.page_offset(c))
                     if not self.direct:
                         # Start writeback now, while the guest runs, so that the fsync
                         # in finish() (inside no downtime, but in the save's time) is short.
-                        _libc.sync_file_range(fd, block.page_offset(c), (ce - c) * PAGE,
-                                              SYNC_FILE_RANGE_WRITE)
+                        start_writeback(fd, block.page_offset(c), (ce - c) * PAGE)
                 written += e - s
             zeros = ~nonzero
             if zeros.any():
                 # Pages that were written in an earlier pass and are zero now: punch them.
                 stale = zeros & on_disk[start:end]
                 for s, e in runs_of_mask(stale).tolist():
-                    self._punch(fd, block.page_offset(start + s), (e - s) * PAGE)
+                    punch(fd, block.page_offset(start + s), (e - s) * PAGE)
                 zero += int(zeros.sum())
             present[start:end] = nonzero
             on_disk[start:end] |= nonzero
@@ -281,25 +223,32 @@ class MappedWriter:
             n = int((runs[:, 1] - runs[:, 0]).sum()) if len(runs) else 0
             stats.pages_dirty += n
             if n:
-                jobs += [(bi, g) for g in split_runs(runs, self.threads)]
+                parts = max(self.threads, -(-n // JOB_PAGES))
+                jobs += [(bi, g) for g in split_runs(runs, parts)]
         try:
             # A small pass (the stop-and-copy, usually) is quicker written here than
             # handed to the pool: the hand-off costs more than the writes.
+            done = stats.pages_zero
+            results = []
             if self._pool is None or stats.pages_dirty - stats.pages_zero <= SMALL_PASS:
-                results = []
-                for bi, g in jobs:
-                    results.append(self._write_runs(self.fds[0], bi, g))
-                    # Crash tests die here, with this pass partly on disk.
-                    fault_point("pass0" if stats.index == 0 else "midpass")
+                outcomes = (self._write_runs(self.fds[0], bi, g) for bi, g in jobs)
             else:
                 futures = [self._pool.submit(self._write_runs, self.fds[i % self.threads], bi, g)
                            for i, (bi, g) in enumerate(jobs)]
-                results = []
-                for f in futures:
-                    results.append(f.result())
-                    fault_point("pass0" if stats.index == 0 else "midpass")
+                outcomes = (f.result() for f in futures)
+            for outcome in outcomes:
+                results.append(outcome)
+                # Crash tests die here, with this pass partly on disk.
+                fault_point("pass0" if stats.index == 0 else "midpass")
+                done += sum(outcome)
+                if self.on_progress:
+                    self.on_progress(done)
         except OSError as err:
-            raise _io_error(err, self.tmp, "writing") from None
+            self._stop.set()
+            raise io_error(err, self.tmp, "writing") from None
+        except BaseException:
+            self._stop.set()      # pool threads stop at their next chunk
+            raise
         stats.pages_written = sum(w for w, _ in results)
         stats.pages_zero += sum(z for _, z in results)
         stats.bytes_written = stats.pages_written * PAGE
@@ -328,11 +277,12 @@ class MappedWriter:
             self.layout = layout
             self._close_fds()
             fault_point("before-rename")
+            check_save_target(self.path)      # still nothing but a file (or nothing) there
             os.rename(self.tmp, self.path)
             fsync_dir(self.path)
         except OSError as err:
             self.abort()
-            raise _io_error(err, self.path, "finishing") from None
+            raise io_error(err, self.path, "finishing") from None
         except BaseException:
             self.abort()
             raise
@@ -346,6 +296,7 @@ class MappedWriter:
 
     def abort(self) -> None:
         """Remove the temporary file; the target path is untouched."""
+        self._stop.set()
         self._close_fds()
         try:
             os.unlink(self.tmp)

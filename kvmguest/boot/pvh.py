@@ -16,11 +16,14 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from ..errors import EXIT_BAD_INPUT, KvmguestError
 from . import layout
 
 
-class BootError(ValueError):
+class BootError(KvmguestError, ValueError):
     """The kernel cannot be booted: not an ELF, no PVH note, bad segments, ..."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class hvm_start_info(ctypes.Structure):

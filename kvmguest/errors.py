@@ -1,0 +1,54 @@
+"""The error tree: every error kvmguest means to report is a :class:`KvmguestError`.
+
+Each carries the exit code the CLI returns for it, so the CLI catches one type, prints one
+line and exits with ``err.exit_code``. Layers raise their own subclass and chain the
+cause with ``raise ... from err``. Anything else reaching the CLI is a bug (``-v`` shows
+its traceback).
+
+Exit codes (the README's table): the guest's own result when it writes one, 1 when the
+guest crashes or an operation fails, 2 for bad input (options, files, snapshots, a host
+that cannot run KVM), 124 on timeout, 130 (128 + signal) when interrupted.
+"""
+
+from __future__ import annotations
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+class KvmguestError(Exception):
+    """Base of every error kvmguest reports; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(KvmguestError, ValueError):
+    """Options that are out of range or do not fit together."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Interrupted(KvmguestError):
+    """SIGINT, SIGTERM or SIGHUP arrived; what was in progress was cancelled cleanly."""
+
+    def __init__(self, message: str = "interrupted", signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def printable(text: object, keep_newlines: bool = False) -> str:
+    """``text`` with terminal control characters escaped (``\\x1b`` -> ``\\x1b`` as text),
+    for anything that came from a file, a socket or a guest before it reaches a terminal."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if ch == "\n" and keep_newlines:
+            out.append(ch)
+        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or 0xD800 <= code < 0xE000:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -1,0 +1,201 @@
+"""Page I/O shared by every snapshot writer and reader: runs of pages, zero detection,
+pwrite/pread of whole buffers, hole punching, fsync, and the safe creation of files.
+
+Nothing here knows a file format; :mod:`migrate.writer`, :mod:`migrate.reader` and
+:mod:`migrate.stream` build on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import secrets
+import stat
+
+import numpy as np
+
+from kvmguest.errors import UsageError
+from kvmguest.memory import PAGE_SIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+SYNC_FILE_RANGE_WRITE = 0x2
+MAX_IO = 64 << 20          # bytes per pwritev/preadv call
+IOV_MAX = 1024
+MAX_THREADS = 64           # reader/writer threads at most (each holds an fd)
+
+
+def check_threads(threads: int) -> int:
+    """``threads`` if it is a sensible count of I/O threads, else a UsageError."""
+    if isinstance(threads, bool) or not isinstance(threads, int) \
+            or not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be 1 to {MAX_THREADS}, not {threads!r}")
+    return threads
+
+
+def nonzero_pages(data: np.ndarray) -> np.ndarray:
+    """bool per 4 KiB page of ``data``: does it hold any non-zero byte?
+
+    Most pages with data have a non-zero first or last word, which settles them without
+    reading the rest; only the others are scanned in full."""
+    words = data.view(np.uint64).reshape(-1, PAGE_SIZE // 8)
+    nonzero = (words[:, 0] != 0) | (words[:, -1] != 0)
+    unsure = np.flatnonzero(~nonzero)
+    for k in range(0, len(unsure), 4096):          # bounded temporary copies
+        rows = unsure[k:k + 4096]
+        nonzero[rows] = words[rows].any(axis=1)
+    return nonzero
+
+
+def runs_of(indices: np.ndarray) -> np.ndarray:
+    """Sorted page indices -> (start, end) rows of consecutive runs."""
+    if len(indices) == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    idx = np.asarray(indices, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([idx[0]], idx[breaks]))
+    ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
+    return np.stack([starts, ends], axis=1)
+
+
+def runs_of_mask(mask: np.ndarray) -> np.ndarray:
+    """bool per page -> (start, end) rows of the runs of True."""
+    padded = np.concatenate(([False], mask, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return edges.reshape(-1, 2)
+
+
+def split_runs(runs: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Split runs into ``parts`` groups of about equal page count (runs may be cut)."""
+    if parts <= 1 or len(runs) == 0:
+        return [runs]
+    total = int((runs[:, 1] - runs[:, 0]).sum())
+    share = -(-total // parts)
+    groups, current, filled = [], [], 0
+    for start, end in runs.tolist():
+        while start < end:
+            take = min(end - start, share - filled)
+            current.append((start, start + take))
+            filled += take
+            start += take
+            if filled >= share:
+                groups.append(np.array(current, dtype=np.int64))
+                current, filled = [], 0
+    if current:
+        groups.append(np.array(current, dtype=np.int64))
+    return groups
+
+
+def pwrite_all(fd: int, bufs: list, offset: int) -> None:
+    """pwritev until every byte is written (a short write carries on where it stopped)."""
+    total = sum(len(b) for b in bufs)
+    done = os.pwritev(fd, bufs, offset)
+    while done < total:
+        rest, skip = [], done
+        for b in bufs:
+            mv = memoryview(b)
+            if skip >= len(mv):
+                skip -= len(mv)
+                continue
+            rest.append(mv[skip:])
+            skip = 0
+        n = os.pwritev(fd, rest, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        done += n
+
+
+def pread_into(fd: int, buf, offset: int) -> bool:
+    """preadv until ``buf`` is full; False when the file ends first."""
+    view = memoryview(buf)
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            return False
+        done += n
+    return True
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range now (so a later fsync is short)."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) a hole; where the filesystem cannot, write zeros."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        zeros = mmap.mmap(-1, length)
+        try:
+            pwrite_all(fd, [memoryview(zeros)], offset)
+        finally:
+            zeros.close()
+
+
+def data_extents(fd: int, start: int, end: int):
+    """(offset, end) ranges of [start, end) that hold data (not holes)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory holding ``path``, so that a rename into it is durable."""
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def open_excl(path: str, direct: bool) -> int:
+    """Create ``path`` for writing: 0600, never an existing file, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
+
+
+def temp_path_for(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFLNK: "a symbolic link"}
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO', ... for an st_mode."""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def open_regular(path: str, what: str, error: type[Exception]) -> int:
+    """Open ``path`` read-only if it is a regular file; ``error`` (one line) otherwise.
+
+    O_NONBLOCK keeps a FIFO from blocking the open; the kind is checked on the open fd,
+    so the file checked is the file read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise error(f"cannot open {what} {path}: {err.strerror}") from err
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise error(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
