@@ -159,6 +159,7 @@ def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
     """Everything restore checks before it allocates guest memory or creates a VM:
     the file (format.read_snapshot) and the decoded vCPU/device state."""
     snap = fmt.read_snapshot(path, fd)
+    region_specs(snap.layout.blocks)
     try:
         check_machine_state(snap.state)
     except StateError as err:
@@ -187,7 +188,6 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
             if os.pread(fd, len(fmt.STREAM_MAGIC), 0) == fmt.STREAM_MAGIC:
                 from .stream import load_stream, validate_stream
                 info = validate_stream(path, fd)
-                region_specs(info.blocks)
                 check_host_capacity(info.pages, lazy=False)
                 memory, loaded = load_stream(info, fd)
                 state, lazy = info.state, False

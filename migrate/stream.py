@@ -22,7 +22,7 @@ import numpy as np
 
 from kvmguest.errors import printable
 from kvmguest.memory import PAGE_SIZE as PAGE
-from kvmguest.memory import GuestMemory, Region, RegionSpec
+from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
 from kvmguest.state import StateError, check_machine_state
 
 from . import format as fmt
@@ -186,6 +186,10 @@ def _blocks(raw: bytes, nblocks: int) -> list[fmt.Block]:
                                 "guest-physical order")
     if len({b.slot for b in blocks}) != len(blocks):
         raise SnapshotError("two stream blocks claim the same memory slot")
+    try:       # the same RAM policy as `run` and mapped snapshots
+        check_layout([RegionSpec(b.slot, b.gpa, b.size, b.name) for b in blocks])
+    except GuestMemoryError as err:
+        raise SnapshotError(f"snapshot cannot be restored on this host: {err}") from None
     return blocks
 
 

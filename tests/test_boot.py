@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from conftest import guest, rss_bytes
+from helpers import guest, rss_bytes
 from kvmguest import GuestCrashed, Machine
 from kvmguest.boot.pvh import BootError
 

@@ -1,14 +1,7 @@
 """The `kvmguest` command, as a user runs it."""
 
-import subprocess
-import sys
-
-from conftest import ROOT, guest
-
-
-def kvmguest(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+from helpers import cli as kvmguest
+from helpers import guest
 
 
 def test_run_streams_console_and_exits_with_guest_result():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from conftest import guest
+from helpers import guest, wait_console
 from kvmguest.memory import PAGE_SIZE
 
 GiB = 1 << 30
@@ -51,11 +51,10 @@ def test_vmm_writes_are_reported(machine_factory):
 def test_dirty_logging_can_be_switched_on_while_running(machine_factory):
     m = machine_factory(guest("dirty"), cmdline="pages=64 passes=0 quiet")
     m.start()
-    import time
-    time.sleep(0.2)
+    wait_console(m, "dirty: pass 16 ok")
     m.dirty.start()
     m.dirty.harvest()
-    time.sleep(0.2)
+    wait_console(m, "dirty: pass 32 ok")      # the guest rewrote its pages since
     dirty = m.dirty.harvest()
     assert len(dirty[0]) >= 64           # the guest rewrites its 64 pages continuously
     m.dirty.stop()

@@ -9,12 +9,15 @@ import os
 import struct
 import time
 import tracemalloc
+import zlib
+
+import numpy as np
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import guest
+from helpers import guest
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 from migrate import format as fmt
 from migrate.format import SnapshotError
@@ -24,16 +27,17 @@ from migrate.writer import MappedWriter
 MiB = 1 << 20
 EXAMPLES = int(os.environ.get("KVMGUEST_FUZZ_EXAMPLES", "300"))
 
-HEADER_FIELDS = {   # name: (offset, struct format)
-    "version": (8, "<I"), "flags": (12, "<I"), "page_size": (16, "<I"), "nblocks": (20, "<I"),
-    "table_offset": (24, "<Q"), "table_length": (32, "<Q"), "state_offset": (40, "<Q"),
-    "state_length": (48, "<Q"), "file_size": (56, "<Q"),
-}
-BLOCK_FIELDS = {
-    "gpa": (32, "<Q"), "size": (40, "<Q"), "page_size": (48, "<I"), "slot": (52, "<I"),
-    "bitmap_offset": (56, "<Q"), "bitmap_length": (64, "<Q"), "pages_offset": (72, "<Q"),
-    "pages_length": (80, "<Q"), "pages_present": (88, "<Q"), "flags": (100, "<I"),
-}
+def _fields(record) -> dict:
+    """name: (offset, struct format) of every integer field but the checksums, from the
+    format's own field table (migrate.format.HEADER / BLOCK)."""
+    return {f.name: (record.offsets[f.name], record.code(f.name)) for f in record.fields
+            if f.code in ("I", "Q") and not f.name.endswith("crc")}
+
+
+HEADER_FIELDS = _fields(fmt.HEADER)
+BLOCK_FIELDS = _fields(fmt.BLOCK)
+TABLE = fmt.HEADER_SIZE
+ENTRY = fmt.BLOCK_ENTRY_SIZE
 INTERESTING = [0, 1, 7, 4095, 4096, 4097, MiB, 2 * MiB, 3 * MiB, 1 << 31, (1 << 32) - 1,
                1 << 32, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
 
@@ -63,24 +67,26 @@ def base(tmp_path_factory):
 def reseal(data: bytearray, snap) -> None:
     """Recompute every checksum over the original section positions, so that mutated
     fields reach the checks behind the checksums."""
+    h, b_ = fmt.HEADER.offsets, fmt.BLOCK.offsets
     for i, b in enumerate(snap.layout.blocks):
         bm = bytes(data[b.bitmap_offset:b.bitmap_offset + b.bitmap_length])
-        struct.pack_into("<I", data, 4096 + i * 128 + 96, fmt.crc(bm))
-    table = bytes(data[4096:4096 + 128 * len(snap.layout.blocks)])
-    struct.pack_into("<I", data, 64, fmt.crc(table))
+        struct.pack_into("<I", data, TABLE + i * ENTRY + b_["bitmap_crc"], fmt.crc(bm))
+    table = bytes(data[TABLE:TABLE + ENTRY * len(snap.layout.blocks)])
+    struct.pack_into("<I", data, h["table_crc"], fmt.crc(table))
     so, sl = snap.layout.state_offset, snap.state_length
-    struct.pack_into("<I", data, 68, fmt.crc(bytes(data[so:so + sl])))
-    struct.pack_into("<I", data, 124, fmt.crc(bytes(data[:124])))
+    struct.pack_into("<I", data, h["state_crc"], fmt.crc(bytes(data[so:so + sl])))
+    struct.pack_into("<I", data, h["header_crc"], fmt.crc(bytes(data[:h["header_crc"]])))
 
 
 def replace_state(data: bytearray, snap, state_bytes: bytes) -> bytearray:
     so = snap.layout.state_offset
     out = bytearray(data[:so]) + state_bytes
     out += b"\0" * (fmt.align(len(out), 4096) - len(out))
-    struct.pack_into("<Q", out, 48, len(state_bytes))
-    struct.pack_into("<Q", out, 56, len(out))
-    struct.pack_into("<I", out, 68, fmt.crc(state_bytes))
-    struct.pack_into("<I", out, 124, fmt.crc(bytes(out[:124])))
+    h = fmt.HEADER.offsets
+    struct.pack_into("<Q", out, h["state_length"], len(state_bytes))
+    struct.pack_into("<Q", out, h["file_size"], len(out))
+    struct.pack_into("<I", out, h["state_crc"], fmt.crc(state_bytes))
+    struct.pack_into("<I", out, h["header_crc"], fmt.crc(bytes(out[:h["header_crc"]])))
     return out
 
 
@@ -104,6 +110,7 @@ mutations = st.one_of(
          "vcpu_events", "vcpus", "devices", "format", "version"]), json_values),
     st.tuples(st.just("bitmap-bits"), st.integers(0, 1), st.integers(0, 4095)),
     st.tuples(st.just("overlap"), st.sampled_from(["pages", "bitmap", "state", "table"])),
+    st.tuples(st.just("swap-blocks")),
 )
 
 
@@ -115,7 +122,7 @@ def mutate(data: bytes, snap, m) -> bytes:
     if kind == "flip":
         _, section, where, bit = m
         b0 = snap.layout.blocks[0]
-        lo, hi = {"header": (0, 128), "table": (4096, 4096 + 256),
+        lo, hi = {"header": (0, fmt.HEADER.size), "table": (TABLE, TABLE + 2 * ENTRY),
                   "bitmap": (b0.bitmap_offset, b0.bitmap_offset + b0.bitmap_length),
                   "state": (snap.layout.state_offset,
                             snap.layout.state_offset + snap.state_length),
@@ -132,7 +139,7 @@ def mutate(data: bytes, snap, m) -> bytes:
     if kind == "block":
         _, i, name, value, seal = m
         off, f = BLOCK_FIELDS[name]
-        struct.pack_into(f, out, 4096 + i * 128 + off,
+        struct.pack_into(f, out, TABLE + i * ENTRY + off,
                          value & ((1 << (8 * struct.calcsize(f))) - 1))
         if seal:
             reseal(out, snap)
@@ -162,7 +169,12 @@ def mutate(data: bytes, snap, m) -> bytes:
                  "state": ("pages_offset", fmt.align(snap.layout.state_offset, MiB) - MiB),
                  "table": ("bitmap_offset", 4096)}[m[1]]
         off, f = BLOCK_FIELDS[field[0]]
-        struct.pack_into(f, out, 4096 + 128 + off, field[1])
+        struct.pack_into(f, out, TABLE + ENTRY + off, field[1])
+        reseal(out, snap)
+        return bytes(out)
+    if kind == "swap-blocks":           # the table out of gpa order: must be refused
+        a, b = bytes(out[TABLE:TABLE + ENTRY]), bytes(out[TABLE + ENTRY:TABLE + 2 * ENTRY])
+        out[TABLE:TABLE + 2 * ENTRY] = b + a
         reseal(out, snap)
         return bytes(out)
     raise AssertionError(kind)
@@ -201,6 +213,7 @@ CORPUS = [
     ("state-json", [1, 2]),
     ("overlap", "pages"),
     ("bitmap-bits", 1, 3),
+    ("swap-blocks",),                                     # blocks out of gpa order
 ]
 
 
@@ -226,3 +239,209 @@ def test_unmutated_base_validates(base, tmp_path):
 @example(m=("truncate", 0.5))
 def test_any_mutation_is_valid_or_a_snapshot_error(tmp_path, base, m):
     check(tmp_path, base, m)
+
+
+# --- the streaming format: the same guarantees -------------------------------------------
+from migrate import stream as stm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stream_base(base, tmp_path_factory):
+    """A valid two-block stream file (two passes, so pages repeat): its bytes."""
+    mem = GuestMemory([Region(RegionSpec(0, 0, 2 * MiB, "ram-low")),
+                       Region(RegionSpec(1, 4 << 30, 2 * MiB, "ram-high"))])
+    for r in mem.regions:
+        r.array[::4096 * 3] = 0x5A
+    path = tmp_path_factory.mktemp("fuzz") / "base.stream"
+    w = stm.StreamWriter(str(path), mem)
+    w.write_pass(None)
+    mem.regions[0].array[3 * 4096] = 0                  # becomes a zero record
+    w.write_pass({0: np.array([3, 4]), 1: np.array([0])})
+    w.finish(base[1].state)
+    mem.close()
+    return path.read_bytes()
+
+
+def stream_records(data: bytes) -> list[tuple[int, int]]:
+    """(offset, kind) of each record of a valid stream file."""
+    pos = stm._HEAD.size
+    pos += 4 + struct.unpack_from("<I", data, pos)[0]
+    out = []
+    while True:
+        kind, _, _ = stm._REC.unpack_from(data, pos)
+        out.append((pos, kind))
+        pos += stm._REC.size
+        if kind == stm.KIND_PAGE:
+            pos += 4096
+        elif kind == stm.KIND_STATE:
+            pos += 12 + struct.unpack_from("<Q", data, pos)[0]
+        elif kind == stm.KIND_END:
+            return out
+
+
+def rebuild(data: bytes, blocks: bytes, nblocks: int) -> bytes:
+    """The same records behind another block list."""
+    pos = stm._HEAD.size
+    rest = data[pos + 4 + struct.unpack_from("<I", data, pos)[0]:]
+    return (stm._HEAD.pack(stm.MAGIC, stm.VERSION, nblocks, b"\0" * 48)
+            + struct.pack("<I", len(blocks)) + blocks + rest)
+
+
+stream_mutations = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+    st.tuples(st.just("record"), st.floats(0, 1, exclude_max=True), st.integers(0, 2),
+              st.sampled_from(INTERESTING) | st.integers(0, (1 << 64) - 1)),
+    st.tuples(st.just("nblocks"), st.integers(0, (1 << 32) - 1)),
+    st.tuples(st.just("blocks-json"), json_values),
+    st.tuples(st.just("block-field"), st.integers(0, 1),
+              st.sampled_from(["slot", "gpa", "size", "name"]), json_values
+              | st.sampled_from(INTERESTING)),
+    st.tuples(st.just("swap-blocks")),
+    st.tuples(st.just("state-json"), json_values),
+    st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
+)
+
+
+def mutate_stream(data: bytes, m) -> bytes:
+    out = bytearray(data)
+    kind = m[0]
+    if kind == "truncate":
+        return bytes(out[:int(m[1] * len(out))])
+    if kind == "flip":
+        out[int(m[1] * len(out))] ^= 1 << m[2]
+        return bytes(out)
+    if kind == "record":
+        recs = stream_records(data)
+        off, _ = recs[int(m[1] * len(recs))]
+        code, at = [("<I", 0), ("<I", 4), ("<Q", 8)][m[2]]
+        struct.pack_into(code, out, off + at, m[3] & ((1 << (8 * struct.calcsize(code))) - 1))
+        return bytes(out)
+    if kind == "nblocks":
+        struct.pack_into("<I", out, 12, m[1])
+        return bytes(out)
+    pos = stm._HEAD.size
+    blocks = json.loads(data[pos + 4:pos + 4 + struct.unpack_from("<I", data, pos)[0]])
+    if kind == "blocks-json":
+        return rebuild(data, json.dumps(m[1]).encode(), 2)
+    if kind == "block-field":
+        blocks[m[1]][m[2]] = m[3]
+        return rebuild(data, json.dumps(blocks).encode(), 2)
+    if kind == "swap-blocks":
+        return rebuild(data, json.dumps(blocks[::-1]).encode(), 2)
+    if kind == "state-json":
+        off = [o for o, k in stream_records(data) if k == stm.KIND_STATE][0]
+        body = json.dumps(m[1]).encode()
+        return bytes(out[:off]) + stm._REC.pack(stm.KIND_STATE, 0, 0) + struct.pack(
+            "<QI", len(body), zlib.crc32(body)) + body + stm._REC.pack(stm.KIND_END, 0, 0)
+    if kind == "append":
+        return bytes(out) + m[1]
+    raise AssertionError(kind)
+
+
+def check_stream(tmp_path, data: bytes) -> None:
+    from helpers import rss_bytes
+    path = tmp_path / "case.stream"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    t = time.monotonic()
+    try:
+        tracemalloc.start()
+        try:
+            info = stm.validate_stream(str(path), fd)
+        except SnapshotError as err:
+            assert str(err) and "\n" not in str(err), repr(str(err))
+            return
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert peak < 4 * len(data) + 4 * MiB, f"peak {peak} for a {len(data)}-byte file"
+        rss = rss_bytes()
+        memory, _ = stm.load_stream(info, fd)      # valid: replaying it stays bounded too
+        try:
+            assert rss_bytes() - rss < 4 * len(data) + 16 * MiB
+        finally:
+            memory.close()
+    finally:
+        os.close(fd)
+    assert time.monotonic() - t < 5.0
+
+
+def test_unmutated_stream_validates_and_loads(stream_base, tmp_path):
+    path = tmp_path / "ok.stream"
+    path.write_bytes(stream_base)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        info = stm.validate_stream(str(path), fd)
+        memory, pages = stm.load_stream(info, fd)
+    finally:
+        os.close(fd)
+    try:
+        low = memory.region_of_slot(0)
+        assert pages == info.pages > 0
+        assert low.array[3 * 4096] == 0 and low.array[0] == 0x5A   # last record won
+    finally:
+        memory.close()
+
+
+STREAM_CORPUS = [
+    ("swap-blocks",),                              # blocks out of gpa order
+    ("block-field", 1, "gpa", 0),                  # overlapping blocks
+    ("block-field", 1, "slot", 0),                 # two blocks in one slot
+    ("block-field", 0, "size", 16 << 40),          # beyond KVM's slot limit
+    ("nblocks", 3),
+    ("truncate", 0.01),                            # the header alone
+    ("state-json", []),                            # state that is not an object
+    ("state-json", {"format": "kvmguest-state"}),
+    ("append", b"\0"),                             # data after the end record
+    ("record", 0.0, 1, 7),                         # a record for a block that is not there
+]
+
+
+@pytest.mark.parametrize("case", STREAM_CORPUS, ids=[str(c[:3]) for c in STREAM_CORPUS])
+def test_stream_corpus_case_is_refused(tmp_path, stream_base, case):
+    path = tmp_path / "case.stream"
+    path.write_bytes(mutate_stream(stream_base, case))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(SnapshotError):
+            stm.validate_stream(str(path), fd)
+    finally:
+        os.close(fd)
+
+
+def test_zero_records_for_a_huge_block_do_not_allocate_its_memory(tmp_path, base):
+    """8 MiB of zero-page records for a 16 GiB guest (a valid file): replaying it touches
+    no page, so restore's memory is bounded by the file, not by the RAM it claims."""
+    from helpers import rss_bytes
+    blocks = json.dumps([{"name": "ram-low", "gpa": 0, "size": 3 << 30, "slot": 0},
+                         {"name": "ram-high", "gpa": 4 << 30, "size": 13 << 30, "slot": 1}])
+    recs = b"".join(stm._REC.pack(stm.KIND_ZERO, 1, i * 6) for i in range(8 * MiB // 16))
+    state = json.dumps(base[1].state).encode()
+    data = (stm._HEAD.pack(stm.MAGIC, stm.VERSION, 2, b"\0" * 48)
+            + struct.pack("<I", len(blocks)) + blocks.encode() + recs
+            + stm._REC.pack(stm.KIND_STATE, 0, 0) + struct.pack("<QI", len(state),
+                                                                 zlib.crc32(state))
+            + state + stm._REC.pack(stm.KIND_END, 0, 0))
+    path = tmp_path / "zeros.stream"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        info = stm.validate_stream(str(path), fd)
+        assert info.zero_records == len(recs) // 16
+        rss = rss_bytes()
+        memory, pages = stm.load_stream(info, fd)
+        try:
+            assert pages == 0 and rss_bytes() - rss < 64 * MiB
+        finally:
+            memory.close()
+    finally:
+        os.close(fd)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(m=stream_mutations)
+def test_any_stream_mutation_is_valid_or_a_snapshot_error(tmp_path, stream_base, m):
+    check_stream(tmp_path, mutate_stream(stream_base, m))

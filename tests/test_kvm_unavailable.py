@@ -1,12 +1,8 @@
 """What a user sees when /dev/kvm cannot be used, and what the pytest plugin does then."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT, guest
+from helpers import cli, guest
 from kvmguest.kvm import Kvm, KvmUnavailable
 
 pytestmark = pytest.mark.nokvm
@@ -31,9 +27,7 @@ def test_permission_denied_names_the_group_and_the_acl(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    env = dict(os.environ, KVMGUEST_DEVICE=str(tmp_path / "nokvm"))
-    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "run", str(guest("hello"))],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    p = cli("run", guest("hello"), env={"KVMGUEST_DEVICE": str(tmp_path / "nokvm")})
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "does not exist" in p.stderr
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import guest
+from helpers import guest, wait_console, wait_until
 from kvmguest import GuestTimeout
 
 
@@ -15,27 +15,20 @@ def _counter(m) -> int:
     return struct.unpack("<Q", m.memory.read(addr, 8))[0]
 
 
-def _wait_console(m, text, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while text not in m.serial.text():
-        assert time.monotonic() < deadline, f"no {text!r} on the console"
-        time.sleep(0.005)
-
-
 def test_pause_stops_a_spinning_guest_and_resume_continues_it(machine_factory):
     m = machine_factory(guest("spin"))
     m.start()
-    _wait_console(m, "counter at")
-    time.sleep(0.05)
+    wait_console(m, "counter at")
+    wait_until(lambda: _counter(m) > 1000, 10, "the guest counting")
     t0 = time.monotonic()
     m.pause()
     assert time.monotonic() - t0 < 1.0
     assert m.paused
     frozen = _counter(m)
-    time.sleep(0.1)
+    time.sleep(0.1)                     # a window in which a running guest would count
     assert _counter(m) == frozen, "guest ran while paused"
     m.resume()
-    time.sleep(0.1)
+    wait_until(lambda: _counter(m) > frozen + 1000, 10, "the guest counting again")
     m.pause()
     assert _counter(m) > frozen, "guest did not run after resume"
     for _ in range(5):          # repeated pause/resume stays reliable

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import guest
+from helpers import guest
 
 QEMU = shutil.which("qemu-system-x86_64")
 

@@ -1,33 +1,25 @@
 """Nothing is lost: killed and failed saves, full disks, read-only restores, permissions,
 concurrency, misbehaving guests and impossible snapshots."""
 
-import hashlib
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 
 import pytest
 
-from conftest import ROOT, guest, rss_bytes
+from helpers import (GiB, MiB, PAGE, RAM, assert_verified, cli, fingerprint, guest,
+                     one_line_error, rss_bytes, sparse_digest, start_dirty, wait_console,
+                     wait_until)
 from kvmguest import GuestTimeout, Machine
 from migrate import format as fmt
 from migrate.format import SnapshotError
+from migrate.pageio import open_excl
 from migrate.precopy import live_save
 from migrate.reader import restore
-from migrate.writer import MappedWriter, SaveError, open_excl
+from migrate.writer import MappedWriter, SaveError
 
-GiB, MiB, PAGE = 1 << 30, 1 << 20, 4096
-RAM = 3 * GiB + 32 * MiB
 BASE = 3 * GiB - 100 * PAGE
-
-
-def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
 
 
 def save_cmd(path, pages=600, passes=40, after=0.7, *extra):
@@ -36,15 +28,10 @@ def save_cmd(path, pages=600, passes=40, after=0.7, *extra):
             "--save-after", after, *extra)
 
 
-def fingerprint(path):
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 def assert_restores_and_verifies(path, pages=600, passes=40, lazy=False):
     p = cli("restore", path, "--timeout", "120", *(["--lazy"] if lazy else []))
     assert p.returncode == 0, p.stdout[-1000:] + p.stderr
-    assert f"verified {pages} pages over {passes} passes" in p.stdout
+    assert_verified(p.stdout, pages, passes)
 
 
 KILL_POINTS = ["pass0", "midpass", "final-pass", "state", "before-rename"]
@@ -79,7 +66,7 @@ def test_save_killed_at_any_point_leaves_previous_snapshot_restorable(previous, 
         assert info.returncode == 0, info.stdout     # complete: must restore correctly
         assert_restores_and_verifies(leftovers[0])
     else:
-        assert info.returncode == 1 and "incomplete" in info.stdout
+        assert info.returncode == 1 and "INVALID" in info.stdout and "incomplete" in info.stdout
 
 
 @pytest.fixture
@@ -101,14 +88,14 @@ def test_disk_full_fails_clearly_keeps_guest_running_and_previous_snapshot(small
     path = small_fs / "guest.snap"
     small = machine_factory(guest("dirty"), memory=256 * MiB, cmdline="pages=100 passes=0")
     small.start()
-    time.sleep(0.2)
+    wait_console(small, "dirty: pass 2 ok")
     live_save(small, str(path), then="stop")          # ~0.5 MiB of pages: fits
     before = fingerprint(path)
     # 8000 pages (31 MiB) do not fit in 24 MiB.
     m = machine_factory(guest("dirty"), memory=256 * MiB,
                         cmdline=f"pages=8000 base={16 * MiB} passes=30 quiet")
     m.start()
-    time.sleep(0.5)
+    wait_console(m, "dirty: range")
     with pytest.raises(SaveError, match="no space left on device"):
         live_save(m, str(path), then="continue")
     assert m.running
@@ -116,7 +103,8 @@ def test_disk_full_fails_clearly_keeps_guest_running_and_previous_snapshot(small
     assert [f.name for f in small_fs.iterdir()] == ["guest.snap"]
     fmt.read_snapshot(str(path))                      # still valid
     result = m.wait(timeout=120)
-    assert result.exit_code == 0 and "verified 8000 pages over 30 passes" in result.console
+    assert result.exit_code == 0
+    assert_verified(result.console, 8000, 30)
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["preadv", "lazy"])
@@ -126,20 +114,6 @@ def test_restore_never_writes_its_input(previous, tmp_path, lazy):
     before = (fingerprint(path), sparse_digest(path))
     assert_restores_and_verifies(path, lazy=lazy)   # the guest rewrites its pages meanwhile
     assert (fingerprint(path), sparse_digest(path)) == before
-
-
-def sparse_digest(path) -> str:
-    """SHA-256 over the data extents (and their positions) of a sparse file."""
-    from migrate.reader import _data_extents
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for start, end in _data_extents(fd, 0, os.fstat(fd).st_size):
-            h.update(f"{start}-{end}".encode())
-            h.update(os.pread(fd, end - start, start))
-    finally:
-        os.close(fd)
-    return h.hexdigest()
 
 
 def test_symlink_at_the_output_path_is_replaced_not_followed(tmp_path):
@@ -167,14 +141,12 @@ def test_temporary_name_that_already_exists_is_never_opened(tmp_path):
 
 
 def test_second_concurrent_save_of_one_guest_is_refused(machine_factory, tmp_path):
-    m = machine_factory(guest("dirty"), memory=256 * MiB, cmdline="pages=500 passes=0 quiet")
-    m.start()
-    time.sleep(0.2)
-    started, errors = threading.Event(), []
+    m = start_dirty(machine_factory, memory=256 * MiB, pages=500, base=16 * MiB)
+    started, release, errors = threading.Event(), threading.Event(), []
 
     def slow(*_):
         started.set()
-        time.sleep(0.3)
+        release.wait(10)        # the first save holds here until the second has been refused
 
     def first():
         try:
@@ -188,15 +160,14 @@ def test_second_concurrent_save_of_one_guest_is_refused(machine_factory, tmp_pat
     assert started.wait(10)
     with pytest.raises(SaveError, match="already in progress"):
         live_save(m, str(tmp_path / "b.snap"), then="continue")
+    release.set()
     t.join()
     assert errors == [] and (tmp_path / "a.snap").exists() and not (tmp_path / "b.snap").exists()
 
 
 def test_reader_racing_saves_of_the_same_path_sees_a_complete_snapshot(machine_factory,
                                                                         tmp_path):
-    m = machine_factory(guest("dirty"), memory=256 * MiB, cmdline="pages=500 passes=0 quiet")
-    m.start()
-    time.sleep(0.2)
+    m = start_dirty(machine_factory, memory=256 * MiB, pages=500, base=16 * MiB)
     path = tmp_path / "race.snap"
     live_save(m, str(path), then="continue")
     stop, seen, failures = threading.Event(), set(), []
@@ -240,50 +211,14 @@ def test_port_io_flood_completes_and_logs_the_unknown_port_once(machine_factory,
     assert sum("unknown port 0x80" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_snapshot_claiming_more_ram_than_the_host_has_is_refused_before_allocating(tmp_path):
-    class Spec:                                 # the writer only needs the block list here
-        def __init__(self, slot, gpa, size, name):
-            self.slot, self.gpa, self.size, self.name = slot, gpa, size, name
-            self.npages = size // PAGE
-
-    class Plan:
-        regions = [Spec(0, 0, 3 * GiB, "ram-low"), Spec(1, 4 * GiB, 61 * GiB, "ram-high")]
-
-    path = tmp_path / "huge.snap"
-    w = MappedWriter(str(path), Plan)
-    from kvmguest.state import STATE_FORMAT
-    good = fmt.read_snapshot(str(_any_real_snapshot(tmp_path))).state
-    assert good["format"] == STATE_FORMAT
-    w.finish(good)
-    rss = rss_bytes()
-    for lazy in (False, True):
-        with pytest.raises(SnapshotError, match=r"records 64.0 GiB of guest RAM; this host has"):
-            restore(str(path), lazy=lazy)
-    assert rss_bytes() - rss < 16 * MiB
-    p = cli("restore", path)
-    assert p.returncode == 1 and p.stderr.startswith("kvmguest: error: snapshot records 64.0")
-
-
-def _any_real_snapshot(tmp_path):
-    path = tmp_path / "real.snap"
-    m = Machine(str(guest("dirty")), memory=64 * MiB, cmdline="pages=10 passes=0")
-    try:
-        m.start()
-        time.sleep(0.1)
-        live_save(m, str(path), then="stop")
-    finally:
-        m.close()
-    return path
-
-
 def test_guest_that_finishes_during_the_save_is_not_saved(machine_factory, tmp_path):
     m = machine_factory(guest("dirty"), memory=64 * MiB, cmdline="pages=64 passes=30")
     m.start()
-    while "dirty: range" not in m.serial.text():
-        time.sleep(0.01)
+    wait_console(m, "dirty: range")
     path = tmp_path / "late.snap"
     with pytest.raises(SaveError, match="finished during the save"):
+        # Between passes, wait for the guest to finish: the next pass must notice.
         live_save(m, str(path), then="continue", min_passes=20, max_passes=20,
-                  progress=lambda *_: time.sleep(0.3))
+                  progress=lambda *_: wait_until(lambda: not m.running, 60, "guest exit"))
     assert m.wait(timeout=30).exit_code == 0
     assert list(tmp_path.iterdir()) == []

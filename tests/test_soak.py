@@ -5,18 +5,24 @@ CI runs a few rounds; `make soak` runs 100 (KVMGUEST_SOAK_ROUNDS, KVMGUEST_SOAK_
 
 import os
 import random
-import subprocess
-import sys
 import time
 
-from conftest import ROOT, assert_file_matches_source, guest
+from helpers import (PAGE, GiB, MiB, assert_file_matches_source, assert_verified, cli, guest,
+                     wait_until)
 from kvmguest import Machine
 from migrate.precopy import live_save
 
-GiB, MiB, PAGE = 1 << 30, 1 << 20, 4096
 RAM = 3 * GiB + 64 * MiB
 ROUNDS = int(os.environ.get("KVMGUEST_SOAK_ROUNDS", "3"))
 SEED = int(os.environ.get("KVMGUEST_SOAK_SEED", str(int(time.time()))))
+
+
+def guest_pass(m) -> int:
+    """The pass the dirty guest is stamping, read from its first working-set page
+    (word 1 holds the pass): a handshake through guest memory, not a sleep."""
+    base = int(m.cmdline.split("base=")[1].split()[0])
+    first = base if m.memory.is_ram(base) else 4 * GiB     # the set starts above the hole
+    return int.from_bytes(m.memory.read(first + 8, 8), "little")
 
 
 def one_round(rng: random.Random, tmp_path, n: int) -> dict:
@@ -26,23 +32,21 @@ def one_round(rng: random.Random, tmp_path, n: int) -> dict:
     # is still running when the save starts.
     passes = max(rng.randint(15, 50), 100_000 // pages)
     threads, direct, lazy = rng.choice([1, 2]), rng.random() < 0.3, rng.random() < 0.5
-    after = rng.uniform(0.1, 1.0)
+    after = rng.randint(1, passes // 3)              # save once the guest is this far
     cmdline = f"pages={pages} base={3 * GiB - low * PAGE} passes={passes} quiet"
     path = tmp_path / f"soak-{n}.snap"
     m = Machine(str(guest("dirty")), memory=RAM, cmdline=cmdline)
     try:
         m.start()
-        time.sleep(after)
+        wait_until(lambda: guest_pass(m) >= after or not m.running, 300, f"pass {after}")
         assert m.running, f"round {n} (seed {SEED}): the guest finished before the save"
         live_save(m, str(path), threads=threads, direct=direct, then="stop")
         compared = assert_file_matches_source(path, m, lazy=lazy)
     finally:
         m.close()
-    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "restore", str(path),
-                        "--timeout", "300", *(["--lazy"] if lazy else [])], cwd=ROOT,
-                       capture_output=True, text=True, timeout=400)
+    p = cli("restore", path, "--timeout", "300", *(["--lazy"] if lazy else []), timeout=400)
     assert p.returncode == 0, f"round {n} (seed {SEED}): {p.stdout[-1500:]}{p.stderr}"
-    assert f"verified {pages} pages over {passes} passes" in p.stdout, p.stdout[-1500:]
+    assert_verified(p.stdout, pages, passes)
     path.unlink()
     return {"rounds": 1, "pages_compared": compared, "working_set_pages": pages,
             "guest_page_checks": pages * passes}

@@ -27,6 +27,7 @@ class Serial:
         self.dropped = 0
         self._in: collections.deque[int] = collections.deque()
         self._lock = threading.Lock()
+        self._line = threading.Condition(self._lock)    # notified at every newline
         self.regs = {"ier": 0, "lcr": 0x03, "mcr": 0x08, "scr": 0, "dll": 0x0C, "dlm": 0,
                      "fcr": 0}
 
@@ -44,6 +45,13 @@ class Serial:
         with self._lock:
             self._in.extend(data)
 
+    def wait_for(self, text: str | bytes, timeout: float) -> bool:
+        """Wait until the console output holds ``text`` (checked at each newline); a test's
+        handshake with its guest instead of a sleep. False on timeout."""
+        want = text.encode() if isinstance(text, str) else text
+        with self._line:
+            return self._line.wait_for(lambda: want in self._out, timeout)
+
     def _emit(self, byte: int) -> None:
         with self._lock:
             self._out.append(byte)
@@ -51,6 +59,8 @@ class Serial:
                 excess = len(self._out) - self.capacity
                 del self._out[:excess]
                 self.dropped += excess
+            if byte == 0x0A:
+                self._line.notify_all()
         if self.stream is not None:
             self.stream(bytes((byte,)))
 
