@@ -94,7 +94,7 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    """Header only; the entries follow (see :func:`msrs_buffer`)."""
+    """Header only; the entries follow (see :func:`flexible`)."""
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 

@@ -176,3 +176,23 @@ def test_untouched_anonymous_pages_are_known_zero_without_reading_them():
     maybe = r.maybe_nonzero()
     # The touched page, at most its 2 MiB huge page, and nothing else.
     assert maybe[10] and maybe.sum() <= 512 and not maybe[-1]
+
+
+def _doc_table(heading: str) -> list[tuple[int, str, str]]:
+    """(offset, type, field) rows of the table under ``heading`` in docs/FORMAT.md."""
+    from helpers import ROOT
+    text = (ROOT / "docs" / "FORMAT.md").read_text()
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            rows.append((int(cells[0]), cells[1], cells[2]))
+    return rows
+
+
+@pytest.mark.parametrize("heading,record", [("## Header", fmt.HEADER),
+                                            ("## Block table entry", fmt.BLOCK)])
+def test_format_doc_tables_match_the_field_tables(heading, record):
+    want = [(record.offsets[f.name], f.doc_type, f.name) for f in record.fields]
+    assert _doc_table(heading) == want

@@ -2,11 +2,11 @@
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-# The first page stays unused so that a null pointer in the guest reads zeros.
-# Boot GDT for the PVH start state (PVH wants flat 32-bit segments and a TSS).
+# Boot GDT for the PVH start state (PVH wants flat 32-bit segments and a TSS), in the
+# first page, past the real-mode IVT and BIOS data area (0x0-0x4FF) a PC keeps there.
 BOOT_GDT = 0x500
 BOOT_GDT_ENTRIES = 4          # null, code32, data32, tss
-# hvm_start_info, then its memory map, each in their own page.
+# hvm_start_info (56 bytes), then its memory map right behind it in the same page.
 START_INFO = 0x6000
 MEMMAP = 0x6040
 MEMMAP_MAX_ENTRIES = 16
