@@ -64,16 +64,31 @@ def explain_open_error(err: OSError, path: str = KVM_PATH) -> str:
                 "enable virtualization in the firmware, or enable nested virtualization "
                 "for this VM")
     if err.errno in (errno.EACCES, errno.EPERM):
+        acl = f"grant an ACL (sudo setfacl -m u:$USER:rw {path})"
         try:
-            group = grp.getgrgid(os.stat(path).st_gid).gr_name
+            st = os.stat(path)
+            group = grp.getgrgid(st.st_gid).gr_name if st.st_gid != 0 else None
+            group_rw = st.st_mode & 0o060 == 0o060
         except (OSError, KeyError):
-            group = "kvm"
-        return (f"permission denied opening {path}: add your user to the '{group}' group "
-                f"(sudo usermod -aG {group} $USER, then log in again) or grant an ACL "
-                f"(sudo setfacl -m u:$USER:rw {path})")
+            group, group_rw = None, False
+        if group and group_rw:     # a group that really opens the device, never root
+            return (f"permission denied opening {path}: add your user to the '{group}' group "
+                    f"(sudo usermod -aG {group} $USER, then log in again) or {acl}")
+        return (f"permission denied opening {path}: no group may open it ("
+                f"{_owner(path)}); {acl}, or install a udev rule giving a 'kvm' group rw "
+                f"(KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\")")
     if err.errno == errno.ENXIO or err.errno == errno.ENODEV:
         return f"{path} exists but no KVM backend is loaded (modprobe kvm_intel or kvm_amd)"
     return f"cannot open {path}: {err.strerror}"
+
+
+def _owner(path: str) -> str:
+    try:
+        st = os.stat(path)
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        return "unknown"
+    return f"group {group}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def backend_module() -> str:

@@ -15,6 +15,10 @@ from .boot import layout
 from .errors import EXIT_BAD_INPUT, KvmguestError
 
 
+# /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
+
+
 class GuestMemoryError(KvmguestError, ValueError):
     """A guest-physical access outside RAM, or a bad memory size."""
 
@@ -126,18 +130,31 @@ class Region:
         For anonymous memory a page that is neither present nor swapped (per
         /proc/self/pagemap) was never written, or was dropped, so it reads as zeros.
         File-backed pages may hold data anywhere, so they are all "maybe"."""
-        if not self.anonymous:
+        entries = self.pagemap() if self.anonymous else None
+        if entries is None:
             return np.ones(self.npages, dtype=np.bool_)
+        return (entries & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
+
+    def pagemap(self) -> np.ndarray | None:
+        """This process's /proc/self/pagemap entries for the region (None if unreadable)."""
         try:
             with open("/proc/self/pagemap", "rb", buffering=0) as f:
                 f.seek(self.host_addr // PAGE_SIZE * 8)
                 raw = f.read(self.npages * 8)
         except OSError:
-            return np.ones(self.npages, dtype=np.bool_)
+            return None
         if len(raw) != self.npages * 8:
-            return np.ones(self.npages, dtype=np.bool_)
-        entries = np.frombuffer(raw, dtype=np.uint64)
-        return (entries & np.uint64(0xC000000000000000)) != 0   # bit 63 present, 62 swapped
+            return None
+        return np.frombuffer(raw, dtype=np.uint64)
+
+    def private_pages(self) -> np.ndarray | None:
+        """bool per page: backed by this process's own memory (written, or anonymous and
+        faulted in), not by a file's page cache. None if pagemap is unreadable."""
+        entries = self.pagemap()
+        if entries is None:
+            return None
+        return ((entries & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0) & \
+            ((entries & np.uint64(PM_FILE)) == 0)
 
     def close(self) -> None:
         self.array = None
@@ -155,6 +172,7 @@ class GuestMemory:
     def __init__(self, regions: list[Region]):
         self.regions = sorted(regions, key=lambda r: r.gpa)
         self._lock = threading.Lock()
+        self._closers: list = []
 
     @classmethod
     def anonymous(cls, ram_size: int) -> "GuestMemory":
@@ -231,6 +249,12 @@ class GuestMemory:
             r.host_dirty_any = False
         return np.flatnonzero(bits)
 
+    def on_close(self, fn) -> None:
+        """Call ``fn()`` when this memory is closed (before it is unmapped)."""
+        self._closers.append(fn)
+
     def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
         for r in self.regions:
             r.close()

@@ -20,6 +20,7 @@ from kvmguest.state import StateError, check_machine_state, restore_machine
 
 from . import format as fmt
 from .format import SnapshotError
+from .lease import SnapshotLease
 from .pageio import (MAX_IO, check_threads, data_extents, open_regular, pread_into,
                      runs_of_mask, split_runs)
 
@@ -181,6 +182,7 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
     whole file is validated, then memory is allocated and the VM created."""
     t = time.perf_counter()
     check_threads(threads)
+    lease = None
     kvm = open_kvm()
     try:
         fd = open_snapshot(path)
@@ -195,6 +197,9 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
                 snap = validate(path, fd)
                 state = snap.state
                 memory, loaded = load_memory(snap, fd, lazy, threads, progress)
+                if lazy:
+                    lease = SnapshotLease(path, memory, snap.present)
+                    memory.on_close(lease.close)
         finally:
             os.close(fd)
         try:
@@ -206,6 +211,8 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
     except BaseException:
         kvm.close()
         raise
+    if lease is not None:
+        lease.attach(machine)
     try:
         restore_machine(machine, state)
     except (StateError, ValueError) as err:

@@ -93,9 +93,9 @@ def test_disk_full_fails_clearly_keeps_guest_running_and_previous_snapshot(small
     before = fingerprint(path)
     # 8000 pages (31 MiB) do not fit in 24 MiB.
     m = machine_factory(guest("dirty"), memory=256 * MiB,
-                        cmdline=f"pages=8000 base={16 * MiB} passes=30 quiet")
+                        cmdline=f"pages=8000 base={16 * MiB} passes=30")
     m.start()
-    wait_console(m, "dirty: range")
+    wait_console(m, "dirty: pass 1 ok")           # all 8000 pages hold data now
     with pytest.raises(SaveError, match="no space left on device"):
         live_save(m, str(path), then="continue")
     assert m.running

@@ -50,7 +50,9 @@ class Serial:
         handshake with its guest instead of a sleep. False on timeout."""
         want = text.encode() if isinstance(text, str) else text
         with self._line:
-            return self._line.wait_for(lambda: want in self._out, timeout)
+            return self._line.wait_for(
+                lambda: want in self._out or want in self._out.replace(b"\r\n", b"\n"),
+                timeout)
 
     def _emit(self, byte: int) -> None:
         with self._lock:
