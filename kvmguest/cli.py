@@ -181,14 +181,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_save(args) -> int:
-    from migrate.control import SaveFailed, request
+    from migrate.control import SaveFailed, request_save
 
     progress = Progress("saving")
     try:
-        reply = request(args.control, {"op": "save", "path": os.path.abspath(args.path),
-                                       "threads": args.threads, "direct": args.direct_io,
-                                       "then": args.then, "format": args.format,
-                                       "downtime_ms": args.downtime}, progress=progress)
+        reply = request_save(args.control, {"path": os.path.abspath(args.path),
+                                            "threads": args.threads, "direct": args.direct_io,
+                                            "then": args.then, "format": args.format,
+                                            "downtime_ms": args.downtime}, progress=progress)
     finally:
         progress.done()
     if reply.get("interrupted"):
@@ -347,7 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         import logging
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     signals = _Signals()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM,
+                                                       signal.SIGHUP)}
     signals.install()
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():      # main() may be called in-process
+            signal.signal(sig, handler)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except Interrupted as err:

@@ -30,8 +30,11 @@ class UsageError(KvmguestError, ValueError):
     exit_code = EXIT_BAD_INPUT
 
 
-class Interrupted(KvmguestError):
-    """SIGINT, SIGTERM or SIGHUP arrived; what was in progress was cancelled cleanly."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived; what was in progress is cancelled cleanly.
+
+    Like KeyboardInterrupt (which it is), it is not an Exception: an ``except Exception``
+    anywhere (logging's own error handler, say) must not swallow it."""
 
     def __init__(self, message: str = "interrupted", signum: int = 2):
         super().__init__(message)

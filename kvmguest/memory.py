@@ -15,6 +15,7 @@ from .boot import layout
 from .errors import EXIT_BAD_INPUT, KvmguestError
 
 
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 # /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
 
@@ -93,7 +94,7 @@ class Region:
         # Dropping pages of an anonymous mapping zeroes them; of a file mapping, it
         # brings the file's bytes back.
         self.anonymous = mapping is None
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
         try:
             self.map = mapping if mapping is not None else mmap.mmap(
                 -1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -25,7 +25,7 @@ import stat
 import struct
 import threading
 
-from kvmguest.errors import EXIT_BAD_INPUT, Interrupted, KvmguestError, printable
+from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError, printable
 
 from .precopy import live_save
 from .writer import SaveCancelled, SaveError, check_save_target
@@ -328,9 +328,17 @@ def _reply_line(line: bytes) -> dict:
     except (UnicodeDecodeError, ValueError):
         reply = None
     if not isinstance(reply, dict) or not (
-            (reply.get("ok") is True and isinstance(reply.get("summary"), str))
+            reply.get("ok") is True
             or (reply.get("ok") is False and isinstance(reply.get("error"), str))
             or ("ok" not in reply and isinstance(reply.get("progress"), str))):
+        raise ControlError("the guest sent a malformed reply")
+    return reply
+
+
+def request_save(path: str, options: dict, progress=None) -> dict:
+    """Ask the guest at ``path`` for a save; its reply (``summary`` on success)."""
+    reply = request(path, dict(options, op="save"), progress)
+    if reply["ok"] and not isinstance(reply.get("summary"), str):
         raise ControlError("the guest sent a malformed reply")
     return reply
 
@@ -351,7 +359,7 @@ def request(path: str, req: dict, progress=None, silence: float = REPLY_SILENCE)
             except TimeoutError:
                 raise ControlError(f"no word from the guest for {silence:g} s; gave up (the "
                                    "save is cancelled when this connection closes)") from None
-            except (KeyboardInterrupt, Interrupted) as err:
+            except KeyboardInterrupt as err:      # Ctrl-C, or Interrupted (SIGTERM/SIGHUP)
                 if interrupted is not None:
                     continue           # already asked; keep waiting for the answer
                 interrupted = err

@@ -262,7 +262,10 @@ def _read_exact(fd: int, offset: int, length: int, what: str, file_size: int) ->
     if offset < 0 or length < 0 or offset + length > file_size:
         raise SnapshotError(f"{what} at {offset}+{length} runs past the end of the file "
                             f"({file_size} bytes): truncated?")
-    data = os.pread(fd, length, offset)
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as err:
+        raise SnapshotError(f"{what}: cannot read: {err.strerror}") from None
     if len(data) != length:
         raise SnapshotError(f"{what}: short read ({len(data)} of {length} bytes)")
     return data

@@ -12,7 +12,7 @@ from kvmguest.state import vcpu_summary
 
 from . import format as fmt
 from .format import SnapshotError
-from .reader import open_snapshot, validate
+from .reader import open_snapshot, read_magic, validate
 
 
 def _describe_mapped(info: dict, path: str, fd: int) -> None:
@@ -52,7 +52,7 @@ def describe(path: str) -> dict:
         st = os.fstat(fd)
         info["file_size"], info["allocated"] = st.st_size, st.st_blocks * 512
         try:
-            if os.pread(fd, len(fmt.STREAM_MAGIC), 0) == fmt.STREAM_MAGIC:
+            if read_magic(fd, path) == fmt.STREAM_MAGIC:
                 _describe_stream(info, path, fd)
             else:
                 _describe_mapped(info, path, fd)

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import secrets
+import signal
 import stat
+import time
+from typing import Callable
 
 import numpy as np
 
 from kvmguest.errors import UsageError
 from kvmguest.memory import PAGE_SIZE
 
+log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
@@ -35,6 +40,28 @@ def check_threads(threads: int) -> int:
             or not 1 <= threads <= MAX_THREADS:
         raise UsageError(f"--threads must be 1 to {MAX_THREADS}, not {threads!r}")
     return threads
+
+
+FAULT_ENV = "KVMGUEST_FAULT_POINT"
+STALL_ENV = "KVMGUEST_STALL_POINT"
+_stalled: set[str] = set()
+
+
+def fault_point(name: str, cancelled: Callable[[], bool] | None = None,
+                once: bool = True) -> None:
+    """Test hooks at named points of a save or restore (pass0, midpass, final-pass, state,
+    before-rename, read-chunk). KVMGUEST_FAULT_POINT=NAME makes the process SIGKILL
+    itself there (crash tests); KVMGUEST_STALL_POINT=NAME makes it wait there (up to
+    120 s, or until ``cancelled()``), after a warning on stderr, so that a test can
+    signal or cancel a save or restore known to be in progress."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(STALL_ENV) == name and not (once and name in _stalled):
+        _stalled.add(name)
+        log.warning("stalled at %s (%s)", name, STALL_ENV)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (cancelled and cancelled()):
+            time.sleep(0.01)
 
 
 def nonzero_pages(data: np.ndarray) -> np.ndarray:

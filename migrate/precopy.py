@@ -20,7 +20,8 @@ from kvmguest.dirty import merge_pages
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.state import save_machine
 
-from .writer import MappedWriter, PassStats, SaveError, check_cancel, fault_point
+from .pageio import fault_point
+from .writer import MappedWriter, PassStats, SaveError, check_cancel
 
 log = logging.getLogger(__name__)
 CONVERGED_PAGES = 256        # a final set this small is not worth another pass

@@ -15,13 +15,14 @@ import numpy as np
 
 from kvmguest.machine import Machine, open_kvm
 from kvmguest.memory import PAGE_SIZE as PAGE
+from kvmguest.memory import MAP_NORESERVE
 from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
 from kvmguest.state import StateError, check_machine_state, restore_machine
 
 from . import format as fmt
 from .format import SnapshotError
 from .lease import SnapshotLease
-from .pageio import (MAX_IO, check_threads, data_extents, open_regular, pread_into,
+from .pageio import (MAX_IO, check_threads, data_extents, fault_point, open_regular, pread_into,
                      runs_of_mask, split_runs)
 
 
@@ -73,6 +74,7 @@ def _read_runs(fd: int, region: Region, block: fmt.Block, runs: np.ndarray,
                cancel: threading.Event) -> int:
     for start, end in runs.tolist():
         for c in range(start, end, MAX_IO // PAGE):
+            fault_point("read-chunk", cancel.is_set, once=False)
             if cancel.is_set():
                 return 0
             ce = min(end, c + MAX_IO // PAGE)
@@ -138,8 +140,14 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
     regions = []
     try:
         for spec, block, bits in zip(specs, snap.layout.blocks, snap.present):   # same order
-            m = mmap.mmap(fd, block.size, flags=mmap.MAP_PRIVATE,
-                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=block.pages_offset)
+            # MAP_NORESERVE, as for anonymous guest RAM: only what the guest writes is
+            # ever private memory, so the mapping must not be charged in full up front.
+            try:
+                m = mmap.mmap(fd, block.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=block.pages_offset)
+            except OSError as err:
+                raise SnapshotError(f"cannot map {block.size >> 20} MiB of the snapshot for "
+                                    f"a lazy restore: {err.strerror}") from None
             region = Region(spec, mapping=m)
             regions.append(region)
             # A clear bit means zero. Our writer leaves holes there; if a file has data
@@ -168,6 +176,14 @@ def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
     return snap
 
 
+def read_magic(fd: int, path: str) -> bytes:
+    """The first bytes of a snapshot, which say its format."""
+    try:
+        return os.pread(fd, len(fmt.STREAM_MAGIC), 0)
+    except OSError as err:
+        raise SnapshotError(f"cannot read {path}: {err.strerror}") from None
+
+
 def open_snapshot(path: str) -> int:
     """A read-only fd of ``path`` if it is a regular file (a FIFO, a device or a
     directory is refused at once, never read)."""
@@ -187,7 +203,7 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
     try:
         fd = open_snapshot(path)
         try:
-            if os.pread(fd, len(fmt.STREAM_MAGIC), 0) == fmt.STREAM_MAGIC:
+            if read_magic(fd, path) == fmt.STREAM_MAGIC:
                 from .stream import load_stream, validate_stream
                 info = validate_stream(path, fd)
                 check_host_capacity(info.pages, lazy=False)

@@ -35,8 +35,8 @@ MAGIC = fmt.STREAM_MAGIC
 VERSION = 1
 MAX_BLOCK_LIST = 1 << 20
 MAX_SLOT = 1 << 15
-_HEAD = struct.Struct("<8sII48s")
-_REC = struct.Struct("<IIQ")
+HEAD = struct.Struct("<8sII48s")
+RECORD = struct.Struct("<IIQ")
 KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
 BATCH = 256                     # pages per pwritev
 
@@ -62,7 +62,7 @@ class StreamWriter:
         blocks = json.dumps([{"name": r.name, "gpa": r.gpa, "size": r.size, "slot": r.slot}
                              for r in self.regions]).encode()
         self.offset = 0
-        self._append([_HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
+        self._append([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
                       struct.pack("<I", len(blocks)), blocks])
 
     def _append(self, bufs) -> None:
@@ -95,10 +95,10 @@ class StreamWriter:
                         if dirty is None and not nonzero[i - c]:
                             stats.pages_zero += 1
                         elif nonzero[i - c]:
-                            bufs += [_REC.pack(KIND_PAGE, bi, i), r.array[i * PAGE:(i + 1) * PAGE]]
+                            bufs += [RECORD.pack(KIND_PAGE, bi, i), r.array[i * PAGE:(i + 1) * PAGE]]
                             stats.pages_written += 1
                         else:
-                            bufs.append(_REC.pack(KIND_ZERO, bi, i))
+                            bufs.append(RECORD.pack(KIND_ZERO, bi, i))
                             stats.pages_zero += 1
                     for k in range(0, len(bufs), IOV_MAX):
                         self._append(bufs[k:k + IOV_MAX])
@@ -110,8 +110,8 @@ class StreamWriter:
     def finish(self, state: dict) -> None:
         data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
         try:
-            self._append([_REC.pack(KIND_STATE, 0, 0), struct.pack("<QI", len(data),
-                          zlib.crc32(data)), data, _REC.pack(KIND_END, 0, 0)])
+            self._append([RECORD.pack(KIND_STATE, 0, 0), struct.pack("<QI", len(data),
+                          zlib.crc32(data)), data, RECORD.pack(KIND_END, 0, 0)])
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
@@ -154,7 +154,7 @@ def _read(f, n: int, what: str) -> bytes:
     return data
 
 
-def _blocks(raw: bytes, nblocks: int) -> list[fmt.Block]:
+def parse_blocks(raw: bytes, nblocks: int) -> list[fmt.Block]:
     try:
         items = json.loads(raw)
         if not isinstance(items, list):
@@ -201,7 +201,7 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
     f = os.fdopen(os.dup(fd), "rb")
     try:
         f.seek(0)
-        magic, version, nblocks, _ = _HEAD.unpack(_read(f, _HEAD.size, "its header"))
+        magic, version, nblocks, _ = HEAD.unpack(_read(f, HEAD.size, "its header"))
         if magic != MAGIC:
             raise SnapshotError("not a kvmguest stream file (bad magic)")
         if version != VERSION:
@@ -210,11 +210,11 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
         (blen,) = struct.unpack("<I", _read(f, 4, "its block list"))
         if blen > MAX_BLOCK_LIST:
             raise SnapshotError(f"stream block list of {blen} bytes is too large")
-        blocks = _blocks(_read(f, blen, "its block list"), nblocks)
+        blocks = parse_blocks(_read(f, blen, "its block list"), nblocks)
         records_offset = f.tell()
         state, pages, zeros = None, 0, 0
         while True:
-            kind, bi, index = _REC.unpack(_read(f, _REC.size, "a record (no end record)"))
+            kind, bi, index = RECORD.unpack(_read(f, RECORD.size, "a record (no end record)"))
             if kind in (KIND_PAGE, KIND_ZERO):
                 if bi >= nblocks or index >= blocks[bi].npages:
                     raise SnapshotError(f"stream record for page {index} of block {bi} "
@@ -266,7 +266,7 @@ def page_census(info: StreamInfo, fd: int) -> tuple[list[int], list[int]]:
     try:
         f.seek(info.records_offset)
         while True:
-            kind, bi, index = _REC.unpack(f.read(_REC.size))
+            kind, bi, index = RECORD.unpack(f.read(RECORD.size))
             if kind == KIND_PAGE:
                 f.seek(PAGE, os.SEEK_CUR)
                 last[bi][index] = 1
@@ -297,7 +297,7 @@ def load_stream(info: StreamInfo, fd: int) -> tuple[GuestMemory, int]:
     try:
         f.seek(info.records_offset)
         while True:
-            kind, bi, index = _REC.unpack(f.read(_REC.size))
+            kind, bi, index = RECORD.unpack(f.read(RECORD.size))
             if kind == KIND_PAGE:
                 page = by_index[bi].array[index * PAGE:(index + 1) * PAGE]
                 if f.readinto(memoryview(page)) != PAGE:

@@ -24,23 +24,13 @@ import numpy as np
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
 
 from . import format as fmt
-from .pageio import (MAX_IO, check_threads, file_kind, fsync_dir, nonzero_pages, open_excl, punch,
+from .pageio import (MAX_IO, check_threads, fault_point, file_kind, fsync_dir, nonzero_pages, open_excl, punch,
                      pwrite_all, runs_of, runs_of_mask, split_runs, start_writeback,
                      temp_path_for)
 
 PAGE = fmt.PAGE_SIZE
 SMALL_PASS = 1024          # pages; fewer are written without the thread pool
 JOB_PAGES = MAX_IO // PAGE # pages per job at most: progress and cancellation are per job
-
-
-FAULT_ENV = "KVMGUEST_FAULT_POINT"
-
-
-def fault_point(name: str) -> None:
-    """Fault injection for the crash tests: SIGKILL this process at the named point when
-    KVMGUEST_FAULT_POINT says so (pass0, midpass, final-pass, state, before-rename)."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SaveError(KvmguestError):
@@ -205,6 +195,9 @@ class MappedWriter:
             on_disk[start:end] |= nonzero
         return written, zero
 
+    def _cancelled(self) -> bool:
+        return self._stop.is_set() or (self.cancel is not None and self.cancel.is_set())
+
     def write_pass(self, dirty: dict[int, np.ndarray] | None) -> PassStats:
         """Write one pass: ``dirty`` maps slot -> page indices; None means every page."""
         stats = PassStats(len(self.passes))
@@ -239,7 +232,7 @@ class MappedWriter:
             for outcome in outcomes:
                 results.append(outcome)
                 # Crash tests die here, with this pass partly on disk.
-                fault_point("pass0" if stats.index == 0 else "midpass")
+                fault_point("pass0" if stats.index == 0 else "midpass", self._cancelled)
                 done += sum(outcome)
                 if self.on_progress:
                     self.on_progress(done)

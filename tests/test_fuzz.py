@@ -264,13 +264,13 @@ def stream_base(base, tmp_path_factory):
 
 def stream_records(data: bytes) -> list[tuple[int, int]]:
     """(offset, kind) of each record of a valid stream file."""
-    pos = stm._HEAD.size
+    pos = stm.HEAD.size
     pos += 4 + struct.unpack_from("<I", data, pos)[0]
     out = []
     while True:
-        kind, _, _ = stm._REC.unpack_from(data, pos)
+        kind, _, _ = stm.RECORD.unpack_from(data, pos)
         out.append((pos, kind))
-        pos += stm._REC.size
+        pos += stm.RECORD.size
         if kind == stm.KIND_PAGE:
             pos += 4096
         elif kind == stm.KIND_STATE:
@@ -281,9 +281,9 @@ def stream_records(data: bytes) -> list[tuple[int, int]]:
 
 def rebuild(data: bytes, blocks: bytes, nblocks: int) -> bytes:
     """The same records behind another block list."""
-    pos = stm._HEAD.size
+    pos = stm.HEAD.size
     rest = data[pos + 4 + struct.unpack_from("<I", data, pos)[0]:]
-    return (stm._HEAD.pack(stm.MAGIC, stm.VERSION, nblocks, b"\0" * 48)
+    return (stm.HEAD.pack(stm.MAGIC, stm.VERSION, nblocks, b"\0" * 48)
             + struct.pack("<I", len(blocks)) + blocks + rest)
 
 
@@ -320,7 +320,7 @@ def mutate_stream(data: bytes, m) -> bytes:
     if kind == "nblocks":
         struct.pack_into("<I", out, 12, m[1])
         return bytes(out)
-    pos = stm._HEAD.size
+    pos = stm.HEAD.size
     blocks = json.loads(data[pos + 4:pos + 4 + struct.unpack_from("<I", data, pos)[0]])
     if kind == "blocks-json":
         return rebuild(data, json.dumps(m[1]).encode(), 2)
@@ -332,8 +332,8 @@ def mutate_stream(data: bytes, m) -> bytes:
     if kind == "state-json":
         off = [o for o, k in stream_records(data) if k == stm.KIND_STATE][0]
         body = json.dumps(m[1]).encode()
-        return bytes(out[:off]) + stm._REC.pack(stm.KIND_STATE, 0, 0) + struct.pack(
-            "<QI", len(body), zlib.crc32(body)) + body + stm._REC.pack(stm.KIND_END, 0, 0)
+        return bytes(out[:off]) + stm.RECORD.pack(stm.KIND_STATE, 0, 0) + struct.pack(
+            "<QI", len(body), zlib.crc32(body)) + body + stm.RECORD.pack(stm.KIND_END, 0, 0)
     if kind == "append":
         return bytes(out) + m[1]
     raise AssertionError(kind)
@@ -416,13 +416,13 @@ def test_zero_records_for_a_huge_block_do_not_allocate_its_memory(tmp_path, base
     from helpers import rss_bytes
     blocks = json.dumps([{"name": "ram-low", "gpa": 0, "size": 3 << 30, "slot": 0},
                          {"name": "ram-high", "gpa": 4 << 30, "size": 13 << 30, "slot": 1}])
-    recs = b"".join(stm._REC.pack(stm.KIND_ZERO, 1, i * 6) for i in range(8 * MiB // 16))
+    recs = b"".join(stm.RECORD.pack(stm.KIND_ZERO, 1, i * 6) for i in range(8 * MiB // 16))
     state = json.dumps(base[1].state).encode()
-    data = (stm._HEAD.pack(stm.MAGIC, stm.VERSION, 2, b"\0" * 48)
+    data = (stm.HEAD.pack(stm.MAGIC, stm.VERSION, 2, b"\0" * 48)
             + struct.pack("<I", len(blocks)) + blocks.encode() + recs
-            + stm._REC.pack(stm.KIND_STATE, 0, 0) + struct.pack("<QI", len(state),
+            + stm.RECORD.pack(stm.KIND_STATE, 0, 0) + struct.pack("<QI", len(state),
                                                                  zlib.crc32(state))
-            + state + stm._REC.pack(stm.KIND_END, 0, 0))
+            + state + stm.RECORD.pack(stm.KIND_END, 0, 0))
     path = tmp_path / "zeros.stream"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
