@@ -272,17 +272,30 @@ def test_damaged_stream_snapshots_are_one_line_errors(tmp_path, damage):
             assert r.stdout == ""
 
 
+def patched_copy(src, dst, edit) -> None:
+    """A sparse copy of snapshot ``src`` whose first 8 KiB (header and block table) were
+    changed by ``edit(bytearray)``."""
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+    with open(dst, "r+b") as f:
+        head = bytearray(f.read(8192))
+        edit(head)
+        f.seek(0)
+        f.write(head)
+
+
 def test_blocks_out_of_guest_physical_order_are_refused(snapshot, tmp_path):
-    data = bytearray(snapshot.read_bytes())
-    t, e = fmt.HEADER_SIZE, fmt.BLOCK_ENTRY_SIZE
-    data[t:t + 2 * e] = data[t + e:t + 2 * e] + data[t:t + e]
-    table = bytes(data[t:t + 2 * e])
     import struct
-    struct.pack_into("<I", data, fmt.HEADER.offsets["table_crc"], fmt.crc(table))
-    h = fmt.HEADER.offsets["header_crc"]
-    struct.pack_into("<I", data, h, fmt.crc(bytes(data[:h])))
+
+    def swap(data):
+        t, e = fmt.HEADER_SIZE, fmt.BLOCK_ENTRY_SIZE
+        data[t:t + 2 * e] = data[t + e:t + 2 * e] + data[t:t + e]
+        struct.pack_into("<I", data, fmt.HEADER.offsets["table_crc"],
+                         fmt.crc(bytes(data[t:t + 2 * e])))
+        h = fmt.HEADER.offsets["header_crc"]
+        struct.pack_into("<I", data, h, fmt.crc(bytes(data[:h])))
+
     path = tmp_path / "swapped.snap"
-    path.write_bytes(bytes(data))
+    patched_copy(snapshot, path, swap)
     one_line_error(cli("restore", path), 2, "ascending guest-physical order")
 
 
@@ -610,11 +623,10 @@ def test_bad_snapshots_and_bad_save_paths_exit_2(tmp_path, snapshot):
     notsnap = tmp_path / "notsnap"
     notsnap.write_bytes(b"hello" * 2000)
     truncated = tmp_path / "trunc.snap"
-    truncated.write_bytes(snapshot.read_bytes()[:10000])
+    with open(snapshot, "rb") as f:
+        truncated.write_bytes(f.read(10000))
     incomplete = tmp_path / "inc.snap"
-    data = bytearray(snapshot.read_bytes())
-    data[fmt.HEADER.offsets["flags"]] = 0
-    incomplete.write_bytes(bytes(data))
+    patched_copy(snapshot, incomplete, lambda d: d.__setitem__(fmt.HEADER.offsets["flags"], 0))
     for path, fragment in ((empty, "0 bytes"), (notsnap, "not a kvmguest snapshot"),
                            (truncated, "truncated"), (incomplete, "incomplete")):
         one_line_error(cli("restore", path), 2, fragment)

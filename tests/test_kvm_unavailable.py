@@ -20,12 +20,6 @@ def test_a_regular_file_is_not_a_kvm_device(tmp_path):
         Kvm(str(fake))
 
 
-def test_permission_denied_names_the_group_and_the_acl(tmp_path):
-    from kvmguest.kvm import explain_open_error
-    msg = explain_open_error(PermissionError(13, "Permission denied"), "/dev/kvm")
-    assert "add your user to the" in msg and "setfacl -m u:$USER:rw /dev/kvm" in msg
-
-
 def test_cli_error_is_one_line(tmp_path):
     p = cli("run", guest("hello"), env={"KVMGUEST_DEVICE": str(tmp_path / "nokvm")})
     assert p.returncode == 2
