@@ -366,6 +366,17 @@ KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_HALTED = 3
+
+
+class IrqChip(enum.IntEnum):
+    KVM_IRQCHIP_PIC_MASTER = 0
+    KVM_IRQCHIP_PIC_SLAVE = 1
+    KVM_IRQCHIP_IOAPIC = 2
+
+
+KVM_PIT_SPEAKER_DUMMY = 1
 KVM_MAX_CPUID_ENTRIES = 256
 
 # Every struct, for the ABI test (name in the C headers -> ctypes type).
@@ -378,7 +389,8 @@ STRUCTS = {c.__name__: c for c in (
 
 IOCTLS = {m.name: int(m) for group in (SysIoctl, VmIoctl, VcpuIoctl) for m in group}
 
-CONSTANTS = {m.name: int(m) for group in (Cap, ExitReason, InternalError) for m in group}
+CONSTANTS = {m.name: int(m) for group in (Cap, ExitReason, InternalError, IrqChip)
+             for m in group}
 CONSTANTS.update({
     "KVM_API_VERSION": KVM_API_VERSION,
     "KVM_MEM_LOG_DIRTY_PAGES": int(MemFlag.KVM_MEM_LOG_DIRTY_PAGES),
@@ -388,6 +400,9 @@ CONSTANTS.update({
     "KVM_EXIT_IO_IN": KVM_EXIT_IO_IN,
     "KVM_EXIT_IO_OUT": KVM_EXIT_IO_OUT,
     "KVM_MP_STATE_RUNNABLE": KVM_MP_STATE_RUNNABLE,
+    "KVM_MP_STATE_UNINITIALIZED": KVM_MP_STATE_UNINITIALIZED,
+    "KVM_MP_STATE_HALTED": KVM_MP_STATE_HALTED,
+    "KVM_PIT_SPEAKER_DUMMY": KVM_PIT_SPEAKER_DUMMY,
     "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES":
         KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 })

@@ -74,6 +74,16 @@ def _threads(text: str) -> int:
     return value
 
 
+def _vcpus(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} vCPUs: use at least 1")
+    return value
+
+
 def _cmdline(text: str) -> str:
     try:
         text.encode("utf-8")
@@ -122,6 +132,25 @@ def _finish(result, saved) -> int:
     return result.exit_code & 0xFF
 
 
+def console_input(m) -> None:
+    """On a terminal, what the user types goes to the guest's COM1 (a line at a time)."""
+    import threading
+    if not sys.stdin.isatty():
+        return
+
+    def pump():
+        while m.running:
+            try:
+                data = os.read(sys.stdin.fileno(), 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            m.console.send(data)
+
+    threading.Thread(target=pump, name="console-input", daemon=True).start()
+
+
 def cmd_run(args) -> int:
     from migrate.control import ControlServer, check_socket_path
     from migrate.precopy import live_save
@@ -146,12 +175,14 @@ def cmd_run(args) -> int:
 
     control = ControlServer(args.control, on_saved=on_saved) if args.control else None
     try:
-        with Machine(args.kernel, memory=args.memory, cmdline=args.cmdline,
-                     stream=None if args.quiet else _stream_stdout) as m:
+        with Machine.boot(args.kernel, memory=args.memory, cmdline=args.cmdline,
+                          vcpus=args.vcpus, irqchip=not args.no_irqchip,
+                          stream=None if args.quiet else _stream_stdout) as m:
             try:
                 if control:
                     control.attach(m)
                 m.start()
+                console_input(m)
                 if args.save:
                     if m.wait_done(args.save_after):
                         result = m.wait()
@@ -298,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", "-m", type=parse_size, default=64 << 20,
                      help="guest RAM (default 64M; bare numbers are MiB)")
     run.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line")
+    run.add_argument("--vcpus", type=_vcpus, default=1,
+                     help="vCPUs (default 1); the others start on INIT/SIPI from the first")
+    run.add_argument("--no-irqchip", action="store_true",
+                     help="no in-kernel irqchip and PIT: a polling-only machine, one vCPU")
     run.add_argument("--timeout", type=_seconds(False), default=None,
                      help="seconds before giving up")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")

@@ -217,6 +217,28 @@ class Vm(_Fd):
     def create_irqchip(self) -> None:
         ioctl(self.fd, VmIoctl.KVM_CREATE_IRQCHIP)
 
+    def create_pit2(self, flags: int = 0) -> None:
+        ioctl(self.fd, VmIoctl.KVM_CREATE_PIT2, abi.kvm_pit_config(flags=flags))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl(self.fd, VmIoctl.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
+
+    def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
+        chip = abi.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, VmIoctl.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: abi.kvm_irqchip) -> None:
+        ioctl(self.fd, VmIoctl.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> abi.kvm_pit_state2:
+        state = abi.kvm_pit_state2()
+        ioctl(self.fd, VmIoctl.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: abi.kvm_pit_state2) -> None:
+        ioctl(self.fd, VmIoctl.KVM_SET_PIT2, state)
+
     def get_clock(self) -> abi.kvm_clock_data:
         data = abi.kvm_clock_data()
         ioctl(self.fd, VmIoctl.KVM_GET_CLOCK, data)
@@ -250,11 +272,13 @@ class Vcpu(_Fd):
         super().close()
 
     def run(self) -> bool:
-        """KVM_RUN once; False when interrupted (EINTR: a signal or immediate_exit)."""
+        """KVM_RUN once; False when it returned without an exit to handle: EINTR (a
+        signal or immediate_exit), or EAGAIN (an AP waiting for INIT/SIPI just got it;
+        the caller simply runs it again)."""
         ret = _libc.ioctl(self.fd, int(VcpuIoctl.KVM_RUN), None)
         if ret < 0:
             err = ctypes.get_errno()
-            if err == errno.EINTR:
+            if err in (errno.EINTR, errno.EAGAIN):
                 return False
             raise KvmError("KVM_RUN", err)
         return True

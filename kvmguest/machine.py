@@ -1,15 +1,18 @@
-"""A runnable guest: VM + memory + devices + a vCPU thread, with pause/resume.
+"""A runnable guest: VM + memory + devices + a thread per vCPU, with pause/resume.
 
-    with Machine("guests/build/hello.elf", memory=64 * MiB) as m:
+    with Machine.boot("guests/build/hello.elf", memory=64 * MiB, vcpus=2) as m:
         result = m.run(timeout=10)
         print(result.exit_code, result.console)
+
+By default the VM has KVM's in-kernel irqchip (PIC, IOAPIC, a LAPIC per vCPU) and PIT;
+``irqchip=False`` keeps a polling-only machine with one vCPU. The boot CPU enters the
+kernel at its PVH entry; the others wait, as on hardware, for INIT/SIPI from it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import signal
 import struct
 import threading
 import time
@@ -17,20 +20,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import abi
-from .abi import Cap, ExitReason
-from .boot import cpu, layout, pvh
+from .abi import Cap
+from .boot import acpi, cpu, layout, pvh
 from .devices import DebugExit, PortBus, Serial
 from .dirty import DirtyLog
-from .errors import EXIT_TIMEOUT, KvmguestError
-from .kvm import Kvm, KvmError
+from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
+from .kvm import Kvm, KvmError, KvmUnavailable
 from .memory import GuestMemory, plan_regions
+from .vcpu import (FailEntryExit, HaltExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
+                   SystemEventExit, VcpuThread, install_kick_handler)
 
 log = logging.getLogger(__name__)
 
-# The kick that makes KVM_RUN return: a real-time signal of our own (SIGUSR1/2 belong to
-# the application embedding us). Its handler does nothing; EINTR is the point.
-KICK_SIGNAL = signal.SIGRTMIN + 2
 DEFAULT_MEMORY = 64 << 20
+PAUSE_TIMEOUT = 2.0
 
 
 class GuestError(KvmguestError):
@@ -58,20 +61,8 @@ class GuestResult:
     seconds: float
 
 
-_kick_installed = False
-
-
-def _install_kick_handler() -> bool:
-    """A no-op handler for the kick signal: its only job is to make KVM_RUN return EINTR."""
-    global _kick_installed
-    if not _kick_installed and threading.current_thread() is threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-            signal.signal(KICK_SIGNAL, lambda *_: None)
-        _kick_installed = True
-    return _kick_installed
-
-
 REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
+IRQCHIP_CAPS = (Cap.KVM_CAP_IRQCHIP, Cap.KVM_CAP_PIT2)
 
 
 def open_kvm() -> Kvm:
@@ -85,29 +76,54 @@ def open_kvm() -> Kvm:
     return kvm
 
 
+def max_vcpus(kvm: Kvm) -> int:
+    return kvm.check_extension(Cap.KVM_CAP_MAX_VCPUS) or kvm.check_extension(
+        Cap.KVM_CAP_NR_VCPUS) or 1
+
+
 class Machine:
-    """One VM with one vCPU, its RAM, a COM1 console and a debug-exit port."""
+    """One VM: its RAM, ``vcpus`` vCPUs (each in a VcpuThread), a COM1 console, a
+    debug-exit port and, by default, the in-kernel irqchip and PIT."""
 
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,
                  cmdline: str = "", stream: Callable[[bytes], None] | None = None,
                  console_capacity: int = 1 << 20, guest_memory: GuestMemory | None = None,
-                 kvm: Kvm | None = None, own_kvm: bool = False):
+                 kvm: Kvm | None = None, own_kvm: bool = False, vcpus: int = 1,
+                 irqchip: bool = True, origin: dict | None = None):
         """Boot ``kernel``, or (kernel None) build a VM around ``guest_memory`` for a
-        restore. A ``kvm`` passed in stays the caller's unless ``own_kvm``."""
+        restore. A ``kvm`` passed in stays the caller's unless ``own_kvm``. ``origin``
+        records what a restored guest was booted with (kernel, cmdline)."""
         self.kernel = pvh.parse_kernel(kernel) if kernel is not None else None
         self.cmdline = cmdline
+        self.origin = dict(origin or {})
+        self.irqchip = irqchip
+        if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
+            raise UsageError(f"--vcpus must be a whole number >= 1, not {vcpus!r}")
+        if vcpus > 1 and not irqchip:
+            raise UsageError("more than one vCPU needs the in-kernel irqchip (drop "
+                             "--no-irqchip)")
         if guest_memory is None and memory < layout.MIN_MEMORY:
-            raise ValueError(f"memory {memory} is below the minimum "
+            raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
         if self.kernel is not None:  # every boot error before any VM exists
             pvh.check_fits(self.kernel, guest_memory.regions if guest_memory is not None
                            else plan_regions(memory), cmdline)
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
-        self.vm = self.vcpu = None
+        self.vm = None
+        self.vcpus: list = []
+        self.cpuids: list = []
         self.memory = guest_memory
         try:
             self.kvm.require(*REQUIRED_CAPS)
+            limit = max_vcpus(self.kvm)
+            if vcpus > limit:
+                raise UsageError(f"{vcpus} vCPUs: this host's KVM allows at most {limit}")
+            if irqchip:
+                try:
+                    self.kvm.require(*IRQCHIP_CAPS)
+                except KvmUnavailable as err:
+                    raise KvmUnavailable(f"{err} (run with --no-irqchip)") from None
             self.vm = self.kvm.create_vm()
             self.manual_protect = self.vm.check_extension(
                 Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0
@@ -118,54 +134,81 @@ class Machine:
                                            | abi.KVM_DIRTY_LOG_INITIALLY_SET))
             if self.kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
                 self.vm.set_tss_addr(layout.TSS_ADDR)
+            if irqchip:
+                # Before any vCPU exists: each vCPU then gets its in-kernel LAPIC.
+                self.vm.create_irqchip()
+                self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
             if self.memory is None:
                 self.memory = GuestMemory.anonymous(memory)
             for r in self.memory.regions:
                 self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr)
             self.dirty = DirtyLog(self.vm, self.memory, self.manual_protect)
-            self.vcpu = self.vm.create_vcpu(0)
-            self.cpuid = self.kvm.get_supported_cpuid()
-            cpu.setup_cpuid(self.cpuid)
-            self.vcpu.set_cpuid2(self.cpuid)
+            supported = self.kvm.get_supported_cpuid()
+            for i in range(vcpus):
+                v = self.vm.create_vcpu(i)
+                self.vcpus.append(v)
+                cpuid = cpu.copy_cpuid(supported)
+                cpu.setup_cpuid(cpuid, i, vcpus)
+                v.set_cpuid2(cpuid)
+                self.cpuids.append(cpuid)
         except BaseException:
             self.close()
             raise
 
-        self.serial = Serial(capacity=console_capacity, stream=stream)
+        self.serial = Serial(capacity=console_capacity, stream=stream,
+                             irq=self._serial_irq if irqchip else None)
+        self.console = self.serial
         self.debug_exit = DebugExit()
         self.bus = PortBus()
         self.bus.register(layout.COM1_PORT, 8, self.serial)
         self.bus.register(layout.DEBUG_EXIT_PORT, 4, self.debug_exit)
 
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self.threads = [VcpuThread(v, self._handle_exit, self._vcpu_done) for v in self.vcpus]
         self._done = threading.Event()
-        self._pause_req = threading.Event()
-        self._paused = threading.Event()
-        self._resume = threading.Event()
+        self._done_lock = threading.Lock()
         self.error: BaseException | None = None
-        self.origin: dict = {}          # kernel/cmdline a restored guest was booted with
         self._msr_indices: list[int] | None = None
-        self.exits = 0
         self._started_at = 0.0
-        self.first_run_at: float | None = None   # perf_counter() at the first KVM_RUN
-        self._finished_at = 0.0
         if self.kernel is not None:
             try:
-                self.boot()
+                self._load_kernel()
             except BaseException:
                 self.close()
                 raise
 
+    @classmethod
+    def boot(cls, kernel: str, **kw) -> "Machine":
+        """A machine with ``kernel`` loaded, ready to :meth:`start`."""
+        return cls(kernel, **kw)
+
+    @classmethod
+    def from_state(cls, state: dict, memory: GuestMemory, **kw) -> "Machine":
+        """A machine rebuilt around restored ``memory`` with ``state`` (checked first)
+        applied: as many vCPUs, the same irqchip choice; :meth:`start` resumes it."""
+        from .state import check_machine_state, machine_shape, restore_machine
+        check_machine_state(state)
+        vcpus, irqchip = machine_shape(state)
+        m = cls(None, guest_memory=memory, vcpus=vcpus, irqchip=irqchip,
+                origin=state.get("guest", {}), **kw)
+        try:
+            restore_machine(m, state)
+        except BaseException:
+            m.close()
+            raise
+        return m
+
     # --- set-up -----------------------------------------------------------------------
-    def boot(self) -> None:
-        """Load the kernel and set the PVH start state."""
-        start_info = pvh.load(self.memory, self.kernel, self.cmdline)
+    def _load_kernel(self) -> None:
+        """Load the kernel and set the PVH start state of the boot CPU. With the irqchip,
+        the ACPI tables describe the CPUs; the other vCPUs wait for INIT/SIPI."""
+        rsdp = acpi.write_tables(self.memory, len(self.vcpus)) if self.irqchip else 0
+        start_info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp)
         cpu.setup_gdt(self.memory)
-        sregs = self.vcpu.get_sregs()
+        bsp = self.vcpus[0]
+        sregs = bsp.get_sregs()
         cpu.setup_sregs(sregs)
-        self.vcpu.set_sregs(sregs)
-        self.vcpu.set_regs(cpu.setup_regs(self.kernel.entry, start_info))
+        bsp.set_sregs(sregs)
+        bsp.set_regs(cpu.setup_regs(self.kernel.entry, start_info))
 
     def msr_indices(self) -> list[int]:
         """The MSRs to save (KVM_GET_MSR_INDEX_LIST), read once per machine."""
@@ -173,16 +216,37 @@ class Machine:
             self._msr_indices = self.kvm.get_msr_index_list()
         return self._msr_indices
 
+    def _serial_irq(self, level: int) -> None:
+        self.vm.irq_line(layout.COM1_IRQ, level)
+
+    # --- compatibility with one-vCPU callers ------------------------------------------------
+    @property
+    def vcpu(self):
+        """The boot CPU."""
+        return self.vcpus[0] if self.vcpus else None
+
+    @property
+    def cpuid(self):
+        return self.cpuids[0]
+
+    @property
+    def exits(self) -> int:
+        return sum(t.exits for t in self.threads)
+
+    @property
+    def first_run_at(self) -> float | None:
+        return self.threads[0].first_run_at if self.threads else None
+
     # --- running ----------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if any(t.started for t in self.threads):
             raise RuntimeError("machine already started")
-        if not _install_kick_handler():
+        if not install_kick_handler():
             log.warning("kick signal handler not installed (not in the main thread): "
                         "pause waits for the guest's next exit")
         self._started_at = time.monotonic()
-        self._thread = threading.Thread(target=self._vcpu_loop, name="vcpu0", daemon=True)
-        self._thread.start()
+        for t in self.threads:
+            t.start()
 
     def run(self, timeout: float | None = None) -> GuestResult:
         self.start()
@@ -190,7 +254,7 @@ class Machine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and not self._done.is_set()
+        return bool(self.threads) and self.threads[0].started and not self._done.is_set()
 
     def wait_done(self, timeout: float | None = None) -> bool:
         """Wait until the guest has finished (exit, crash or stop); False on timeout."""
@@ -206,136 +270,114 @@ class Machine:
             except GuestError as err:    # the timeout is what the caller must hear about
                 log.error("after the timeout: %s", err)
             raise timeout_error
+        for t in self.threads:          # the others were told to stop: let them end
+            t.join(1.0)
         if self.error is not None:
             raise self.error
         return GuestResult(self.debug_exit.result, self.serial.text(),
-                           self._finished_at - self._started_at)
+                           max(t.finished_at for t in self.threads) - self._started_at)
 
-    def _kick(self) -> None:
-        self.vcpu.run_struct.immediate_exit = 1
-        t = self._thread
-        if t is not None and t.ident is not None and t.is_alive() and _kick_installed:
-            try:
-                signal.pthread_kill(t.ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+    def _vcpu_done(self, thread: VcpuThread) -> None:
+        """A vCPU loop ended. A finished guest or a failed vCPU ends the whole machine."""
+        with self._done_lock:
+            if (thread.finished or thread.error is not None) and not self._done.is_set():
+                if thread.error is not None and self.error is None:
+                    self.error = thread.error
+                for other in self.threads:
+                    if other is not thread:
+                        other.stop()
+            if all(t.done.is_set() for t in self.threads if t.started) or thread.finished \
+                    or thread.error is not None:
+                self._done.set()
 
-    def pause(self, timeout: float = 2.0) -> None:
-        """Stop the vCPU at an instruction boundary, with any pending I/O completed."""
-        if self._done.is_set() or self._thread is None:
+    def pause_all(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """Park every vCPU at an instruction boundary, with its pending I/O completed; return
+        only when all are parked (or the guest has finished). If one does not park within
+        ``timeout``, every request is withdrawn (the guest runs on) and GuestError says
+        which."""
+        if self._done.is_set() or not self.threads or not self.threads[0].started:
             return
-        self._resume.clear()
-        self._pause_req.set()
+        for t in self.threads:
+            t.request_pause()
         deadline = time.monotonic() + timeout
-        self._kick()
-        while not self._paused.wait(0.001):
+        while not all(t.parked for t in self.threads):
             if self._done.is_set():
                 return
             if time.monotonic() > deadline:
-                raise GuestError(f"vCPU did not pause within {timeout:g} s")
-            self._kick()
+                late = [t.index for t in self.threads if not t.parked]
+                self.resume_all()
+                raise GuestError(f"vCPU {', '.join(map(str, late))} did not pause within "
+                                 f"{timeout:g} s; the guest runs on")
+            for t in self.threads:
+                if not t.parked:
+                    t.kick()
+            time.sleep(0.0005)
 
-    def resume(self) -> None:
-        self._pause_req.clear()
-        self._paused.clear()
-        self._resume.set()
+    def resume_all(self) -> None:
+        """Release every parked vCPU together."""
+        for t in self.threads:
+            t.resume()
+
+    pause, resume = pause_all, resume_all
 
     @property
     def paused(self) -> bool:
-        return self._paused.is_set()
+        return bool(self.threads) and all(t.started and t.parked for t in self.threads)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the vCPU thread (the guest does not run again)."""
-        self._stop.set()
-        self._resume.set()
-        while self._thread is not None and self._thread.is_alive():
-            self._kick()
-            self._thread.join(0.005)
-            timeout -= 0.005
-            if timeout <= 0:
-                raise GuestError("vCPU thread did not stop")
+        """End every vCPU thread (the guest does not run again)."""
+        for t in self.threads:
+            t.stop()
+        late = [t.index for t in self.threads if not t.join(timeout)]
+        self._done.set()
+        if late:
+            raise GuestError(f"vCPU thread {late} did not stop")
 
-    def _vcpu_loop(self) -> None:
-        run = self.vcpu.run_struct
-        self.first_run_at = time.perf_counter()
-        try:
-            while not self._stop.is_set():
-                if self._pause_req.is_set():
-                    # Enter once with immediate_exit so KVM completes any pending I/O
-                    # (the registers then hold what an IN returned), then park.
-                    run.immediate_exit = 1
-                    self.vcpu.run()
-                    self._paused.set()
-                    self._resume.wait()
-                    run.immediate_exit = 0
-                    continue
-                if not self.vcpu.run():
-                    if not (self._pause_req.is_set() or self._stop.is_set()):
-                        run.immediate_exit = 0
-                    continue
-                self.exits += 1
-                if self._handle_exit(run):
-                    break
-        except BaseException as err:  # noqa: BLE001 - reported through wait()
-            self.error = err
-        finally:
-            self._finished_at = time.monotonic()
-            self._paused.set()
-            self._done.set()
-
-    def _handle_exit(self, run: abi.kvm_run) -> bool:
-        """Handle one exit; True when the guest is finished."""
-        reason = run.exit_reason
-        if reason == ExitReason.KVM_EXIT_IO:
-            io = run.exit.io
-            base = ctypes.addressof(run) + io.data_offset
-            size = io.size
-            if io.direction == abi.KVM_EXIT_IO_OUT:
-                data = ctypes.string_at(base, size * io.count)
-                for i in range(io.count):
-                    self.bus.write(io.port, size, int.from_bytes(data[i * size:(i + 1) * size],
-                                                                 "little"))
+    def _handle_exit(self, thread: VcpuThread, ex) -> bool:
+        """Handle one exit of one vCPU; True when the guest is finished."""
+        if isinstance(ex, IoExit):
+            size = ex.size
+            if ex.out:
+                data = ctypes.string_at(ex.data_addr, size * ex.count)
+                for i in range(ex.count):
+                    self.bus.write(ex.port, size,
+                                   int.from_bytes(data[i * size:(i + 1) * size], "little"))
             else:
-                for i in range(io.count):
-                    value = self.bus.read(io.port, size)
-                    ctypes.memmove(base + i * size, value.to_bytes(size, "little"), size)
+                for i in range(ex.count):
+                    value = self.bus.read(ex.port, size)
+                    ctypes.memmove(ex.data_addr + i * size, value.to_bytes(size, "little"),
+                                   size)
             return self.debug_exit.fired.is_set()
-        if reason == ExitReason.KVM_EXIT_MMIO:
-            m = run.exit.mmio
-            what = "write to" if m.is_write else "read from"
-            raise GuestCrashed(f"guest {what} unmapped guest-physical address "
-                               f"{m.phys_addr:#x} ({m.len} bytes)\n{self.describe_cpu()}",
-                               self.serial.text())
-        if reason == ExitReason.KVM_EXIT_HLT:
-            raise GuestCrashed("guest halted with no way to wake it (no interrupt source)\n"
-                               + self.describe_cpu(), self.serial.text())
-        if reason == ExitReason.KVM_EXIT_SHUTDOWN:
-            raise GuestCrashed("guest triple-faulted (KVM_EXIT_SHUTDOWN)\n" + self.describe_cpu(),
-                               self.serial.text())
-        if reason == ExitReason.KVM_EXIT_FAIL_ENTRY:
-            f = run.exit.fail_entry
-            raise GuestCrashed(f"VM entry failed: hardware reason "
-                               f"{f.hardware_entry_failure_reason:#x}\n{self.describe_cpu()}",
-                               self.serial.text())
-        if reason == ExitReason.KVM_EXIT_INTERNAL_ERROR:
-            e = run.exit.emulation_failure
+        crash = self._crash_message(ex)
+        if crash is None:
+            return True                                  # a system event: reset/shutdown
+        raise GuestCrashed(f"{crash}\n{self.describe_cpu(thread.vcpu)}", self.serial.text())
+
+    @staticmethod
+    def _crash_message(ex) -> str | None:
+        if isinstance(ex, MmioExit):
+            what = "write to" if ex.is_write else "read from"
+            return f"guest {what} unmapped guest-physical address {ex.gpa:#x} ({ex.length} bytes)"
+        if isinstance(ex, HaltExit):
+            return "guest halted with no way to wake it (no interrupt source)"
+        if isinstance(ex, ShutdownExit):
+            return "guest triple-faulted (KVM_EXIT_SHUTDOWN)"
+        if isinstance(ex, FailEntryExit):
+            return f"VM entry failed: hardware reason {ex.hardware_reason:#x}"
+        if isinstance(ex, InternalErrorExit):
             try:
-                sub = abi.InternalError(e.suberror).name
+                sub = abi.InternalError(ex.suberror).name
             except ValueError:
-                sub = str(e.suberror)
-            insn = ""
-            if (e.suberror == abi.InternalError.KVM_INTERNAL_ERROR_EMULATION
-                    and e.ndata >= 2 and e.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES):
-                insn = f" instruction bytes: {bytes(e.insn_bytes[:e.insn_size]).hex(' ')}"
-            raise GuestCrashed(f"KVM internal error {sub}{insn} (an instruction this host "
-                               f"cannot emulate?)\n{self.describe_cpu()}", self.serial.text())
-        if reason == ExitReason.KVM_EXIT_SYSTEM_EVENT:
-            return True
+                sub = str(ex.suberror)
+            insn = f" instruction bytes: {ex.insn.hex(' ')}" if ex.insn else ""
+            return f"KVM internal error {sub}{insn} (an instruction this host cannot emulate?)"
+        if isinstance(ex, SystemEventExit):
+            return None
         try:
-            name = ExitReason(reason).name
+            name = abi.ExitReason(ex.reason).name
         except ValueError:
-            name = str(reason)
-        raise GuestCrashed(f"unexpected exit {name}\n{self.describe_cpu()}", self.serial.text())
+            name = str(ex.reason)
+        return f"unexpected exit {name}"
 
     # --- diagnostics ------------------------------------------------------------------
     def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:
@@ -358,14 +400,16 @@ class Machine:
             table = entry & ((1 << 52) - 1) & ~0xFFF
         return None
 
-    def describe_cpu(self) -> str:
-        """Registers and the bytes at rip, for error messages."""
+    def describe_cpu(self, vcpu=None) -> str:
+        """Registers and the bytes at rip of ``vcpu`` (the boot CPU by default)."""
+        vcpu = vcpu or self.vcpu
         try:
-            regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         except KvmError as err:
             return f"(registers unavailable: {err})"
         names = [n for n, _ in abi.kvm_regs._fields_]
-        lines = ["  " + "  ".join(f"{n}={getattr(regs, n):#018x}" for n in names[i:i + 4])
+        lines = [f"  vCPU {vcpu.index}:"] if len(self.vcpus) > 1 else []
+        lines += ["  " + "  ".join(f"{n}={getattr(regs, n):#018x}" for n in names[i:i + 4])
                  for i in range(0, len(names), 4)]
         lines.append(f"  cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
                      f"efer={sregs.efer:#x} cs={sregs.cs.selector:#x}")
@@ -379,13 +423,13 @@ class Machine:
 
     # --- teardown ---------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+        if any(t.started and not t.done.is_set() for t in getattr(self, "threads", [])):
             try:
                 self.stop()
             except GuestError:
                 log.error("vCPU thread did not stop; leaking its VM")
                 return
-        for obj in (getattr(self, "vcpu", None), getattr(self, "vm", None)):
+        for obj in [*getattr(self, "vcpus", []), getattr(self, "vm", None)]:
             if obj is not None:
                 obj.close()
         if getattr(self, "memory", None) is not None:

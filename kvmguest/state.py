@@ -16,7 +16,9 @@ from .errors import EXIT_BAD_INPUT, KvmguestError
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "kvmguest-state"
-STATE_VERSION = 1
+STATE_VERSION = 2              # 2: several vCPUs, LAPIC, irqchip and PIT; 1 still restores
+READABLE_VERSIONS = (1, 2)
+MAX_VCPUS = 1024
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 
@@ -72,9 +74,11 @@ def restore_msrs(vcpu, items: list[tuple[int, int]]) -> None:
         pending = pending[done + 1:]
 
 
-def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int) -> dict:
-    """mp_state first, then regs, sregs, xsave, xcrs, debugregs, MSRs, vcpu events last
-    (events last: the other reads must not change what is pending)."""
+def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int,
+              lapic: bool = False) -> dict:
+    """mp_state first, then regs, sregs, xsave, xcrs, debugregs, the LAPIC (with an
+    in-kernel irqchip), MSRs, vcpu events last (events last: the other reads must not
+    change what is pending)."""
     out = {"cpuid": bytes(cpuid)[:8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2)].hex()}
     out["mp_state"] = _hex(vcpu.get_mp_state())
     out["regs"] = _hex(vcpu.get_regs())
@@ -82,6 +86,8 @@ def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int) -> dict:
     out["xsave"] = vcpu.get_xsave(xsave2_size).hex()
     out["xcrs"] = _hex(vcpu.get_xcrs())
     out["debugregs"] = _hex(vcpu.get_debugregs())
+    if lapic:
+        out["lapic"] = _hex(vcpu.get_lapic())
     out["msrs"] = [[i, v] for i, v in readable_msrs(vcpu, msr_indices).items()]
     out["vcpu_events"] = _hex(vcpu.get_vcpu_events())
     return out
@@ -106,6 +112,8 @@ def check_vcpu_state(state: dict) -> None:
         _cpuid_from_hex(state["cpuid"])
         for name, typ in _STRUCTS:
             _load(typ, state[name], name)
+        if "lapic" in state:
+            _load(abi.kvm_lapic_state, state["lapic"], "lapic")
         bytes.fromhex(state["xsave"])
         if len(state["xsave"]) < 2 * ctypes.sizeof(abi.kvm_xsave):
             raise StateError("state field xsave is shorter than 4096 bytes")
@@ -126,8 +134,8 @@ _STRUCTS = [("mp_state", abi.kvm_mp_state), ("regs", abi.kvm_regs), ("sregs", ab
 
 
 def restore_vcpu(vcpu, state: dict) -> None:
-    """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> MSRs (TSC
-    before TSC-deadline) -> vcpu events."""
+    """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> LAPIC -> MSRs
+    (TSC before TSC-deadline) -> vcpu events."""
     check_vcpu_state(state)
     vcpu.set_cpuid2(_cpuid_from_hex(state["cpuid"]))      # before anything that depends on it
     vcpu.set_mp_state(_load(abi.kvm_mp_state, state["mp_state"], "mp_state"))
@@ -136,6 +144,9 @@ def restore_vcpu(vcpu, state: dict) -> None:
     vcpu.set_xsave(bytes.fromhex(state["xsave"]))
     vcpu.set_xcrs(_load(abi.kvm_xcrs, state["xcrs"], "xcrs"))
     vcpu.set_debugregs(_load(abi.kvm_debugregs, state["debugregs"], "debugregs"))
+    if "lapic" in state:
+        # Before the MSRs: the TSC-deadline MSR only takes in the LAPIC's deadline mode.
+        vcpu.set_lapic(_load(abi.kvm_lapic_state, state["lapic"], "lapic"))
     msrs = dict((int(i), int(v)) for i, v in state["msrs"])
     # The TSC first: the deadline is relative to it.
     ordered = sorted(msrs, key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE, i))
@@ -143,29 +154,48 @@ def restore_vcpu(vcpu, state: dict) -> None:
     vcpu.set_vcpu_events(_load(abi.kvm_vcpu_events, state["vcpu_events"], "vcpu_events"))
 
 
-def save_vm(vm) -> dict:
+CHIPS = (abi.IrqChip.KVM_IRQCHIP_PIC_MASTER, abi.IrqChip.KVM_IRQCHIP_PIC_SLAVE,
+         abi.IrqChip.KVM_IRQCHIP_IOAPIC)
+
+
+def save_vm(vm, irqchip: bool) -> dict:
+    """The KVM clock; with the in-kernel irqchip, the PICs and IOAPIC and the PIT."""
     out = {}
     if vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
         out["clock"] = _hex(vm.get_clock())
+    if irqchip:
+        out["irqchip"] = [_hex(vm.get_irqchip(c)) for c in CHIPS]
+        out["pit2"] = _hex(vm.get_pit2())
     return out
 
 
 def restore_vm(vm, state: dict) -> None:
+    """PIT, clock, then the irqchip (after the vCPUs' LAPICs: pending IOAPIC/PIC
+    interrupts are delivered to LAPICs that already hold their restored state).
+
+    The clock is set to its value at the save: guest time continues from the pause, it
+    does not jump forward by the time the snapshot sat on disk (nor backwards)."""
+    if "pit2" in state:
+        vm.set_pit2(_load(abi.kvm_pit_state2, state["pit2"], "pit2"))
     if "clock" in state and vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
         clock = _load(abi.kvm_clock_data, state["clock"], "clock")
         vm.set_clock(abi.kvm_clock_data(clock=clock.clock))
+    for raw in state.get("irqchip", []):
+        vm.set_irqchip(_load(abi.kvm_irqchip, raw, "irqchip"))
 
 
 def save_machine(machine) -> dict:
-    """Everything but RAM, for a paused machine."""
+    """Everything but RAM, for a machine whose vCPUs are all parked (or never ran)."""
     if machine.running and not machine.paused:
         raise RuntimeError("machine must be paused to capture its state")
     kvm = machine.kvm
     xsave_size = kvm.check_extension(Cap.KVM_CAP_XSAVE2)     # 0: no XSAVE2, use XSAVE
+    indices = machine.msr_indices()
     return {
         "format": STATE_FORMAT, "version": STATE_VERSION,
-        "vcpus": [save_vcpu(machine.vcpu, machine.cpuid, machine.msr_indices(), xsave_size)],
-        "vm": save_vm(machine.vm),
+        "vcpus": [save_vcpu(v, c, indices, xsave_size, lapic=machine.irqchip)
+                  for v, c in zip(machine.vcpus, machine.cpuids)],
+        "vm": save_vm(machine.vm, machine.irqchip),
         "devices": {"serial": machine.serial.save_state(),
                     "debug_exit": machine.debug_exit.save_state()},
         "guest": {"kernel": machine.kernel.path if machine.kernel else machine.origin.get("kernel"),
@@ -174,32 +204,59 @@ def save_machine(machine) -> dict:
     }
 
 
+def machine_shape(state: dict) -> tuple[int, bool]:
+    """(vCPUs, in-kernel irqchip) of the machine a checked state was saved from."""
+    return len(state["vcpus"]), "irqchip" in state.get("vm", {})
+
+
 def check_machine_state(state: dict) -> None:
-    if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+    if state.get("format") != STATE_FORMAT or state.get("version") not in READABLE_VERSIONS:
         raise StateError(f"state format {state.get('format')!r} version {state.get('version')!r} "
                          "is not supported")
     vcpus = state.get("vcpus")
-    if not isinstance(vcpus, list) or len(vcpus) != 1:
-        raise StateError("state must hold exactly one vCPU")
-    check_vcpu_state(vcpus[0])
+    if not isinstance(vcpus, list) or not 1 <= len(vcpus) <= MAX_VCPUS:
+        raise StateError(f"state must hold 1 to {MAX_VCPUS} vCPUs")
+    vm = state.get("vm", {})
+    if not isinstance(vm, dict):
+        raise StateError("state field vm is not an object")
+    irqchip = "irqchip" in vm
+    if len(vcpus) > 1 and not irqchip:
+        raise StateError("several vCPUs without an irqchip")
+    for v in vcpus:
+        if not isinstance(v, dict):
+            raise StateError("a vCPU state is not an object")
+        check_vcpu_state(v)
+        if irqchip != ("lapic" in v):
+            raise StateError("LAPIC state does not match the irqchip")
     devices = state.get("devices")
     if not isinstance(devices, dict) or not isinstance(devices.get("serial"), dict) \
             or not isinstance(devices["serial"].get("regs"), dict):
         raise StateError("state has no serial device state")
-    if not isinstance(state.get("vm", {}), dict):
-        raise StateError("state field vm is not an object")
-    if "clock" in state.get("vm", {}):
-        _load(abi.kvm_clock_data, state["vm"]["clock"], "clock")
+    try:
+        if "clock" in vm:
+            _load(abi.kvm_clock_data, vm["clock"], "clock")
+        if irqchip:
+            chips = vm["irqchip"]
+            if not isinstance(chips, list) or len(chips) != len(CHIPS):
+                raise StateError("irqchip state must hold the two PICs and the IOAPIC")
+            for raw, want in zip(chips, CHIPS):
+                if _load(abi.kvm_irqchip, raw, "irqchip").chip_id != want:
+                    raise StateError("irqchip state is out of order")
+            _load(abi.kvm_pit_state2, vm["pit2"], "pit2")
+    except (KeyError, TypeError) as err:
+        raise StateError(f"VM state is missing or has a bad field: {err}") from None
 
 
 def restore_machine(machine, state: dict) -> None:
-    """vCPU first, VM-wide state after, our own devices last."""
+    """Every vCPU first (all before any runs), VM-wide state after, our devices last."""
     check_machine_state(state)
-    restore_vcpu(machine.vcpu, state["vcpus"][0])
+    if machine_shape(state) != (len(machine.vcpus), machine.irqchip):
+        raise StateError("the machine does not have the saved vCPUs and irqchip")
+    for vcpu, vstate in zip(machine.vcpus, state["vcpus"]):
+        restore_vcpu(vcpu, vstate)
     restore_vm(machine.vm, state.get("vm", {}))
     machine.serial.restore_state(state["devices"]["serial"])
     machine.debug_exit.restore_state(state["devices"].get("debug_exit", {}))
-    machine.origin = dict(state.get("guest", {}))
 
 
 def vcpu_summary(state: dict) -> dict:

@@ -17,7 +17,7 @@ from kvmguest.machine import Machine, open_kvm
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import MAP_NORESERVE
 from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
-from kvmguest.state import StateError, check_machine_state, restore_machine
+from kvmguest.state import StateError, check_machine_state
 
 from . import format as fmt
 from .format import SnapshotError
@@ -219,8 +219,11 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
         finally:
             os.close(fd)
         try:
-            machine = Machine(None, guest_memory=memory, kvm=kvm, own_kvm=True,
-                              stream=stream, console_capacity=console_capacity)
+            machine = Machine.from_state(state, memory, kvm=kvm, own_kvm=True,
+                                         stream=stream, console_capacity=console_capacity)
+        except (StateError, ValueError) as err:
+            memory.close()
+            raise SnapshotError(f"state cannot be applied: {err}") from None
         except BaseException:
             memory.close()
             raise
@@ -229,13 +232,5 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
         raise
     if lease is not None:
         lease.attach(machine)
-    try:
-        restore_machine(machine, state)
-    except (StateError, ValueError) as err:
-        machine.close()
-        raise SnapshotError(f"state cannot be applied: {err}") from None
-    except BaseException:
-        machine.close()
-        raise
     return machine, RestoreReport(os.path.abspath(path), lazy, loaded, loaded * PAGE,
                                   time.perf_counter() - t)

@@ -35,8 +35,20 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 E820_RAM = 1
 E820_RESERVED = 2
 
-# Ports of the devices every guest has.
+# Ports of the devices every guest has, and COM1's ISA interrupt line.
 COM1_PORT = 0x3F8
+COM1_IRQ = 4
 DEBUG_EXIT_PORT = 0xF4
+
+# ACPI tables, in the BIOS area [0xE0000, 0x100000) where an OS scans for the RSDP on a
+# 16-byte boundary (and also passed in hvm_start_info.rsdp_paddr). The memory map
+# reports [640 KiB, 1 MiB) reserved, so the tables stay out of the guest's RAM.
+ACPI_RSDP = 0xE0000
+ACPI_TABLES = 0xE0100          # XSDT, MADT, FADT, DSDT follow one another from here
+ACPI_END = 0xF0000
+
+# The in-kernel irqchip's MMIO windows (architectural defaults, inside the MMIO hole).
+LAPIC_BASE = 0xFEE00000
+IOAPIC_BASE = 0xFEC00000
 
 MIN_MEMORY = 4 * MiB

@@ -212,8 +212,9 @@ def check_fits(kernel: Kernel, regions, cmdline: str = "") -> bytes:
     return blob
 
 
-def load(memory, kernel: Kernel, cmdline: str = "") -> int:
-    """Write the kernel and the PVH boot structures into guest memory; return start_info."""
+def load(memory, kernel: Kernel, cmdline: str = "", rsdp_paddr: int = 0) -> int:
+    """Write the kernel and the PVH boot structures into guest memory; return start_info.
+    ``rsdp_paddr`` is where the ACPI RSDP is (0: no ACPI tables)."""
     blob = check_fits(kernel, memory.regions, cmdline)
     for s in kernel.segments:
         memory.write(s.paddr, s.data)
@@ -226,6 +227,7 @@ def load(memory, kernel: Kernel, cmdline: str = "") -> int:
         *[hvm_memmap_table_entry(a, n, t, 0) for a, n, t in entries])
     memory.write(layout.MEMMAP, bytes(table))
     info = hvm_start_info(magic=layout.HVM_START_MAGIC, version=1, cmdline_paddr=layout.CMDLINE,
-                          memmap_paddr=layout.MEMMAP, memmap_entries=len(entries))
+                          rsdp_paddr=rsdp_paddr, memmap_paddr=layout.MEMMAP,
+                          memmap_entries=len(entries))
     memory.write_struct(layout.START_INFO, info)
     return layout.START_INFO

@@ -1,9 +1,11 @@
-"""A 16550 UART with enough of the register model for a polling driver.
+"""A 16550 UART: enough of the register model for polling and interrupt-driven drivers.
 
 Output is kept in a bounded buffer (the newest ``capacity`` bytes; older bytes are
 counted as dropped) and optionally streamed to a callback. Input is a queue the guest
-reads from RBR, with LSR.DR telling it that a byte is waiting. No interrupts: the VM has
-no interrupt controller, so IER is stored but never acted on."""
+reads from RBR, with LSR.DR telling it that a byte is waiting. With an interrupt line
+(``irq(level)``, the in-kernel irqchip's IRQ 4), the UART raises received-data and
+transmitter-empty interrupts as IER enables them and reports them in IIR, as a 16550
+does; without one, IER is stored but never acted on."""
 
 from __future__ import annotations
 
@@ -17,12 +19,18 @@ LCR_DLAB = 0x80
 LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
 MSR_DCD_DSR_CTS = 0xB0
 IIR_NO_INT, IIR_FIFO_ENABLED = 0x01, 0xC0
+IIR_THRE, IIR_RDA = 0x02, 0x04
+IER_RDA, IER_THRE = 0x01, 0x02
 
 
 class Serial:
-    def __init__(self, capacity: int = 1 << 20, stream: Callable[[bytes], None] | None = None):
+    def __init__(self, capacity: int = 1 << 20, stream: Callable[[bytes], None] | None = None,
+                 irq: Callable[[int], None] | None = None):
         self.capacity = capacity
         self.stream = stream
+        self.irq = irq
+        self.irq_level = 0           # what we last drove the line to
+        self.thre_pending = False    # a transmitter-empty interrupt not yet acknowledged
         self._out = bytearray()
         self.dropped = 0
         self._in: collections.deque[int] = collections.deque()
@@ -41,9 +49,30 @@ class Serial:
         return self.output.decode("utf-8", "replace").replace("\r\n", "\n")
 
     def feed(self, data: bytes) -> None:
-        """Queue input for the guest."""
+        """Queue input for the guest (it gets a received-data interrupt if it enabled one)."""
         with self._lock:
             self._in.extend(data)
+        self._update_irq()
+
+    send = feed
+
+    def _pending(self) -> int:
+        """The IIR code of the highest-priority pending interrupt (IIR_NO_INT if none)."""
+        ier = self.regs["ier"]
+        if ier & IER_RDA and self._in:
+            return IIR_RDA
+        if ier & IER_THRE and self.thre_pending:
+            return IIR_THRE
+        return IIR_NO_INT
+
+    def _update_irq(self) -> None:
+        if self.irq is None:
+            return
+        with self._lock:
+            level = 0 if self._pending() == IIR_NO_INT else 1
+            changed, self.irq_level = level != self.irq_level, level
+        if changed:
+            self.irq(level)
 
     def wait_for(self, text: str | bytes, timeout: float) -> bool:
         """Wait until the console output holds ``text`` (checked at each newline); a test's
@@ -73,11 +102,18 @@ class Serial:
             if dlab:
                 return self.regs["dll"]
             with self._lock:
-                return self._in.popleft() if self._in else 0
+                value = self._in.popleft() if self._in else 0
+            self._update_irq()
+            return value
         if offset == IER:
             return self.regs["dlm"] if dlab else self.regs["ier"]
         if offset == IIR_FCR:
-            return IIR_NO_INT | (IIR_FIFO_ENABLED if self.regs["fcr"] & 1 else 0)
+            with self._lock:
+                code = self._pending()
+                if code == IIR_THRE:        # reading IIR acknowledges THRE
+                    self.thre_pending = False
+            self._update_irq()
+            return code | (IIR_FIFO_ENABLED if self.regs["fcr"] & 1 else 0)
         if offset == LCR:
             return self.regs["lcr"]
         if offset == MCR:
@@ -98,8 +134,16 @@ class Serial:
                 self.regs["dll"] = value
             else:
                 self._emit(value)
+                self.thre_pending = True    # sent at once: the THR is empty again
+                self._update_irq()
         elif offset == IER:
-            self.regs["dlm" if dlab else "ier"] = value
+            if dlab:
+                self.regs["dlm"] = value
+            else:
+                if value & IER_THRE and not self.regs["ier"] & IER_THRE:
+                    self.thre_pending = True  # enabling THRE with the THR empty: interrupt
+                self.regs["ier"] = value & 0x0F
+                self._update_irq()
         elif offset == IIR_FCR:
             self.regs["fcr"] = value
         elif offset == LCR:
@@ -111,7 +155,8 @@ class Serial:
 
     def save_state(self) -> dict:
         with self._lock:
-            return {"regs": dict(self.regs), "input": bytes(self._in).hex()}
+            return {"regs": dict(self.regs), "input": bytes(self._in).hex(),
+                    "thre_pending": self.thre_pending, "irq_level": self.irq_level}
 
     def restore_state(self, state: dict) -> None:
         regs = state["regs"]
@@ -121,3 +166,8 @@ class Serial:
         self.regs.update(regs)
         with self._lock:
             self._in = collections.deque(bytes.fromhex(state.get("input", "")))
+            self.thre_pending = bool(state.get("thre_pending", False))
+            # The line level is remembered, not driven again: an interrupt raised before
+            # the save is in the restored irqchip state (IOAPIC/PIC IRR) or was delivered
+            # already; raising the line here would be a second edge, a second interrupt.
+            self.irq_level = 1 if state.get("irq_level") else 0

@@ -1,0 +1,226 @@
+"""A vCPU's thread: the KVM_RUN loop, the kick, the pause handshake and exit decoding.
+
+Each vCPU of a Machine runs in its own :class:`VcpuThread`. The thread decodes every exit
+into a typed record (:func:`decode_exit`) and hands it to the machine's handler, which
+says whether the guest is finished. Pausing is a handshake: the requester sets a flag
+and kicks the thread (immediate_exit plus a real-time signal of our own); the thread
+enters KVM_RUN once more with immediate_exit so that KVM completes a pending I/O (an
+IN's value lands in the registers), then parks until it is resumed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import abi
+from .abi import ExitReason
+
+log = logging.getLogger(__name__)
+
+# The kick that makes KVM_RUN return: a real-time signal of our own (SIGUSR1/2 belong to
+# the application embedding us). Its handler does nothing; EINTR is the point.
+KICK_SIGNAL = signal.SIGRTMIN + 2
+_kick_installed = False
+
+
+def install_kick_handler() -> bool:
+    """Install the no-op kick handler (main thread only); True once it is in place."""
+    global _kick_installed
+    if not _kick_installed and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+        _kick_installed = True
+    return _kick_installed
+
+
+# --- typed exits -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IoExit:
+    port: int
+    size: int
+    count: int
+    out: bool
+    data_addr: int          # where KVM keeps the data in the kvm_run page
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    gpa: int
+    length: int
+    is_write: bool
+
+
+@dataclass(frozen=True)
+class HaltExit:
+    pass
+
+
+@dataclass(frozen=True)
+class ShutdownExit:
+    pass
+
+
+@dataclass(frozen=True)
+class FailEntryExit:
+    hardware_reason: int
+
+
+@dataclass(frozen=True)
+class InternalErrorExit:
+    suberror: int
+    insn: bytes             # the instruction bytes, when KVM reports them
+
+
+@dataclass(frozen=True)
+class SystemEventExit:
+    type: int
+
+
+@dataclass(frozen=True)
+class OtherExit:
+    reason: int
+
+
+Exit = (IoExit | MmioExit | HaltExit | ShutdownExit | FailEntryExit | InternalErrorExit
+        | SystemEventExit | OtherExit)
+
+
+def decode_exit(run: abi.kvm_run) -> Exit:
+    """The kvm_run page after an exit, as a typed record."""
+    reason = run.exit_reason
+    if reason == ExitReason.KVM_EXIT_IO:
+        io = run.exit.io
+        return IoExit(io.port, io.size, io.count, io.direction == abi.KVM_EXIT_IO_OUT,
+                      ctypes.addressof(run) + io.data_offset)
+    if reason == ExitReason.KVM_EXIT_MMIO:
+        m = run.exit.mmio
+        return MmioExit(m.phys_addr, m.len, bool(m.is_write))
+    if reason == ExitReason.KVM_EXIT_HLT:
+        return HaltExit()
+    if reason == ExitReason.KVM_EXIT_SHUTDOWN:
+        return ShutdownExit()
+    if reason == ExitReason.KVM_EXIT_FAIL_ENTRY:
+        return FailEntryExit(run.exit.fail_entry.hardware_entry_failure_reason)
+    if reason == ExitReason.KVM_EXIT_INTERNAL_ERROR:
+        e = run.exit.emulation_failure
+        insn = b""
+        if (e.suberror == abi.InternalError.KVM_INTERNAL_ERROR_EMULATION and e.ndata >= 2
+                and e.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES):
+            insn = bytes(e.insn_bytes[:e.insn_size])
+        return InternalErrorExit(e.suberror, insn)
+    if reason == ExitReason.KVM_EXIT_SYSTEM_EVENT:
+        return SystemEventExit(run.exit.system_event.type)
+    return OtherExit(reason)
+
+
+# --- the thread --------------------------------------------------------------------------
+class VcpuThread:
+    """Runs one vCPU. ``handler(thread, exit)`` returns True when the guest is finished;
+    ``on_done(thread)`` is called once when the loop ends (finished, failed or stopped)."""
+
+    def __init__(self, vcpu, handler: Callable[["VcpuThread", Exit], bool],
+                 on_done: Callable[["VcpuThread"], None]):
+        self.vcpu, self.index = vcpu, vcpu.index
+        self.handler, self.on_done = handler, on_done
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._pause_req = threading.Event()
+        self._paused = threading.Event()
+        self._resume = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.finished = False            # the handler said the guest is finished
+        self.exits = 0
+        self.first_run_at: float | None = None   # perf_counter() at the first KVM_RUN
+        self.finished_at = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def parked(self) -> bool:
+        """Paused at an instruction boundary (or not running at all)."""
+        return self._paused.is_set() or self.done.is_set()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"vCPU {self.index} already started")
+        self._thread = threading.Thread(target=self._loop, name=f"vcpu{self.index}",
+                                        daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return as soon as possible (also from a halt inside KVM)."""
+        run = self.vcpu.run_struct
+        if run is not None:
+            run.immediate_exit = 1
+        t = self._thread
+        if t is not None and t.ident is not None and t.is_alive() and _kick_installed:
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def request_pause(self) -> None:
+        self._resume.clear()
+        self._pause_req.set()
+        self.kick()
+
+    def resume(self) -> None:
+        """Release a parked vCPU, or withdraw a pause request it has not honoured yet."""
+        self._pause_req.clear()
+        self._paused.clear()
+        self._resume.set()
+
+    def stop(self) -> None:
+        """Ask the loop to end (the vCPU does not run again); see :meth:`join`."""
+        self._stop.set()
+        self._resume.set()
+        self.kick()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the loop to end, kicking it meanwhile; False if it did not."""
+        deadline = time.monotonic() + timeout
+        while self._thread is not None and self._thread.is_alive():
+            self.kick()
+            self._thread.join(0.005)
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    def _loop(self) -> None:
+        run = self.vcpu.run_struct
+        self.first_run_at = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                if self._pause_req.is_set():
+                    # Enter once with immediate_exit so KVM completes any pending I/O
+                    # (the registers then hold what an IN returned), then park.
+                    run.immediate_exit = 1
+                    self.vcpu.run()
+                    self._paused.set()
+                    self._resume.wait()
+                    run.immediate_exit = 0
+                    continue
+                if not self.vcpu.run():
+                    if not (self._pause_req.is_set() or self._stop.is_set()):
+                        run.immediate_exit = 0
+                    continue
+                self.exits += 1
+                if self.handler(self, decode_exit(run)):
+                    self.finished = True
+                    break
+        except BaseException as err:  # noqa: BLE001 - reported through Machine.wait()
+            self.error = err
+        finally:
+            self.finished_at = time.monotonic()
+            self._paused.set()
+            self.done.set()
+            self.on_done(self)
