@@ -18,6 +18,7 @@
 #define PTE_P_RW_US 0x7
 #define PDE_LARGE   0x87      /* present, writable, user, 2 MiB page */
 #define BOOT_MAPPED_2M 4      /* entry maps the first 8 MiB (the image lives there); rt.c the rest */
+#define AP_STACK_SHIFT 14     /* 16 KiB a CPU */
 
     /* The PVH note: Xen's XEN_ELFNOTE_PHYS32_ENTRY (18), a 32-bit entry point. */
     .section .note.Xen, "a", @note
@@ -84,6 +85,112 @@ long_entry:
     hlt
     jmp 2b
 
+/*
+ * AP bring-up. The boot CPU copies ap_trampoline (16-bit code) to TRAMPOLINE (0x8000)
+ * and sends INIT + SIPI with vector 0x08: the AP starts in real mode at 0x0800:0000,
+ * loads our GDT, enters protected mode and jumps into the image (ap_entry32), where it
+ * takes the boot CPU's page tables into long mode and calls rt_ap_main on its own stack.
+ */
+#define TRAMPOLINE 0x8000
+    .code16
+    .globl ap_trampoline, ap_trampoline_end
+ap_trampoline:
+    cli
+    cld
+    lgdtl %cs:(ap_gdt_ptr - ap_trampoline)
+    movl %cr0, %eax
+    orl $CR0_PE, %eax
+    movl %eax, %cr0
+    ljmpl $0x18, $ap_entry32
+    .balign 4
+ap_gdt_ptr:
+    .word rt_gdt_end - rt_gdt - 1
+    .long rt_gdt
+ap_trampoline_end:
+
+    .code32
+ap_entry32:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl %cr4, %eax
+    orl $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %eax
+    movl %eax, %cr4
+    movl $rt_pml4, %eax
+    movl %eax, %cr3
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl %cr0, %eax
+    andl $~CR0_EM, %eax
+    orl $(CR0_PE | CR0_MP | CR0_PG), %eax
+    movl %eax, %cr0
+    ljmp $0x08, $ap_long
+
+    .code64
+ap_long:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movl $1, %eax
+    lock xaddl %eax, rt_ap_next          /* this AP's slot: 1, 2, ... */
+    incl %eax
+    movl %eax, %edi
+    movq %rdi, %rsp
+    shlq $AP_STACK_SHIFT, %rsp
+    addq $rt_ap_stacks, %rsp             /* the top of its 16 KiB */
+    call rt_ap_main
+4:  cli
+    hlt
+    jmp 4b
+
+/* Interrupt stubs for vectors 32..255: push the vector, save the caller-saved registers,
+ * call rt_interrupt(vector), restore, iretq. */
+    .text
+    .balign 16
+    .globl rt_irq_stubs
+rt_irq_stubs:
+    .set vec, 32
+    .rept 224
+    .balign 16
+    pushq $vec
+    jmp irq_common
+    .set vec, vec + 1
+    .endr
+irq_common:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %rbp
+    movq 80(%rsp), %rdi                  /* the vector */
+    movq %rsp, %rbp
+    andq $~0xf, %rsp
+    call rt_interrupt
+    movq %rbp, %rsp
+    popq %rbp
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $8, %rsp
+    iretq
+
 /* Exception stubs: push a dummy error code where the CPU pushes none. */
     .text
 #define EXC_NOERR(n) exc_##n: pushq $0; pushq $n; jmp exc_common
@@ -147,4 +254,8 @@ rt_pdpt:    .skip 4096
 rt_pd_pool: .skip 4096 * 64      /* 2 MiB pages for up to 64 GiB of guest-physical space */
 boot_stack: .skip 16384
 boot_stack_top:
+    .globl rt_ap_stacks, rt_ap_next
+    .balign 4096
+rt_ap_stacks: .skip 16384 * 64       /* the n-th AP to arrive (n = 1, 2, ...) uses [(n-1) * 16K, n * 16K) */
+rt_ap_next: .long 0
     .section .note.GNU-stack, "", @progbits

@@ -15,7 +15,8 @@ struct rt_exc_frame { u64 vector, error, rip, cs, rflags, rsp, ss; };
 static const struct hvm_start_info *start_info;
 extern u64 rt_pml4[], rt_pdpt[], rt_pd_pool[];
 extern u64 rt_exc_stubs[];
-static u64 idt[20 * 2] __attribute__((aligned(16)));
+static u64 idt[256 * 2] __attribute__((aligned(16)));
+extern char rt_irq_stubs[];
 
 void *memset(void *d, int c, size_t n) { u8 *p = d; while (n--) *p++ = (u8)c; return d; }
 void *memcpy(void *d, const void *s, size_t n) { u8 *p = d; const u8 *q = s; while (n--) *p++ = *q++; return d; }
@@ -206,16 +207,27 @@ void map_2m(u64 addr)
     __asm__ volatile("invlpg (%0)" :: "r"(addr) : "memory");
 }
 
-static void setup_idt(void)
+void rt_set_gate(u32 v, u64 h)
 {
-    for (int v = 0; v < 20; v++) {
-        u64 h = rt_exc_stubs[v];
-        idt[v * 2] = (h & 0xffff) | (0x08UL << 16) | (0x8eUL << 40) | ((h >> 16 & 0xffff) << 48);
-        idt[v * 2 + 1] = h >> 32;
-    }
+    idt[v * 2] = (h & 0xffff) | (0x08UL << 16) | (0x8eUL << 40) | ((h >> 16 & 0xffff) << 48);
+    idt[v * 2 + 1] = h >> 32;
+}
+
+void rt_load_idt(void)
+{
     struct { u16 limit; u64 base; } __attribute__((packed)) p = { sizeof(idt) - 1, (u64)idt };
     __asm__ volatile("lidt %0" :: "m"(p));
 }
+
+/* Exceptions 0-19, then interrupt stubs (16 bytes each) for vectors 32-255. */
+static void setup_idt(void)
+{
+    for (u32 v = 0; v < 20; v++) rt_set_gate(v, rt_exc_stubs[v]);
+    for (u32 v = 32; v < 256; v++) rt_set_gate(v, (u64)rt_irq_stubs + (v - 32) * 16);
+    rt_load_idt();
+}
+
+u64 rt_rsdp(void) { return start_info ? start_info->rsdp_paddr : 0; }
 
 void rt_exception(struct rt_exc_frame *f)
 {
