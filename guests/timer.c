@@ -57,8 +57,6 @@ int main(void)
     set_irq_handler(V_LAPIC, on_lapic);
     set_irq_handler(V_DEADLINE, on_deadline);
     set_irq_handler(V_PIT, on_pit);
-    outb(0x21, 0xff);                             /* the PICs stay masked: IOAPIC only */
-    outb(0xa1, 0xff);
     apic_init();
     ioapic_route(0, V_PIT, 0);
     pit_periodic(PIT_HZ);

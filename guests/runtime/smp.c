@@ -102,6 +102,12 @@ void apic_init(void)
     u64 base = rdmsr(MSR_APIC_BASE) | APIC_BASE_ENABLE;
     wrmsr(MSR_APIC_BASE, x2 ? base | APIC_BASE_X2 : base);
     apic_write(APIC_SVR, 0x100 | SPURIOUS_VECTOR);
+    if (cpu_id() == 0) {
+        /* Mask the 8259 PICs: ISA interrupts come through the IOAPIC. (Left as after
+         * reset, a PIC would hand IRQ n to the boot CPU as vector n: an exception.) */
+        outb(0x21, 0xff);
+        outb(0xa1, 0xff);
+    }
 }
 
 u32 cpu_id(void)

@@ -61,7 +61,7 @@ u32 cpu_id(void);                         /* this CPU's APIC ID (= its index her
 void smp_start(void (*ap_main)(u32 id)); /* start every AP; returns once all are online */
 
 /* Local APIC: x2APIC (MSRs) unless the command line says "xapic" (MMIO at 0xfee00000). */
-void apic_init(void);                     /* this CPU: enable its LAPIC */
+void apic_init(void);                     /* this CPU: enable its LAPIC (CPU 0: mask the PICs) */
 int apic_is_x2(void);
 void apic_eoi(void);
 void apic_send_ipi(u32 dest, u32 vector);
