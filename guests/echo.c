@@ -8,20 +8,15 @@
 #define COM1_IRQ 4
 #define VECTOR 0x44
 
-static char line[128];
-static volatile u32 len, ready, interrupts;
+static volatile char ring[256];
+static volatile u32 head, tail, interrupts;      /* the handler writes head, main reads */
 
 static void on_rx(u32 v)
 {
     interrupts++;
     while (inb(COM1 + 5) & 1) {
         char c = (char)inb(COM1);
-        if (ready) continue;                      /* the main loop has not taken the last */
-        if (c == '\r' || c == '\n') {
-            if (len) ready = 1;
-        } else if (len < sizeof(line) - 1) {
-            line[len++] = c;
-        }
+        if (head - tail < sizeof(ring)) ring[head++ % sizeof(ring)] = c;
     }
 }
 
@@ -34,13 +29,20 @@ int main(void)
     outb(COM1 + 4, 0x0b);                         /* DTR, RTS, OUT2 */
     outb(COM1 + 1, 0x01);                         /* IER: received data available */
     printf("echo: ready\n");
+    char line[128];
+    u32 len = 0;
     for (;;) {
-        while (!ready) sti_hlt();
+        while (tail == head) sti_hlt();
+        char c = ring[tail++ % sizeof(ring)];
+        if (c != '\r' && c != '\n') {
+            if (len < sizeof(line) - 1) line[len++] = c;
+            continue;
+        }
+        if (!len) continue;
         line[len] = 0;
         printf("echo: %s\n", line);
         int quit = len == 4 && !strncmp(line, "quit", 4);
         len = 0;
-        ready = 0;
         if (quit) break;
     }
     printf("echo: bye after %u interrupts\n", interrupts);
