@@ -63,13 +63,14 @@ def kvm_available():
 @pytest.fixture
 def boot_guest(kvm_available):
     """Boot a PVH ELF and return its GuestResult: ``boot_guest(path, cmdline=, memory=,
-    timeout=)``. Machines are closed at teardown."""
+    timeout=, vcpus=)``. Machines are closed at teardown."""
     from .machine import Machine
 
     machines = []
 
-    def boot(kernel, cmdline: str = "", memory: int = 64 << 20, timeout: float = 30.0):
-        m = Machine(str(kernel), memory=memory, cmdline=cmdline)
+    def boot(kernel, cmdline: str = "", memory: int = 64 << 20, timeout: float = 30.0,
+             vcpus: int = 1):
+        m = Machine(str(kernel), memory=memory, cmdline=cmdline, vcpus=vcpus)
         machines.append(m)
         return m.run(timeout=timeout)
 

@@ -70,6 +70,16 @@ int cpu_count(void)
     return n ? n : (n = 1);
 }
 
+u32 isa_gsi(u32 irq)
+{
+    const u8 *madt = find_table("APIC");
+    if (!madt) return irq;
+    u32 len = *(const u32 *)(madt + 4);
+    for (u32 off = 44; off + 2 <= len && madt[off + 1]; off += madt[off + 1])
+        if (madt[off] == 2 && madt[off + 3] == irq) return *(const u32 *)(madt + off + 4);
+    return irq;
+}
+
 /* --- mappings ----------------------------------------------------------------------- */
 static void map_mmio(u64 addr)   /* a 2 MiB uncached identity mapping below 4 GiB */
 {
@@ -155,8 +165,9 @@ int have_tsc_deadline(void)
 void apic_timer_tsc_deadline(u32 vector) { apic_write(APIC_LVT_TIMER, (2 << 17) | vector); }
 
 /* --- IOAPIC and PIT ------------------------------------------------------------------ */
-void ioapic_route(u32 pin, u32 vector, u32 dest)
+void ioapic_route(u32 irq, u32 vector, u32 dest)
 {
+    u32 pin = isa_gsi(irq);
     static int mapped;
     if (!mapped) { map_mmio(IOAPIC_BASE); mapped = 1; }
     volatile u32 *sel = (volatile u32 *)IOAPIC_BASE, *win = (volatile u32 *)(IOAPIC_BASE + 0x10);

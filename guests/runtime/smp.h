@@ -71,8 +71,10 @@ int have_tsc_deadline(void);
 void apic_timer_tsc_deadline(u32 vector);  /* deadline mode; arm with wrmsr(0x6e0, tsc) */
 #define MSR_TSC_DEADLINE 0x6e0
 
-/* IOAPIC: ISA IRQ `pin` (KVM routes IRQ n to pin n) -> vector on CPU `dest`, edge, high. */
-void ioapic_route(u32 pin, u32 vector, u32 dest);
+/* IOAPIC: ISA IRQ `irq` (on the pin the MADT's overrides say: IRQ 0 is pin 2 under QEMU,
+ * pin 0 under kvmguest, as KVM routes it) -> vector on CPU `dest`, edge, active high. */
+u32 isa_gsi(u32 irq);
+void ioapic_route(u32 irq, u32 vector, u32 dest);
 
 /* Interrupt handlers for vectors 32..254; the runtime sends the EOI after the handler. */
 void set_irq_handler(u32 vector, void (*h)(u32 vector));
