@@ -271,7 +271,8 @@ def _inspect_text(info: dict) -> str:
     lines = [f"{p(info['path'])}: valid, complete kvmguest snapshot ({info['format']}, "
              f"version {info['version']})",
              f"  file size {info['file_size']} bytes ({info['allocated']} allocated); "
-             f"RAM {info['ram_size'] >> 20} MiB"]
+             f"RAM {info['ram_size'] >> 20} MiB; {info['vcpus']} vCPU(s), "
+             f"{'in-kernel irqchip' if info['irqchip'] else 'no irqchip'}"]
     for b in info.get("blocks", []):
         where = (f"page area at {b['pages_offset']:#x}" if "pages_offset" in b
                  else f"{b['records']} page records")
@@ -280,7 +281,7 @@ def _inspect_text(info: dict) -> str:
                      f"{where}")
     st = info.get("state", {})
     if st:
-        lines.append(f"  vCPU: rip {st['rip']:#x} rsp {st['rsp']:#x} cr3 {st['cr3']:#x} "
+        lines.append(f"  vCPU 0: rip {st['rip']:#x} rsp {st['rsp']:#x} cr3 {st['cr3']:#x} "
                      f"mode {st['mode']}; {st['msrs']} MSRs")
         lines.append(f"  guest: {p(st.get('kernel'))} cmdline {p(repr(st.get('cmdline')))}")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from kvmguest.memory import PAGE_SIZE
 
 MAGIC = b"KVMGSNAP"
 STREAM_MAGIC = b"KVMGSTRM"        # the streaming baseline (migrate/stream.py)
-VERSION = 1
+VERSION = 2                      # 2: state of several vCPUs, LAPICs, irqchip, PIT
+READABLE_VERSIONS = (1, 2)       # a version-1 file (one vCPU, no irqchip) restores as is
 FLAG_COMPLETE = 1 << 0
 HEADER_SIZE = 4096
 SECTION_ALIGN = 4096
@@ -75,7 +76,7 @@ class Record:
 
 HEADER = Record([
     Field("magic", "8s", "`KVMGSNAP`"),
-    Field("version", "I", "1"),
+    Field("version", "I", "2 (1 is still read)"),
     Field("flags", "I", "bit 0 `COMPLETE`: set only by the last write of a finished save"),
     Field("page_size", "I", "4096"),
     Field("nblocks", "I", f"RAM blocks, 1 to {MAX_BLOCKS}"),
@@ -248,6 +249,7 @@ class Snapshot:
     present: list[np.ndarray] = field(default_factory=list)
     state: dict = field(default_factory=dict)
     state_length: int = 0
+    version: int = VERSION
 
     @property
     def ram_size(self) -> int:
@@ -302,9 +304,9 @@ def _validate(path: str, fd: int) -> Snapshot:
     table_offset, table_length = h["table_offset"], h["table_length"]
     state_offset, state_length, file_size = h["state_offset"], h["state_length"], h["file_size"]
     table_crc, state_crc, header_crc = h["table_crc"], h["state_crc"], h["header_crc"]
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise SnapshotError(f"snapshot format version {version}; this kvmguest reads "
-                            f"version {VERSION}")
+                            f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     if not flags & FLAG_COMPLETE:
         raise SnapshotError("snapshot is incomplete: the save that wrote it did not finish")
     if header_crc != crc(head[:_HEADER_CRC_AT]):
@@ -412,7 +414,7 @@ def _validate(path: str, fd: int) -> Snapshot:
         raise SnapshotError(f"state does not decode: {err}") from None
     if not isinstance(state, dict) or state.get("format") != "kvmguest-state":
         raise SnapshotError("state section is not kvmguest state")
-    return Snapshot(path, size, layout, present_maps, state, state_length)
+    return Snapshot(path, size, layout, present_maps, state, state_length, version)
 
 
 def with_present(layout: Layout, present: list[np.ndarray]) -> Layout:

@@ -17,13 +17,14 @@ from .reader import open_snapshot, read_magic, validate
 
 def _describe_mapped(info: dict, path: str, fd: int) -> None:
     snap = validate(path, fd)
-    info.update(valid=True, format="mapped-ram", version=fmt.VERSION, ram_size=snap.ram_size,
+    info.update(valid=True, format="mapped-ram", version=snap.version, ram_size=snap.ram_size,
                 pages_present=snap.pages_present,
                 blocks=[{"name": b.name, "slot": b.slot, "gpa": b.gpa, "size": b.size,
                          "pages": b.npages, "pages_present": b.pages_present,
                          "pages_offset": b.pages_offset, "bitmap_offset": b.bitmap_offset}
                         for b in snap.layout.blocks],
-                state=vcpu_summary(snap.state), state_length=snap.state_length)
+                state=vcpu_summary(snap.state), state_length=snap.state_length,
+                vcpus=len(snap.state["vcpus"]), irqchip="irqchip" in snap.state.get("vm", {}))
 
 
 def _describe_stream(info: dict, path: str, fd: int) -> None:
@@ -36,7 +37,8 @@ def _describe_stream(info: dict, path: str, fd: int) -> None:
                 blocks=[{"name": b.name, "slot": b.slot, "gpa": b.gpa, "size": b.size,
                          "pages": b.npages, "pages_present": int(n), "records": int(r)}
                         for b, n, r in zip(s.blocks, present, records)],
-                state=vcpu_summary(s.state))
+                state=vcpu_summary(s.state), vcpus=len(s.state["vcpus"]),
+                irqchip="irqchip" in s.state.get("vm", {}))
 
 
 def describe(path: str) -> dict:

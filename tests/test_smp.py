@@ -258,5 +258,13 @@ def test_a_version_1_snapshot_still_restores(machine_factory, tmp_path):
         w.finish(state)
     finally:
         r.close()
+    with open(old, "r+b") as f:                      # and the header says version 1
+        head = bytearray(f.read(fmt.HEADER_SIZE))
+        struct.pack_into("<I", head, fmt.HEADER.offsets["version"], 1)
+        at = fmt.HEADER.offsets["header_crc"]
+        struct.pack_into("<I", head, at, fmt.crc(bytes(head[:at])))
+        f.seek(0)
+        f.write(head)
+    assert fmt.read_snapshot(str(old)).version == 1
     p = cli("restore", old, "--timeout", "3")
     assert p.returncode == 124 and "dirty: pass" in p.stdout and "BAD" not in p.stdout
