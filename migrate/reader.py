@@ -4,6 +4,7 @@ the vCPU and device state. The snapshot is opened read-only and never written.""
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
@@ -22,6 +23,8 @@ from kvmguest.state import StateError, check_machine_state
 from . import format as fmt
 from .format import SnapshotError
 from .lease import SnapshotLease
+
+log = logging.getLogger(__name__)
 from .pageio import (MAX_IO, check_threads, data_extents, fault_point, open_regular, pread_into,
                      runs_of_mask, split_runs)
 
@@ -211,6 +214,8 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
                 state, lazy = info.state, False
             else:
                 snap = validate(path, fd)
+                log.debug("%s: valid (version %d): %d vCPU(s), %d pages present", path,
+                          snap.version, len(snap.state["vcpus"]), snap.pages_present)
                 state = snap.state
                 memory, loaded = load_memory(snap, fd, lazy, threads, progress)
                 if lazy:
