@@ -62,13 +62,14 @@ class Report:
                 "|---|---|---|---|---|---|---|")
         return head + "\n" + "\n".join(self.row(f) for f in self.figures)
 
-    def write(self, title: str) -> Path:
+    def write(self, title: str, section: str = "") -> Path:
         RESULTS.mkdir(parents=True, exist_ok=True)
         machine = describe_machine()
-        (RESULTS / "results.json").write_text(json.dumps(
+        stem = f"results-{section}" if section else "results"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(
             {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "figures": [asdict(f) | {"median": f.median} for f in self.figures]}, indent=2))
-        md = RESULTS / "results.md"
+        md = RESULTS / f"{stem}.md"
         md.write_text(f"# {title}\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
                       f"{machine}\n\n{self.markdown()}\n")
         return md

@@ -148,9 +148,18 @@ def pread_into(fd: int, buf, offset: int) -> bool:
     return True
 
 
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WAIT_AFTER = 0x1, 0x4
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing this range now (so a later fsync is short)."""
     _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def wait_writeback(fd: int) -> None:
+    """Wait until no page of the file is under writeback (nothing is made durable)."""
+    _libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
+                          | SYNC_FILE_RANGE_WAIT_AFTER)
 
 
 def punch(fd: int, offset: int, length: int) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -143,6 +144,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
     paused = False
     total_pages = sum(r.npages for r in machine.memory.regions)
     shown = _Progress(progress, total_pages)
+    helper = ThreadPoolExecutor(1, thread_name_prefix="save-state")
     writer.on_progress = shown.pass0
     first_dirty = None
     try:
@@ -182,6 +184,8 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         # Stop-and-copy: what the guest dirtied since the last harvest, then state.
         check_cancel(cancel, report.path)
         shown("stop-and-copy", shown.shown)
+        writer.settle()
+        helper.submit(lambda: None).result()    # its thread exists before the downtime
         t_pause = time.perf_counter()
         machine.pause()
         if not machine.running:
@@ -189,13 +193,16 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         paused = True
         t_paused = time.perf_counter()
         fault_point("final-pass")
+        # The vCPU/VM/device state is read in the helper thread while this one writes the
+        # last pages: the ioctls and the writes overlap (ctypes and pwritev drop the GIL).
+        captured = helper.submit(save_machine, machine)
         # The set harvested last (not yet written) plus what came after it.
         final = machine.dirty.harvest()
         writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])
                            for slot in final})
         t_written = time.perf_counter()
-        state = save_machine(machine)
-        log.debug("stop-and-copy: pause %.2f ms, final pass %.2f ms, state %.2f ms",
+        state = captured.result()
+        log.debug("stop-and-copy: pause %.2f ms, final pass %.2f ms, then state %.2f ms",
                   (t_paused - t_pause) * 1e3, (t_written - t_paused) * 1e3,
                   (time.perf_counter() - t_written) * 1e3)
         report.downtime_ms = (time.perf_counter() - t_pause) * 1e3
@@ -206,9 +213,11 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
             machine.resume()
             paused = False
         writer.finish(state)
+        helper.shutdown(wait=False)
         shown("done", 1.0)
     except BaseException:
         writer.abort()
+        helper.shutdown(wait=True)
         if paused:
             machine.resume()   # nothing lost: the guest carries on as if no save happened
         if started_log and machine.dirty.enabled:

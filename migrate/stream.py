@@ -52,6 +52,9 @@ class StreamWriter:
         self.path = check_save_target(path)
         self.cancel = cancel
         self.on_progress = None     # per-page progress is not reported for this baseline
+
+    def settle(self) -> None:
+        """Nothing to wait for: the stream writer starts no writeback of its own."""
         self.regions = list(memory.regions)
         self.passes: list[PassStats] = []
         self.tmp = temp_path_for(self.path)

@@ -26,6 +26,7 @@ from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
 from . import format as fmt
 from .pageio import (MAX_IO, check_threads, fault_point, file_kind, fsync_dir, nonzero_pages, open_excl, punch,
                      pwrite_all, runs_of, runs_of_mask, split_runs, start_writeback,
+                     wait_writeback,
                      temp_path_for)
 
 PAGE = fmt.PAGE_SIZE
@@ -115,6 +116,7 @@ class MappedWriter:
         check_threads(threads)
         self.cancel = cancel
         self._stop = threading.Event()      # set when the save fails: stop every job
+        self.final = False                  # the stop-and-copy pass is being written
         self.on_progress: Callable[[int], None] | None = None   # pages done in a pass
         self.memory, self.threads, self.direct = memory, threads, direct
         self.regions = list(memory.regions)
@@ -179,7 +181,7 @@ class MappedWriter:
                     check_cancel(self._stop, self.path)
                     ce = min(e, c + MAX_IO // PAGE)
                     pwrite_all(fd, [pages[c * PAGE:ce * PAGE]], block.page_offset(c))
-                    if not self.direct:
+                    if not self.direct and not self.final:
                         # Start writeback now, while the guest runs, so that the fsync
                         # in finish() (inside no downtime, but in the save's time) is short.
                         start_writeback(fd, block.page_offset(c), (ce - c) * PAGE)
@@ -194,6 +196,14 @@ class MappedWriter:
             present[start:end] = nonzero
             on_disk[start:end] |= nonzero
         return written, zero
+
+    def settle(self) -> None:
+        """Before the stop-and-copy: wait for the writeback started by earlier passes.
+        A page under writeback cannot be rewritten until its I/O ends (stable pages), so
+        without this the final pass, inside the downtime, waits for the disk."""
+        if not self.direct:
+            wait_writeback(self.fds[0])
+        self.final = True
 
     def _cancelled(self) -> bool:
         return self._stop.is_set() or (self.cancel is not None and self.cancel.is_set())
