@@ -52,9 +52,6 @@ class StreamWriter:
         self.path = check_save_target(path)
         self.cancel = cancel
         self.on_progress = None     # per-page progress is not reported for this baseline
-
-    def settle(self) -> None:
-        """Nothing to wait for: the stream writer starts no writeback of its own."""
         self.regions = list(memory.regions)
         self.passes: list[PassStats] = []
         self.tmp = temp_path_for(self.path)
@@ -67,6 +64,9 @@ class StreamWriter:
         self.offset = 0
         self._append([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
                       struct.pack("<I", len(blocks)), blocks])
+
+    def settle(self) -> None:
+        """Nothing to wait for: the stream writer starts no writeback of its own."""
 
     def _append(self, bufs) -> None:
         try:
