@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from kvmguest import abi
+from kvmguest.exits import IoExit
 from kvmguest.boot import cpu
 from kvmguest.kvm import Kvm
 from kvmguest.machine import Machine
@@ -29,8 +29,7 @@ def raw_floor(kvm: Kvm) -> None:
     cpu.setup_sregs(sregs)
     vcpu.set_sregs(sregs)
     vcpu.set_regs(cpu.setup_regs(0x100000, 0))
-    vcpu.run()
-    assert vcpu.run_struct.exit_reason == abi.ExitReason.KVM_EXIT_IO
+    assert isinstance(vcpu.run(), IoExit)
     vcpu.close(), vm.close(), mem.close()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import abi
 from .abi import Cap, SysIoctl, VcpuIoctl, VmIoctl
 from .errors import EXIT_BAD_INPUT, KvmguestError
+from .exits import Exit, decode_exit
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.restype = ctypes.c_int
@@ -271,17 +272,17 @@ class Vcpu(_Fd):
             self._run_map = None
         super().close()
 
-    def run(self) -> bool:
-        """KVM_RUN once; False when it returned without an exit to handle: EINTR (a
-        signal or immediate_exit), or EAGAIN (an AP waiting for INIT/SIPI just got it;
-        the caller simply runs it again)."""
+    def run(self) -> Exit | None:
+        """KVM_RUN once: the exit, as a typed record; None when it returned without an
+        exit to handle: EINTR (a signal or immediate_exit), or EAGAIN (an AP waiting for
+        INIT/SIPI just got it; the caller simply runs it again)."""
         ret = _libc.ioctl(self.fd, int(VcpuIoctl.KVM_RUN), None)
         if ret < 0:
             err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):
-                return False
+                return None
             raise KvmError("KVM_RUN", err)
-        return True
+        return decode_exit(self.run_struct)
 
     def _get(self, request, struct_type):
         value = struct_type()

@@ -11,7 +11,6 @@ kernel at its PVH entry; the others wait, as on hardware, for INIT/SIPI from it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import struct
 import threading
@@ -27,8 +26,8 @@ from .dirty import DirtyLog
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
 from .kvm import Kvm, KvmError, KvmUnavailable
 from .memory import GuestMemory, plan_regions
-from .vcpu import (FailEntryExit, HaltExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
-                   SystemEventExit, VcpuThread, install_kick_handler)
+from .exits import IoExit, crash_message
+from .vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -334,50 +333,15 @@ class Machine:
             raise GuestError(f"vCPU thread {late} did not stop")
 
     def _handle_exit(self, thread: VcpuThread, ex) -> bool:
-        """Handle one exit of one vCPU; True when the guest is finished."""
+        """One exit of one vCPU: port I/O goes to the bus; anything else ends the guest
+        (a crash, with the registers, or a reset/power-off). True when it is finished."""
         if isinstance(ex, IoExit):
-            size = ex.size
-            if ex.out:
-                data = ctypes.string_at(ex.data_addr, size * ex.count)
-                for i in range(ex.count):
-                    self.bus.write(ex.port, size,
-                                   int.from_bytes(data[i * size:(i + 1) * size], "little"))
-            else:
-                for i in range(ex.count):
-                    value = self.bus.read(ex.port, size)
-                    ctypes.memmove(ex.data_addr + i * size, value.to_bytes(size, "little"),
-                                   size)
+            self.bus.handle_io(ex)
             return self.debug_exit.fired.is_set()
-        crash = self._crash_message(ex)
+        crash = crash_message(ex)
         if crash is None:
-            return True                                  # a system event: reset/shutdown
+            return True
         raise GuestCrashed(f"{crash}\n{self.describe_cpu(thread.vcpu)}", self.serial.text())
-
-    @staticmethod
-    def _crash_message(ex) -> str | None:
-        if isinstance(ex, MmioExit):
-            what = "write to" if ex.is_write else "read from"
-            return f"guest {what} unmapped guest-physical address {ex.gpa:#x} ({ex.length} bytes)"
-        if isinstance(ex, HaltExit):
-            return "guest halted with no way to wake it (no interrupt source)"
-        if isinstance(ex, ShutdownExit):
-            return "guest triple-faulted (KVM_EXIT_SHUTDOWN)"
-        if isinstance(ex, FailEntryExit):
-            return f"VM entry failed: hardware reason {ex.hardware_reason:#x}"
-        if isinstance(ex, InternalErrorExit):
-            try:
-                sub = abi.InternalError(ex.suberror).name
-            except ValueError:
-                sub = str(ex.suberror)
-            insn = f" instruction bytes: {ex.insn.hex(' ')}" if ex.insn else ""
-            return f"KVM internal error {sub}{insn} (an instruction this host cannot emulate?)"
-        if isinstance(ex, SystemEventExit):
-            return None
-        try:
-            name = abi.ExitReason(ex.reason).name
-        except ValueError:
-            name = str(ex.reason)
-        return f"unexpected exit {name}"
 
     # --- diagnostics ------------------------------------------------------------------
     def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:

@@ -1,8 +1,8 @@
-"""A vCPU's thread: the KVM_RUN loop, the kick, the pause handshake and exit decoding.
+"""A vCPU's thread: the KVM_RUN loop, the kick and the pause handshake.
 
-Each vCPU of a Machine runs in its own :class:`VcpuThread`. The thread decodes every exit
-into a typed record (:func:`decode_exit`) and hands it to the machine's handler, which
-says whether the guest is finished. Pausing is a handshake: the requester sets a flag
+Each vCPU of a Machine runs in its own :class:`VcpuThread`. ``Vcpu.run()`` returns each
+exit as a typed record (kvmguest.exits); the thread hands it to the machine's handler,
+which says whether the guest is finished. Pausing is a handshake: the requester sets a flag
 and kicks the thread (immediate_exit plus a real-time signal of our own); the thread
 enters KVM_RUN once more with immediate_exit so that KVM completes a pending I/O (an
 IN's value lands in the registers), then parks until it is resumed.
@@ -10,7 +10,6 @@ IN's value lands in the registers), then parks until it is resumed.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import threading
@@ -18,8 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import abi
-from .abi import ExitReason
+from .exits import Exit
 
 log = logging.getLogger(__name__)
 
@@ -37,86 +35,6 @@ def install_kick_handler() -> bool:
             signal.signal(KICK_SIGNAL, lambda *_: None)
         _kick_installed = True
     return _kick_installed
-
-
-# --- typed exits -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class IoExit:
-    port: int
-    size: int
-    count: int
-    out: bool
-    data_addr: int          # where KVM keeps the data in the kvm_run page
-
-
-@dataclass(frozen=True)
-class MmioExit:
-    gpa: int
-    length: int
-    is_write: bool
-
-
-@dataclass(frozen=True)
-class HaltExit:
-    pass
-
-
-@dataclass(frozen=True)
-class ShutdownExit:
-    pass
-
-
-@dataclass(frozen=True)
-class FailEntryExit:
-    hardware_reason: int
-
-
-@dataclass(frozen=True)
-class InternalErrorExit:
-    suberror: int
-    insn: bytes             # the instruction bytes, when KVM reports them
-
-
-@dataclass(frozen=True)
-class SystemEventExit:
-    type: int
-
-
-@dataclass(frozen=True)
-class OtherExit:
-    reason: int
-
-
-Exit = (IoExit | MmioExit | HaltExit | ShutdownExit | FailEntryExit | InternalErrorExit
-        | SystemEventExit | OtherExit)
-
-
-def decode_exit(run: abi.kvm_run) -> Exit:
-    """The kvm_run page after an exit, as a typed record."""
-    reason = run.exit_reason
-    if reason == ExitReason.KVM_EXIT_IO:
-        io = run.exit.io
-        return IoExit(io.port, io.size, io.count, io.direction == abi.KVM_EXIT_IO_OUT,
-                      ctypes.addressof(run) + io.data_offset)
-    if reason == ExitReason.KVM_EXIT_MMIO:
-        m = run.exit.mmio
-        return MmioExit(m.phys_addr, m.len, bool(m.is_write))
-    if reason == ExitReason.KVM_EXIT_HLT:
-        return HaltExit()
-    if reason == ExitReason.KVM_EXIT_SHUTDOWN:
-        return ShutdownExit()
-    if reason == ExitReason.KVM_EXIT_FAIL_ENTRY:
-        return FailEntryExit(run.exit.fail_entry.hardware_entry_failure_reason)
-    if reason == ExitReason.KVM_EXIT_INTERNAL_ERROR:
-        e = run.exit.emulation_failure
-        insn = b""
-        if (e.suberror == abi.InternalError.KVM_INTERNAL_ERROR_EMULATION and e.ndata >= 2
-                and e.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES):
-            insn = bytes(e.insn_bytes[:e.insn_size])
-        return InternalErrorExit(e.suberror, insn)
-    if reason == ExitReason.KVM_EXIT_SYSTEM_EVENT:
-        return SystemEventExit(run.exit.system_event.type)
-    return OtherExit(reason)
 
 
 # --- the thread --------------------------------------------------------------------------
@@ -209,12 +127,13 @@ class VcpuThread:
                     self._resume.wait()
                     run.immediate_exit = 0
                     continue
-                if not self.vcpu.run():
+                ex = self.vcpu.run()
+                if ex is None:
                     if not (self._pause_req.is_set() or self._stop.is_set()):
                         run.immediate_exit = 0
                     continue
                 self.exits += 1
-                if self.handler(self, decode_exit(run)):
+                if self.handler(self, ex):
                     self.finished = True
                     break
         except BaseException as err:  # noqa: BLE001 - reported through Machine.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Protocol
 
@@ -52,3 +53,16 @@ class PortBus:
             self._unknown(port, "wrote")
             return
         dev.write(off, size, value)
+
+    def handle_io(self, ex) -> None:
+        """Carry out a port-I/O exit (kvmguest.exits.IoExit): each of its ``count``
+        accesses goes to the device; an IN's values land in the kvm_run page."""
+        size = ex.size
+        if ex.out:
+            data = ctypes.string_at(ex.data_addr, size * ex.count)
+            for i in range(ex.count):
+                self.write(ex.port, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))
+        else:
+            for i in range(ex.count):
+                ctypes.memmove(ex.data_addr + i * size,
+                               self.read(ex.port, size).to_bytes(size, "little"), size)
