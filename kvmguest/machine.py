@@ -184,13 +184,12 @@ class Machine:
     def from_state(cls, state: dict, memory: GuestMemory, **kw) -> "Machine":
         """A machine rebuilt around restored ``memory`` with ``state`` (checked first)
         applied: as many vCPUs, the same irqchip choice; :meth:`start` resumes it."""
-        from .state import check_machine_state, machine_shape, restore_machine
-        check_machine_state(state)
-        vcpus, irqchip = machine_shape(state)
-        m = cls(None, guest_memory=memory, vcpus=vcpus, irqchip=irqchip,
-                origin=state.get("guest", {}), **kw)
+        from .state import MachineState
+        saved = MachineState.from_json(state)
+        m = cls(None, guest_memory=memory, vcpus=len(saved.vcpus), irqchip=saved.irqchip,
+                origin=saved.guest, **kw)
         try:
-            restore_machine(m, state)
+            saved.apply(m)
         except BaseException:
             m.close()
             raise

@@ -1,13 +1,17 @@
-"""vCPU, VM and device state: capture and apply, in Firecracker's order.
+"""vCPU, VM and machine state as typed records, captured and applied in Firecracker's order.
 
-The state is a JSON-able dict; each KVM struct is stored as the hex of its raw bytes and
-checked against ``sizeof`` when applied. Capture requires a paused (or never-run) vCPU.
+:class:`VcpuState`, :class:`VmState` and :class:`MachineState` each capture their object,
+check themselves, apply themselves, and convert to and from the JSON a snapshot holds
+(docs/FORMAT.md); devices own theirs (``save_state``/``restore_state``). Each KVM struct
+is kept as the hex of its raw bytes and checked against ``sizeof`` when decoded. Capture
+requires parked (or never-run) vCPUs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import asdict, dataclass, field, fields
 
 from . import abi
 from .abi import Cap
@@ -74,23 +78,10 @@ def restore_msrs(vcpu, items: list[tuple[int, int]]) -> None:
         pending = pending[done + 1:]
 
 
-def save_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int,
-              lapic: bool = False) -> dict:
-    """mp_state first, then regs, sregs, xsave, xcrs, debugregs, the LAPIC (with an
-    in-kernel irqchip), MSRs, vcpu events last (events last: the other reads must not
-    change what is pending)."""
-    out = {"cpuid": bytes(cpuid)[:8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2)].hex()}
-    out["mp_state"] = _hex(vcpu.get_mp_state())
-    out["regs"] = _hex(vcpu.get_regs())
-    out["sregs"] = _hex(vcpu.get_sregs())
-    out["xsave"] = vcpu.get_xsave(xsave2_size).hex()
-    out["xcrs"] = _hex(vcpu.get_xcrs())
-    out["debugregs"] = _hex(vcpu.get_debugregs())
-    if lapic:
-        out["lapic"] = _hex(vcpu.get_lapic())
-    out["msrs"] = [[i, v] for i, v in readable_msrs(vcpu, msr_indices).items()]
-    out["vcpu_events"] = _hex(vcpu.get_vcpu_events())
-    return out
+# --- one vCPU ---------------------------------------------------------------------------
+_STRUCTS = [("mp_state", abi.kvm_mp_state), ("regs", abi.kvm_regs), ("sregs", abi.kvm_sregs),
+            ("xcrs", abi.kvm_xcrs), ("debugregs", abi.kvm_debugregs),
+            ("vcpu_events", abi.kvm_vcpu_events)]
 
 
 def _cpuid_from_hex(text: str):
@@ -106,157 +97,255 @@ def _cpuid_from_hex(text: str):
     return cpuid
 
 
-def check_vcpu_state(state: dict) -> None:
-    """Decode every field without touching KVM: StateError if anything is malformed."""
-    try:
-        _cpuid_from_hex(state["cpuid"])
-        for name, typ in _STRUCTS:
-            _load(typ, state[name], name)
-        if "lapic" in state:
-            _load(abi.kvm_lapic_state, state["lapic"], "lapic")
-        bytes.fromhex(state["xsave"])
-        if len(state["xsave"]) < 2 * ctypes.sizeof(abi.kvm_xsave):
-            raise StateError("state field xsave is shorter than 4096 bytes")
-        for pair in state["msrs"]:
-            index, value = pair
-            if not (isinstance(index, int) and isinstance(value, int)
-                    and 0 <= index < 1 << 32 and 0 <= value < 1 << 64):
-                raise StateError(f"bad MSR entry {pair!r}")
-    except (KeyError, TypeError) as err:
-        raise StateError(f"vCPU state is missing or has a bad field: {err}") from None
-    except ValueError as err:
-        raise StateError(str(err)) from None
+@dataclass
+class VcpuState:
+    """One vCPU's architectural state, each KVM struct as the hex of its bytes."""
+    cpuid: str
+    mp_state: str
+    regs: str
+    sregs: str
+    xsave: str
+    xcrs: str
+    debugregs: str
+    msrs: list
+    vcpu_events: str
+    lapic: str | None = None          # with the in-kernel irqchip
+
+    @classmethod
+    def capture(cls, vcpu, cpuid, msr_indices: list[int], xsave2_size: int,
+                lapic: bool = False) -> "VcpuState":
+        """mp_state first, then regs, sregs, xsave, xcrs, debugregs, the LAPIC, MSRs,
+        vcpu events last (the other reads must not change what is pending). The vCPU
+        must be parked."""
+        size = 8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2)
+        return cls(cpuid=bytes(cpuid)[:size].hex(),
+                   mp_state=_hex(vcpu.get_mp_state()),
+                   regs=_hex(vcpu.get_regs()),
+                   sregs=_hex(vcpu.get_sregs()),
+                   xsave=vcpu.get_xsave(xsave2_size).hex(),
+                   xcrs=_hex(vcpu.get_xcrs()),
+                   debugregs=_hex(vcpu.get_debugregs()),
+                   lapic=_hex(vcpu.get_lapic()) if lapic else None,
+                   msrs=[[i, v] for i, v in readable_msrs(vcpu, msr_indices).items()],
+                   vcpu_events=_hex(vcpu.get_vcpu_events()))
+
+    def check(self) -> None:
+        """Decode every field without touching KVM: StateError if anything is malformed."""
+        try:
+            _cpuid_from_hex(self.cpuid)
+            for name, typ in _STRUCTS:
+                _load(typ, getattr(self, name), name)
+            if self.lapic is not None:
+                _load(abi.kvm_lapic_state, self.lapic, "lapic")
+            bytes.fromhex(self.xsave)
+            if len(self.xsave) < 2 * ctypes.sizeof(abi.kvm_xsave):
+                raise StateError("state field xsave is shorter than 4096 bytes")
+            if not isinstance(self.msrs, list):
+                raise StateError("state field msrs is not a list")
+            for pair in self.msrs:
+                index, value = pair
+                if not (isinstance(index, int) and isinstance(value, int)
+                        and 0 <= index < 1 << 32 and 0 <= value < 1 << 64):
+                    raise StateError(f"bad MSR entry {pair!r}")
+        except (KeyError, TypeError) as err:
+            raise StateError(f"vCPU state has a bad field: {err}") from None
+        except StateError:
+            raise
+        except ValueError as err:
+            raise StateError(str(err)) from None
+
+    def apply(self, vcpu) -> None:
+        """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> LAPIC ->
+        MSRs (TSC before TSC-deadline) -> vcpu events."""
+        self.check()
+        vcpu.set_cpuid2(_cpuid_from_hex(self.cpuid))      # before anything that depends on it
+        vcpu.set_mp_state(_load(abi.kvm_mp_state, self.mp_state, "mp_state"))
+        vcpu.set_regs(_load(abi.kvm_regs, self.regs, "regs"))
+        vcpu.set_sregs(_load(abi.kvm_sregs, self.sregs, "sregs"))  # before xsave: CR4.OSXSAVE
+        vcpu.set_xsave(bytes.fromhex(self.xsave))
+        vcpu.set_xcrs(_load(abi.kvm_xcrs, self.xcrs, "xcrs"))
+        vcpu.set_debugregs(_load(abi.kvm_debugregs, self.debugregs, "debugregs"))
+        if self.lapic is not None:
+            # Before the MSRs: the TSC-deadline MSR only takes in the LAPIC's deadline mode.
+            vcpu.set_lapic(_load(abi.kvm_lapic_state, self.lapic, "lapic"))
+        msrs = dict((int(i), int(v)) for i, v in self.msrs)
+        # The TSC first: the deadline is relative to it.
+        ordered = sorted(msrs, key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE, i))
+        restore_msrs(vcpu, [(i, msrs[i]) for i in ordered])
+        vcpu.set_vcpu_events(_load(abi.kvm_vcpu_events, self.vcpu_events, "vcpu_events"))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if self.lapic is None:
+            del d["lapic"]
+        return d
+
+    @classmethod
+    def from_json(cls, d) -> "VcpuState":
+        if not isinstance(d, dict):
+            raise StateError("a vCPU state is not an object")
+        try:
+            v = cls(**{f.name: d[f.name] for f in fields(cls) if f.name != "lapic"},
+                    lapic=d.get("lapic"))
+        except KeyError as err:
+            raise StateError(f"vCPU state is missing field {err}") from None
+        for f in fields(cls):
+            value = getattr(v, f.name)
+            if f.name != "msrs" and value is not None and not isinstance(value, str):
+                raise StateError(f"state field {f.name} is not hex")
+        v.check()
+        return v
 
 
-_STRUCTS = [("mp_state", abi.kvm_mp_state), ("regs", abi.kvm_regs), ("sregs", abi.kvm_sregs),
-            ("xcrs", abi.kvm_xcrs), ("debugregs", abi.kvm_debugregs),
-            ("vcpu_events", abi.kvm_vcpu_events)]
-
-
-def restore_vcpu(vcpu, state: dict) -> None:
-    """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> LAPIC -> MSRs
-    (TSC before TSC-deadline) -> vcpu events."""
-    check_vcpu_state(state)
-    vcpu.set_cpuid2(_cpuid_from_hex(state["cpuid"]))      # before anything that depends on it
-    vcpu.set_mp_state(_load(abi.kvm_mp_state, state["mp_state"], "mp_state"))
-    vcpu.set_regs(_load(abi.kvm_regs, state["regs"], "regs"))
-    vcpu.set_sregs(_load(abi.kvm_sregs, state["sregs"], "sregs"))  # before xsave: CR4.OSXSAVE
-    vcpu.set_xsave(bytes.fromhex(state["xsave"]))
-    vcpu.set_xcrs(_load(abi.kvm_xcrs, state["xcrs"], "xcrs"))
-    vcpu.set_debugregs(_load(abi.kvm_debugregs, state["debugregs"], "debugregs"))
-    if "lapic" in state:
-        # Before the MSRs: the TSC-deadline MSR only takes in the LAPIC's deadline mode.
-        vcpu.set_lapic(_load(abi.kvm_lapic_state, state["lapic"], "lapic"))
-    msrs = dict((int(i), int(v)) for i, v in state["msrs"])
-    # The TSC first: the deadline is relative to it.
-    ordered = sorted(msrs, key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE, i))
-    restore_msrs(vcpu, [(i, msrs[i]) for i in ordered])
-    vcpu.set_vcpu_events(_load(abi.kvm_vcpu_events, state["vcpu_events"], "vcpu_events"))
-
-
+# --- the VM --------------------------------------------------------------------------------
 CHIPS = (abi.IrqChip.KVM_IRQCHIP_PIC_MASTER, abi.IrqChip.KVM_IRQCHIP_PIC_SLAVE,
          abi.IrqChip.KVM_IRQCHIP_IOAPIC)
 
 
-def save_vm(vm, irqchip: bool) -> dict:
-    """The KVM clock; with the in-kernel irqchip, the PICs and IOAPIC and the PIT."""
-    out = {}
-    if vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
-        out["clock"] = _hex(vm.get_clock())
-    if irqchip:
-        out["irqchip"] = [_hex(vm.get_irqchip(c)) for c in CHIPS]
-        out["pit2"] = _hex(vm.get_pit2())
-    return out
+@dataclass
+class VmState:
+    """VM-wide state: the KVM clock; with the in-kernel irqchip, the PICs, IOAPIC, PIT."""
+    clock: str | None = None
+    irqchip: list | None = None
+    pit2: str | None = None
+
+    @classmethod
+    def capture(cls, vm, irqchip: bool) -> "VmState":
+        return cls(clock=_hex(vm.get_clock())
+                   if vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0 else None,
+                   irqchip=[_hex(vm.get_irqchip(c)) for c in CHIPS] if irqchip else None,
+                   pit2=_hex(vm.get_pit2()) if irqchip else None)
+
+    def check(self) -> None:
+        try:
+            if self.clock is not None:
+                _load(abi.kvm_clock_data, self.clock, "clock")
+            if self.irqchip is not None:
+                if not isinstance(self.irqchip, list) or len(self.irqchip) != len(CHIPS):
+                    raise StateError("irqchip state must hold the two PICs and the IOAPIC")
+                for raw, want in zip(self.irqchip, CHIPS):
+                    if _load(abi.kvm_irqchip, raw, "irqchip").chip_id != want:
+                        raise StateError("irqchip state is out of order")
+                if self.pit2 is None:
+                    raise StateError("irqchip state without the PIT")
+                _load(abi.kvm_pit_state2, self.pit2, "pit2")
+        except TypeError as err:
+            raise StateError(f"VM state has a bad field: {err}") from None
+
+    def apply(self, vm) -> None:
+        """PIT, clock, then the irqchip (after the vCPUs' LAPICs: pending IOAPIC/PIC
+        interrupts are delivered to LAPICs that already hold their restored state).
+
+        The clock is set to its value at the save: guest time continues from the pause,
+        it does not jump forward by the time the snapshot sat on disk (nor backwards)."""
+        self.check()
+        if self.pit2 is not None:
+            vm.set_pit2(_load(abi.kvm_pit_state2, self.pit2, "pit2"))
+        if self.clock is not None and vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
+            clock = _load(abi.kvm_clock_data, self.clock, "clock")
+            vm.set_clock(abi.kvm_clock_data(clock=clock.clock))
+        for raw in self.irqchip or []:
+            vm.set_irqchip(_load(abi.kvm_irqchip, raw, "irqchip"))
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d) -> "VmState":
+        if not isinstance(d, dict):
+            raise StateError("state field vm is not an object")
+        v = cls(d.get("clock"), d.get("irqchip"), d.get("pit2"))
+        v.check()
+        return v
 
 
-def restore_vm(vm, state: dict) -> None:
-    """PIT, clock, then the irqchip (after the vCPUs' LAPICs: pending IOAPIC/PIC
-    interrupts are delivered to LAPICs that already hold their restored state).
+# --- the machine -----------------------------------------------------------------------------
+@dataclass
+class MachineState:
+    """Everything but RAM: every vCPU, the VM, our devices (each device's own
+    save_state/restore_state record), and what the guest was booted with."""
+    vcpus: list[VcpuState]
+    vm: VmState
+    devices: dict
+    guest: dict = field(default_factory=dict)
+    version: int = STATE_VERSION
 
-    The clock is set to its value at the save: guest time continues from the pause, it
-    does not jump forward by the time the snapshot sat on disk (nor backwards)."""
-    if "pit2" in state:
-        vm.set_pit2(_load(abi.kvm_pit_state2, state["pit2"], "pit2"))
-    if "clock" in state and vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
-        clock = _load(abi.kvm_clock_data, state["clock"], "clock")
-        vm.set_clock(abi.kvm_clock_data(clock=clock.clock))
-    for raw in state.get("irqchip", []):
-        vm.set_irqchip(_load(abi.kvm_irqchip, raw, "irqchip"))
+    @property
+    def irqchip(self) -> bool:
+        return self.vm.irqchip is not None
+
+    @classmethod
+    def capture(cls, machine) -> "MachineState":
+        """For a machine whose vCPUs are all parked (or never ran)."""
+        if machine.running and not machine.paused:
+            raise RuntimeError("machine must be paused to capture its state")
+        xsave_size = machine.kvm.check_extension(Cap.KVM_CAP_XSAVE2)   # 0: use KVM_GET_XSAVE
+        indices = machine.msr_indices()
+        origin = machine.kernel.path if machine.kernel else machine.origin.get("kernel")
+        cmdline = machine.cmdline if machine.kernel else machine.origin.get("cmdline", "")
+        return cls(vcpus=[VcpuState.capture(v, c, indices, xsave_size, machine.irqchip)
+                          for v, c in zip(machine.vcpus, machine.cpuids)],
+                   vm=VmState.capture(machine.vm, machine.irqchip),
+                   devices={"serial": machine.serial.save_state(),
+                            "debug_exit": machine.debug_exit.save_state()},
+                   guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
+
+    def check(self) -> None:
+        if not 1 <= len(self.vcpus) <= MAX_VCPUS:
+            raise StateError(f"state must hold 1 to {MAX_VCPUS} vCPUs")
+        if len(self.vcpus) > 1 and not self.irqchip:
+            raise StateError("several vCPUs without an irqchip")
+        for v in self.vcpus:
+            if self.irqchip != (v.lapic is not None):
+                raise StateError("LAPIC state does not match the irqchip")
+        serial = self.devices.get("serial") if isinstance(self.devices, dict) else None
+        if not isinstance(serial, dict) or not isinstance(serial.get("regs"), dict):
+            raise StateError("state has no serial device state")
+
+    def apply(self, machine) -> None:
+        """Every vCPU first (all before any runs), VM-wide state after, devices last."""
+        if (len(self.vcpus), self.irqchip) != (len(machine.vcpus), machine.irqchip):
+            raise StateError("the machine does not have the saved vCPUs and irqchip")
+        for vcpu, vstate in zip(machine.vcpus, self.vcpus):
+            vstate.apply(vcpu)
+        self.vm.apply(machine.vm)
+        machine.serial.restore_state(self.devices["serial"])
+        machine.debug_exit.restore_state(self.devices.get("debug_exit", {}))
+
+    def to_json(self) -> dict:
+        return {"format": STATE_FORMAT, "version": self.version,
+                "vcpus": [v.to_json() for v in self.vcpus], "vm": self.vm.to_json(),
+                "devices": self.devices, "guest": self.guest}
+
+    @classmethod
+    def from_json(cls, d) -> "MachineState":
+        """Decode and check a saved state (any readable version); StateError if not."""
+        if not isinstance(d, dict) or d.get("format") != STATE_FORMAT \
+                or d.get("version") not in READABLE_VERSIONS:
+            fmt_, ver = (d.get("format"), d.get("version")) if isinstance(d, dict) else (d, None)
+            raise StateError(f"state format {fmt_!r} version {ver!r} is not supported")
+        vcpus = d.get("vcpus")
+        if not isinstance(vcpus, list) or not 1 <= len(vcpus) <= MAX_VCPUS:
+            raise StateError(f"state must hold 1 to {MAX_VCPUS} vCPUs")
+        guest = d.get("guest", {})
+        state = cls([VcpuState.from_json(v) for v in vcpus], VmState.from_json(d.get("vm", {})),
+                    d.get("devices"), guest if isinstance(guest, dict) else {}, d["version"])
+        state.check()
+        return state
 
 
+# The dict-level API of migrate/ and the CLI: a snapshot's state is MachineState.to_json().
 def save_machine(machine) -> dict:
     """Everything but RAM, for a machine whose vCPUs are all parked (or never ran)."""
-    if machine.running and not machine.paused:
-        raise RuntimeError("machine must be paused to capture its state")
-    kvm = machine.kvm
-    xsave_size = kvm.check_extension(Cap.KVM_CAP_XSAVE2)     # 0: no XSAVE2, use XSAVE
-    indices = machine.msr_indices()
-    return {
-        "format": STATE_FORMAT, "version": STATE_VERSION,
-        "vcpus": [save_vcpu(v, c, indices, xsave_size, lapic=machine.irqchip)
-                  for v, c in zip(machine.vcpus, machine.cpuids)],
-        "vm": save_vm(machine.vm, machine.irqchip),
-        "devices": {"serial": machine.serial.save_state(),
-                    "debug_exit": machine.debug_exit.save_state()},
-        "guest": {"kernel": machine.kernel.path if machine.kernel else machine.origin.get("kernel"),
-                  "cmdline": machine.cmdline if machine.kernel else machine.origin.get("cmdline", ""),
-                  "memory": machine.memory.size},
-    }
-
-
-def machine_shape(state: dict) -> tuple[int, bool]:
-    """(vCPUs, in-kernel irqchip) of the machine a checked state was saved from."""
-    return len(state["vcpus"]), "irqchip" in state.get("vm", {})
+    return MachineState.capture(machine).to_json()
 
 
 def check_machine_state(state: dict) -> None:
-    if state.get("format") != STATE_FORMAT or state.get("version") not in READABLE_VERSIONS:
-        raise StateError(f"state format {state.get('format')!r} version {state.get('version')!r} "
-                         "is not supported")
-    vcpus = state.get("vcpus")
-    if not isinstance(vcpus, list) or not 1 <= len(vcpus) <= MAX_VCPUS:
-        raise StateError(f"state must hold 1 to {MAX_VCPUS} vCPUs")
-    vm = state.get("vm", {})
-    if not isinstance(vm, dict):
-        raise StateError("state field vm is not an object")
-    irqchip = "irqchip" in vm
-    if len(vcpus) > 1 and not irqchip:
-        raise StateError("several vCPUs without an irqchip")
-    for v in vcpus:
-        if not isinstance(v, dict):
-            raise StateError("a vCPU state is not an object")
-        check_vcpu_state(v)
-        if irqchip != ("lapic" in v):
-            raise StateError("LAPIC state does not match the irqchip")
-    devices = state.get("devices")
-    if not isinstance(devices, dict) or not isinstance(devices.get("serial"), dict) \
-            or not isinstance(devices["serial"].get("regs"), dict):
-        raise StateError("state has no serial device state")
-    try:
-        if "clock" in vm:
-            _load(abi.kvm_clock_data, vm["clock"], "clock")
-        if irqchip:
-            chips = vm["irqchip"]
-            if not isinstance(chips, list) or len(chips) != len(CHIPS):
-                raise StateError("irqchip state must hold the two PICs and the IOAPIC")
-            for raw, want in zip(chips, CHIPS):
-                if _load(abi.kvm_irqchip, raw, "irqchip").chip_id != want:
-                    raise StateError("irqchip state is out of order")
-            _load(abi.kvm_pit_state2, vm["pit2"], "pit2")
-    except (KeyError, TypeError) as err:
-        raise StateError(f"VM state is missing or has a bad field: {err}") from None
+    MachineState.from_json(state)
 
 
 def restore_machine(machine, state: dict) -> None:
-    """Every vCPU first (all before any runs), VM-wide state after, our devices last."""
-    check_machine_state(state)
-    if machine_shape(state) != (len(machine.vcpus), machine.irqchip):
-        raise StateError("the machine does not have the saved vCPUs and irqchip")
-    for vcpu, vstate in zip(machine.vcpus, state["vcpus"]):
-        restore_vcpu(vcpu, vstate)
-    restore_vm(machine.vm, state.get("vm", {}))
-    machine.serial.restore_state(state["devices"]["serial"])
-    machine.debug_exit.restore_state(state["devices"].get("debug_exit", {}))
+    MachineState.from_json(state).apply(machine)
 
 
 def vcpu_summary(state: dict) -> dict:
