@@ -54,6 +54,17 @@ def test_smp_guests_behave_the_same_under_qemu_smp_4(qemu, boot_guest, name, cmd
         assert console == ours.console
 
 
+def test_echo_answers_serial_input_under_qemu_too(qemu):
+    p = subprocess.run(
+        [qemu, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "64M", "-display",
+         "none", "-nodefaults", "-no-reboot", "-kernel", str(guest("echo")),
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio"],
+        input=b"over there\nquit\n", capture_output=True, timeout=120)
+    console = p.stdout.decode().replace("\r\n", "\n")
+    assert p.returncode == 1, console                               # (0 << 1) | 1
+    assert "echo: over there\n" in console and "echo: bye" in console
+
+
 def test_fault_guest_resets_under_qemu(qemu):
     rc, console = run_qemu(qemu, "fault")
     assert rc == 0 and "loading an empty IDT" in console   # -no-reboot: triple fault exits

@@ -64,6 +64,17 @@ def test_live_save_mid_run_and_restore_in_a_new_process_carries_on(machine_facto
     assert verdict.format(n=n) in r.stdout, r.stdout[-2000:]
 
 
+def test_a_stream_snapshot_carries_two_vcpus_too(machine_factory, tmp_path):
+    m = machine_factory(guest("smp"), vcpus=2, cmdline="pages=128 passes=120 quiet")
+    m.start()
+    wait_console(m, "smp: pass 32 ok", timeout=60)
+    path = tmp_path / "g.stream"
+    live_save(m, str(path), format="stream", then="stop")
+    r = cli("restore", path, "--timeout", "120")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert "smp: verified 128 pages on 2 cpus over 120 passes" in r.stdout
+
+
 def test_aps_wait_for_init_sipi_and_cpuid_describes_the_topology(machine_factory):
     m = machine_factory(guest("smp"), vcpus=4)
     for i, (v, cpuid) in enumerate(zip(m.vcpus, m.cpuids)):
