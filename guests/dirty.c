@@ -24,15 +24,7 @@ static int nws;
 static u64 npages;
 static volatile u64 pass, cursor;         /* the record */
 
-static u64 page_addr(u64 i)
-{
-    for (int r = 0; r < nws; r++) {
-        u64 n = (ws[r].end - ws[r].start) / PAGE_SIZE;
-        if (i < n) return ws[r].start + i * PAGE_SIZE;
-        i -= n;
-    }
-    return 0;
-}
+static u64 page_addr(u64 i) { return ws_page(ws, nws, i); }
 
 static void stamp(u64 addr, u64 p)
 {
@@ -68,21 +60,8 @@ int main(void)
     u64 passes = cmdline_u64("passes", 4);
     int quiet = cmdline_has("quiet");
 
-    struct ram_range ram[MAX_RANGES];
-    int n = ram_ranges(ram, MAX_RANGES);
-    u64 left = npages;
-    for (int r = 0; r < n && left; r++) {
-        u64 s = ram[r].start < base ? base : ram[r].start;
-        s = (s + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
-        if (s >= ram[r].end) continue;
-        u64 avail = (ram[r].end - s) / PAGE_SIZE;
-        u64 take = avail < left ? avail : left;
-        ws[nws].start = s;
-        ws[nws].end = s + take * PAGE_SIZE;
-        nws++;
-        left -= take;
-    }
-    if (left) fail("working set does not fit in RAM");
+    nws = ws_build(base, npages, ws, MAX_RANGES);
+    if (!nws) fail("working set does not fit in RAM");
     printf("dirty: %lu pages in %d range(s) from 0x%lx, %lu passes\n",
            npages, nws, ws[0].start, passes);
     for (int r = 0; r < nws; r++)

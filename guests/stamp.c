@@ -16,15 +16,7 @@ static struct ram_range ws[MAX_RANGES];
 static int nws;
 static u64 npages;
 
-static u64 page_addr(u64 i)
-{
-    for (int r = 0; r < nws; r++) {
-        u64 n = (ws[r].end - ws[r].start) / PAGE_SIZE;
-        if (i < n) return ws[r].start + i * PAGE_SIZE;
-        i -= n;
-    }
-    return 0;
-}
+static u64 page_addr(u64 i) { return ws_page(ws, nws, i); }
 
 static void writer(u32 id)
 {
@@ -41,19 +33,8 @@ int main(void)
 {
     u64 base = cmdline_u64("base", 16UL << 20);
     npages = cmdline_u64("pages", 1024);
-    struct ram_range ram[MAX_RANGES];
-    int n = ram_ranges(ram, MAX_RANGES);
-    u64 left = npages;
-    for (int r = 0; r < n && left; r++) {
-        u64 s = ram[r].start < base ? base : ram[r].start;
-        if (s >= ram[r].end) continue;
-        u64 take = (ram[r].end - s) / PAGE_SIZE < left ? (ram[r].end - s) / PAGE_SIZE : left;
-        ws[nws].start = s;
-        ws[nws].end = s + take * PAGE_SIZE;
-        nws++;
-        left -= take;
-    }
-    if (left) fail("working set does not fit in RAM");
+    nws = ws_build(base, npages, ws, MAX_RANGES);
+    if (!nws) fail("working set does not fit in RAM");
     smp_start(writer);
     printf("stamp: %d cpus writing %lu pages in %d range(s)\n", cpu_count(), npages, nws);
     writer(0);

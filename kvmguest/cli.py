@@ -63,25 +63,23 @@ def _positive_ms(text: str) -> float:
     return value
 
 
+def _whole(what: str, high: int | None = None):
+    """An argparse type: a whole number from 1 (to ``high``), named ``what`` in errors."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < 1 or (high is not None and value > high):
+            bound = f"1 to {high}" if high is not None else "at least 1"
+            raise argparse.ArgumentTypeError(f"{value} {what}: use {bound}")
+        return value
+    return parse
+
+
 def _threads(text: str) -> int:
     from migrate.pageio import MAX_THREADS
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"{value} threads: use 1 to {MAX_THREADS}")
-    return value
-
-
-def _vcpus(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} vCPUs: use at least 1")
-    return value
+    return _whole("threads", MAX_THREADS)(text)
 
 
 def _cmdline(text: str) -> str:
@@ -330,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", "-m", type=parse_size, default=64 << 20,
                      help="guest RAM (default 64M; bare numbers are MiB)")
     run.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line")
-    run.add_argument("--vcpus", type=_vcpus, default=1,
+    run.add_argument("--vcpus", type=_whole("vCPUs"), default=1,
                      help="vCPUs (default 1); the others start on INIT/SIPI from the first")
     run.add_argument("--no-irqchip", action="store_true",
                      help="no in-kernel irqchip and PIT: a polling-only machine, one vCPU")

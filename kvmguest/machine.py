@@ -133,14 +133,16 @@ class Machine:
                                            | abi.KVM_DIRTY_LOG_INITIALLY_SET))
             if self.kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
                 self.vm.set_tss_addr(layout.TSS_ADDR)
+            if self.memory is None:
+                self.memory = GuestMemory.anonymous(memory)
+            # Memory slots before the irqchip: with an irqchip in place, each slot change
+            # waited ~6 ms here (measured on kvm_pvm) for KVM's SRCU readers.
+            for r in self.memory.regions:
+                self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr)
             if irqchip:
                 # Before any vCPU exists: each vCPU then gets its in-kernel LAPIC.
                 self.vm.create_irqchip()
                 self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
-            if self.memory is None:
-                self.memory = GuestMemory.anonymous(memory)
-            for r in self.memory.regions:
-                self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr)
             self.dirty = DirtyLog(self.vm, self.memory, self.manual_protect)
             supported = self.kvm.get_supported_cpuid()
             for i in range(vcpus):

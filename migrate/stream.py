@@ -261,27 +261,38 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
     return StreamInfo(path, size, blocks, records_offset, pages, zeros, state)
 
 
-def page_census(info: StreamInfo, fd: int) -> tuple[list[int], list[int]]:
-    """Per block: pages that end up non-zero (last record wins), and page records."""
-    last = [np.zeros(b.npages, dtype=np.int8) for b in info.blocks]   # 1 page, -1 zero
-    records = [0] * len(info.blocks)
+def page_records(info: StreamInfo, fd: int, read_page=None):
+    """Replay the page records of a validated file in order: yields (kind, block, index)
+    for page and zero records. For a page record, ``read_page(block, index)`` returns a
+    buffer the page is read into (or None: the bytes are skipped)."""
     f = os.fdopen(os.dup(fd), "rb")
     try:
         f.seek(info.records_offset)
         while True:
             kind, bi, index = RECORD.unpack(f.read(RECORD.size))
             if kind == KIND_PAGE:
-                f.seek(PAGE, os.SEEK_CUR)
-                last[bi][index] = 1
-                records[bi] += 1
-            elif kind == KIND_ZERO:
-                last[bi][index] = -1
+                buf = read_page(bi, index) if read_page else None
+                if buf is None:
+                    f.seek(PAGE, os.SEEK_CUR)
+                elif f.readinto(buf) != PAGE:
+                    raise SnapshotError("stream file changed while it was read")
             elif kind == KIND_STATE:
                 f.seek(struct.unpack("<QI", f.read(12))[0], os.SEEK_CUR)
-            else:
-                break
+                continue
+            elif kind != KIND_ZERO:
+                return
+            yield kind, bi, index
     finally:
         f.close()
+
+
+def page_census(info: StreamInfo, fd: int) -> tuple[list[int], list[int]]:
+    """Per block: pages that end up non-zero (last record wins), and page records."""
+    last = [np.zeros(b.npages, dtype=np.int8) for b in info.blocks]   # 1 page, -1 zero
+    records = [0] * len(info.blocks)
+    for kind, bi, index in page_records(info, fd):
+        last[bi][index] = 1 if kind == KIND_PAGE else -1
+        records[bi] += kind == KIND_PAGE
     return [int((a == 1).sum()) for a in last], records
 
 
@@ -296,27 +307,18 @@ def load_stream(info: StreamInfo, fd: int) -> tuple[GuestMemory, int]:
     by_index = [memory.region_of_slot(b.slot) for b in info.blocks]   # paired by slot
     written = [np.zeros(b.npages, dtype=np.bool_) for b in info.blocks]
     pages = 0
-    f = os.fdopen(os.dup(fd), "rb")
+
+    def into(bi: int, index: int):
+        return memoryview(by_index[bi].array[index * PAGE:(index + 1) * PAGE])
+
     try:
-        f.seek(info.records_offset)
-        while True:
-            kind, bi, index = RECORD.unpack(f.read(RECORD.size))
+        for kind, bi, index in page_records(info, fd, into):
             if kind == KIND_PAGE:
-                page = by_index[bi].array[index * PAGE:(index + 1) * PAGE]
-                if f.readinto(memoryview(page)) != PAGE:
-                    raise SnapshotError("stream file changed while it was restored")
                 written[bi][index] = True
                 pages += 1
-            elif kind == KIND_ZERO:
-                if written[bi][index]:
-                    by_index[bi].array[index * PAGE:(index + 1) * PAGE] = 0
-            elif kind == KIND_STATE:
-                f.seek(struct.unpack("<QI", f.read(12))[0], os.SEEK_CUR)
-            else:
-                break
+            elif written[bi][index]:
+                by_index[bi].array[index * PAGE:(index + 1) * PAGE] = 0
     except BaseException:
         memory.close()
         raise
-    finally:
-        f.close()
     return memory, pages

@@ -66,6 +66,24 @@ def control_guest(sock, *extra, env=None):
     return run
 
 
+def fake_server(path, reply: bytes | None = None) -> socket.socket:
+    """A socket of ours listening at ``path``; with ``reply``, it answers the first
+    request with those bytes (a guest that says something odd, or hostile)."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def answer():
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(reply)
+        c.close()
+
+    if reply is not None:
+        threading.Thread(target=answer, daemon=True).start()
+    return srv
+
+
 def stop(proc, sig=signal.SIGTERM, timeout=30):
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -332,17 +350,8 @@ def test_inspect_and_save_escape_terminal_controls_from_files_and_sockets(snapsh
     assert p.returncode == 0, p.stderr
     assert "\x1b" not in p.stdout and "\x07" not in p.stdout and "\\x1b" in p.stdout
     sock = tmp_path / "evil.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(sock))
-    srv.listen(1)
-
-    def answer():
-        c, _ = srv.accept()
-        c.recv(65536)
-        c.sendall(json.dumps({"ok": False, "error": "\x1b]0;pwned\x07\x1b[2J"}).encode() + b"\n")
-        c.close()
-
-    threading.Thread(target=answer, daemon=True).start()
+    srv = fake_server(sock, json.dumps({"ok": False, "error": "\x1b]0;pwned\x07\x1b[2J"})
+                      .encode() + b"\n")
     p = cli("save", "--control", sock, tmp_path / "x.snap")
     assert p.returncode == 1 and "\x1b" not in p.stderr and "\\x1b]0;pwned" in p.stderr
     srv.close()
@@ -413,9 +422,7 @@ def test_restore_checks_kvm_before_reading_the_file(tmp_path):
 
 def test_another_programs_socket_at_the_control_path_is_named(tmp_path):
     sock = tmp_path / "busy.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(sock))
-    srv.listen(1)
+    srv = fake_server(sock)
     try:
         p = cli(*run_dirty("--control", sock))
         one_line_error(p, 2, "in use by", f"pid {os.getpid()}")
@@ -437,24 +444,14 @@ def test_malformed_control_requests_get_a_reply_not_a_traceback(tmp_path):
             assert reply["ok"] is False and reply["error"].startswith("bad request"), reply
         assert run.poll() is None
     finally:
-        out, err = run.communicate() if stop(run) is not None else ("", "")
-    assert "Traceback" not in err
+        stop(run)
+    assert "Traceback" not in run.stderr.read()
 
 
 @pytest.mark.parametrize("reply", [b"[]\n", b'{"ok": true}\n', b"garbage\n", b""])
 def test_odd_replies_to_the_save_client_are_one_line_errors(tmp_path, reply):
     sock = tmp_path / "odd.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(sock))
-    srv.listen(1)
-
-    def answer():
-        c, _ = srv.accept()
-        c.recv(65536)
-        c.sendall(reply)
-        c.close()
-
-    threading.Thread(target=answer, daemon=True).start()
+    srv = fake_server(sock, reply)
     p = cli("save", "--control", sock, tmp_path / "x.snap")
     one_line_error(p, 2)
     srv.close()
@@ -462,9 +459,7 @@ def test_odd_replies_to_the_save_client_are_one_line_errors(tmp_path, reply):
 
 def test_a_silent_guest_is_given_up_on_with_a_clear_error(tmp_path):
     sock = tmp_path / "silent.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(sock))
-    srv.listen(1)
+    srv = fake_server(sock)
     with pytest.raises(ControlError, match="no word from the guest for 0.5 s"):
         request(str(sock), {"op": "status"}, silence=0.5)
     srv.close()

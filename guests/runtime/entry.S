@@ -20,6 +20,25 @@
 #define BOOT_MAPPED_2M 4      /* entry maps the first 8 MiB (the image lives there); rt.c the rest */
 #define AP_STACK_SHIFT 14     /* 16 KiB a CPU */
 
+/* From 32-bit protected mode to long mode, with rt_pml4 (both the boot CPU and the APs). */
+.macro ENTER_LONG_MODE target
+    movl %cr4, %eax
+    orl $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %eax
+    movl %eax, %cr4
+    movl $rt_pml4, %eax
+    movl %eax, %cr3
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl %cr0, %eax
+    andl $~CR0_EM, %eax
+    orl $(CR0_PE | CR0_MP | CR0_PG), %eax
+    movl %eax, %cr0
+    lgdt rt_gdt_ptr
+    ljmp $0x08, $\target
+.endm
+
     /* The PVH note: Xen's XEN_ELFNOTE_PHYS32_ENTRY (18), a 32-bit entry point. */
     .section .note.Xen, "a", @note
     .balign 4
@@ -54,21 +73,7 @@ pvh_start:
     cmpl $BOOT_MAPPED_2M, %ecx
     jne 1b
 
-    movl %cr4, %eax
-    orl $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %eax
-    movl %eax, %cr4
-    movl $rt_pml4, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $EFER_LME, %eax
-    wrmsr
-    movl %cr0, %eax
-    andl $~CR0_EM, %eax
-    orl $(CR0_PE | CR0_MP | CR0_PG), %eax
-    movl %eax, %cr0
-    lgdt rt_gdt_ptr
-    ljmp $0x08, $long_entry
+    ENTER_LONG_MODE long_entry
 
     .code64
 long_entry:
@@ -114,20 +119,7 @@ ap_entry32:
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
-    movl %cr4, %eax
-    orl $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %eax
-    movl %eax, %cr4
-    movl $rt_pml4, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $EFER_LME, %eax
-    wrmsr
-    movl %cr0, %eax
-    andl $~CR0_EM, %eax
-    orl $(CR0_PE | CR0_MP | CR0_PG), %eax
-    movl %eax, %cr0
-    ljmp $0x08, $ap_long
+    ENTER_LONG_MODE ap_long
 
     .code64
 ap_long:

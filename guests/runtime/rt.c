@@ -172,6 +172,34 @@ int ram_ranges(struct ram_range *out, int max)
     return n;
 }
 
+int ws_build(u64 base, u64 pages, struct ram_range *ws, int max)
+{
+    struct ram_range ram[16];
+    int n = ram_ranges(ram, 16), nws = 0;
+    for (int r = 0; r < n && pages && nws < max; r++) {
+        u64 s = ram[r].start < base ? base : ram[r].start;
+        s = (s + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+        if (s >= ram[r].end) continue;
+        u64 avail = (ram[r].end - s) / PAGE_SIZE;
+        u64 take = avail < pages ? avail : pages;
+        ws[nws].start = s;
+        ws[nws].end = s + take * PAGE_SIZE;
+        nws++;
+        pages -= take;
+    }
+    return pages ? 0 : nws;
+}
+
+u64 ws_page(const struct ram_range *ws, int n, u64 i)
+{
+    for (int r = 0; r < n; r++) {
+        u64 count = (ws[r].end - ws[r].start) / PAGE_SIZE;
+        if (i < count) return ws[r].start + i * PAGE_SIZE;
+        i -= count;
+    }
+    return 0;
+}
+
 u64 ram_top(void)
 {
     struct ram_range r[16];
@@ -219,13 +247,16 @@ void rt_load_idt(void)
     __asm__ volatile("lidt %0" :: "m"(p));
 }
 
-/* Exceptions 0-19, then interrupt stubs (16 bytes each) for vectors 32-255. */
+/* Exceptions 0-19 now; the gate of an interrupt vector (its stub: 16 bytes each from
+ * rt_irq_stubs, for vectors 32-255) is set when a handler is installed, so that a guest
+ * without interrupts does not pay for 224 gates (CPL0 code is emulated on some hosts). */
 static void setup_idt(void)
 {
     for (u32 v = 0; v < 20; v++) rt_set_gate(v, rt_exc_stubs[v]);
-    for (u32 v = 32; v < 256; v++) rt_set_gate(v, (u64)rt_irq_stubs + (v - 32) * 16);
     rt_load_idt();
 }
+
+void rt_irq_gate(u32 v) { rt_set_gate(v, (u64)rt_irq_stubs + (v - 32) * 16); }
 
 u64 rt_rsdp(void) { return start_info ? start_info->rsdp_paddr : 0; }
 

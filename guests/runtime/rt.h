@@ -35,6 +35,12 @@ struct ram_range { u64 start, end; };
 int ram_ranges(struct ram_range *out, int max);
 u64 ram_top(void);
 
+/* A working set: the first `pages` RAM pages at or above `base`, following the memory map
+ * across holes, as address ranges (at most `max`); returns how many ranges, 0 if the RAM
+ * runs out. ws_page() is the address of page i of it. */
+int ws_build(u64 base, u64 pages, struct ram_range *ws, int max);
+u64 ws_page(const struct ram_range *ws, int n, u64 i);
+
 /* Identity-map the 2 MiB page holding `addr` (in the first GiB) even if it is not RAM. */
 void map_2m(u64 addr);
 

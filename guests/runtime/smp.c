@@ -21,8 +21,7 @@
 extern char ap_trampoline[], ap_trampoline_end[];
 extern u64 rt_pdpt[], rt_pd_pool[];
 void rt_load_idt(void);
-void rt_set_gate(u32 vector, u64 handler);
-extern char rt_irq_stubs[];
+void rt_irq_gate(u32 vector);
 u64 rt_rsdp(void);
 
 static int x2;
@@ -111,6 +110,7 @@ void apic_init(void)
     if (!x2 && !mapped) { map_mmio(LAPIC_BASE); mapped = 1; }
     u64 base = rdmsr(MSR_APIC_BASE) | APIC_BASE_ENABLE;
     wrmsr(MSR_APIC_BASE, x2 ? base | APIC_BASE_X2 : base);
+    rt_irq_gate(SPURIOUS_VECTOR);
     apic_write(APIC_SVR, 0x100 | SPURIOUS_VECTOR);
     if (cpu_id() == 0) {
         /* Mask the 8259 PICs: ISA interrupts come through the IOAPIC. (Left as after
@@ -186,7 +186,11 @@ void pit_periodic(u32 hz)
 }
 
 /* --- interrupts ---------------------------------------------------------------------- */
-void set_irq_handler(u32 vector, void (*h)(u32)) { handlers[vector] = h; }
+void set_irq_handler(u32 vector, void (*h)(u32))
+{
+    handlers[vector] = h;
+    rt_irq_gate(vector);
+}
 
 void rt_interrupt(u64 vector)
 {
