@@ -300,18 +300,18 @@ class Machine:
         for t in self.threads:
             t.request_pause()
         deadline = time.monotonic() + timeout
-        while not all(t.parked for t in self.threads):
-            if self._done.is_set():
-                return
-            if time.monotonic() > deadline:
-                late = [t.index for t in self.threads if not t.parked]
-                self.resume_all()
-                raise GuestError(f"vCPU {', '.join(map(str, late))} did not pause within "
-                                 f"{timeout:g} s; the guest runs on")
-            for t in self.threads:
-                if not t.parked:
-                    t.kick()
-            time.sleep(0.0005)
+        for t in self.threads:
+            # Woken the moment the vCPU parks; kicked again every millisecond until then
+            # (a signal can land just before KVM_RUN re-enters the guest).
+            while not t.wait_parked(0.001):
+                if self._done.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    late = [t.index for t in self.threads if not t.parked]
+                    self.resume_all()
+                    raise GuestError(f"vCPU {', '.join(map(str, late))} did not pause "
+                                     f"within {timeout:g} s; the guest runs on")
+                t.kick()
 
     def resume_all(self) -> None:
         """Release every parked vCPU together."""

@@ -91,6 +91,10 @@ class VcpuThread:
         self._pause_req.set()
         self.kick()
 
+    def wait_parked(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until the vCPU is parked or its loop has ended."""
+        return self._paused.wait(timeout) or self.done.is_set()
+
     def resume(self) -> None:
         """Release a parked vCPU, or withdraw a pause request it has not honoured yet."""
         self._pause_req.clear()
