@@ -151,18 +151,19 @@ class ControlServer:
     def _handle(self, conn: socket.socket) -> None:
         try:
             with conn:
-                pid, uid, _ = peer_credentials(conn)
-                if uid not in (os.geteuid(), 0):
-                    log.warning("control: refused a connection from uid %d (pid %d)", uid, pid)
-                    self._send(conn, {"ok": False, "error": "permission denied: this guest "
-                                      "serves only its own user"})
-                    return
                 conn.settimeout(REQUEST_TIMEOUT)
                 try:
                     line = conn.makefile("rb").readline(1 << 16)
                 except OSError:          # idle or broken: drop it
                     return
                 conn.settimeout(None)
+                pid, uid, _ = peer_credentials(conn)
+                if uid not in (os.geteuid(), 0):
+                    # Refused after its request was read, so that the client sees why.
+                    log.warning("control: refused a connection from uid %d (pid %d)", uid, pid)
+                    self._send(conn, {"ok": False, "error": "permission denied: this guest "
+                                      "serves only its own user"})
+                    return
                 self._send(conn, self._reply(conn, line))
         finally:
             self._slots.release()
@@ -349,7 +350,11 @@ def request(path: str, req: dict, progress=None, silence: float = REPLY_SILENCE)
     with ``"interrupted": True``."""
     s = _connect(path)
     with s:
-        s.sendall(json.dumps(req).encode() + b"\n")
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+        except OSError as err:
+            raise ControlError(f"the guest at {printable(path)} closed the connection: "
+                               f"{err.strerror}") from None
         s.settimeout(silence)
         f = s.makefile("rb")
         interrupted = None
