@@ -20,6 +20,16 @@
 #define BOOT_MAPPED_2M 4      /* entry maps the first 8 MiB (the image lives there); rt.c the rest */
 #define AP_STACK_SHIFT 14     /* 16 KiB a CPU */
 
+/* Flat data segments in long mode. */
+.macro LOAD_DATA_SEGMENTS
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+.endm
+
 /* From 32-bit protected mode to long mode, with rt_pml4 (both the boot CPU and the APs). */
 .macro ENTER_LONG_MODE target
     movl %cr4, %eax
@@ -77,12 +87,7 @@ pvh_start:
 
     .code64
 long_entry:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_DATA_SEGMENTS
     movabsq $boot_stack_top, %rsp
     movl rt_start_info_paddr, %edi
     call rt_main
@@ -123,12 +128,7 @@ ap_entry32:
 
     .code64
 ap_long:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_DATA_SEGMENTS
     movl $1, %eax
     lock xaddl %eax, rt_ap_next          /* this AP's slot: 1, 2, ... */
     incl %eax
