@@ -68,6 +68,17 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", raw)
 
 
+def _answers_status(sock: socket.socket) -> bool:
+    """Does the server at the other end speak our protocol (a kvmguest guest)?"""
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(b'{"op": "status"}\n')
+        reply = json.loads(sock.makefile("rb").readline(4096))
+    except (OSError, ValueError):
+        return False
+    return isinstance(reply, dict) and "ok" in reply
+
+
 def _process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -127,10 +138,9 @@ class ControlServer:
             raise ControlError(f"cannot check control socket {where}: {err.strerror}") from None
         else:
             pid, _, _ = peer_credentials(probe)
-            name = _process_name(pid)
-            who = "another running guest" if "kvmguest" in name or "python" in name else \
-                "another program"
-            raise ControlError(f"{where} is in use by {who} (pid {pid}, {printable(name)})")
+            who = "another running guest" if _answers_status(probe) else "another program"
+            raise ControlError(f"{where} is in use by {who} (pid {pid}, "
+                               f"{printable(_process_name(pid))})")
         finally:
             probe.close()
 

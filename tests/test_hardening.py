@@ -425,7 +425,7 @@ def test_another_programs_socket_at_the_control_path_is_named(tmp_path):
     srv = fake_server(sock)
     try:
         p = cli(*run_dirty("--control", sock))
-        one_line_error(p, 2, "in use by", f"pid {os.getpid()}")
+        one_line_error(p, 2, "in use by another program", f"pid {os.getpid()}")
     finally:
         srv.close()
 
