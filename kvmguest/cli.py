@@ -171,6 +171,8 @@ def cmd_run(args) -> int:
         saved = report
         print(report.summary(), file=sys.stderr)
 
+    # The socket exists before the guest boots; it is closed (saves in progress cancelled,
+    # our socket removed) before the machine goes away, and also if the boot fails.
     control = ControlServer(args.control, on_saved=on_saved) if args.control else None
     try:
         with Machine.boot(args.kernel, memory=args.memory, cmdline=args.cmdline,
