@@ -14,7 +14,6 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from .exits import Exit

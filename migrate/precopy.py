@@ -129,7 +129,7 @@ class _Progress:
             self.report(what, self.shown)
 
     def pass0(self, done_pages: int) -> None:
-        self(f"pass 0", self.PASS0_SHARE * done_pages / self.total)
+        self("pass 0", self.PASS0_SHARE * done_pages / self.total)
 
     def later(self, index: int, dirty: int, first_dirty: int) -> None:
         left = dirty / max(first_dirty, 1)

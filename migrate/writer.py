@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import signal
 import stat
 import threading
 import time

@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from helpers import (GiB, MiB, RAM, ROOT, assert_alive_and_clean, assert_verified, cli,
-                     cli_popen, dirty_cmdline, fingerprint, guest, one_line_error, read_until,
-                     rss_bytes)
+from helpers import (GiB, MiB, RAM, ROOT, assert_alive_and_clean, cli, cli_popen,
+                     dirty_cmdline, guest, one_line_error, read_until, rss_bytes)
 from migrate import format as fmt
 from migrate.control import ControlError, request
 from migrate.format import SnapshotError

@@ -9,14 +9,12 @@ import threading
 import pytest
 
 from helpers import (GiB, MiB, PAGE, RAM, assert_verified, cli, fingerprint, guest,
-                     one_line_error, rss_bytes, sparse_digest, start_dirty, wait_console,
-                     wait_until)
-from kvmguest import GuestTimeout, Machine
+                     sparse_digest, start_dirty, wait_console, wait_until)
+from kvmguest import GuestTimeout
 from migrate import format as fmt
 from migrate.format import SnapshotError
 from migrate.pageio import open_excl
 from migrate.precopy import live_save
-from migrate.reader import restore
 from migrate.writer import MappedWriter, SaveError
 
 BASE = 3 * GiB - 100 * PAGE

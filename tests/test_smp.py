@@ -7,9 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import (GiB, MiB, PAGE, RAM, cli, guest, one_line_error, wait_console,
-                     wait_until)
-from kvmguest import GuestError, Machine
+from helpers import GiB, MiB, PAGE, RAM, cli, guest, one_line_error, wait_console
+from kvmguest import GuestError
 from kvmguest import abi
 from kvmguest.boot import layout
 from migrate import format as fmt
