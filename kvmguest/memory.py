@@ -4,6 +4,7 @@ host-side dirty bitmap that records the VMM's own writes (KVM's log cannot see t
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import threading
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ def plan_regions(ram_size: int) -> list[RegionSpec]:
     return specs
 
 
+@functools.lru_cache(maxsize=1)
 def host_phys_bits() -> int:
     """The host CPU's physical address width (what KVM offers a guest at most)."""
     try:

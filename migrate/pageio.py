@@ -14,7 +14,6 @@ import mmap
 import os
 import secrets
 import signal
-import stat
 import time
 from typing import Callable
 
@@ -208,30 +207,3 @@ def open_excl(path: str, direct: bool) -> int:
 def temp_path_for(path: str) -> str:
     directory, name = os.path.split(os.path.abspath(path))
     return os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-
-
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-          stat.S_IFLNK: "a symbolic link"}
-
-
-def file_kind(mode: int) -> str:
-    """'a directory', 'a FIFO', ... for an st_mode."""
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
-def open_regular(path: str, what: str, error: type[Exception]) -> int:
-    """Open ``path`` read-only if it is a regular file; ``error`` (one line) otherwise.
-
-    O_NONBLOCK keeps a FIFO from blocking the open; the kind is checked on the open fd,
-    so the file checked is the file read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as err:
-        raise error(f"cannot open {what} {path}: {err.strerror}") from err
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise error(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file")
-    os.set_blocking(fd, True)
-    return fd

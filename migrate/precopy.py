@@ -192,7 +192,6 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         # helper, every vCPU thread parking): with the default 5 ms switch interval a
         # thread waiting for it stalled the stop-and-copy by up to 5 ms a time (seen
         # with 4 vCPUs); 0.1 ms keeps the hand-offs short.
-        switch = sys.getswitchinterval()
         sys.setswitchinterval(1e-4)
         t_pause = time.perf_counter()
         machine.pause()

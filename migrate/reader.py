@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmguest.files import open_regular
 from kvmguest.machine import Machine, open_kvm
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import MAP_NORESERVE
@@ -25,7 +26,7 @@ from .format import SnapshotError
 from .lease import SnapshotLease
 
 log = logging.getLogger(__name__)
-from .pageio import (MAX_IO, check_threads, data_extents, fault_point, open_regular, pread_into,
+from .pageio import (MAX_IO, check_threads, data_extents, fault_point, pread_into,
                      runs_of_mask, split_runs)
 
 

@@ -21,9 +21,10 @@ from typing import Callable
 import numpy as np
 
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
+from kvmguest.files import file_kind
 
 from . import format as fmt
-from .pageio import (MAX_IO, check_threads, fault_point, file_kind, fsync_dir, nonzero_pages, open_excl, punch,
+from .pageio import (MAX_IO, check_threads, fault_point, fsync_dir, nonzero_pages, open_excl, punch,
                      pwrite_all, runs_of, runs_of_mask, split_runs, start_writeback,
                      wait_writeback,
                      temp_path_for)
@@ -176,8 +177,9 @@ class MappedWriter:
             for s, e in runs_of_mask(nonzero).tolist():
                 s, e = s + start, e + start
                 for c in range(s, e, MAX_IO // PAGE):
-                    check_cancel(self.cancel, self.path)
-                    check_cancel(self._stop, self.path)
+                    if self._cancelled():
+                        raise SaveCancelled(f"save cancelled; nothing was written to "
+                                            f"{self.path}")
                     ce = min(e, c + MAX_IO // PAGE)
                     pwrite_all(fd, [pages[c * PAGE:ce * PAGE]], block.page_offset(c))
                     if not self.direct and not self.final:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import io
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ..errors import EXIT_BAD_INPUT, KvmguestError
+from ..files import open_regular
 from . import layout
 
 
@@ -71,10 +71,15 @@ def parse_kernel(path: str | Path) -> Kernel:
     A kernel already parsed is reused while its file is unchanged (same inode, size and
     mtime): pyelftools takes milliseconds, which would dominate a small guest's boot."""
     path = str(path)
-    raw = _read_kernel_file(path)
-    if isinstance(raw, Kernel):
-        return raw
-    key, raw = raw
+    fd = open_regular(path, "kernel", BootError)
+    try:
+        st = os.fstat(fd)
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _parsed:
+            return _parsed[key]
+        raw = _read_kernel(fd, path, st.st_size)
+    finally:
+        os.close(fd)
     kernel = _parse(path, raw)
     if len(_parsed) > 32:
         _parsed.clear()
@@ -85,38 +90,24 @@ def parse_kernel(path: str | Path) -> Kernel:
 MAX_KERNEL = 512 << 20       # bytes; a bigger file is not a kernel for these guests
 
 
-def _read_kernel_file(path: str):
-    """(cache key, bytes) of a kernel file, or the cached Kernel. Only a regular file is
-    read (a FIFO or a device such as /dev/zero is refused at once), its ELF magic is
-    checked before the rest is read, and its size is capped."""
+def _read_kernel(fd: int, path: str, size: int) -> bytes:
+    """A kernel file's bytes: its ELF magic is checked before the rest is read, and its
+    size is capped."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as err:
-        raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise BootError(f"{path}: {kind}; a kernel is an ELF file")
-        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key in _parsed:
-            return _parsed[key]
         if os.pread(fd, 4, 0) != b"\x7fELF":
             raise BootError(f"{path}: not an ELF file")
-        if st.st_size > MAX_KERNEL:
-            raise BootError(f"{path}: {st.st_size >> 20} MiB is too large for a kernel "
+        if size > MAX_KERNEL:
+            raise BootError(f"{path}: {size >> 20} MiB is too large for a kernel "
                             f"(limit {MAX_KERNEL >> 20} MiB)")
-        raw = os.pread(fd, st.st_size, 0)
-        while len(raw) < st.st_size:
-            more = os.pread(fd, st.st_size - len(raw), len(raw))
+        raw = os.pread(fd, size, 0)
+        while len(raw) < size:
+            more = os.pread(fd, size - len(raw), len(raw))
             if not more:
                 break
             raw += more
-        return key, raw
+        return raw
     except OSError as err:
         raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
-    finally:
-        os.close(fd)
 
 
 def _parse(path: str, raw: bytes) -> Kernel:
