@@ -183,11 +183,10 @@ class Machine:
         return cls(kernel, **kw)
 
     @classmethod
-    def from_state(cls, state: dict, memory: GuestMemory, **kw) -> "Machine":
-        """A machine rebuilt around restored ``memory`` with ``state`` (checked first)
-        applied: as many vCPUs, the same irqchip choice; :meth:`start` resumes it."""
-        from .state import MachineState
-        saved = MachineState.from_json(state)
+    def from_state(cls, saved, memory: GuestMemory, **kw) -> "Machine":
+        """A machine rebuilt around restored ``memory`` with ``saved`` (a decoded, checked
+        MachineState) applied: as many vCPUs, the same irqchip choice; :meth:`start`
+        resumes it."""
         m = cls(None, guest_memory=memory, vcpus=len(saved.vcpus), irqchip=saved.irqchip,
                 origin=saved.guest, **kw)
         try:

@@ -334,23 +334,15 @@ class MachineState:
         return state
 
 
-# The dict-level API of migrate/ and the CLI: a snapshot's state is MachineState.to_json().
+# What a save writes: a snapshot's state is MachineState.to_json().
 def save_machine(machine) -> dict:
     """Everything but RAM, for a machine whose vCPUs are all parked (or never ran)."""
     return MachineState.capture(machine).to_json()
 
 
-def check_machine_state(state: dict) -> None:
-    MachineState.from_json(state)
-
-
-def restore_machine(machine, state: dict) -> None:
-    MachineState.from_json(state).apply(machine)
-
-
 def vcpu_summary(state: dict) -> dict:
     """The first vCPU's registers and mode, and the guest's origin, for `inspect`
-    (``state`` has passed check_machine_state)."""
+    (``state`` has passed MachineState.from_json)."""
     v = state["vcpus"][0]
     regs = _load(abi.kvm_regs, v["regs"], "regs")
     sregs = _load(abi.kvm_sregs, v["sregs"], "sregs")

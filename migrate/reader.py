@@ -19,7 +19,7 @@ from kvmguest.machine import Machine, open_kvm
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import MAP_NORESERVE
 from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
-from kvmguest.state import StateError, check_machine_state
+from kvmguest.state import MachineState, StateError
 
 from . import format as fmt
 from .format import SnapshotError
@@ -168,16 +168,25 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
     return GuestMemory(regions), 0
 
 
-def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
-    """Everything restore checks before it allocates guest memory or creates a VM:
-    the file (format.read_snapshot) and the decoded vCPU/device state."""
-    snap = fmt.read_snapshot(path, fd)
-    region_specs(snap.layout.blocks)
+def decode_state(state: dict) -> MachineState:
+    """A snapshot's state, decoded and checked (SnapshotError if it is not usable)."""
     try:
-        check_machine_state(snap.state)
+        return MachineState.from_json(state)
     except StateError as err:
         raise SnapshotError(f"state: {err}") from None
-    return snap
+
+
+def validated(path: str, fd: int | None = None) -> tuple[fmt.Snapshot, MachineState]:
+    """Everything restore checks before it allocates guest memory or creates a VM, in
+    order: the file (format.read_snapshot), the RAM policy, the vCPU/device state (which
+    is returned decoded)."""
+    snap = fmt.read_snapshot(path, fd)
+    region_specs(snap.layout.blocks)
+    return snap, decode_state(snap.state)
+
+
+def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
+    return validated(path, fd)[0]
 
 
 def read_magic(fd: int, path: str) -> bytes:
@@ -212,12 +221,11 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
                 info = validate_stream(path, fd)
                 check_host_capacity(info.pages, lazy=False)
                 memory, loaded = load_stream(info, fd)
-                state, lazy = info.state, False
+                saved, lazy = info.decoded, False
             else:
-                snap = validate(path, fd)
+                snap, saved = validated(path, fd)
                 log.debug("%s: valid (version %d): %d vCPU(s), %d pages present", path,
-                          snap.version, len(snap.state["vcpus"]), snap.pages_present)
-                state = snap.state
+                          snap.version, len(saved.vcpus), snap.pages_present)
                 memory, loaded = load_memory(snap, fd, lazy, threads, progress)
                 if lazy:
                     lease = SnapshotLease(path, memory, snap.present)
@@ -225,7 +233,7 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
         finally:
             os.close(fd)
         try:
-            machine = Machine.from_state(state, memory, kvm=kvm, own_kvm=True,
+            machine = Machine.from_state(saved, memory, kvm=kvm, own_kvm=True,
                                          stream=stream, console_capacity=console_capacity)
         except (StateError, ValueError) as err:
             memory.close()

@@ -23,7 +23,7 @@ import numpy as np
 from kvmguest.errors import printable
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
-from kvmguest.state import StateError, check_machine_state
+from kvmguest.state import MachineState, StateError
 
 from . import format as fmt
 from .format import SnapshotError
@@ -148,6 +148,7 @@ class StreamInfo:
     pages: int              # page records (an upper bound on the pages restore touches)
     zero_records: int
     state: dict
+    decoded: MachineState   # the state, decoded and checked
 
 
 def _read(f, n: int, what: str) -> bytes:
@@ -215,7 +216,7 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
             raise SnapshotError(f"stream block list of {blen} bytes is too large")
         blocks = parse_blocks(_read(f, blen, "its block list"), nblocks)
         records_offset = f.tell()
-        state, pages, zeros = None, 0, 0
+        state, decoded, pages, zeros = None, None, 0, 0
         while True:
             kind, bi, index = RECORD.unpack(_read(f, RECORD.size, "a record (no end record)"))
             if kind in (KIND_PAGE, KIND_ZERO):
@@ -245,7 +246,7 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
                 if not isinstance(state, dict):
                     raise SnapshotError("stream state is not kvmguest state")
                 try:
-                    check_machine_state(state)
+                    decoded = MachineState.from_json(state)
                 except StateError as err:
                     raise SnapshotError(f"state: {err}") from None
             elif kind == KIND_END:
@@ -258,7 +259,7 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
             raise SnapshotError(f"stream file has {size - f.tell()} bytes after its end record")
     finally:
         f.close()
-    return StreamInfo(path, size, blocks, records_offset, pages, zeros, state)
+    return StreamInfo(path, size, blocks, records_offset, pages, zeros, state, decoded)
 
 
 def page_records(info: StreamInfo, fd: int, read_page=None):
