@@ -23,6 +23,7 @@ class MmioExit:
     gpa: int
     length: int
     is_write: bool
+    data_addr: int = 0      # the 8 data bytes in the kvm_run page (written, or to fill)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def decode_exit(run: abi.kvm_run) -> Exit:
                       ctypes.addressof(run) + io.data_offset)
     if reason == ExitReason.KVM_EXIT_MMIO:
         m = run.exit.mmio
-        return MmioExit(m.phys_addr, m.len, bool(m.is_write))
+        return MmioExit(m.phys_addr, m.len, bool(m.is_write), ctypes.addressof(m.data))
     if reason == ExitReason.KVM_EXIT_HLT:
         return HaltExit()
     if reason == ExitReason.KVM_EXIT_SHUTDOWN:

@@ -11,6 +11,7 @@ kernel at its PVH entry; the others wait, as on hardware, for INIT/SIPI from it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import struct
 import threading
@@ -20,13 +21,14 @@ from typing import Callable
 
 from . import abi
 from .abi import Cap
-from .boot import acpi, cpu, layout, pvh
-from .devices import DebugExit, PortBus, Serial
+from .boot import acpi, cpu, cpumodel, image, layout, multiboot, pvh
+from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PortBus, Serial, Testdev
+from .devices import acpi_pm, cmos, fw_cfg, testdev
 from .dirty import DirtyLog
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
 from .kvm import Kvm, KvmError, KvmUnavailable
 from .memory import GuestMemory, plan_regions
-from .exits import IoExit, crash_message
+from .exits import IoExit, MmioExit, crash_message
 from .vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class GuestResult:
     exit_code: int | None   # the value written to the debug-exit port; None if none
     console: str
     seconds: float
+    event: str | None = None    # "poweroff" or "reset" when the guest ended that way
 
 
 REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
@@ -88,12 +91,20 @@ class Machine:
                  cmdline: str = "", stream: Callable[[bytes], None] | None = None,
                  console_capacity: int = 1 << 20, guest_memory: GuestMemory | None = None,
                  kvm: Kvm | None = None, own_kvm: bool = False, vcpus: int = 1,
-                 irqchip: bool = True, origin: dict | None = None):
-        """Boot ``kernel``, or (kernel None) build a VM around ``guest_memory`` for a
-        restore. A ``kvm`` passed in stays the caller's unless ``own_kvm``. ``origin``
-        records what a restored guest was booted with (kernel, cmdline)."""
-        self.kernel = pvh.parse_kernel(kernel) if kernel is not None else None
+                 irqchip: bool = True, origin: dict | None = None,
+                 modules: list[str] = (), cpu_model: str | None = None, pit: bool = True):
+        """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
+        ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
+        ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
+        cmdline). ``modules`` are files handed to a multiboot kernel (QEMU's -initrd);
+        ``cpu_model`` a QEMU-style -cpu string (kvmguest.boot.cpumodel); ``pit`` False
+        leaves out the PIT (QEMU's -machine pit=off)."""
+        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
         self.cmdline = cmdline
+        self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
+        if modules and (self.kernel is None or self.kernel.protocol != image.MULTIBOOT):
+            raise image.BootError("modules (--initrd) are for multiboot kernels only")
+        self.modules = [(path, multiboot.read_module(path)) for path in modules]
         self.origin = dict(origin or {})
         self.irqchip = irqchip
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
@@ -105,8 +116,11 @@ class Machine:
             raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
         if self.kernel is not None:  # every boot error before any VM exists
-            pvh.check_fits(self.kernel, guest_memory.regions if guest_memory is not None
-                           else plan_regions(memory), cmdline)
+            regions = guest_memory.regions if guest_memory is not None else plan_regions(memory)
+            if self.kernel.protocol == image.MULTIBOOT:
+                multiboot.check_modules(self.kernel, regions, cmdline, self.modules)
+            else:
+                image.check_fits(self.kernel, regions, cmdline)
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
         self.vm = None
@@ -142,7 +156,9 @@ class Machine:
             if irqchip:
                 # Before any vCPU exists: each vCPU then gets its in-kernel LAPIC.
                 self.vm.create_irqchip()
-                self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+                if pit:
+                    self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+            self.pit = irqchip and pit
             self.dirty = DirtyLog(self.vm, self.memory, self.manual_protect)
             supported = self.kvm.get_supported_cpuid()
             for i in range(vcpus):
@@ -150,6 +166,8 @@ class Machine:
                 self.vcpus.append(v)
                 cpuid = cpu.copy_cpuid(supported)
                 cpu.setup_cpuid(cpuid, i, vcpus)
+                if self.cpu_model is not None:
+                    self.cpu_model.apply(cpuid, supported)
                 v.set_cpuid2(cpuid)
                 self.cpuids.append(cpuid)
         except BaseException:
@@ -160,9 +178,22 @@ class Machine:
                              irq=self._serial_irq if irqchip else None)
         self.console = self.serial
         self.debug_exit = DebugExit()
+        # The devices of QEMU's PC that test kernels (kvm-unit-tests) expect.
+        isa_irq = self._isa_irq if irqchip else None
+        self.fw_cfg = FwCfg(self.memory.size, len(self.vcpus))
+        self.testdev = Testdev(self.memory, irq=isa_irq)
+        self.cmos = Cmos(self.memory.size, irq=isa_irq)
+        self.cmos.on_alarm = self._rtc_alarm
+        self.acpi_pm = AcpiPm(self._power_event)
+        self.event: str | None = None        # "poweroff", "reset" or "suspend" (S3)
+        self._wake = threading.Event()
         self.bus = PortBus()
         self.bus.register(layout.COM1_PORT, 8, self.serial)
         self.bus.register(layout.DEBUG_EXIT_PORT, 4, self.debug_exit)
+        self.bus.register(fw_cfg.SELECTOR_PORT, fw_cfg.PORTS, self.fw_cfg)
+        self.bus.register(cmos.PORT, cmos.PORTS, self.cmos)
+        for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
+            self.bus.register(base, count, handler)
 
         self.threads = [VcpuThread(v, self._handle_exit, self._vcpu_done) for v in self.vcpus]
         self._done = threading.Event()
@@ -188,7 +219,7 @@ class Machine:
         MachineState) applied: as many vCPUs, the same irqchip choice; :meth:`start`
         resumes it."""
         m = cls(None, guest_memory=memory, vcpus=len(saved.vcpus), irqchip=saved.irqchip,
-                origin=saved.guest, **kw)
+                pit=saved.vm.pit2 is not None, origin=saved.guest, **kw)
         try:
             saved.apply(m)
         except BaseException:
@@ -198,16 +229,23 @@ class Machine:
 
     # --- set-up -----------------------------------------------------------------------
     def _load_kernel(self) -> None:
-        """Load the kernel and set the PVH start state of the boot CPU. With the irqchip,
-        the ACPI tables describe the CPUs; the other vCPUs wait for INIT/SIPI."""
+        """Load the kernel and set the 32-bit start state of the boot CPU (PVH and
+        multiboot share it; EAX/EBX differ). With the irqchip, the ACPI tables describe
+        the CPUs; the other vCPUs wait for INIT/SIPI."""
         rsdp = acpi.write_tables(self.memory, len(self.vcpus)) if self.irqchip else 0
-        start_info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp)
+        if self.kernel.protocol == image.MULTIBOOT:
+            info = multiboot.load(self.memory, self.kernel, self.cmdline, self.modules)
+            regs = cpu.setup_regs(self.kernel.entry, info)
+            regs.rax = multiboot.BOOT_MAGIC
+        else:
+            info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp)
+            regs = cpu.setup_regs(self.kernel.entry, info)
         cpu.setup_gdt(self.memory)
         bsp = self.vcpus[0]
         sregs = bsp.get_sregs()
         cpu.setup_sregs(sregs)
         bsp.set_sregs(sregs)
-        bsp.set_regs(cpu.setup_regs(self.kernel.entry, start_info))
+        bsp.set_regs(regs)
 
     def msr_indices(self) -> list[int]:
         """The MSRs to save (KVM_GET_MSR_INDEX_LIST), read once per machine."""
@@ -217,6 +255,41 @@ class Machine:
 
     def _serial_irq(self, level: int) -> None:
         self.vm.irq_line(layout.COM1_IRQ, level)
+
+    def _isa_irq(self, line: int, level: int) -> None:
+        self.vm.irq_line(line, level)
+
+    def _power_event(self, kind: str) -> None:
+        """The guest asked to power off, reset or suspend (ACPI PM1 control, 0xcf9)."""
+        self.event = kind
+
+    def _rtc_alarm(self) -> None:
+        if self.acpi_pm.wake(acpi_pm.STS_RTC):
+            self._wake.set()
+
+    def _suspend(self, thread: VcpuThread) -> None:
+        """S3 on the vCPU that asked for it: the others are parked, this one waits for a
+        wake event (the RTC alarm, if PM1_EN enabled it), then the machine restarts as
+        firmware resumes a PC: the boot CPU in real mode at the FACS waking vector, the
+        others waiting for INIT/SIPI."""
+        others = [t for t in self.threads if t is not thread]
+        for t in others:
+            t.request_pause()
+        for t in others:
+            while not t.wait_parked(0.01):
+                t.kick()
+        self._wake.clear()
+        while not self._wake.wait(0.05):
+            if thread.stopping:
+                return
+        self.event = None
+        vector = struct.unpack("<I", self.memory.read(acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR, 4))[0]
+        for t in self.threads:
+            if t is thread:
+                cpu.reset_to_real_mode(t.vcpu, vector)
+            else:
+                t.vcpu.set_mp_state(abi.kvm_mp_state(abi.KVM_MP_STATE_UNINITIALIZED))
+                t.resume()
 
     # --- compatibility with one-vCPU callers ------------------------------------------------
     @property
@@ -274,7 +347,8 @@ class Machine:
         if self.error is not None:
             raise self.error
         return GuestResult(self.debug_exit.result, self.serial.text(),
-                           max(t.finished_at for t in self.threads) - self._started_at)
+                           max(t.finished_at for t in self.threads) - self._started_at,
+                           self.event)
 
     def _vcpu_done(self, thread: VcpuThread) -> None:
         """A vCPU loop ended. A finished guest or a failed vCPU ends the whole machine."""
@@ -337,7 +411,20 @@ class Machine:
         (a crash, with the registers, or a reset/power-off). True when it is finished."""
         if isinstance(ex, IoExit):
             self.bus.handle_io(ex)
+            if self.event is not None:
+                if self.event == "suspend":
+                    self._suspend(thread)
+                    return thread.stopping
+                return True                   # poweroff or reset: the run ends
             return self.debug_exit.fired.is_set()
+        if isinstance(ex, MmioExit) and testdev.IOMEM_BASE <= ex.gpa and \
+                ex.gpa + ex.length <= testdev.IOMEM_BASE + testdev.IOMEM_SIZE:
+            off = ex.gpa - testdev.IOMEM_BASE
+            if ex.is_write:
+                self.testdev.mmio_write(off, ctypes.string_at(ex.data_addr, ex.length))
+            else:
+                ctypes.memmove(ex.data_addr, self.testdev.mmio_read(off, ex.length), ex.length)
+            return False
         crash = crash_message(ex)
         if crash is None:
             return True
@@ -387,6 +474,8 @@ class Machine:
 
     # --- teardown ---------------------------------------------------------------------
     def close(self) -> None:
+        if getattr(self, "cmos", None) is not None:
+            self.cmos.close()
         if any(t.started and not t.done.is_set() for t in getattr(self, "threads", [])):
             try:
                 self.stop()

@@ -204,17 +204,18 @@ CHIPS = (abi.IrqChip.KVM_IRQCHIP_PIC_MASTER, abi.IrqChip.KVM_IRQCHIP_PIC_SLAVE,
 
 @dataclass
 class VmState:
-    """VM-wide state: the KVM clock; with the in-kernel irqchip, the PICs, IOAPIC, PIT."""
+    """VM-wide state: the KVM clock; with the in-kernel irqchip, the PICs, IOAPIC and
+    (unless the machine was made without one) the PIT."""
     clock: str | None = None
     irqchip: list | None = None
     pit2: str | None = None
 
     @classmethod
-    def capture(cls, vm, irqchip: bool) -> "VmState":
+    def capture(cls, vm, irqchip: bool, pit: bool = True) -> "VmState":
         return cls(clock=_hex(vm.get_clock())
                    if vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0 else None,
                    irqchip=[_hex(vm.get_irqchip(c)) for c in CHIPS] if irqchip else None,
-                   pit2=_hex(vm.get_pit2()) if irqchip else None)
+                   pit2=_hex(vm.get_pit2()) if irqchip and pit else None)
 
     def check(self) -> None:
         try:
@@ -226,8 +227,9 @@ class VmState:
                 for raw, want in zip(self.irqchip, CHIPS):
                     if _load(abi.kvm_irqchip, raw, "irqchip").chip_id != want:
                         raise StateError("irqchip state is out of order")
-                if self.pit2 is None:
-                    raise StateError("irqchip state without the PIT")
+            if self.pit2 is not None:
+                if self.irqchip is None:
+                    raise StateError("PIT state without the irqchip")
                 _load(abi.kvm_pit_state2, self.pit2, "pit2")
         except TypeError as err:
             raise StateError(f"VM state has a bad field: {err}") from None
@@ -260,6 +262,9 @@ class VmState:
 
 
 # --- the machine -----------------------------------------------------------------------------
+# Our devices, by their attribute on Machine and their key in the saved state.
+DEVICES = ("serial", "debug_exit", "fw_cfg", "testdev", "cmos", "acpi_pm")
+
 @dataclass
 class MachineState:
     """Everything but RAM: every vCPU, the VM, our devices (each device's own
@@ -285,9 +290,8 @@ class MachineState:
         cmdline = machine.cmdline if machine.kernel else machine.origin.get("cmdline", "")
         return cls(vcpus=[VcpuState.capture(v, c, indices, xsave_size, machine.irqchip)
                           for v, c in zip(machine.vcpus, machine.cpuids)],
-                   vm=VmState.capture(machine.vm, machine.irqchip),
-                   devices={"serial": machine.serial.save_state(),
-                            "debug_exit": machine.debug_exit.save_state()},
+                   vm=VmState.capture(machine.vm, machine.irqchip, machine.pit),
+                   devices={name: getattr(machine, name).save_state() for name in DEVICES},
                    guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
 
     def check(self) -> None:
@@ -309,8 +313,10 @@ class MachineState:
         for vcpu, vstate in zip(machine.vcpus, self.vcpus):
             vstate.apply(vcpu)
         self.vm.apply(machine.vm)
-        machine.serial.restore_state(self.devices["serial"])
-        machine.debug_exit.restore_state(self.devices.get("debug_exit", {}))
+        for name in DEVICES:       # a device missing from an older snapshot keeps its reset state
+            saved = self.devices.get(name)
+            if isinstance(saved, dict):
+                getattr(machine, name).restore_state(saved)
 
     def to_json(self) -> dict:
         return {"format": STATE_FORMAT, "version": self.version,

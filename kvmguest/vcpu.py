@@ -62,6 +62,11 @@ class VcpuThread:
         return self._thread is not None
 
     @property
+    def stopping(self) -> bool:
+        """The loop was asked to end."""
+        return self._stop.is_set()
+
+    @property
     def parked(self) -> bool:
         """Paused at an instruction boundary (or not running at all)."""
         return self._paused.is_set() or self.done.is_set()

@@ -1,16 +1,18 @@
-"""ACPI tables for the in-kernel irqchip: RSDP, XSDT, MADT, FADT (and an empty DSDT).
+"""ACPI tables for the in-kernel irqchip: RSDP, XSDT, MADT, FADT, FACS (empty DSDT).
 
 A guest finds its CPUs as Linux does: the RSDP in the BIOS area (a 16-byte-aligned
 signature scan of 0xE0000-0xFFFFF finds it) and in ``hvm_start_info.rsdp_paddr``. The
 MADT lists one enabled local APIC per vCPU (APIC ID = vCPU index), the IOAPIC, and the
-ISA interrupt overrides; the FADT is the minimum a parser expects (hardware-reduced is
-not claimed: there is a PIC, and the SCI is IRQ 9).
+ISA interrupt overrides; the FADT points at the FACS and advertises the PM1 blocks, the
+PM timer and the reset register of kvmguest.devices.acpi_pm (hardware-reduced is not
+claimed: there is a PIC, and the SCI is IRQ 9).
 """
 
 from __future__ import annotations
 
 import struct
 
+from ..devices import acpi_pm
 from . import layout
 
 OEM_ID = b"KVMGST"
@@ -46,24 +48,58 @@ def madt(vcpus: int) -> bytes:
     return _sdt(b"APIC", 4, body)
 
 
-def fadt(dsdt: int) -> bytes:
-    """A revision-6 FADT (276 bytes): the DSDT, the SCI, no PM blocks yet."""
+def _gas_io(port: int, bits: int) -> bytes:
+    """A Generic Address Structure for a port in system I/O space."""
+    return struct.pack("<BBBBQ", 1, bits, 0, {8: 1, 16: 2, 32: 3}[bits], port)
+
+
+FADT_TMR_VAL_EXT, FADT_RESET_REG_SUP = 1 << 8, 1 << 10
+
+
+def fadt(dsdt: int, facs: int) -> bytes:
+    """A revision-6 FADT (276 bytes): DSDT, FACS, the SCI, the PM1a event and control
+    blocks, a 32-bit PM timer and the reset register (kvmguest.devices.acpi_pm)."""
     body = bytearray(276 - 36)
-    struct.pack_into("<II", body, 0, 0, dsdt)                  # FIRMWARE_CTRL, DSDT
-    struct.pack_into("<H", body, 46 - 36, SCI_IRQ)              # SCI_INT
-    struct.pack_into("<H", body, 109 - 36, 0x0003)              # IAPC_BOOT_ARCH: legacy, 8042
-    struct.pack_into("<B", body, 131 - 36, 5)                   # FADT minor version
-    struct.pack_into("<Q", body, 140 - 36, dsdt)                # X_DSDT
+
+    def put(fmt, offset, *values):                 # offsets as the ACPI spec numbers them
+        struct.pack_into(fmt, body, offset - 36, *values)
+
+    put("<II", 36, facs, dsdt)                      # FIRMWARE_CTRL, DSDT
+    put("<H", 46, SCI_IRQ)                          # SCI_INT (SMI_CMD 0: ACPI always on)
+    put("<III", 56, acpi_pm.PM1_EVT, 0, acpi_pm.PM1_CNT)    # PM1a/b EVT, PM1a CNT
+    put("<I", 76, acpi_pm.PM_TMR)
+    put("<BBBB", 88, acpi_pm.PM1_EVT_LEN, acpi_pm.PM1_CNT_LEN, 0, acpi_pm.PM_TMR_LEN)
+    put("<H", 109, 0x0003)                          # IAPC_BOOT_ARCH: legacy devices, 8042
+    put("<I", 112, FADT_TMR_VAL_EXT | FADT_RESET_REG_SUP)
+    put("<12sB", 116, _gas_io(acpi_pm.RESET_PORT, 8), acpi_pm.RESET_VALUE)
+    put("<B", 131, 5)                               # FADT minor version
+    put("<QQ", 132, facs, dsdt)                     # X_FIRMWARE_CTRL, X_DSDT
+    put("<12s", 148, _gas_io(acpi_pm.PM1_EVT, 32))
+    put("<12s", 172, _gas_io(acpi_pm.PM1_CNT, 16))
+    put("<12s", 208, _gas_io(acpi_pm.PM_TMR, 32))
     return _sdt(b"FACP", 6, bytes(body))
+
+
+FACS_LENGTH = 64
+FACS_ADDR = layout.ACPI_TABLES    # first of the tables: a FACS must be 64-byte aligned
+FACS_WAKING_VECTOR = 12           # offset of the 32-bit firmware waking vector
+
+
+def facs() -> bytes:
+    """The FACS (no header checksum): where an OS leaves its S3 waking vector."""
+    return struct.pack("<4sIIIII", b"FACS", FACS_LENGTH, 0, 0, 0, 0) + struct.pack(
+        "<QB", 0, 2).ljust(FACS_LENGTH - 24, b"\0")
 
 
 def write_tables(memory, vcpus: int) -> int:
     """Write the tables into guest memory; return the RSDP's address."""
-    at = layout.ACPI_TABLES
+    at = FACS_ADDR
+    facs_addr, facs_t = at, facs()
+    at += len(facs_t)
     dsdt_addr = at
     dsdt = _sdt(b"DSDT", 2, b"")
     at = -(-(at + len(dsdt)) // 16) * 16
-    fadt_addr, fadt_t = at, fadt(dsdt_addr)
+    fadt_addr, fadt_t = at, fadt(dsdt_addr, facs_addr)
     at = -(-(at + len(fadt_t)) // 16) * 16
     madt_addr, madt_t = at, madt(vcpus)
     at = -(-(at + len(madt_t)) // 16) * 16
@@ -71,7 +107,7 @@ def write_tables(memory, vcpus: int) -> int:
     xsdt = _sdt(b"XSDT", 1, struct.pack("<QQ", madt_addr, fadt_addr))
     if xsdt_addr + len(xsdt) > layout.ACPI_END:
         raise ValueError(f"ACPI tables for {vcpus} vCPUs do not fit below {layout.ACPI_END:#x}")
-    for addr, table in ((dsdt_addr, dsdt), (fadt_addr, fadt_t), (madt_addr, madt_t),
+    for addr, table in ((facs_addr, facs_t), (dsdt_addr, dsdt), (fadt_addr, fadt_t), (madt_addr, madt_t),
                         (xsdt_addr, xsdt)):
         memory.write(addr, table)
     rsdp = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 2, 0)

@@ -64,6 +64,23 @@ def setup_regs(entry: int, start_info: int) -> abi.kvm_regs:
     return abi.kvm_regs(rip=entry, rbx=start_info, rflags=0x2)
 
 
+def reset_to_real_mode(vcpu, vector: int) -> None:
+    """Put ``vcpu`` in real mode at ``vector`` (CS = vector >> 4, IP = vector & 15), as
+    firmware does when it resumes from S3: paging and long mode off, flat 64 KiB segments."""
+    sregs = vcpu.get_sregs()
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        selector = vector >> 4 if name == "cs" else 0
+        setattr(sregs, name, abi.kvm_segment(base=selector << 4, limit=0xFFFF,
+                                             selector=selector, type=0xB if name == "cs" else 3,
+                                             present=1, s=1))
+    sregs.gdt.base, sregs.gdt.limit = 0, 0xFFFF
+    sregs.idt.base, sregs.idt.limit = 0, 0x3FF
+    sregs.cr0 = X86_CR0_ET
+    sregs.cr3 = sregs.cr4 = sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(abi.kvm_regs(rip=vector & 0xF, rflags=0x2))
+
+
 def copy_cpuid(cpuid):
     """An independent copy of a kvm_cpuid2 (each vCPU gets its own)."""
     out = type(cpuid)()

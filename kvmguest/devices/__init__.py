@@ -1,7 +1,12 @@
-"""The few devices a small guest needs: a port-I/O bus, a 16550 UART, debug-exit."""
+"""The devices of a small PC: a port-I/O bus, a 16550 UART, debug-exit, and what test
+kernels expect of QEMU's PC (fw_cfg, pc-testdev, CMOS/RTC, ACPI PM and reset)."""
 
+from .acpi_pm import AcpiPm
 from .bus import PortBus
+from .cmos import Cmos
 from .debug_exit import DebugExit
+from .fw_cfg import FwCfg
 from .serial import Serial
+from .testdev import Testdev
 
-__all__ = ["PortBus", "Serial", "DebugExit"]
+__all__ = ["PortBus", "Serial", "DebugExit", "FwCfg", "Testdev", "Cmos", "AcpiPm"]

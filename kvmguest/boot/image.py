@@ -1,0 +1,239 @@
+"""Kernel images: read a kernel file once, find how it boots (PVH or multiboot v1) and
+check its loadable segments, before any VM exists.
+
+A kernel is an ELF with the PVH entry note (``XEN_ELFNOTE_PHYS32_ENTRY``), or a file with
+a multiboot v1 header in its first 8 KiB (an ELF, or any file when the header's address
+fields say where it loads). Every failure is a :class:`BootError` naming the file and
+what is wrong, raised before anything is written to guest memory."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ..abi import PAGE_SIZE
+from ..errors import EXIT_BAD_INPUT, KvmguestError
+from ..files import open_regular
+from . import layout
+
+PVH, MULTIBOOT = "pvh", "multiboot"
+MAX_KERNEL = 512 << 20       # bytes; a bigger file is not a kernel for these guests
+
+
+class BootError(KvmguestError, ValueError):
+    """The kernel cannot be booted: not an ELF, no entry, bad segments, ..."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+@dataclass(frozen=True)
+class Segment:
+    paddr: int
+    data: bytes
+    memsz: int
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A checked kernel, ready to load: its boot protocol, segments, 32-bit entry point."""
+    path: str
+    entry: int
+    segments: tuple[Segment, ...]
+    protocol: str = PVH
+    header: dict = field(default_factory=dict)     # the multiboot header's fields
+
+    @property
+    def end(self) -> int:
+        return max(s.paddr + s.memsz for s in self.segments)
+
+
+_parsed: dict[tuple, Kernel] = {}
+
+
+def parse_kernel(path: str | Path) -> Kernel:
+    """Read and check a kernel; raise BootError naming what is wrong.
+
+    A kernel already parsed is reused while its file is unchanged (same inode, size and
+    mtime): pyelftools takes milliseconds, which would dominate a small guest's boot."""
+    path = str(path)
+    fd = open_regular(path, "kernel", BootError)
+    try:
+        st = os.fstat(fd)
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _parsed:
+            return _parsed[key]
+        from . import multiboot
+        try:
+            head = os.pread(fd, multiboot.SEARCH_BYTES, 0)
+        except OSError as err:
+            raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
+        if head[:4] != b"\x7fELF" and multiboot.find_header(path, head) is None:
+            raise BootError(f"{path}: not an ELF file and no multiboot header")
+        raw = read_file(fd, path, st.st_size, "kernel")
+    finally:
+        os.close(fd)
+    kernel = _parse(path, raw)
+    if len(_parsed) > 32:
+        _parsed.clear()
+    _parsed[key] = kernel
+    return kernel
+
+
+def read_file(fd: int, path: str, size: int, what: str) -> bytes:
+    """A kernel's (or module's) bytes, read whole, its size capped at MAX_KERNEL."""
+    try:
+        if size > MAX_KERNEL:
+            raise BootError(f"{path}: {size >> 20} MiB is too large for a {what} "
+                            f"(limit {MAX_KERNEL >> 20} MiB)")
+        raw = os.pread(fd, size, 0)
+        while len(raw) < size:
+            more = os.pread(fd, size - len(raw), len(raw))
+            if not more:
+                break
+            raw += more
+        return raw
+    except OSError as err:
+        raise BootError(f"{path}: cannot read {what}: {err.strerror}") from err
+
+
+def _parse(path: str, raw: bytes) -> Kernel:
+    from . import multiboot             # the multiboot header format lives there
+    header = multiboot.find_header(path, raw)
+    if raw[:4] != b"\x7fELF":
+        if header is None:
+            raise BootError(f"{path}: not an ELF file and no multiboot header")
+        kernel = multiboot.kernel_from_header(path, raw, header)
+    else:
+        segments, entry, pvh_entry = _elf(path, raw)
+        if pvh_entry is not None:
+            kernel = Kernel(path, pvh_entry, segments, PVH)
+        elif header is not None:
+            kernel = multiboot.kernel_from_elf(path, segments, entry, header)
+        else:
+            raise BootError(f"{path}: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) and no "
+                            "multiboot header: not a PVH or multiboot kernel")
+    check_segments(kernel)
+    return kernel
+
+
+def _elf(path: str, raw: bytes):
+    """(segments by address, the ELF entry translated to a physical address, PVH entry)."""
+    try:
+        elf = ELFFile(io.BytesIO(raw))
+        machine = elf["e_machine"]
+        if machine not in ("EM_X86_64", "EM_386"):
+            raise BootError(f"{path}: ELF for {machine}, not x86")
+        segments, pvh_entry, entry = [], None, elf["e_entry"]
+        phys_entry = None
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_memsz"]:
+                off, filesz = seg["p_offset"], seg["p_filesz"]
+                if off + filesz > len(raw):
+                    raise BootError(f"{path}: truncated: segment at {seg['p_paddr']:#x} "
+                                    f"needs bytes up to {off + filesz}, file has {len(raw)}")
+                if filesz > seg["p_memsz"]:
+                    raise BootError(f"{path}: segment at {seg['p_paddr']:#x} has filesz > memsz")
+                segments.append(Segment(seg["p_paddr"], raw[off:off + filesz], seg["p_memsz"]))
+                if seg["p_vaddr"] <= entry < seg["p_vaddr"] + seg["p_memsz"]:
+                    phys_entry = entry - seg["p_vaddr"] + seg["p_paddr"]
+            elif seg["p_type"] == "PT_NOTE" and pvh_entry is None:
+                pvh_entry = _pvh_entry(seg, raw, path)
+    except ELFError as err:
+        raise BootError(f"{path}: malformed ELF: {err}") from err
+    except struct.error as err:
+        raise BootError(f"{path}: truncated ELF: {err}") from err
+    if not segments:
+        raise BootError(f"{path}: no loadable segments")
+    return tuple(sorted(segments, key=lambda s: s.paddr)), phys_entry, pvh_entry
+
+
+def _pvh_entry(seg, raw: bytes, path: str) -> int | None:
+    off, size = seg["p_offset"], seg["p_filesz"]
+    if off + size > len(raw):
+        raise BootError(f"{path}: truncated: note segment runs past the end of the file")
+    for note in seg.iter_notes():
+        if note["n_name"] == "Xen" and note["n_type"] == layout.XEN_ELFNOTE_PHYS32_ENTRY:
+            desc = note["n_descdata"]
+            if isinstance(desc, str):
+                desc = desc.encode("latin-1")
+            if len(desc) not in (4, 8):
+                raise BootError(f"{path}: PVH entry note has {len(desc)} bytes, want 4 or 8")
+            return int.from_bytes(desc[:4], "little")
+    return None
+
+
+def check_segments(kernel: Kernel) -> None:
+    """Segments must not overlap each other or the boot structures, and must hold the
+    entry point; a 32-bit entry means everything loads below 4 GiB."""
+    path, ordered = kernel.path, kernel.segments
+    for a, b in zip(ordered, ordered[1:]):
+        if a.paddr + a.memsz > b.paddr:
+            raise BootError(f"{path}: segments at {a.paddr:#x} and {b.paddr:#x} overlap")
+    for s in ordered:
+        if s.paddr < layout.BOOT_STRUCTS_END:
+            raise BootError(f"{path}: segment at {s.paddr:#x} overlaps the boot structures "
+                            f"below {layout.BOOT_STRUCTS_END:#x}")
+    if not any(s.paddr <= kernel.entry < s.paddr + s.memsz for s in ordered):
+        raise BootError(f"{path}: {kernel.protocol} entry {kernel.entry:#x} is outside every "
+                        "loadable segment")
+
+
+def check_fits(kernel: Kernel, regions, cmdline: str = "", extra: int = 0) -> bytes:
+    """Check the kernel and command line against a RAM layout, before any VM exists.
+
+    ``regions`` are objects with ``gpa`` and ``size`` (RegionSpec or Region); ``extra``
+    bytes (multiboot modules) must fit after the kernel too. Returns the encoded command
+    line."""
+    blob = cmdline.encode()
+    if b"\0" in blob:
+        raise BootError("command line contains a NUL byte")
+    if len(blob) >= layout.CMDLINE_MAX:
+        raise BootError(f"command line is {len(blob)} bytes; the limit is "
+                        f"{layout.CMDLINE_MAX - 1}")
+    total = sum(r.size for r in regions)
+    for s in kernel.segments:
+        if not any(r.gpa <= s.paddr and s.paddr + s.memsz <= r.gpa + r.size for r in regions):
+            raise BootError(f"{kernel.path}: segment at {s.paddr:#x}+{s.memsz:#x} is outside "
+                            f"guest RAM ({total >> 20} MiB); give the guest more memory")
+    if extra:
+        start = page_up(kernel.end)
+        if not any(r.gpa <= start and start + extra <= r.gpa + r.size for r in regions):
+            raise BootError(f"{kernel.path}: the kernel and its {extra} bytes of modules need "
+                            f"{(start + extra) >> 20} MiB or more of RAM below 3 GiB; "
+                            f"give the guest more memory")
+    return blob
+
+
+def memory_map(memory) -> list[tuple[int, int, int]]:
+    """The e820-style map the guest sees: (addr, size, type)."""
+    entries = []
+    for r in memory.regions:
+        if r.gpa == 0:
+            entries.append((0, min(layout.LOW_RAM_END, r.size), layout.E820_RAM))
+            if r.size > layout.LOW_RAM_END:
+                entries.append((layout.LOW_RAM_END, min(r.size, layout.KERNEL_MIN_ADDR)
+                                - layout.LOW_RAM_END, layout.E820_RESERVED))
+            if r.size > layout.KERNEL_MIN_ADDR:
+                entries.append((layout.KERNEL_MIN_ADDR, r.size - layout.KERNEL_MIN_ADDR,
+                                layout.E820_RAM))
+        else:
+            entries.append((r.gpa, r.size, layout.E820_RAM))
+    return entries
+
+
+def write_segments(memory, kernel: Kernel) -> None:
+    """Copy the segments into guest memory and zero what the file does not hold (BSS)."""
+    for s in kernel.segments:
+        memory.write(s.paddr, s.data)
+        if s.memsz > len(s.data):
+            memory.zero(s.paddr + len(s.data), s.memsz - len(s.data))
+
+
+def page_up(n: int) -> int:
+    return -(-n // PAGE_SIZE) * PAGE_SIZE

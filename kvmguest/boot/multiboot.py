@@ -1,0 +1,153 @@
+"""Multiboot (v1) boot, as GRUB and QEMU's ``-kernel`` do it: kvm-unit-tests' x86 tests
+are ELF32 files with a multiboot header and read their environment from the first module.
+
+The header (magic 0x1BADB002, flags, checksum) sits 4-byte aligned in the first 8 KiB.
+Flags 0-15 are requirements a loader must refuse when it cannot meet them: we page-align
+modules (bit 0) and always give the memory information (bit 1); a video mode (bit 2) or
+an unknown bit is refused. Bit 16 means the header says where the image loads (for
+files that are not ELF). Entry: 32-bit protected mode, paging off, flat segments,
+EAX = 0x2BADB002, EBX = the multiboot information structure (memory sizes, memory map,
+command line, modules, boot loader name). The command line the kernel sees starts with
+the kernel's path, as GRUB and QEMU pass it (kvm-unit-tests takes it as argv[0])."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..files import open_regular
+from . import layout
+from .image import (MULTIBOOT, BootError, Kernel, Segment, check_fits, memory_map,
+                    page_up, read_file, write_segments)
+
+HEADER_MAGIC = 0x1BADB002
+BOOT_MAGIC = 0x2BADB002          # in EAX at entry
+SEARCH_BYTES = 8192
+FLAG_PAGE_ALIGN, FLAG_MEMORY_INFO, FLAG_VIDEO_MODE, FLAG_ADDRESSES = 1, 2, 4, 1 << 16
+SUPPORTED_REQUIREMENTS = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO
+
+# multiboot_info.flags: which fields are valid.
+INFO_MEMORY, INFO_CMDLINE, INFO_MODS, INFO_MMAP, INFO_LOADER_NAME = 1, 4, 8, 0x40, 0x200
+INFO_SIZE = 116                  # up to and including the framebuffer fields
+# Where the information structure and what it points to go (the PVH start_info page:
+# below layout.BOOT_STRUCTS_END, so no segment may overlap them).
+INFO = layout.START_INFO
+MODULES = INFO + 0x80            # 16 bytes a module
+MMAP = INFO + 0x100              # 24 bytes an entry
+LOADER_NAME = INFO + 0x400
+MODULE_CMDLINES = INFO + 0x500   # NUL-terminated strings, up to the command-line page
+MAX_MODULES = 4
+LOADER = b"kvmguest\0"
+
+
+def find_header(path: str, raw: bytes) -> dict | None:
+    """The multiboot header's fields, or None when the first 8 KiB have none."""
+    end = min(len(raw), SEARCH_BYTES) - 12
+    for off in range(0, end + 1, 4):
+        magic, flags, checksum = struct.unpack_from("<III", raw, off)
+        if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            header = {"offset": off, "flags": flags}
+            if flags & FLAG_ADDRESSES:
+                if off + 32 > len(raw):
+                    raise BootError(f"{path}: multiboot header at {off:#x} is truncated")
+                names = ("header_addr", "load_addr", "load_end_addr", "bss_end_addr",
+                         "entry_addr")
+                header.update(zip(names, struct.unpack_from("<5I", raw, off + 12)))
+            return header
+    return None
+
+
+def _check_flags(path: str, flags: int) -> None:
+    if flags & FLAG_VIDEO_MODE:
+        raise BootError(f"{path}: the multiboot header asks for a video mode, which "
+                        "kvmguest does not provide (serial console only)")
+    unknown = flags & 0xFFFF & ~SUPPORTED_REQUIREMENTS
+    if unknown:
+        raise BootError(f"{path}: the multiboot header requires features {unknown:#x} that "
+                        "kvmguest does not know")
+
+
+def kernel_from_elf(path: str, segments, entry: int | None, header: dict) -> Kernel:
+    """A multiboot ELF: loaded by its program headers (unless the header gives addresses)."""
+    _check_flags(path, header["flags"])
+    if header["flags"] & FLAG_ADDRESSES:
+        raise BootError(f"{path}: an ELF whose multiboot header also gives load addresses "
+                        "is ambiguous; kvmguest loads ELF files by their program headers")
+    if entry is None:
+        raise BootError(f"{path}: the ELF entry point is outside every loadable segment")
+    return Kernel(path, entry, segments, MULTIBOOT, header)
+
+
+def kernel_from_header(path: str, raw: bytes, header: dict) -> Kernel:
+    """A multiboot image that is not ELF: the header's address fields place it."""
+    _check_flags(path, header["flags"])
+    if not header["flags"] & FLAG_ADDRESSES:
+        raise BootError(f"{path}: not an ELF file, and its multiboot header gives no load "
+                        "addresses (flag 16)")
+    h = header
+    start = h["offset"] - (h["header_addr"] - h["load_addr"])
+    if h["header_addr"] < h["load_addr"] or start < 0:
+        raise BootError(f"{path}: multiboot header_addr {h['header_addr']:#x} is below "
+                        f"load_addr {h['load_addr']:#x} or before the file's start")
+    end = len(raw) - start + h["load_addr"] if h["load_end_addr"] == 0 else h["load_end_addr"]
+    if end < h["load_addr"] or start + end - h["load_addr"] > len(raw):
+        raise BootError(f"{path}: multiboot load_end_addr {end:#x} runs past the file")
+    memend = max(end, h["bss_end_addr"])
+    data = raw[start:start + end - h["load_addr"]]
+    return Kernel(path, h["entry_addr"], (Segment(h["load_addr"], data,
+                                                  memend - h["load_addr"]),),
+                  MULTIBOOT, header)
+
+
+def read_module(path: str) -> bytes:
+    """A module (QEMU's ``-initrd``) read whole: a regular file, at most MAX_KERNEL bytes."""
+    fd = open_regular(path, "module", BootError)
+    try:
+        return read_file(fd, path, os.fstat(fd).st_size, "module")
+    finally:
+        os.close(fd)
+
+
+def check_modules(kernel: Kernel, regions, cmdline: str, modules) -> bytes:
+    """Everything load() will check, before a VM exists: returns the command line."""
+    if len(modules) > MAX_MODULES:
+        raise BootError(f"{len(modules)} modules: at most {MAX_MODULES}")
+    names = b"".join(os.fsencode(name) + b"\0" for name, _ in modules)
+    if MODULE_CMDLINES + len(names) > layout.CMDLINE:
+        raise BootError("module names are too long")
+    full = f"{kernel.path} {cmdline}".rstrip()
+    extra = sum(page_up(len(data)) for _, data in modules)
+    check_fits(kernel, regions, full, extra)
+    return full.encode()
+
+
+def load(memory, kernel: Kernel, cmdline: str = "", modules=()) -> int:
+    """Write the kernel, its modules (``[(name, bytes)]``, page-aligned after the kernel)
+    and the multiboot information; return the information's address (for EBX)."""
+    blob = check_modules(kernel, memory.regions, cmdline, modules)
+    write_segments(memory, kernel)
+    memory.write(layout.CMDLINE, blob + b"\0")
+
+    at, names_at, mods = page_up(kernel.end), MODULE_CMDLINES, b""
+    for name, data in modules:
+        memory.write(at, data)
+        name_b = os.fsencode(name) + b"\0"
+        memory.write(names_at, name_b)
+        mods += struct.pack("<IIII", at, at + len(data), names_at, 0)
+        at, names_at = page_up(at + len(data)), names_at + len(name_b)
+    memory.write(MODULES, mods)
+
+    entries = memory_map(memory)
+    memory.write(MMAP, b"".join(struct.pack("<IQQI", 20, a, n, t) for a, n, t in entries))
+    memory.write(LOADER_NAME, LOADER)
+    low = memory.regions[0]
+    upper_end = min(low.gpa + low.size, layout.MMIO_HOLE_START)
+    info = bytearray(INFO_SIZE)
+    struct.pack_into("<IIIIIII", info, 0,
+                     INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME,
+                     layout.LOW_RAM_END >> 10, (upper_end - layout.KERNEL_MIN_ADDR) >> 10,
+                     0xFFFFFFFF, layout.CMDLINE, len(modules), MODULES)
+    struct.pack_into("<II", info, 44, len(entries) * 24, MMAP)
+    struct.pack_into("<I", info, 64, LOADER_NAME)
+    memory.write(INFO, bytes(info))
+    return INFO

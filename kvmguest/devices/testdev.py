@@ -1,0 +1,103 @@
+"""QEMU's pc-testdev, which kvm-unit-tests' x86 tests drive:
+
+- 0xe0-0xe3: a 32-bit scratch register, readable and writable at every width and offset;
+  0xe8-0xeb: the same register, reached one byte per access (string I/O tests);
+- 0xe4: write a guest-physical address to "flush" its page: the host mapping is
+  write-protected and restored (mprotect), so KVM drops its mapping of the page;
+- 0x2000-0x2017: a write sets ISA interrupt line (port - 0x2000) to the value's truth;
+- 0xff000000: 64 KiB of MMIO scratch memory (emulated accesses, byte-exact)."""
+
+from __future__ import annotations
+
+import ctypes
+
+from ..abi import PAGE_SIZE
+
+SCRATCH_PORT, FLUSH_PORT, SCRATCH_BYTE_PORT, IRQ_PORT = 0xE0, 0xE4, 0xE8, 0x2000
+IRQ_LINES = 24
+IOMEM_BASE, IOMEM_SIZE = 0xFF000000, 0x10000
+PROT_NONE, PROT_READ_WRITE = 0, 3
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class _Scratch:
+    def __init__(self, dev: "Testdev"):
+        self.dev = dev
+
+    def read(self, offset: int, size: int) -> int:
+        return (self.dev.scratch >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        mask = ((1 << (8 * size)) - 1) << (8 * offset)
+        self.dev.scratch = (self.dev.scratch & ~mask & 0xFFFFFFFF) | ((value << (8 * offset)) & mask)
+
+
+class _Flush:
+    def __init__(self, dev: "Testdev"):
+        self.dev = dev
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.dev.flush_page(value)
+
+
+class _IrqLines:
+    def __init__(self, dev: "Testdev"):
+        self.dev = dev
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if self.dev.irq is not None:
+            self.dev.irq(offset, 1 if value else 0)
+
+
+class Testdev:
+    """``irq(line, level)`` drives an ISA line (None: no irqchip); ``memory`` is the guest
+    RAM whose pages a flush write-protects for a moment."""
+
+    def __init__(self, memory, irq=None):
+        self.memory = memory
+        self.irq = irq
+        self.scratch = 0
+        self.iomem = bytearray(IOMEM_SIZE)
+        self.flushes = 0
+
+    def ports(self):
+        """(base, count, handler) for the port bus."""
+        scratch = _Scratch(self)
+        return [(SCRATCH_PORT, 4, scratch), (FLUSH_PORT, 4, _Flush(self)),
+                (SCRATCH_BYTE_PORT, 4, scratch), (IRQ_PORT, IRQ_LINES, _IrqLines(self))]
+
+    def flush_page(self, gpa: int) -> None:
+        gpa &= ~(PAGE_SIZE - 1)
+        if not self.memory.is_ram(gpa, PAGE_SIZE):
+            return
+        region = self.memory.region_at(gpa, PAGE_SIZE)
+        host = region.host_addr + gpa - region.gpa
+        _libc.mprotect(host, PAGE_SIZE, PROT_NONE)
+        _libc.mprotect(host, PAGE_SIZE, PROT_READ_WRITE)
+        self.flushes += 1
+
+    # MMIO window at IOMEM_BASE
+    def mmio_read(self, offset: int, size: int) -> bytes:
+        return bytes(self.iomem[offset:offset + size]).ljust(size, b"\0")
+
+    def mmio_write(self, offset: int, data: bytes) -> None:
+        self.iomem[offset:offset + len(data)] = data[:IOMEM_SIZE - offset]
+
+    def save_state(self) -> dict:
+        state = {"scratch": self.scratch}
+        if any(self.iomem):
+            state["iomem"] = self.iomem.hex()
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        self.scratch = int(state.get("scratch", 0)) & 0xFFFFFFFF
+        raw = bytes.fromhex(state.get("iomem", "")) if state.get("iomem") else b""
+        self.iomem = bytearray(raw[:IOMEM_SIZE].ljust(IOMEM_SIZE, b"\0"))
