@@ -125,15 +125,22 @@ def _finish(result, saved) -> int:
     if result.exit_code is None:
         if saved is not None and saved.then == "stop":
             return 0
+        if result.event == "poweroff":
+            _err("the guest powered the machine off")
+            return 0
+        if result.event == "reset":
+            _err("the guest reset the machine; kvmguest does not reboot")
+            return EXIT_FAILED
         _err("guest stopped without writing a result")
         return EXIT_FAILED
     return result.exit_code & 0xFF
 
 
-def console_input(m) -> None:
-    """On a terminal, what the user types goes to the guest's COM1 (a line at a time)."""
+def console_input(m, always: bool = False) -> None:
+    """On a terminal (or with ``always``: --console-input), what arrives on standard input
+    goes to the guest's COM1."""
     import threading
-    if not sys.stdin.isatty():
+    if not (always or sys.stdin.isatty()):
         return
 
     def pump():
@@ -177,12 +184,13 @@ def cmd_run(args) -> int:
     try:
         with Machine.boot(args.kernel, memory=args.memory, cmdline=args.cmdline,
                           vcpus=args.vcpus, irqchip=not args.no_irqchip,
+                          modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
                           stream=None if args.quiet else _stream_stdout) as m:
             try:
                 if control:
                     control.attach(m)
                 m.start()
-                console_input(m)
+                console_input(m, args.console_input)
                 if args.save:
                     if m.wait_done(args.save_after):
                         result = m.wait()
@@ -235,8 +243,11 @@ def cmd_save(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    from migrate.control import ControlServer, check_socket_path
     from migrate.reader import restore
 
+    if args.control:
+        check_socket_path(args.control)
     progress = Progress("restoring")
     progress("reading", 0.0)
     try:
@@ -244,14 +255,31 @@ def cmd_restore(args) -> int:
                             stream=None if args.quiet else _stream_stdout, progress=progress)
     finally:
         progress.done()
+    saved = None
+
+    def on_saved(report):
+        nonlocal saved
+        saved = report
+        print(report.summary(), file=sys.stderr)
+
+    control = None
     with m:
         if args.verbose:
             print(report.summary(), file=sys.stderr)
         try:
-            result = m.run(timeout=args.timeout)
+            if args.control:       # the restored guest can be saved again
+                control = ControlServer(args.control, on_saved=on_saved)
+                control.attach(m)
+            m.start()
+            console_input(m, args.console_input)
+            result = m.wait(args.timeout)
+            if control:
+                control.drain()
         finally:
             sys.stdout.flush()
-        return _finish(result, None)
+            if control:
+                control.close()
+        return _finish(result, saved)
 
 
 def cmd_inspect(args) -> int:
@@ -325,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common],
-                         help="boot a PVH ELF kernel, stream its console, exit with its result")
-    run.add_argument("kernel", help="PVH ELF kernel (e.g. guests/build/hello.elf)")
+                         help="boot a PVH or multiboot kernel, stream its console, exit with "
+                              "its result")
+    run.add_argument("kernel", help="PVH ELF or multiboot kernel (e.g. guests/build/hello.elf)")
     run.add_argument("--memory", "-m", type=parse_size, default=64 << 20,
                      help="guest RAM (default 64M; bare numbers are MiB)")
     run.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line")
@@ -334,9 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vCPUs (default 1); the others start on INIT/SIPI from the first")
     run.add_argument("--no-irqchip", action="store_true",
                      help="no in-kernel irqchip and PIT: a polling-only machine, one vCPU")
+    run.add_argument("--no-pit", action="store_true",
+                     help="no PIT (QEMU's -machine pit=off); the irqchip stays")
+    run.add_argument("--initrd", action="append", default=[], metavar="FILE",
+                     help="a module for a multiboot kernel, as QEMU's -initrd (repeatable)")
+    run.add_argument("--cpu", metavar="MODEL",
+                     help="QEMU-style CPU model: host (default), max, qemu64, with "
+                          "+feature/-feature and vendor=")
     run.add_argument("--timeout", type=_seconds(False), default=None,
                      help="seconds before giving up")
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")
+    run.add_argument("--console-input", action="store_true",
+                     help="send standard input to COM1 even when it is not a terminal")
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
     run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
@@ -362,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--threads", type=_threads, default=2,
                          help="reader threads (default 2)")
     restore.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")
+    restore.add_argument("--console-input", action="store_true",
+                         help="send standard input to COM1 even when it is not a terminal")
+    restore.add_argument("--control", metavar="SOCK",
+                         help="listen on a Unix socket for `kvmguest save` of the restored guest")
     restore.set_defaults(func=cmd_restore)
 
     inspect = sub.add_parser("inspect", parents=[common],

@@ -21,7 +21,7 @@ from typing import Callable
 
 from . import abi
 from .abi import Cap
-from .boot import acpi, cpu, cpumodel, image, layout, multiboot, pvh
+from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
 from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PortBus, Serial, Testdev
 from .devices import acpi_pm, cmos, fw_cfg, testdev
 from .dirty import DirtyLog
@@ -235,6 +235,8 @@ class Machine:
         rsdp = acpi.write_tables(self.memory, len(self.vcpus)) if self.irqchip else 0
         if self.kernel.protocol == image.MULTIBOOT:
             info = multiboot.load(self.memory, self.kernel, self.cmdline, self.modules)
+            if self.irqchip:
+                firmware.apply(self.memory, self.vm, self.pit)
             regs = cpu.setup_regs(self.kernel.entry, info)
             regs.rax = multiboot.BOOT_MAGIC
         else:

@@ -46,6 +46,8 @@ DEBUG_EXIT_PORT = 0xF4
 ACPI_RSDP = 0xE0000
 ACPI_TABLES = 0xE0100          # XSDT, MADT, FADT, DSDT follow one another from here
 ACPI_END = 0xF0000
+# Real-mode interrupt stubs a BIOS would leave (boot/firmware.py, multiboot kernels only).
+BIOS_STUBS = 0xF0000
 
 # The in-kernel irqchip's MMIO windows (architectural defaults, inside the MMIO hole).
 LAPIC_BASE = 0xFEE00000
