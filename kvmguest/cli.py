@@ -315,6 +315,44 @@ def _inspect_text(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _kut_cell(o) -> str:
+    text = f"{o.status} ({o.summary})" if o.summary else o.status
+    return text
+
+
+def cmd_kut(args) -> int:
+    from . import kut
+
+    def show(r):
+        if args.json:
+            return
+        if r.qemu is None:
+            line = f"{r.kvmguest.status} {r.name} ({r.kvmguest.summary})" \
+                if r.kvmguest.summary else f"{r.kvmguest.status} {r.name}"
+        else:
+            line = f"{r.name:<28} kvmguest {_kut_cell(r.kvmguest):<48} qemu {_kut_cell(r.qemu)}"
+        if r.kvmguest.status == kut.FAIL and r.kvmguest.log:
+            line += f"  [log: {r.kvmguest.log}]"
+        print(printable(line), flush=True)
+
+    results = kut.run_suite(args.dir, args.tests, args.group, args.jobs, args.compare_qemu,
+                            run_all=args.all, on_result=show)
+    counts = {s: sum(r.kvmguest.status == s for r in results) for s in (kut.PASS, kut.FAIL,
+                                                                        kut.SKIP)}
+    if args.json:
+        print(json.dumps({"results": [r.to_json() for r in results], "totals": counts},
+                         indent=2))
+    else:
+        total = (f"kvmguest: {counts[kut.PASS]} passed, {counts[kut.FAIL]} failed, "
+                 f"{counts[kut.SKIP]} skipped of {len(results)}")
+        if args.compare_qemu:
+            q = {s: sum(r.qemu.status == s for r in results) for s in (kut.PASS, kut.FAIL,
+                                                                       kut.SKIP)}
+            total += f"; qemu: {q[kut.PASS]} passed, {q[kut.FAIL]} failed, {q[kut.SKIP]} skipped"
+        print(total)
+    return EXIT_FAILED if counts[kut.FAIL] else 0
+
+
 def cmd_info(args) -> int:
     from .abi import Cap
     from .kvm import Kvm, backend_module
@@ -411,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="snapshot file")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=cmd_inspect)
+
+    kut_p = sub.add_parser("kut", parents=[common],
+                           help="run kvm-unit-tests' x86 suite (a built tree) on kvmguest")
+    kut_p.add_argument("dir", help="a built kvm-unit-tests tree (./configure && make)")
+    kut_p.add_argument("tests", nargs="*", metavar="TEST", help="tests to run (default: all)")
+    kut_p.add_argument("--group", "-g", help="only the tests of this group")
+    kut_p.add_argument("--jobs", "-j", type=_whole("jobs", 64), default=1,
+                       help="tests run at once (default 1)")
+    kut_p.add_argument("--json", action="store_true", help="machine-readable results")
+    kut_p.add_argument("--compare-qemu", action="store_true",
+                       help="also run each test under qemu-system-x86_64 -accel kvm")
+    kut_p.add_argument("--all", "-a", action="store_true",
+                       help="include tests marked nodefault, as run_tests.sh -a")
+    kut_p.set_defaults(func=cmd_kut)
 
     info = sub.add_parser("info", parents=[common],
                           help="show KVM's version, backend and capabilities")
