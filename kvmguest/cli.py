@@ -336,7 +336,7 @@ def cmd_kut(args) -> int:
         print(printable(line), flush=True)
 
     results = kut.run_suite(args.dir, args.tests, args.group, args.jobs, args.compare_qemu,
-                            run_all=args.all, on_result=show)
+                            run_all=args.all, on_result=show, cfg=args.cfg)
     counts = {s: sum(r.kvmguest.status == s for r in results) for s in (kut.PASS, kut.FAIL,
                                                                         kut.SKIP)}
     if args.json:
@@ -460,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     kut_p.add_argument("--json", action="store_true", help="machine-readable results")
     kut_p.add_argument("--compare-qemu", action="store_true",
                        help="also run each test under qemu-system-x86_64 -accel kvm")
+    kut_p.add_argument("--cfg", metavar="FILE",
+                       help="tests from FILE instead of DIR/x86/unittests.cfg")
     kut_p.add_argument("--all", "-a", action="store_true",
                        help="include tests marked nodefault, as run_tests.sh -a")
     kut_p.set_defaults(func=cmd_kut)

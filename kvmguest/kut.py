@@ -390,6 +390,9 @@ def run_on_qemu(test: KutTest, directory: str, p: Plan, log_path: str,
     kernel = os.path.join(directory, "x86", test.file)
     if not os.path.isfile(kernel):
         return Outcome(SKIP, f"test file {test.file} not found")
+    if "migration" in test.groups:
+        return Outcome(SKIP, "kvmguest kut answers the migration protocol on kvmguest only "
+                             "(kvm-unit-tests' run_migration does it for QEMU)")
     with tempfile.TemporaryDirectory(prefix="kvmguest-kut-qemu-") as tmp, \
             open(log_path, "w") as log:
         env_file = os.path.join(tmp, "environ")
@@ -442,12 +445,15 @@ class Result:
 
 def run_suite(directory: str, names=(), group: str | None = None, jobs: int = 1,
               compare_qemu: bool = False, run_all: bool = False, on_result=None,
-              log_dir: str | None = None) -> list[Result]:
+              log_dir: str | None = None, cfg: str | None = None) -> list[Result]:
     """Run the selected tests (``jobs`` at a time); ``on_result(result)`` as each ends,
-    in the order of unittests.cfg."""
-    cfg = os.path.join(directory, "x86", "unittests.cfg")
+    in the order of unittests.cfg (or ``cfg``: another file of tests whose files are in
+    the tree's x86/)."""
+    if not os.path.isdir(os.path.join(directory, "x86")):
+        raise UsageError(f"{directory} is not a kvm-unit-tests tree (no x86/ folder)")
+    cfg = cfg or os.path.join(directory, "x86", "unittests.cfg")
     if not os.path.isfile(cfg):
-        raise UsageError(f"{directory} is not a built kvm-unit-tests tree (no x86/unittests.cfg)")
+        raise UsageError(f"no {cfg}: is {directory} a kvm-unit-tests tree?")
     tests = select(parse_cfg(cfg), names, group)
     log_dir = log_dir or os.path.join(directory, "logs", "kvmguest")
     os.makedirs(log_dir, exist_ok=True)

@@ -1,0 +1,7 @@
+# Builds kvmguest's own kvm-unit-tests test in a kvm-unit-tests build folder, against its
+# library: make -C BUILD -f Makefile -f kut.mk KVMGUEST_KUT=<this folder> x86/kvmguest_migrate.flat
+# x86 does not link lib/migrate.c (and getchar) into libcflat; this test needs both.
+$(TEST_DIR)/kvmguest_migrate.elf: lib/migrate.o lib/getchar.o
+lib/migrate.o lib/getchar.o: CFLAGS += -ffreestanding -I $(SRCDIR)/lib -I lib
+$(TEST_DIR)/kvmguest_migrate.o: $(KVMGUEST_KUT)/kvmguest_migrate.c
+	$(CC) $(CFLAGS) -c -o $@ $<
