@@ -34,6 +34,16 @@ soak: all
 fuzz: all
 	KVMGUEST_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PY) -m pytest -q tests/test_fuzz.py
 
+# kvm-unit-tests' x86 suite on kvmguest: the pinned copy in ../shared/third_party, built
+# outside the tree (scripts/build-kut), then every test and our migration-protocol test.
+# KUT_ARGS adds options, e.g. KUT_ARGS=--compare-qemu or KUT_ARGS="smptest realmode".
+KUT_ARGS ?=
+kut: all
+	@dir=$$(./scripts/build-kut) && \
+	$(PY) -m kvmguest kut "$$dir" --jobs 2 $(KUT_ARGS); a=$$?; \
+	$(PY) -m kvmguest kut "$$dir" --cfg guests/kut/unittests.cfg; b=$$?; \
+	exit $$(( a || b ))
+
 # `make bench` (full, ~15 min) or `make bench BENCH_ARGS=--quick` (under 2 min).
 # bench/setup-qemu installs QEMU >= 9 (mapped-ram) for the side by side, when root.
 bench: all
@@ -45,4 +55,4 @@ clean:
 	$(MAKE) -C guests clean
 	rm -rf $(VENV) *.egg-info
 
-.PHONY: all deps guests venv test demo bench soak fuzz clean
+.PHONY: all deps guests venv test demo bench soak fuzz kut clean

@@ -40,6 +40,7 @@ MIGRATION_REQUESTS = ("Now migrate the VM", "Begin continuous migration",
                       "Skipped VM migration")
 MIGRATION_KEY = b"\n"
 ARCH = "x86_64"
+NO_VALUE = {"-enable-kvm"}        # QEMU options without a value (the others take one)
 QEMU = "qemu-system-x86_64"
 # QEMU's own command line for a test, from kvm-unit-tests' x86/run.
 QEMU_BASE = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard",
@@ -193,14 +194,23 @@ def plan(test: KutTest, run_all: bool = False, selected: bool = False) -> Plan:
         words = shlex.split(test.params)
     except ValueError as err:
         words, p.skip = [], p.skip or f"cannot parse its QEMU parameters: {err}"
-    i = 0
-    while i < len(words) and p.skip is None:
-        opt = words[i]
-        val = words[i + 1] if i + 1 < len(words) else ""
+    options, i = [], 0
+    while i < len(words):
+        if words[i] in NO_VALUE:
+            options.append((words[i], ""))
+            i += 1
+        else:
+            options.append((words[i], words[i + 1] if i + 1 < len(words) else ""))
+            i += 2
+    # A device is the most telling reason (an IOMMU on a q35 machine): look at those first.
+    options.sort(key=lambda o: o[0] != "-device")
+    for opt, val in options:
+        if p.skip is not None:
+            break
         if opt == "-cpu":
             p.cpu = val
             try:
-                cpumodel.parse(val)
+                cpumodel.parse(val).check_host(host_cpuid())
             except cpumodel.CpuModelError as err:
                 p.skip = str(err)
         elif opt == "-m":
@@ -219,20 +229,31 @@ def plan(test: KutTest, run_all: bool = False, selected: bool = False) -> Plan:
                     p.skip = "a split irqchip (IOAPIC in user space) is not modelled"
                 elif key not in ("accel", "pc", "pit", "vmport", "kernel-irqchip"):
                     p.skip = f"-machine {part} is not modelled"
+                if p.skip:
+                    break
         elif opt == "-device":
             name = val.split(",")[0]
             p.skip = OUT_OF_SCOPE.get(name, f"device {name} is not modelled by kvmguest")
         elif opt == "-overcommit":
             p.skip = "-overcommit cpu-pm=on (guest-owned HLT/MWAIT/PAUSE) is not modelled"
-        elif opt == "-enable-kvm":
-            i += 1
-            continue
-        else:
+        elif opt not in NO_VALUE:
             p.skip = f"QEMU option {opt} is not modelled"
-        i += 2
     if p.skip is None:
         p.args = expand_args(test.test_args)
     return p
+
+
+_host_cpuid = None
+
+
+def host_cpuid():
+    """The host's KVM_GET_SUPPORTED_CPUID, read once."""
+    global _host_cpuid
+    if _host_cpuid is None:
+        from .kvm import Kvm
+        with Kvm() as kvm:
+            _host_cpuid = kvm.get_supported_cpuid()
+    return _host_cpuid
 
 
 def environ(extra: dict | None = None) -> str:
@@ -326,7 +347,7 @@ def run_on_kvmguest(test: KutTest, directory: str, p: Plan, log_path: str,
         if not p.pit:
             argv += ["--no-pit"]
         if p.args:
-            argv += ["--cmdline", " ".join(shlex.quote(a) for a in p.args)]
+            argv += ["--cmdline", " ".join(p.args)]      # as QEMU's -append joins them
         log.write(" ".join(shlex.quote(a) for a in argv) + "\n")
         output: list[str] = []
         state = {"migrations": 0, "next": None, "error": None}

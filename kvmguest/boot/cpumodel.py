@@ -82,15 +82,20 @@ class CpuModel:
     phys_bits: int | None = None
     text: str = "host"
 
+    def check_host(self, supported) -> None:
+        """CpuModelError if a feature to add is not in the host's supported CPUID."""
+        missing = [n for n in sorted(self.add)
+                   if not feature_in(supported.entries[:supported.hdr.nent], n)]
+        if missing:
+            raise CpuModelError(f"-cpu {self.text}: this host's KVM does not offer "
+                                f"{', '.join(missing)}")
+
     def apply(self, cpuid, supported=None) -> None:
         """Change one vCPU's kvm_cpuid2 in place (after kvmguest.boot.cpu.setup_cpuid).
         ``supported`` (the host's KVM_GET_SUPPORTED_CPUID) is checked for added features."""
         entries = cpuid.entries[:cpuid.hdr.nent]
         if supported is not None:
-            for name in sorted(self.add):
-                if not _get(supported.entries[:supported.hdr.nent], name):
-                    raise CpuModelError(f"-cpu {self.text}: this host's KVM does not offer "
-                                        f"{name}")
+            self.check_host(supported)
         keep = None if self.model in ("host", "max") else QEMU64
         if keep is not None:
             for name in FEATURES:
@@ -116,7 +121,7 @@ class CpuModel:
             for e in entries:
                 if e.function == 0x80000008:
                     e.eax = (e.eax & ~0xFF) | self.phys_bits
-        gone = {LEAF_OF[n] for n in LEAF_OF if not _get(entries, n)}
+        gone = {LEAF_OF[n] for n in LEAF_OF if not feature_in(entries, n)}
         if gone:
             kept = [e for e in entries if e.function not in gone]
             for i, e in enumerate(kept):
@@ -131,7 +136,8 @@ def _find(entries, leaf: int, sub: int):
     return None
 
 
-def _get(entries, name: str) -> bool:
+def feature_in(entries, name: str) -> bool:
+    """Whether CPUID ``entries`` have feature ``name`` (a key of FEATURES)."""
     leaf, sub, reg, bit = FEATURES[name]
     e = _find(entries, leaf, sub)
     return e is not None and bool(getattr(e, reg) >> bit & 1)

@@ -1,0 +1,184 @@
+"""kvm-unit-tests' x86 suite on kvmguest: the tests that pass here keep passing, our
+migration-protocol test passes through a live save and a restore in a new process, and
+bad multiboot images, modules and CPU models are one-line errors.
+
+The pinned suite is built once, outside the tree, by scripts/build-kut (about 10 s).
+`make kut` runs the whole suite; here only the set that passes on this kind of host."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, cli, guest, one_line_error
+
+from kvmguest import kut
+from kvmguest.boot import cpumodel, multiboot
+
+# Every test of unittests.cfg that passes on kvmguest on this host (kvm_pvm, AMD); the
+# README's table gives the rest with the reason. Keep in step with it.
+PASSING = [
+    "smptest", "smptest3", "vmexit_cpuid", "vmexit_mov_from_cr8", "vmexit_mov_to_cr8",
+    "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_ipi_halt", "vmexit_ple_round_robin",
+    "vmexit_tscdeadline", "vmexit_tscdeadline_immed", "vmexit_cr0_wp", "vmexit_cr4_pge",
+    "idt_test", "realmode", "s3", "setjmp", "rmap_chain",
+]
+
+
+@pytest.fixture(scope="session")
+def kut_tree() -> str:
+    """The built kvm-unit-tests folder (scripts/build-kut)."""
+    p = subprocess.run([str(ROOT / "scripts" / "build-kut")], capture_output=True, text=True,
+                       timeout=600)
+    if p.returncode == 2 and "no kvm-unit-tests tarball" in p.stderr:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"kvm-unit-tests is not available: {p.stderr.strip()}")
+        pytest.skip(p.stderr.strip())
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def kut_results(kut_tree) -> dict:
+    """One `kvmguest kut --json` run of the passing set, two at a time."""
+    p = cli("kut", kut_tree, *PASSING, "--jobs", "2", "--json", timeout=1800)
+    assert p.stdout, p.stderr
+    results = json.loads(p.stdout)["results"]
+    return {r["name"]: r["kvmguest"] for r in results}
+
+
+@pytest.mark.parametrize("name", PASSING)
+def test_kvm_unit_test_passes_on_kvmguest(kut_results, name):
+    r = kut_results[name]
+    log = Path(r["log"]).read_text()[-3000:] if r.get("log") else ""
+    assert r["status"] == "PASS", f"{name}: {r['summary']}\n{log}"
+
+
+def test_migration_protocol_passes_through_a_live_save_and_a_restore(kut_tree):
+    """kvmguest_migrate (guests/kut) checks memory, registers, MSRs, timers, device state
+    and its second vCPU across migrate_once(); the runner saved, restored in a new process
+    and sent the key."""
+    p = cli("kut", kut_tree, "--cfg", ROOT / "guests" / "kut" / "unittests.cfg", "--json",
+            timeout=300)
+    r = json.loads(p.stdout)["results"][0]["kvmguest"]
+    log = Path(r["log"]).read_text()
+    assert r["status"] == "PASS" and p.returncode == 0, log[-3000:]
+    assert r["migrations"] == 1 and r["summary"] == "11 tests", r
+    assert "# restore in a new process" in log and "Migration complete" in log
+    before, after = log.split("Now migrate the VM", 1)
+    assert "PASS: vCPU 1 runs before migration" in before
+    assert "PASS: 1 MiB of memory survives migration" in after
+
+
+def test_a_failing_test_makes_the_runner_fail_with_its_reason(kut_tree, tmp_path):
+    """A test that cannot finish in time is a FAIL line with the reason and a non-zero
+    exit; one for another architecture is a SKIP saying so."""
+    cfg = tmp_path / "unittests.cfg"
+    cfg.write_text("[too-slow]\nfile = realmode.flat\ntimeout = 1\n"
+                   "[other-arch]\nfile = smptest.flat\narch = i386\n")
+    p = cli("kut", kut_tree, "--cfg", cfg, timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("FAIL too-slow (timeout; duration=1s)"), lines
+    assert lines[1] == "SKIP other-arch (i386 only)", lines
+    assert lines[2] == "kvmguest: 0 passed, 1 failed, 1 skipped of 2", lines
+
+
+# --- loader and option errors -----------------------------------------------------------
+def _patched_header(tmp_path, kut_tree, name, change) -> Path:
+    data = bytearray((Path(kut_tree) / "x86" / "smptest.flat").read_bytes())
+    off = next(o for o in range(0, 8192, 4)
+               if struct.unpack_from("<I", data, o)[0] == multiboot.HEADER_MAGIC)
+    magic, flags, _ = struct.unpack_from("<III", data, off)
+    flags, fix = change(data, flags)
+    struct.pack_into("<II", data, off + 4, flags, (-(magic + flags) & 0xFFFFFFFF) if fix else 0)
+    out = tmp_path / f"{name}.flat"
+    out.write_bytes(bytes(data))
+    return out
+
+
+BAD_IMAGES = {
+    "video-mode": (lambda d, f: (f | 4, True), "asks for a video mode"),
+    "unknown-requirement": (lambda d, f: (f | 0x20, True), "requires features 0x20"),
+    "bad-checksum": (lambda d, f: (f, False), "no PVH entry note"),
+    "not-elf-no-addresses": (lambda d, f: (d.__setitem__(slice(0, 4), b"JUNK"), f)[1:] + (True,),
+                             "gives no load addresses"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_a_bad_multiboot_image_is_one_clear_error(tmp_path, kut_tree, case):
+    change, message = BAD_IMAGES[case]
+    path = _patched_header(tmp_path, kut_tree, case, change)
+    one_line_error(cli("run", path, "--timeout", "10"), 2, message)
+
+
+def test_module_errors_are_one_line_before_boot(tmp_path, kut_tree):
+    flat = Path(kut_tree) / "x86" / "smptest.flat"
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (40 << 20))
+    one_line_error(cli("run", guest("hello"), "--initrd", big), 2,
+                   "modules (--initrd) are for multiboot kernels only")
+    one_line_error(cli("run", flat, "--initrd", tmp_path), 2, "is a directory")
+    one_line_error(cli("run", flat, "--initrd", big, "--memory", "32M"), 2,
+                   "give the guest more memory")
+
+
+def test_cpu_models_kvmguest_cannot_honour_are_one_line_errors(kut_tree):
+    flat = Path(kut_tree) / "x86" / "smptest.flat"
+    one_line_error(cli("run", flat, "--cpu", "Opteron_G1"), 2, "'Opteron_G1' is not modelled")
+    one_line_error(cli("run", flat, "--cpu", "host,+nosuchfeature"), 2,
+                   "'nosuchfeature' is not mapped")
+    one_line_error(cli("run", flat, "--cpu", "host,hv_passthrough"), 2, "Hyper-V")
+
+
+@pytest.mark.nokvm
+def test_unittests_cfg_is_read_as_kvm_unit_tests_reads_it(tmp_path):
+    cfg = tmp_path / "unittests.cfg"
+    cfg.write_text('# comment\n[a]\nfile = a.flat\nsmp = 3\ntest_args = "x `echo y`"\n'
+                   'qemu_params = """-cpu qemu64,-x2apic\n-m 2g"""\ngroups = g1 nodefault\n'
+                   'timeout = 2m\n[b]\nfile = b.flat\nextra_params = -machine pit=off\n')
+    a, b = kut.parse_cfg(str(cfg))
+    assert (a.name, a.file, a.smp, a.groups, a.timeout) == ("a", "a.flat", 3,
+                                                             ["g1", "nodefault"], 120.0)
+    assert kut.expand_args(a.test_args) == ["x y"]     # one -append word, as bash makes it
+    assert kut.plan(a).skip == "test marked as manual run only"
+    pa = kut.plan(a, selected=True)
+    assert (pa.cpu, pa.memory_mb, pa.vcpus, pa.args, pa.skip) == ("qemu64,-x2apic", 2048, 3,
+                                                                 ["x y"], None)
+    assert kut.plan(b).pit is False
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("params,reason", [
+    ("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on -device edu", "IOMMU"),
+    ("-cpu host,hv_passthrough -device hyperv-testdev", "Hyper-V devices"),
+    ("-cpu IvyBridge,phys-bits=36", "'IvyBridge' is not modelled"),
+    ("-machine vmport=on -cpu max", "VMware backdoor"),
+    ("-cpu max -overcommit cpu-pm=on", "-overcommit"),
+])
+def test_what_kvmguest_cannot_honour_is_a_skip_with_its_reason(params, reason):
+    assert reason in kut.plan(kut.KutTest("t", params=params)).skip
+
+
+def test_features_the_host_lacks_are_a_skip_with_its_reason():
+    supported = kut.host_cpuid()
+    entries = supported.entries[:supported.hdr.nent]
+    lacking = [n for n in cpumodel.FEATURES if not cpumodel.feature_in(entries, n)]
+    assert lacking, "this host's KVM offers every feature kvmguest maps"
+    skip = kut.plan(kut.KutTest("t", params=f"-cpu max,+{lacking[0]}")).skip
+    assert skip == f"-cpu max,+{lacking[0]}: this host's KVM does not offer {lacking[0]}"
+
+
+@pytest.mark.nokvm
+def test_cpu_model_strings_parse_as_qemu_writes_them():
+    m = cpumodel.parse("qemu64,+x2apic,-pcid,tsc_deadline=on,vendor=GenuineIntel")
+    assert (m.model, m.add, m.remove, m.vendor) == ("qemu64", {"x2apic", "tsc-deadline"},
+                                                    {"pcid"}, "GenuineIntel")
+    with pytest.raises(cpumodel.CpuModelError, match="vendor 'Cyrix'"):
+        cpumodel.parse("max,vendor=Cyrix")
