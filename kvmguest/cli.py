@@ -473,7 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:      # `kut DIR --jobs 2 TEST...`: test names may follow the options too
+        if getattr(args, "command", None) == "kut" and not any(e.startswith("-") for e in extra):
+            args.tests += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.verbose = getattr(args, "verbose", False)
     if args.verbose:
         import logging

@@ -64,6 +64,7 @@ QEMU64 = frozenset({
 QEMU64_VENDOR = "AuthenticAMD"
 MODELS = ("host", "max", "qemu64")
 VENDORS = ("GenuineIntel", "AuthenticAMD")
+OPTIONS = {"host-phys-bits"}       # on/off options, not features
 IGNORED = {"migratable", "host-cache-info", "check", "enforce", "l3-cache", "pmu"}
 
 
@@ -180,11 +181,13 @@ def parse(text: str) -> CpuModel:
                     raise CpuModelError(f"-cpu {text}: phys-bits must be 32 to 52")
                 m.phys_bits = int(value)
                 continue
-            if name == "host-phys-bits" or name in IGNORED:
+            if name in OPTIONS or name in IGNORED:
                 continue                      # host-phys-bits is what we do anyway
             if value not in ("on", "off", "true", "false"):
                 raise CpuModelError(f"-cpu {text}: option {name}={value} is not supported")
             on = value in ("on", "true")
+        elif p in OPTIONS:
+            continue                          # host-phys-bits: what we do anyway
         else:
             name, on = p, True
         name = ALIASES.get(name, name)
