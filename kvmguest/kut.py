@@ -172,24 +172,31 @@ def _memory_mb(text: str) -> int:
     return {"": n, "m": n, "k": n // 1024, "g": n * 1024, "t": n * 1024 * 1024}[unit]
 
 
-def plan(test: KutTest, run_all: bool = False, selected: bool = False) -> Plan:
-    """The kvmguest run for ``test``, or its SKIP reason (as runtime.bash decides, plus
-    what kvmguest cannot honour)."""
-    p = Plan(vcpus=test.smp)
+def suite_skip(test: KutTest, run_all: bool = False, selected: bool = False) -> str | None:
+    """Why kvm-unit-tests' own runtime.bash would skip ``test`` on this host (for either
+    runner), or None."""
     if "nodefault" in test.groups and not (run_all or selected):
-        p.skip = "test marked as manual run only"
-    elif test.arch and test.arch != ARCH:
-        p.skip = f"{test.arch} only"
-    elif test.accel and test.accel != "kvm":
-        p.skip = f"{test.accel} only"
+        return "test marked as manual run only"
+    if test.arch and test.arch != ARCH:
+        return f"{test.arch} only"
+    if test.accel and test.accel != "kvm":
+        return f"{test.accel} only"
     for check in test.check.split():
         path, _, value = check.partition("=")
         try:
             ok = Path(path).read_text().strip() == value
         except OSError:
             ok = False
-        if not ok and p.skip is None:
-            p.skip = f"{path} not equal to {value}"
+        if not ok:
+            return f"{path} not equal to {value}"
+    return None
+
+
+def plan(test: KutTest, run_all: bool = False, selected: bool = False) -> Plan:
+    """The kvmguest run for ``test``, or its SKIP reason (as runtime.bash decides, plus
+    what kvmguest cannot honour)."""
+    p = Plan(vcpus=test.smp)
+    p.skip = suite_skip(test, run_all, selected)
     try:
         words = shlex.split(test.params)
     except ValueError as err:
@@ -487,10 +494,9 @@ def run_suite(directory: str, names=(), group: str | None = None, jobs: int = 1,
             mine = run_on_kvmguest(test, directory, p, os.path.join(log_dir, f"{test.name}.log"))
         theirs = None
         if compare_qemu:
-            if test.arch and test.arch != ARCH:
-                theirs = Outcome(SKIP, f"{test.arch} only")
-            elif "nodefault" in test.groups and not (run_all or names or group):
-                theirs = Outcome(SKIP, "test marked as manual run only")
+            why = suite_skip(test, run_all, bool(names) or bool(group))
+            if why:
+                theirs = Outcome(SKIP, why)
             else:
                 theirs = run_on_qemu(test, directory, p,
                                      os.path.join(log_dir, f"{test.name}.qemu.log"))
