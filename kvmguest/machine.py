@@ -22,7 +22,7 @@ from typing import Callable
 from . import abi
 from .abi import Cap
 from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
-from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PortBus, Serial, Testdev
+from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PortBus, Serial, PcTestdev
 from .devices import acpi_pm, cmos, fw_cfg, testdev
 from .dirty import DirtyLog
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
@@ -180,8 +180,9 @@ class Machine:
         self.debug_exit = DebugExit()
         # The devices of QEMU's PC that test kernels (kvm-unit-tests) expect.
         isa_irq = self._isa_irq if irqchip else None
-        self.fw_cfg = FwCfg(self.memory.size, len(self.vcpus))
-        self.testdev = Testdev(self.memory, irq=isa_irq)
+        self.fw_cfg = FwCfg(self.memory.size, len(self.vcpus),
+                            max(r.gpa + r.size for r in self.memory.regions))
+        self.testdev = PcTestdev(self.memory, irq=isa_irq)
         self.cmos = Cmos(self.memory.size, irq=isa_irq)
         self.cmos.on_alarm = self._rtc_alarm
         self.acpi_pm = AcpiPm(self._power_event)

@@ -7,6 +7,6 @@ from .cmos import Cmos
 from .debug_exit import DebugExit
 from .fw_cfg import FwCfg
 from .serial import Serial
-from .testdev import Testdev
+from .testdev import PcTestdev
 
-__all__ = ["PortBus", "Serial", "DebugExit", "FwCfg", "Testdev", "Cmos", "AcpiPm"]
+__all__ = ["PortBus", "Serial", "DebugExit", "FwCfg", "PcTestdev", "Cmos", "AcpiPm"]

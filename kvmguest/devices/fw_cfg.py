@@ -1,6 +1,7 @@
 """QEMU's fw_cfg, the legacy port interface: write a 16-bit key to 0x510, read the
 item's bytes one at a time from 0x511. kvm-unit-tests reads the CPU count and RAM size
-here. Only the items a test kernel asks for exist; any other key reads as zeros."""
+here, and MAX_RAM (0x11, which kvm-unit-tests defines for bare metal). Only the items a
+test kernel asks for exist; any other key reads as zeros."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import struct
 
 SELECTOR_PORT, DATA_PORT = 0x510, 0x511   # one range of 2 ports
 PORTS = 2
-SIGNATURE, ID, RAM_SIZE, NOGRAPHIC, NB_CPUS, MAX_CPUS, FILE_DIR = (
-    0x00, 0x01, 0x03, 0x04, 0x05, 0x0F, 0x19)
+SIGNATURE, ID, RAM_SIZE, NOGRAPHIC, NB_CPUS, MAX_CPUS, MAX_RAM, FILE_DIR = (
+    0x00, 0x01, 0x03, 0x04, 0x05, 0x0F, 0x11, 0x19)
 ID_TRADITIONAL = 1                        # port interface only, no DMA
 
 
 class FwCfg:
-    def __init__(self, ram_size: int, vcpus: int):
+    def __init__(self, ram_size: int, vcpus: int, ram_end: int | None = None):
+        """``ram_end``: the top of guest-physical RAM (MAX_RAM, which kvm-unit-tests reads
+        as the highest address it may allocate from; QEMU leaves it 0, "no limit")."""
         self.items = {
             SIGNATURE: b"QEMU",
             ID: struct.pack("<I", ID_TRADITIONAL),
@@ -22,6 +25,7 @@ class FwCfg:
             NOGRAPHIC: struct.pack("<H", 1),
             NB_CPUS: struct.pack("<H", vcpus),
             MAX_CPUS: struct.pack("<H", vcpus),
+            MAX_RAM: struct.pack("<Q", ram_end or ram_size),
             FILE_DIR: struct.pack(">I", 0),       # no named files
         }
         self.selector = 0

@@ -23,7 +23,7 @@ _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class _Scratch:
-    def __init__(self, dev: "Testdev"):
+    def __init__(self, dev: "PcTestdev"):
         self.dev = dev
 
     def read(self, offset: int, size: int) -> int:
@@ -35,7 +35,7 @@ class _Scratch:
 
 
 class _Flush:
-    def __init__(self, dev: "Testdev"):
+    def __init__(self, dev: "PcTestdev"):
         self.dev = dev
 
     def read(self, offset: int, size: int) -> int:
@@ -46,7 +46,7 @@ class _Flush:
 
 
 class _IrqLines:
-    def __init__(self, dev: "Testdev"):
+    def __init__(self, dev: "PcTestdev"):
         self.dev = dev
 
     def read(self, offset: int, size: int) -> int:
@@ -57,7 +57,7 @@ class _IrqLines:
             self.dev.irq(offset, 1 if value else 0)
 
 
-class Testdev:
+class PcTestdev:
     """``irq(line, level)`` drives an ISA line (None: no irqchip); ``memory`` is the guest
     RAM whose pages a flush write-protects for a moment."""
 
