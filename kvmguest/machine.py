@@ -22,7 +22,7 @@ from typing import Callable
 from . import abi
 from .abi import Cap
 from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
-from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PortBus, Serial, PcTestdev
+from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PcTestdev, PortBus, Serial
 from .devices import acpi_pm, cmos, fw_cfg, testdev
 from .dirty import DirtyLog
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError

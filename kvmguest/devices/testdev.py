@@ -34,27 +34,17 @@ class _Scratch:
         self.dev.scratch = (self.dev.scratch & ~mask & 0xFFFFFFFF) | ((value << (8 * offset)) & mask)
 
 
-class _Flush:
-    def __init__(self, dev: "PcTestdev"):
-        self.dev = dev
+class _WriteOnly:
+    """Ports that only take writes (``on_write(offset, value)``); reads float high."""
+
+    def __init__(self, on_write):
+        self.on_write = on_write
 
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.dev.flush_page(value)
-
-
-class _IrqLines:
-    def __init__(self, dev: "PcTestdev"):
-        self.dev = dev
-
-    def read(self, offset: int, size: int) -> int:
-        return (1 << (8 * size)) - 1
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if self.dev.irq is not None:
-            self.dev.irq(offset, 1 if value else 0)
+        self.on_write(offset, value)
 
 
 class PcTestdev:
@@ -71,8 +61,14 @@ class PcTestdev:
     def ports(self):
         """(base, count, handler) for the port bus."""
         scratch = _Scratch(self)
-        return [(SCRATCH_PORT, 4, scratch), (FLUSH_PORT, 4, _Flush(self)),
-                (SCRATCH_BYTE_PORT, 4, scratch), (IRQ_PORT, IRQ_LINES, _IrqLines(self))]
+        return [(SCRATCH_PORT, 4, scratch),
+                (FLUSH_PORT, 4, _WriteOnly(lambda offset, value: self.flush_page(value))),
+                (SCRATCH_BYTE_PORT, 4, scratch),
+                (IRQ_PORT, IRQ_LINES, _WriteOnly(self.set_irq_line))]
+
+    def set_irq_line(self, line: int, value: int) -> None:
+        if self.irq is not None:
+            self.irq(line, 1 if value else 0)
 
     def flush_page(self, gpa: int) -> None:
         gpa &= ~(PAGE_SIZE - 1)
