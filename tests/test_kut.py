@@ -26,7 +26,7 @@ PASSING = [
     "smptest", "smptest3", "vmexit_cpuid", "vmexit_mov_from_cr8", "vmexit_mov_to_cr8",
     "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_ipi_halt", "vmexit_ple_round_robin",
     "vmexit_tscdeadline", "vmexit_tscdeadline_immed", "vmexit_cr0_wp", "vmexit_cr4_pge",
-    "idt_test", "realmode", "s3", "setjmp", "rmap_chain",
+    "idt_test", "realmode", "s3", "setjmp", "rmap_chain", "la57", "lam",
 ]
 
 
