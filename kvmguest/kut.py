@@ -292,14 +292,51 @@ def _verdict(code: int | None, output: str, errors: str) -> Outcome:
     return Outcome(FAIL, summary or reason)
 
 
+# --- child processes: every one is killed if the runner is interrupted ------------------------
+_live: set = set()
+_live_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def _start(argv, **kw) -> subprocess.Popen:
+    """A child in its own session (a test's signals stay its own), remembered until it
+    ends so that an interrupted run leaves no guest behind."""
+    if _stopping.is_set():
+        raise KeyboardInterrupt
+    proc = subprocess.Popen(argv, start_new_session=True, **kw)
+    with _live_lock:
+        _live.add(proc)
+    return proc
+
+
+def _forget(proc) -> None:
+    with _live_lock:
+        _live.discard(proc)
+
+
+def _kill(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_all() -> None:
+    _stopping.set()
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        _kill(proc)
+
+
 # --- running on kvmguest ------------------------------------------------------------------
 class _Run:
     """One kvmguest process (a run, or a restore after a migration) with its output read
     line by line, migration requests answered."""
 
     def __init__(self, argv, log, on_line):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = _start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
         self.log, self.on_line = log, on_line
         self.errors: list[str] = []
         self._err = threading.Thread(target=self._read_err, daemon=True)
@@ -325,12 +362,10 @@ class _Run:
                 self.on_line(self, line.decode("utf-8", "replace").rstrip("\r"))
         self.proc.wait()
         self._err.join(5)
+        _forget(self.proc)
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill(self.proc)
 
 
 def run_on_kvmguest(test: KutTest, directory: str, p: Plan, log_path: str,
@@ -433,19 +468,24 @@ def run_on_qemu(test: KutTest, directory: str, p: Plan, log_path: str,
         log.write(" ".join(shlex.quote(a) for a in argv) + "\n")
         started = time.monotonic()
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=test.timeout,
-                                  stdin=subprocess.DEVNULL, errors="replace")
+            proc = _start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace")
         except FileNotFoundError:
             return Outcome(SKIP, f"{qemu} not found")
-        except subprocess.TimeoutExpired as err:
-            out = err.stdout or ""
-            log.write(out if isinstance(out, str) else out.decode("utf-8", "replace"))
+        try:
+            stdout, stderr = proc.communicate(timeout=test.timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            stdout, stderr = proc.communicate()
+            log.write(stdout + stderr)
             return Outcome(FAIL, f"timeout; duration={test.timeout:g}s",
                            time.monotonic() - started, log_path)
-        log.write(proc.stdout + proc.stderr)
+        finally:
+            _forget(proc)
+        log.write(stdout + stderr)
         seconds = time.monotonic() - started
-        ret, errors = proc.returncode, proc.stderr.strip()
-        summary = summary_of(proc.stdout)
+        ret, errors = proc.returncode, stderr.strip()
+        summary = summary_of(stdout)
         if ret == 1 and not [e for e in errors.splitlines() if "warning" not in e.lower()]:
             return Outcome(PASS, summary, seconds, log_path)
         if ret == 77:
@@ -484,7 +524,10 @@ def run_suite(directory: str, names=(), group: str | None = None, jobs: int = 1,
         raise UsageError(f"no {cfg}: is {directory} a kvm-unit-tests tree?")
     tests = select(parse_cfg(cfg), names, group)
     log_dir = log_dir or os.path.join(directory, "logs", "kvmguest")
-    os.makedirs(log_dir, exist_ok=True)
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the log folder {log_dir}: {err.strerror}") from None
 
     def one(test: KutTest) -> Result:
         p = plan(test, run_all=run_all, selected=bool(names) or bool(group))
@@ -503,9 +546,15 @@ def run_suite(directory: str, names=(), group: str | None = None, jobs: int = 1,
         return Result(test.name, mine, theirs)
 
     results: list[Result] = []
+    _stopping.clear()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for r in pool.map(one, tests):
-            results.append(r)
-            if on_result is not None:
-                on_result(r)
+        try:
+            for r in pool.map(one, tests):
+                results.append(r)
+                if on_result is not None:
+                    on_result(r)
+        except BaseException:          # Ctrl-C, SIGTERM: no test process outlives us
+            _kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results

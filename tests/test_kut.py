@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli, guest, one_line_error
+from helpers import ROOT, cli, guest, one_line_error, wait_until
 
 from kvmguest import kut
 from kvmguest.boot import cpumodel, multiboot
@@ -182,3 +182,25 @@ def test_cpu_model_strings_parse_as_qemu_writes_them():
                                                     {"pcid"}, "GenuineIntel")
     with pytest.raises(cpumodel.CpuModelError, match="vendor 'Cyrix'"):
         cpumodel.parse("max,vendor=Cyrix")
+
+
+def test_ctrl_c_on_the_runner_leaves_no_guest_running(kut_tree):
+    """Each test runs in its own session (its signals stay its own); interrupting the
+    runner kills them all and exits 130 in one line."""
+    import signal
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", "kut", kut_tree, "sieve",
+                          "realmode", "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+
+    def guests() -> int:
+        out = subprocess.run(["pgrep", "-f", f"{kut_tree}/x86/(sieve|realmode).flat"],
+                             capture_output=True, text=True).stdout
+        return len(out.split())
+
+    wait_until(lambda: guests() == 2 or p.poll() is not None, what="both tests started")
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and err == "kvmguest: interrupted by SIGINT\n", (out, err)
+    assert guests() == 0
