@@ -215,18 +215,17 @@ def size_curve(workdir: str, ram: int, passes: int) -> dict:
 def harvest_figures(report: Report, ram: int, runs: int) -> None:
     m = start_guest(ram)
     try:
-        m.dirty.start()
-        m.dirty.harvest()
+        client = m.dirty.open("bench")
         raw, ours = [], []
         for _ in range(max(runs, 25)):
             time.sleep(0.02)
             t = time.perf_counter()
             for r in m.memory.regions:      # the backend's ioctls alone (GET, and CLEAR
-                m.dirty.harvest_kvm(r)      # when manual protect is on), no expansion
+                m.dirty.backend.harvest_kvm(r)  # when manual protect is on), no expansion
             raw.append((time.perf_counter() - t) * 1e3)
             time.sleep(0.02)
             t = time.perf_counter()
-            m.dirty.harvest()
+            client.take()
             ours.append((time.perf_counter() - t) * 1e3)
         base = report.add(Figure(f"dirty log {label(ram)}: raw GET+CLEAR_DIRTY_LOG ioctls", "ms",
                                  raw))

@@ -117,6 +117,10 @@ class kvm_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_dirty_gfn(ctypes.Structure):
+    _fields_ = [("flags", u32), ("slot", u32), ("offset", u64)]
+
+
 class kvm_clear_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
 
@@ -276,6 +280,7 @@ class VmIoctl(enum.IntEnum):
     KVM_SET_PIT2 = _IOW(KVMIO, 0xa0, kvm_pit_state2)
     KVM_ENABLE_CAP = _IOW(KVMIO, 0xa3, kvm_enable_cap)
     KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xc0, kvm_clear_dirty_log)
+    KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xc7)
 
 
 class VcpuIoctl(enum.IntEnum):
@@ -323,6 +328,8 @@ class Cap(enum.IntEnum):
     KVM_CAP_MAX_VCPUS = 66
     KVM_CAP_IMMEDIATE_EXIT = 136
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+    KVM_CAP_DIRTY_LOG_RING = 192
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
     KVM_CAP_XSAVE2 = 208
 
 
@@ -343,6 +350,7 @@ class ExitReason(enum.IntEnum):
     KVM_EXIT_NMI = 16
     KVM_EXIT_INTERNAL_ERROR = 17
     KVM_EXIT_SYSTEM_EVENT = 24
+    KVM_EXIT_DIRTY_RING_FULL = 31
 
 
 class InternalError(enum.IntEnum):
@@ -364,6 +372,10 @@ class MemFlag(enum.IntFlag):
 
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+# The dirty ring: per vCPU, at this page offset of the vCPU's mmap; entry flags.
+KVM_DIRTY_LOG_PAGE_OFFSET = 64
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0
+KVM_DIRTY_GFN_F_RESET = 1 << 1
 
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1
@@ -383,7 +395,7 @@ KVM_MAX_CPUID_ENTRIES = 256
 STRUCTS = {c.__name__: c for c in (
     kvm_userspace_memory_region, kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu,
     kvm_msr_entry, kvm_msrs, kvm_msr_list, kvm_cpuid_entry2, kvm_cpuid2, kvm_dirty_log,
-    kvm_clear_dirty_log, kvm_enable_cap, kvm_mp_state, kvm_vcpu_events, kvm_debugregs,
+    kvm_clear_dirty_log, kvm_dirty_gfn, kvm_enable_cap, kvm_mp_state, kvm_vcpu_events, kvm_debugregs,
     kvm_xsave, kvm_xcr, kvm_xcrs, kvm_lapic_state, kvm_pit_channel_state, kvm_pit_state2,
     kvm_pit_config, kvm_clock_data, kvm_irqchip, kvm_irq_level, kvm_run)}
 
@@ -397,6 +409,9 @@ CONSTANTS.update({
     "KVM_MEM_READONLY": int(MemFlag.KVM_MEM_READONLY),
     "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     "KVM_DIRTY_LOG_INITIALLY_SET": KVM_DIRTY_LOG_INITIALLY_SET,
+    "KVM_DIRTY_LOG_PAGE_OFFSET": KVM_DIRTY_LOG_PAGE_OFFSET,
+    "KVM_DIRTY_GFN_F_DIRTY": KVM_DIRTY_GFN_F_DIRTY,
+    "KVM_DIRTY_GFN_F_RESET": KVM_DIRTY_GFN_F_RESET,
     "KVM_EXIT_IO_IN": KVM_EXIT_IO_IN,
     "KVM_EXIT_IO_OUT": KVM_EXIT_IO_OUT,
     "KVM_MP_STATE_RUNNABLE": KVM_MP_STATE_RUNNABLE,

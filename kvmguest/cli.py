@@ -185,6 +185,7 @@ def cmd_run(args) -> int:
         with Machine.boot(args.kernel, memory=args.memory, cmdline=args.cmdline,
                           vcpus=args.vcpus, irqchip=not args.no_irqchip,
                           modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
+                          dirty_log=args.dirty_log,
                           stream=None if args.quiet else _stream_stdout) as m:
             try:
                 if control:
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no in-kernel irqchip and PIT: a polling-only machine, one vCPU")
     run.add_argument("--no-pit", action="store_true",
                      help="no PIT (QEMU's -machine pit=off); the irqchip stays")
+    run.add_argument("--dirty-log", choices=("auto", "bitmap", "ring"), default="auto",
+                     help="dirty tracking: KVM's bitmap log, its dirty ring, or auto "
+                          "(the ring from 4 GiB of RAM, where the host has it)")
     run.add_argument("--initrd", action="append", default=[], metavar="FILE",
                      help="a module for a multiboot kernel, as QEMU's -initrd (repeatable)")
     run.add_argument("--cpu", metavar="MODEL",

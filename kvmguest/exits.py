@@ -53,12 +53,17 @@ class SystemEventExit:
 
 
 @dataclass(frozen=True)
+class DirtyRingFullExit:
+    pass
+
+
+@dataclass(frozen=True)
 class OtherExit:
     reason: int
 
 
 Exit = (IoExit | MmioExit | HaltExit | ShutdownExit | FailEntryExit | InternalErrorExit
-        | SystemEventExit | OtherExit)
+        | SystemEventExit | DirtyRingFullExit | OtherExit)
 
 
 def decode_exit(run: abi.kvm_run) -> Exit:
@@ -84,6 +89,8 @@ def decode_exit(run: abi.kvm_run) -> Exit:
                 and e.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES):
             insn = bytes(e.insn_bytes[:e.insn_size])
         return InternalErrorExit(e.suberror, insn)
+    if reason == ExitReason.KVM_EXIT_DIRTY_RING_FULL:
+        return DirtyRingFullExit()
     if reason == ExitReason.KVM_EXIT_SYSTEM_EVENT:
         return SystemEventExit(run.exit.system_event.type)
     return OtherExit(reason)

@@ -215,6 +215,10 @@ class Vm(_Fd):
         ioctl(self.fd, VmIoctl.KVM_CLEAR_DIRTY_LOG,
               abi.kvm_clear_dirty_log(slot, num_pages, first_page, bitmap_addr))
 
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: re-protect the entries marked reset; returns how many."""
+        return ioctl(self.fd, VmIoctl.KVM_RESET_DIRTY_RINGS)
+
     def create_irqchip(self) -> None:
         ioctl(self.fd, VmIoctl.KVM_CREATE_IRQCHIP)
 

@@ -24,16 +24,21 @@ from .abi import Cap
 from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
 from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PcTestdev, PortBus, Serial
 from .devices import acpi_pm, cmos, fw_cfg, testdev
-from .dirty import DirtyLog
+from .dirty import BitmapLog, DirtyTracker, RingLog
+from .dirty import ring_log
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
 from .kvm import Kvm, KvmError, KvmUnavailable
 from .memory import GuestMemory, plan_regions
-from .exits import IoExit, MmioExit, crash_message
+from .exits import DirtyRingFullExit, IoExit, MmioExit, crash_message
 from .vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 64 << 20
+DIRTY_LOGS = ("auto", "bitmap", "ring")
+# "auto" picks the dirty ring from this much RAM up: below it a bitmap harvest is cheap
+# (its cost grows with RAM, the ring's with pages dirtied; bench/dirty.py measures both).
+DIRTY_RING_FROM = 4 << 30
 PAUSE_TIMEOUT = 2.0
 
 
@@ -92,13 +97,19 @@ class Machine:
                  console_capacity: int = 1 << 20, guest_memory: GuestMemory | None = None,
                  kvm: Kvm | None = None, own_kvm: bool = False, vcpus: int = 1,
                  irqchip: bool = True, origin: dict | None = None,
-                 modules: list[str] = (), cpu_model: str | None = None, pit: bool = True):
+                 modules: list[str] = (), cpu_model: str | None = None, pit: bool = True,
+                 dirty_log: str = "auto", ring_entries: int | None = None):
         """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
         cmdline). ``modules`` are files handed to a multiboot kernel (QEMU's -initrd);
         ``cpu_model`` a QEMU-style -cpu string (kvmguest.boot.cpumodel); ``pit`` False
-        leaves out the PIT (QEMU's -machine pit=off)."""
+        leaves out the PIT (QEMU's -machine pit=off). ``dirty_log``: "bitmap", "ring" or
+        "auto" (the ring where KVM has it and RAM is large enough for the bitmap's full
+        scan to cost more; see DIRTY_RING_FROM); ``ring_entries`` forces a ring size."""
+        if dirty_log not in DIRTY_LOGS:
+            raise UsageError(f"--dirty-log must be one of {', '.join(DIRTY_LOGS)}, "
+                             f"not {dirty_log!r}")
         self.kernel = image.parse_kernel(kernel) if kernel is not None else None
         self.cmdline = cmdline
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
@@ -145,6 +156,17 @@ class Machine:
                 self.vm.enable_cap(Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                                    caps & (abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                                            | abi.KVM_DIRTY_LOG_INITIALLY_SET))
+            ring_cap, ring_max = ring_log.ring_cap(self.vm)
+            ram = guest_memory.size if guest_memory is not None else memory
+            if dirty_log == "ring" and not ring_cap:
+                raise KvmUnavailable("--dirty-log ring: this host's KVM has no dirty ring "
+                                     "(KVM_CAP_DIRTY_LOG_RING)")
+            use_ring = dirty_log == "ring" or (dirty_log == "auto" and ring_cap
+                                                and ram >= DIRTY_RING_FROM)
+            if use_ring:       # before any vCPU exists
+                ring_size = ring_log.ring_bytes(ring_max, ram // abi.PAGE_SIZE, vcpus,
+                                                ring_entries)
+                ring_log.enable(self.vm, ring_cap, ring_size)
             if self.kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
                 self.vm.set_tss_addr(layout.TSS_ADDR)
             if self.memory is None:
@@ -159,7 +181,6 @@ class Machine:
                 if pit:
                     self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
             self.pit = irqchip and pit
-            self.dirty = DirtyLog(self.vm, self.memory, self.manual_protect)
             supported = self.kvm.get_supported_cpuid()
             for i in range(vcpus):
                 v = self.vm.create_vcpu(i)
@@ -170,6 +191,9 @@ class Machine:
                     self.cpu_model.apply(cpuid, supported)
                 v.set_cpuid2(cpuid)
                 self.cpuids.append(cpuid)
+            backend = (RingLog(self.vm, self.memory, self.vcpus, ring_size) if use_ring
+                       else BitmapLog(self.vm, self.memory, self.manual_protect))
+            self.dirty = DirtyTracker(backend, self.memory)
         except BaseException:
             self.close()
             raise
@@ -412,6 +436,9 @@ class Machine:
     def _handle_exit(self, thread: VcpuThread, ex) -> bool:
         """One exit of one vCPU: port I/O goes to the bus; anything else ends the guest
         (a crash, with the registers, or a reset/power-off). True when it is finished."""
+        if isinstance(ex, DirtyRingFullExit):
+            self.dirty.backend.on_full(thread.index)
+            return False
         if isinstance(ex, IoExit):
             self.bus.handle_io(ex)
             if self.event is not None:
@@ -485,6 +512,8 @@ class Machine:
             except GuestError:
                 log.error("vCPU thread did not stop; leaking its VM")
                 return
+        if getattr(self, "dirty", None) is not None:
+            self.dirty.close()          # the rings are mapped from the vCPU fds
         for obj in [*getattr(self, "vcpus", []), getattr(self, "vm", None)]:
             if obj is not None:
                 obj.close()

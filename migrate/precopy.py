@@ -141,7 +141,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
     t0 = time.perf_counter()
     writer = make_writer(format, path, machine.memory, threads, direct, cancel)
     report = SaveReport(path=os.path.abspath(path), format=format, then=then)
-    started_log = not machine.dirty.enabled
+    client = None
     paused = False
     total_pages = sum(r.npages for r in machine.memory.regions)
     shown = _Progress(progress, total_pages)
@@ -151,15 +151,14 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
     first_dirty = None
     try:
         machine.msr_indices()                   # fetched now, not during the downtime
-        machine.dirty.start()
-        machine.dirty.harvest()                 # from here on, every write is logged
+        client = machine.dirty.open("live save")    # from here on, every write is logged
         stats = writer.write_pass(None)         # pass 0: all of RAM
         writer.on_progress = None
         previous = total_pages
         shown.pass0(total_pages)
         while True:
             check_cancel(cancel, report.path)
-            dirty = machine.dirty.harvest()
+            dirty = client.take()
             n = sum(len(v) for v in dirty.values())
             first_dirty = n if first_dirty is None else first_dirty
             bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
@@ -204,7 +203,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         # last pages: the ioctls and the writes overlap (ctypes and pwritev drop the GIL).
         captured = helper.submit(save_machine, machine)
         # The set harvested last (not yet written) plus what came after it.
-        final = machine.dirty.harvest()
+        final = client.take()
         writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])
                            for slot in final})
         t_written = time.perf_counter()
@@ -216,8 +215,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         sys.setswitchinterval(switch)
         if then == "continue":
             # The pages and state are in the file (page cache) already; the guest may run.
-            if started_log:
-                machine.dirty.stop()
+            client.close()
             machine.resume()
             paused = False
         writer.finish(state)
@@ -229,9 +227,10 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         helper.shutdown(wait=True)
         if paused:
             machine.resume()   # nothing lost: the guest carries on as if no save happened
-        if started_log and machine.dirty.enabled:
-            machine.dirty.stop()
+        if client is not None:
+            client.close()
         raise
+    client.close()
     if then == "stop":
         machine.stop()
     report.passes = writer.passes

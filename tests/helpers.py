@@ -92,10 +92,11 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.002)
 
 
-def start_dirty(factory, memory: int = RAM, passes_first: int = 16, **kw):
+def start_dirty(factory, memory: int = RAM, passes_first: int = 16, machine: dict = None,
+                **kw):
     """A running `dirty` guest, well into its passes: it has reported pass
-    ``passes_first`` (quiet guests report every 16th)."""
-    m = factory(guest("dirty"), memory=memory, cmdline=dirty_cmdline(**kw))
+    ``passes_first`` (quiet guests report every 16th). ``machine``: more Machine options."""
+    m = factory(guest("dirty"), memory=memory, cmdline=dirty_cmdline(**kw), **(machine or {}))
     m.start()
     wait_console(m, f"dirty: pass {passes_first} ok")
     return m

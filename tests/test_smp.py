@@ -216,13 +216,12 @@ def test_dirty_log_misses_nothing_with_four_concurrent_writers(machine_factory):
     regions = {r.slot: r for r in m.memory.regions}
     m.start()
     wait_console(m, "stamp: 4 cpus writing")
-    m.dirty.start()
-    m.dirty.harvest()                                   # from here on, writes are logged
+    client = m.dirty.open("test")                       # from here on, writes are logged
     mirror = {slot: regions[slot].pages()[first:first + n].copy() for slot, first, n in spans}
 
     def copy_dirty():
         copied = 0
-        for slot, pages_ in m.dirty.harvest().items():
+        for slot, pages_ in client.take().items():
             for s, first, n in spans:
                 if s == slot:
                     idx = pages_[(pages_ >= first) & (pages_ < first + n)]

@@ -1,33 +1,33 @@
-"""KVM dirty log: which guest pages were written since the last harvest, per slot.
+"""The bitmap backend: KVM's dirty log, one bitmap per slot, scanned whole each harvest.
 
 With ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (enabled with ``INITIALLY_SET`` when the VM is
 created) a harvest is ``KVM_GET_DIRTY_LOG`` + ``KVM_CLEAR_DIRTY_LOG`` of exactly the bits
-read; without it, ``KVM_GET_DIRTY_LOG`` reads and resets in one call. Either way the
-pages the VMM itself wrote (the host-side bitmap in :class:`GuestMemory`) are merged in.
+read; without it, ``KVM_GET_DIRTY_LOG`` reads and resets in one call.
 
-The first harvest after :meth:`DirtyLog.start` reports every page when INITIALLY_SET is in
-force (nothing has been write-protected yet); callers that want a clean baseline harvest
-once and discard it.
+The first harvest after :meth:`BitmapLog.start` reports every page when INITIALLY_SET is
+in force (nothing has been write-protected yet); the tracker discards it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .abi import MemFlag
-from .memory import GuestMemory, Region
+from ..abi import MemFlag
+from ..memory import GuestMemory, Region
+
+NAME = "bitmap"
 
 
-def merge_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sorted union of two page-index arrays. (np.union1d costs ~20 ms on its first call,
-    a lazy import inside numpy, which must not land in a guest's downtime.)"""
-    both = np.sort(np.concatenate((a, b)))
-    if len(both) < 2:
-        return both
-    return both[np.concatenate(([True], both[1:] != both[:-1]))]
+def set_logging(vm, memory: GuestMemory, on: bool) -> None:
+    """KVM_MEM_LOG_DIRTY_PAGES on (or off) for every slot (may be done while running)."""
+    flags = MemFlag.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+    for r in memory.regions:
+        vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr, flags)
 
 
-class DirtyLog:
+class BitmapLog:
+    name = NAME
+
     def __init__(self, vm, memory: GuestMemory, manual_protect: bool):
         self.vm, self.memory, self.manual_protect = vm, memory, manual_protect
         self.enabled = False
@@ -35,19 +35,14 @@ class DirtyLog:
                          for r in memory.regions}
         self._addrs = {slot: b.ctypes.data for slot, b in self._bitmaps.items()}
 
-    def _set_flags(self, flags: int) -> None:
-        for r in self.memory.regions:
-            self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr, flags)
-
     def start(self) -> None:
-        """Turn on KVM_MEM_LOG_DIRTY_PAGES for every slot (may be called while running)."""
         if not self.enabled:
-            self._set_flags(MemFlag.KVM_MEM_LOG_DIRTY_PAGES)
+            set_logging(self.vm, self.memory, True)
             self.enabled = True
 
     def stop(self) -> None:
         if self.enabled:
-            self._set_flags(0)
+            set_logging(self.vm, self.memory, False)
             self.enabled = False
 
     def harvest_kvm(self, r: Region) -> np.ndarray:
@@ -61,7 +56,7 @@ class DirtyLog:
         return bitmap
 
     def harvest_pages(self, r: Region) -> np.ndarray:
-        """Dirty page indices of one region since the last harvest (sorted).
+        """Guest-written page indices of one region since the last harvest (sorted).
 
         Only the non-zero 64-bit words of KVM's bitmap are expanded, so the cost follows
         the number of dirty pages, not the size of the slot."""
@@ -73,12 +68,11 @@ class DirtyLog:
             pages = nz[row] * 64 + col
         else:
             pages = nz
-        if r.host_dirty_any:
-            pages = merge_pages(pages, self.memory.take_host_dirty_pages(r))
         return pages
 
     def harvest(self) -> dict[int, np.ndarray]:
-        """Dirty page indices per slot since the last harvest (guest writes and VMM writes)."""
-        if not self.enabled:
-            raise RuntimeError("dirty logging is not enabled")
+        """Guest-written page indices per slot since the last harvest."""
         return {r.slot: self.harvest_pages(r) for r in self.memory.regions}
+
+    def close(self) -> None:
+        pass
