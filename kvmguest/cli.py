@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 from . import __version__
 from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, KvmguestError, UsageError,
@@ -51,6 +52,18 @@ def _seconds(allow_zero: bool):
                                              f"{bound} and at most {MAX_SECONDS}")
         return value
     return parse
+
+
+def _duration(text: str) -> float:
+    """'500ms', '2s', '0.5' (seconds) -> seconds, > 0."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 500ms, 2s)")
+    value = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most "
+                                         f"{MAX_SECONDS} s")
+    return value
 
 
 def _positive_ms(text: str) -> float:
@@ -171,6 +184,12 @@ def cmd_run(args) -> int:
             raise UsageError("--save and --control name the same path")
     if args.control:
         check_socket_path(args.control)
+    if args.every is not None and not args.checkpoint:
+        raise UsageError("--every goes with --checkpoint")
+    if args.checkpoint:
+        check_save_target(args.checkpoint)
+        if args.save and os.path.abspath(args.save) == os.path.abspath(args.checkpoint):
+            raise UsageError("--save and --checkpoint name the same path")
     saved = None
 
     def on_saved(report):
@@ -192,6 +211,11 @@ def cmd_run(args) -> int:
                     control.attach(m)
                 m.start()
                 console_input(m, args.console_input)
+                checkpoints = None
+                if args.checkpoint:
+                    from migrate.checkpoint import Checkpointer
+                    checkpoints = Checkpointer(m, args.checkpoint, args.every or 1.0)
+                    checkpoints.start()
                 if args.save:
                     if m.wait_done(args.save_after):
                         result = m.wait()
@@ -207,7 +231,11 @@ def cmd_run(args) -> int:
                     finally:
                         progress.done()
                     on_saved(report)
-                result = m.wait(args.timeout)
+                try:
+                    result = m.wait(args.timeout)
+                finally:
+                    if checkpoints is not None:
+                        checkpoints.stop()
                 if control:
                     control.drain()       # a save over the socket may have stopped the guest
             finally:
@@ -302,7 +330,19 @@ def _inspect_text(info: dict) -> str:
              f"  file size {info['file_size']} bytes ({info['allocated']} allocated); "
              f"RAM {info['ram_size'] >> 20} MiB; {info['vcpus']} vCPU(s), "
              f"{'in-kernel irqchip' if info['irqchip'] else 'no irqchip'}"]
+    if info["format"] == "checkpoint":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
+            info["checkpoint_time_ns"] / 1e9))
+        lines.append(f"  {info['checkpoints']} checkpoints, the latest at {when}"
+                     + (" (its journal is replayed on restore)" if info["journal_pending"]
+                        else ""))
+        for h in info["history"][-5:]:
+            lines.append(f"    checkpoint {h['generation']}: {h['pages']} pages")
     for b in info.get("blocks", []):
+        if "pages_present" not in b:
+            lines.append(f"  block {p(b['name']):<10} slot {b['slot']} gpa {b['gpa']:#x} size "
+                         f"{b['size'] >> 20} MiB, page area at {b['pages_offset']:#x}")
+            continue
         where = (f"page area at {b['pages_offset']:#x}" if "pages_offset" in b
                  else f"{b['records']} page records")
         lines.append(f"  block {p(b['name']):<10} slot {b['slot']} gpa {b['gpa']:#x} size "
@@ -420,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
     run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
+    run.add_argument("--checkpoint", metavar="PATH",
+                     help="keep PATH a crash-consistent checkpoint of the running guest")
+    run.add_argument("--every", type=_duration, default=None, metavar="DURATION",
+                     help="with --checkpoint: how often (e.g. 500ms, 2s; default 1s)")
     run.add_argument("--control", metavar="SOCK",
                      help="listen on a Unix socket for `kvmguest save --control SOCK PATH`")
     _save_args(run)

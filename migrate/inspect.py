@@ -41,6 +41,21 @@ def _describe_stream(info: dict, path: str, fd: int) -> None:
                 irqchip="irqchip" in s.state.get("vm", {}))
 
 
+def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
+    from .checkpoint import COMMITTED, VERSION, validated
+    ck = validated(path, fd)
+    r = ck.record
+    info.update(valid=True, format="checkpoint", version=VERSION,
+                ram_size=sum(b["size"] for b in ck.layout.blocks),
+                blocks=[{"name": b["name"], "slot": b["slot"], "gpa": b["gpa"],
+                         "size": b["size"], "pages": b["size"] // 4096,
+                         "pages_offset": b["pages_offset"]} for b in ck.layout.blocks],
+                checkpoints=r.generation, checkpoint_time_ns=r.time_ns,
+                journal_pending=r.kind == COMMITTED and r.journal_pages > 0,
+                history=ck.history, state=vcpu_summary(ck.state),
+                vcpus=len(ck.state["vcpus"]), irqchip="irqchip" in ck.state.get("vm", {}))
+
+
 def describe(path: str) -> dict:
     """What ``path`` is: ``valid`` with its layout, or a ``verdict`` (INVALID, UNREADABLE)
     and the ``error``; ``exit_code`` for the CLI."""
@@ -54,8 +69,11 @@ def describe(path: str) -> dict:
         st = os.fstat(fd)
         info["file_size"], info["allocated"] = st.st_size, st.st_blocks * 512
         try:
-            if read_magic(fd, path) == fmt.STREAM_MAGIC:
+            magic = read_magic(fd, path)
+            if magic == fmt.STREAM_MAGIC:
                 _describe_stream(info, path, fd)
+            elif magic == fmt.CHECKPOINT_MAGIC:
+                _describe_checkpoint(info, path, fd)
             else:
                 _describe_mapped(info, path, fd)
         except OSError as err:

@@ -22,7 +22,7 @@ from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, c
 from kvmguest.state import MachineState, StateError
 
 from . import format as fmt
-from .format import SnapshotError
+from .format import CHECKPOINT_MAGIC, SnapshotError
 from .lease import SnapshotLease
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,14 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
     try:
         fd = open_snapshot(path)
         try:
-            if read_magic(fd, path) == fmt.STREAM_MAGIC:
+            magic = read_magic(fd, path)
+            if magic == CHECKPOINT_MAGIC:
+                from .checkpoint import load, validated as checkpoint_validated
+                ck = checkpoint_validated(path, fd)
+                saved = decode_state(ck.state)
+                memory, loaded = load(ck, fd)
+                lazy = False
+            elif magic == fmt.STREAM_MAGIC:
                 from .stream import load_stream, validate_stream
                 info = validate_stream(path, fd)
                 check_host_capacity(info.pages, lazy=False)

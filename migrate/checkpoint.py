@@ -1,0 +1,443 @@
+"""Continuous checkpoints: a file kept, in place, a restorable copy of a running guest.
+
+Every ``every`` seconds (or on demand) the guest is paused just long enough to take the
+pages it changed since the last checkpoint (its own dirty-tracking client), copy them
+out and capture the vCPU/VM/device state; it then runs on while the checkpoint is
+written. The file layout, the write order and the invariant that makes it crash
+consistent (at every instant, ``kvmguest restore`` gives exactly the latest committed
+checkpoint) are in docs/FORMAT.md, "Continuous checkpoints".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
+from kvmguest.state import save_machine
+
+from .format import CHECKPOINT_MAGIC as MAGIC
+from .format import Block, SnapshotError
+from .pageio import (data_extents, fault_point, fsync_dir, pread_into, pwrite_all, runs_of,
+                     temp_path_for)
+from .writer import SaveError, check_save_target, io_error
+
+log = logging.getLogger(__name__)
+PAGE = PAGE_SIZE
+VERSION = 1
+SLOT_OFFSETS = (4096, 8192)
+HEADER_END = 12288
+ALIGN = 1 << 20
+RECORD_MAGIC = b"CKPTRECD"
+COMMITTED, APPLIED = 1, 2
+RECORD = struct.Struct("<8sQIIIIQIQQ")          # 60 bytes, then a CRC32
+SUPER = struct.Struct("<8sII")                   # magic, version, JSON length (CRC after)
+HISTORY = 100                                    # checkpoints described in each state
+RECORD_ENV = "KVMGUEST_CKPT_RECORD"              # tests: log what each checkpoint held
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+@dataclass
+class Layout:
+    blocks: list                 # dicts: name, gpa, size, slot, pages_offset
+    journal_offset: int
+    journal_size: int
+    state_offsets: list
+    state_size: int
+
+    @property
+    def file_size(self) -> int:
+        return self.journal_offset + self.journal_size
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def plan(memory: GuestMemory, vcpus: int) -> Layout:
+    state_size = _align(max(1 << 20, vcpus * (64 << 10)), PAGE)
+    at = _align(HEADER_END)
+    states = [at, at + state_size]
+    at = _align(at + 2 * state_size)
+    blocks = []
+    for i, r in enumerate(memory.regions):
+        blocks.append({"name": f"ram{i}", "gpa": r.gpa, "size": r.size, "slot": r.slot,
+                       "pages_offset": at})
+        at = _align(at + r.size)
+    pages = sum(r.npages for r in memory.regions)
+    return Layout(blocks, at, _align(pages * (8 + PAGE)), states, state_size)
+
+
+@dataclass
+class Record:
+    generation: int
+    kind: int
+    state_slot: int
+    state_len: int
+    state_crc: int
+    journal_pages: int
+    journal_crc: int
+    time_ns: int
+    pages_written: int
+
+    def pack(self) -> bytes:
+        body = RECORD.pack(RECORD_MAGIC, self.generation, self.kind, self.state_slot,
+                           self.state_len, self.state_crc, self.journal_pages,
+                           self.journal_crc, self.time_ns, self.pages_written)
+        return (body + struct.pack("<I", zlib.crc32(body))).ljust(512, b"\0")
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "Record | None":
+        if len(raw) < RECORD.size + 4 or raw[:8] != RECORD_MAGIC:
+            return None
+        body = raw[:RECORD.size]
+        if struct.unpack_from("<I", raw, RECORD.size)[0] != zlib.crc32(body):
+            return None
+        f = RECORD.unpack(body)
+        r = cls(*f[1:])
+        return r if r.kind in (COMMITTED, APPLIED) and r.state_slot in (0, 1) else None
+
+    @property
+    def order(self) -> tuple:
+        return (self.generation, self.kind)
+
+
+def read_records(fd: int) -> list:
+    """The record in each slot (None where a slot holds no valid record)."""
+    return [Record.parse(os.pread(fd, 512, off)) for off in SLOT_OFFSETS]
+
+
+def latest(records) -> tuple[int, "Record | None"]:
+    """(slot, record) of the latest valid record; (-1, None) if there is none."""
+    best = (-1, None)
+    for i, r in enumerate(records):
+        if r is not None and (best[1] is None or r.order > best[1].order):
+            best = (i, r)
+    return best
+
+
+# --- writing ------------------------------------------------------------------------------
+@dataclass
+class CheckpointStats:
+    generation: int
+    pages: int
+    pause_ms: float
+    write_ms: float
+    bytes_written: int
+
+
+@dataclass
+class _Taken:
+    generation: int
+    pages: dict                   # slot -> sorted page indices
+    data: dict                    # slot -> (n, PAGE) uint8 copies
+    state: dict
+    pause_ms: float
+
+
+class Checkpointer:
+    """Keeps ``path`` a crash-consistent checkpoint of ``machine``: :meth:`take` one now,
+    or :meth:`start` a thread taking one every ``every`` seconds."""
+
+    def __init__(self, machine, path: str, every: float | None = None, on_checkpoint=None):
+        self.machine, self.every, self.on_checkpoint = machine, every, on_checkpoint
+        self.path = check_save_target(path)
+        self.layout = plan(machine.memory, len(machine.vcpus))
+        self.generation = 0
+        self.history: list = []
+        self.stats: list[CheckpointStats] = []
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fd = -1
+        self._latest_slot = -1
+        self._base = {r.slot: 0 for r in machine.memory.regions}
+        n = 0
+        for r in machine.memory.regions:
+            self._base[r.slot] = n
+            n += r.npages
+        self._record_log = os.environ.get(RECORD_ENV)
+        self.client = machine.dirty.open("checkpoints")
+
+    # --- the file ---
+    def _pwrite(self, data, offset: int, what: str) -> None:
+        try:
+            pwrite_all(self._fd, data if isinstance(data, list) else [data], offset)
+        except OSError as err:
+            raise io_error(err, self.path, what) from None
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as err:
+            raise io_error(err, self.path, "syncing") from None
+
+    def _create(self) -> str:
+        """The new file under a temporary name: superblock, size. Renamed over the path
+        once checkpoint 1 is committed (an old file there is untouched until then)."""
+        tmp = temp_path_for(self.path)
+        self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        blob = json.dumps(self.layout.to_json()).encode()
+        head = SUPER.pack(MAGIC, VERSION, len(blob)) + blob
+        head += struct.pack("<I", zlib.crc32(head))
+        if len(head) > SLOT_OFFSETS[0]:
+            raise SaveError("checkpoint layout does not fit its superblock")
+        self._pwrite(head, 0, "writing")
+        os.ftruncate(self._fd, self.layout.file_size)
+        return tmp
+
+    def _write_record(self, record: Record) -> None:
+        slot = 1 - self._latest_slot if self._latest_slot >= 0 else 0
+        self._pwrite(record.pack(), SLOT_OFFSETS[slot], "writing a record to")
+        self._fsync()
+        self._latest_slot = slot
+
+    def _apply(self, taken: _Taken) -> int:
+        """Write the taken pages at their fixed offsets; bytes written."""
+        written = 0
+        for b in self.layout.blocks:
+            pages, data = taken.pages.get(b["slot"]), taken.data.get(b["slot"])
+            if pages is None or not len(pages):
+                continue
+            at = 0
+            for start, end in runs_of(pages).tolist():
+                n = end - start
+                self._pwrite([data[at:at + n]], b["pages_offset"] + start * PAGE,
+                             "writing pages to")
+                at += n
+                written += n * PAGE
+        return written
+
+    # --- one checkpoint ---
+    def _capture(self) -> _Taken:
+        m = self.machine
+        first = self.generation == 0
+        t0 = time.perf_counter()
+        m.pause_all()
+        try:
+            changed = self.client.take()     # checkpoint 1 takes all RAM instead
+            state = save_machine(m)
+            data = {}
+            for r in m.memory.regions:
+                if first:     # a new file: pages never written stay holes (zeros)
+                    changed[r.slot] = np.flatnonzero(r.maybe_nonzero())
+                idx = changed.get(r.slot, np.zeros(0, np.int64))
+                changed[r.slot] = idx
+                data[r.slot] = r.pages()[idx]          # a copy (fancy indexing)
+        finally:
+            m.resume_all()
+        return _Taken(self.generation + 1, changed, data, state,
+                      (time.perf_counter() - t0) * 1e3)
+
+    def take(self) -> CheckpointStats:
+        """Take one checkpoint now (pause, copy out, resume, then write); its figures."""
+        with self._lock:
+            taken = self._capture()
+            t0 = time.perf_counter()
+            written = self._write(taken)
+            st = CheckpointStats(taken.generation, sum(len(p) for p in taken.pages.values()),
+                                 taken.pause_ms, (time.perf_counter() - t0) * 1e3, written)
+            self.stats.append(st)
+            self.generation = taken.generation
+            if self._record_log:
+                self._log_record(taken)
+            if self.on_checkpoint:
+                self.on_checkpoint(st)
+            return st
+
+    def _write(self, taken: _Taken) -> int:
+        gen, first = taken.generation, taken.generation == 1
+        tmp = self._create() if first else None
+        try:
+            self.history = (self.history + [{"generation": gen, "time_ns": time.time_ns(),
+                                             "pages": int(sum(len(p) for p in
+                                                              taken.pages.values()))}])[-HISTORY:]
+            blob = json.dumps({"state": taken.state, "checkpoints": self.history}).encode()
+            if len(blob) > self.layout.state_size:
+                raise SaveError(f"state of {len(blob)} bytes exceeds the checkpoint's state "
+                                f"slot ({self.layout.state_size})")
+            state_slot = gen % 2
+            self._pwrite(blob, self.layout.state_offsets[state_slot], "writing state to")
+            fault_point("ckpt-state")
+            journal_pages, journal_crc, written = 0, 0, len(blob)
+            if first:
+                written += self._apply(taken)             # a new file: straight in place
+            else:
+                numbers = np.concatenate([taken.pages[b["slot"]] + self._base[b["slot"]]
+                                          for b in self.layout.blocks]).astype("<u8")
+                datas = [taken.data[b["slot"]] for b in self.layout.blocks]
+                journal_pages = len(numbers)
+                crc = zlib.crc32(numbers.tobytes())
+                for d in datas:
+                    crc = zlib.crc32(d, crc) if len(d) else crc
+                journal_crc = crc
+                self._pwrite([numbers.tobytes()] + [d for d in datas if len(d)],
+                             self.layout.journal_offset, "writing the journal of")
+                written += journal_pages * (8 + PAGE)
+            fault_point("ckpt-journal")
+            self._fsync()
+            fault_point("ckpt-synced")
+            rec = Record(gen, COMMITTED, state_slot, len(blob), zlib.crc32(blob),
+                         journal_pages, journal_crc, time.time_ns(), journal_pages)
+            self._write_record(rec)
+            if first:
+                os.rename(tmp, self.path)
+                fsync_dir(self.path)
+                tmp = None
+            fault_point("ckpt-committed")
+            if not first:
+                written += self._apply(taken)
+                fault_point("ckpt-applying")
+                self._fsync()
+                fault_point("ckpt-applied-synced")
+                rec.kind = APPLIED
+                self._write_record(rec)
+            return written
+        except BaseException:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            raise
+
+    def _log_record(self, taken: _Taken) -> None:
+        """Test hook: the CRC of every page this checkpoint wrote, appended to a file."""
+        with open(self._record_log, "a") as f:
+            for b in self.layout.blocks:
+                pages, data = taken.pages[b["slot"]], taken.data[b["slot"]]
+                crcs = [zlib.crc32(row) for row in data]
+                f.write(json.dumps({"generation": taken.generation, "slot": b["slot"],
+                                    "pages": pages.tolist(), "crcs": crcs}) + "\n")
+
+    # --- the thread ---
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="checkpoints", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set() and self.machine.running:
+                self.take()
+                self._stop.wait(self.every)
+        except BaseException as err:   # noqa: BLE001 - reported by stop()
+            if self.machine.running:
+                self.error = err
+                log.error("checkpoint failed: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.client.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# --- reading ------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A checkpoint file, checked: its layout, latest record and decoded state."""
+    path: str
+    layout: Layout
+    record: Record
+    state: dict
+    history: list = field(default_factory=list)
+
+
+def _block(b: dict) -> Block:
+    return Block(b["name"], b["gpa"], b["size"], b["slot"], pages_offset=b["pages_offset"])
+
+
+def read_layout(fd: int, path: str) -> Layout:
+    head = os.pread(fd, SLOT_OFFSETS[0], 0)
+    if len(head) < SUPER.size or head[:8] != MAGIC:
+        raise SnapshotError(f"{path}: not a kvmguest checkpoint file")
+    _, version, n = SUPER.unpack_from(head)
+    if version != VERSION:
+        raise SnapshotError(f"{path}: checkpoint version {version} is not supported")
+    if SUPER.size + n + 4 > len(head) or struct.unpack_from(
+            "<I", head, SUPER.size + n)[0] != zlib.crc32(head[:SUPER.size + n]):
+        raise SnapshotError(f"{path}: checkpoint superblock is damaged (checksum)")
+    try:
+        d = json.loads(head[SUPER.size:SUPER.size + n])
+        layout = Layout(d["blocks"], int(d["journal_offset"]), int(d["journal_size"]),
+                        list(d["state_offsets"]), int(d["state_size"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise SnapshotError(f"{path}: checkpoint layout is unreadable: {err}") from None
+    return layout
+
+
+def validated(path: str, fd: int) -> Checkpoint:
+    """Everything a restore checks before memory is allocated: superblock, the latest
+    record, the state (CRC, decodes); the journal's CRC is checked when it is read."""
+    from .reader import decode_state, region_specs
+    layout = read_layout(fd, path)
+    size = os.fstat(fd).st_size
+    if size < layout.file_size:
+        raise SnapshotError(f"{path}: checkpoint file is truncated ({size} of "
+                            f"{layout.file_size} bytes)")
+    region_specs([_block(b) for b in layout.blocks])
+    _, record = latest(read_records(fd))
+    if record is None:
+        raise SnapshotError(f"{path}: no complete checkpoint yet")
+    raw = os.pread(fd, record.state_len, layout.state_offsets[record.state_slot])
+    if len(raw) != record.state_len or zlib.crc32(raw) != record.state_crc:
+        raise SnapshotError(f"{path}: state of checkpoint {record.generation} is damaged")
+    d = json.loads(raw)
+    decode_state(d["state"])
+    return Checkpoint(path, layout, record, d["state"], d.get("checkpoints", []))
+
+
+def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
+    """Guest memory holding the checkpoint: the page areas, then its journal over them."""
+    from .reader import region_specs
+    specs = region_specs([_block(b) for b in ck.layout.blocks])
+    memory = GuestMemory([Region(s) for s in specs])
+    try:
+        loaded = 0
+        for b in ck.layout.blocks:
+            region = memory.region_of_slot(b["slot"])
+            start, end = b["pages_offset"], b["pages_offset"] + b["size"]
+            for s, e in data_extents(fd, start, end):
+                s, e = max(s, start), min(e, end)
+                pread_into(fd, region.array[s - start:e - start], s)
+                loaded += (e - s) // PAGE
+        if ck.record.kind == COMMITTED and ck.record.journal_pages:
+            n = ck.record.journal_pages
+            at = ck.layout.journal_offset
+            numbers = np.frombuffer(os.pread(fd, 8 * n, at), dtype="<u8")
+            data = np.empty((n, PAGE), np.uint8)
+            if len(numbers) != n or not pread_into(fd, data, at + 8 * n):
+                raise SnapshotError(f"{ck.path}: journal is truncated")
+            if zlib.crc32(data, zlib.crc32(numbers.tobytes())) != ck.record.journal_crc:
+                raise SnapshotError(f"{ck.path}: journal of checkpoint "
+                                    f"{ck.record.generation} is damaged")
+            base = 0
+            for b in ck.layout.blocks:
+                npages = b["size"] // PAGE
+                sel = (numbers >= base) & (numbers < base + npages)
+                region = memory.region_of_slot(b["slot"])
+                region.pages()[(numbers[sel] - base).astype(np.int64)] = data[sel]
+                base += npages
+        return memory, loaded
+    except BaseException:
+        memory.close()
+        raise
