@@ -223,6 +223,8 @@ class Machine:
         self.threads = [VcpuThread(v, self._handle_exit, self._vcpu_done) for v in self.vcpus]
         self._done = threading.Event()
         self._done_lock = threading.Lock()
+        self._pause_lock = threading.RLock()
+        self._pauses = 0
         self.error: BaseException | None = None
         self._msr_indices: list[int] | None = None
         self._started_at = 0.0
@@ -394,7 +396,21 @@ class Machine:
         """Park every vCPU at an instruction boundary, with its pending I/O completed; return
         only when all are parked (or the guest has finished). If one does not park within
         ``timeout``, every request is withdrawn (the guest runs on) and GuestError says
-        which."""
+        which.
+
+        Pauses nest (a checkpoint and a live save may both hold one): the guest runs
+        again only when every pause_all has had its resume_all."""
+        with self._pause_lock:
+            self._pauses += 1
+            if self._pauses > 1:
+                return
+            try:
+                self._pause_all(timeout)
+            except BaseException:
+                self._pauses -= 1
+                raise
+
+    def _pause_all(self, timeout: float) -> None:
         if self._done.is_set() or not self.threads or not self.threads[0].started:
             return
         for t in self.threads:
@@ -408,13 +424,21 @@ class Machine:
                     return
                 if time.monotonic() > deadline:
                     late = [t.index for t in self.threads if not t.parked]
-                    self.resume_all()
+                    self._resume_threads()
                     raise GuestError(f"vCPU {', '.join(map(str, late))} did not pause "
                                      f"within {timeout:g} s; the guest runs on")
                 t.kick()
 
     def resume_all(self) -> None:
-        """Release every parked vCPU together."""
+        """Release every parked vCPU together (when this ends the last pause)."""
+        with self._pause_lock:
+            if self._pauses > 0:
+                self._pauses -= 1
+                if self._pauses > 0:
+                    return
+            self._resume_threads()
+
+    def _resume_threads(self) -> None:
         for t in self.threads:
             t.resume()
 

@@ -42,6 +42,13 @@ RECORD = struct.Struct("<8sQIIIIQIQQ")          # 60 bytes, then a CRC32
 SUPER = struct.Struct("<8sII")                   # magic, version, JSON length (CRC after)
 HISTORY = 100                                    # checkpoints described in each state
 RECORD_ENV = "KVMGUEST_CKPT_RECORD"              # tests: log what each checkpoint held
+# Tests: with KVMGUEST_FAULT_POINT=ckpt-<phase> the process kills itself in that phase of
+# checkpoint FAULT_GENERATION (so that an earlier one is committed); with
+# KVMGUEST_CKPT_POWERLOSS=<seed> it first undoes, at random, whole or torn, the writes
+# made since the last fsync: what a power cut may leave of them.
+FAULT_GENERATION = 3
+POWERLOSS_ENV = "KVMGUEST_CKPT_POWERLOSS"
+SECTOR = 512
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -168,12 +175,17 @@ class Checkpointer:
             self._base[r.slot] = n
             n += r.npages
         self._record_log = os.environ.get(RECORD_ENV)
+        self._unsynced = [] if os.environ.get(POWERLOSS_ENV) else None
         self.client = machine.dirty.open("checkpoints")
 
     # --- the file ---
     def _pwrite(self, data, offset: int, what: str) -> None:
+        bufs = data if isinstance(data, list) else [data]
+        if self._unsynced is not None:          # power-loss test mode: keep pre-images
+            length = sum(memoryview(b).nbytes for b in bufs)
+            self._unsynced.append((offset, os.pread(self._fd, length, offset)))
         try:
-            pwrite_all(self._fd, data if isinstance(data, list) else [data], offset)
+            pwrite_all(self._fd, bufs, offset)
         except OSError as err:
             raise io_error(err, self.path, what) from None
 
@@ -182,6 +194,25 @@ class Checkpointer:
             os.fsync(self._fd)
         except OSError as err:
             raise io_error(err, self.path, "syncing") from None
+        if self._unsynced is not None:
+            self._unsynced.clear()
+
+    def _crash_point(self, phase: str, generation: int) -> None:
+        """Test hook (see POWERLOSS_ENV): in checkpoint FAULT_GENERATION only."""
+        if generation != FAULT_GENERATION or os.environ.get("KVMGUEST_FAULT_POINT") != phase:
+            return
+        if self._unsynced is not None:
+            import random
+            rng = random.Random(int(os.environ[POWERLOSS_ENV]))
+            for offset, old in reversed(self._unsynced):
+                fate = rng.choice(("kept", "lost", "torn"))
+                if fate == "lost":
+                    os.pwrite(self._fd, old, offset)
+                elif fate == "torn" and len(old) > SECTOR:     # a prefix of sectors landed
+                    cut = rng.randrange(1, -(-len(old) // SECTOR)) * SECTOR
+                    os.pwrite(self._fd, old[cut:], offset + cut)
+            os.fsync(self._fd)
+        fault_point(phase)
 
     def _create(self) -> str:
         """The new file under a temporary name: superblock, size. Renamed over the path
@@ -244,14 +275,14 @@ class Checkpointer:
         """Take one checkpoint now (pause, copy out, resume, then write); its figures."""
         with self._lock:
             taken = self._capture()
+            if self._record_log:
+                self._log_record(taken)       # before it is written: a kill may follow
             t0 = time.perf_counter()
             written = self._write(taken)
             st = CheckpointStats(taken.generation, sum(len(p) for p in taken.pages.values()),
                                  taken.pause_ms, (time.perf_counter() - t0) * 1e3, written)
             self.stats.append(st)
             self.generation = taken.generation
-            if self._record_log:
-                self._log_record(taken)
             if self.on_checkpoint:
                 self.on_checkpoint(st)
             return st
@@ -269,7 +300,7 @@ class Checkpointer:
                                 f"slot ({self.layout.state_size})")
             state_slot = gen % 2
             self._pwrite(blob, self.layout.state_offsets[state_slot], "writing state to")
-            fault_point("ckpt-state")
+            self._crash_point("ckpt-state", gen)
             journal_pages, journal_crc, written = 0, 0, len(blob)
             if first:
                 written += self._apply(taken)             # a new file: straight in place
@@ -285,9 +316,9 @@ class Checkpointer:
                 self._pwrite([numbers.tobytes()] + [d for d in datas if len(d)],
                              self.layout.journal_offset, "writing the journal of")
                 written += journal_pages * (8 + PAGE)
-            fault_point("ckpt-journal")
+            self._crash_point("ckpt-journal", gen)
             self._fsync()
-            fault_point("ckpt-synced")
+            self._crash_point("ckpt-synced", gen)
             rec = Record(gen, COMMITTED, state_slot, len(blob), zlib.crc32(blob),
                          journal_pages, journal_crc, time.time_ns(), journal_pages)
             self._write_record(rec)
@@ -295,12 +326,12 @@ class Checkpointer:
                 os.rename(tmp, self.path)
                 fsync_dir(self.path)
                 tmp = None
-            fault_point("ckpt-committed")
+            self._crash_point("ckpt-committed", gen)
             if not first:
                 written += self._apply(taken)
-                fault_point("ckpt-applying")
+                self._crash_point("ckpt-applying", gen)
                 self._fsync()
-                fault_point("ckpt-applied-synced")
+                self._crash_point("ckpt-applied-synced", gen)
                 rec.kind = APPLIED
                 self._write_record(rec)
             return written
