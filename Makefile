@@ -30,6 +30,8 @@ demo: all
 # Long modes, not part of `make test`.
 soak: all
 	KVMGUEST_SOAK_ROUNDS=$${ROUNDS:-100} $(PY) -m pytest -q -s tests/test_soak.py
+	KVMGUEST_CKPT_KILLS=$${KILLS:-2000} KVMGUEST_CKPT_SEEDS=1,2,3,4,5,6,7,8 \
+		$(PY) -m pytest -q tests/test_checkpoint.py
 
 fuzz: all
 	KVMGUEST_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PY) -m pytest -q tests/test_fuzz.py

@@ -216,6 +216,8 @@ def cmd_run(args) -> int:
                     from migrate.checkpoint import Checkpointer
                     checkpoints = Checkpointer(m, args.checkpoint, args.every or 1.0)
                     checkpoints.start()
+                    if control:
+                        control.attach(m, checkpoints)
                 if args.save:
                     if m.wait_done(args.save_after):
                         result = m.wait()
@@ -268,6 +270,15 @@ def cmd_save(args) -> int:
     if not reply["ok"]:
         raise SaveFailed(f"the guest could not save: {printable(reply['error'])}")
     print(printable(reply["summary"], keep_newlines=True))
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    from migrate.control import SaveFailed, request
+    reply = request(args.control, {"op": "checkpoint"})
+    if not reply["ok"]:
+        raise SaveFailed(f"the guest could not take a checkpoint: {printable(reply['error'])}")
+    print(printable(str(reply.get("summary", ""))))
     return 0
 
 
@@ -475,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("path", help="snapshot file to write")
     _save_args(save)
     save.set_defaults(func=cmd_save)
+
+    checkpoint = sub.add_parser("checkpoint", parents=[common],
+                                help="take a checkpoint now, of a guest run with --checkpoint "
+                                     "and --control")
+    checkpoint.add_argument("--control", metavar="SOCK", required=True,
+                            help="the guest's socket")
+    checkpoint.set_defaults(func=cmd_checkpoint)
 
     restore = sub.add_parser("restore", parents=[common],
                              help="resume a saved guest and stream its console")

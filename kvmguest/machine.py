@@ -429,6 +429,16 @@ class Machine:
                                      f"within {timeout:g} s; the guest runs on")
                 t.kick()
 
+    def checkpoints(self, path: str, every: float | None = 1.0):
+        """Keep ``path`` a crash-consistent checkpoint of this running guest (one every
+        ``every`` seconds; None: only when its ``take()`` is called). Returns the
+        Checkpointer (``stop()`` it); see migrate.checkpoint."""
+        from migrate.checkpoint import Checkpointer
+        c = Checkpointer(self, path, every)
+        if every is not None:
+            c.start()
+        return c
+
     def resume_all(self) -> None:
         """Release every parked vCPU together (when this ends the last pause)."""
         with self._pause_lock:

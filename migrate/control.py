@@ -110,11 +110,15 @@ class ControlServer:
         self._saves: list[threading.Event] = []     # cancel events of saves in progress
         self._idle = threading.Condition()
         self._closed = False
+        self.checkpoints = None
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
 
-    def attach(self, machine) -> None:
+    def attach(self, machine, checkpoints=None) -> None:
+        """``checkpoints``: the guest's Checkpointer, for ``kvmguest checkpoint``."""
         self.machine = machine
+        if checkpoints is not None:
+            self.checkpoints = checkpoints
 
     def _claim_path(self) -> None:
         try:
@@ -196,6 +200,8 @@ class ControlServer:
         op = req.get("op")
         if op == "status":
             return {"ok": True, "running": bool(self.machine and self.machine.running)}
+        if op == "checkpoint":
+            return self._checkpoint()
         if op != "save":
             return {"ok": False, "error": f"bad request: unknown op {printable(op)!r}"}
         try:
@@ -214,6 +220,20 @@ class ControlServer:
         if self.on_saved:
             self.on_saved(report)
         return {"ok": True, "report": report.as_dict(), "summary": report.summary()}
+
+    def _checkpoint(self) -> dict:
+        if self.checkpoints is None:
+            return {"ok": False, "error": "this guest keeps no checkpoints (run it with "
+                                          "--checkpoint PATH)"}
+        if self.machine is None or not self.machine.running:
+            return {"ok": False, "error": "the guest is not running"}
+        try:
+            st = self.checkpoints.take()
+        except KvmguestError as err:
+            return {"ok": False, "error": str(err)}
+        return {"ok": True, "summary": f"checkpoint {st.generation} of "
+                f"{self.checkpoints.path}: {st.pages} pages, guest paused {st.pause_ms:.2f} ms, "
+                f"written in {st.write_ms:.1f} ms"}
 
     def _save_options(self, req: dict) -> dict:
         unknown = set(req) - SAVE_OPTIONS - {"op"}

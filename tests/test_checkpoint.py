@@ -87,7 +87,7 @@ def test_sigkill_at_random_instants_always_leaves_the_latest_committed_checkpoin
             path.unlink()
         p = _start(path, record)
         try:
-            p.wait(rng.uniform(0.3, 0.9))
+            p.wait(rng.uniform(0.2, 0.7))
         except subprocess.TimeoutExpired:
             pass
         p.send_signal(signal.SIGKILL)
@@ -98,12 +98,17 @@ def test_sigkill_at_random_instants_always_leaves_the_latest_committed_checkpoin
     assert sum(g > 1 for g in generations) >= KILLS // 2, generations
 
 
+# `make soak` tries more power-loss seeds (KVMGUEST_CKPT_SEEDS=1,2,3,...).
+SEEDS = os.environ.get("KVMGUEST_CKPT_SEEDS", "1").split(",")
+
+
 PHASES = [("ckpt-state", 2), ("ckpt-journal", 2), ("ckpt-synced", 2),
           ("ckpt-committed", 3), ("ckpt-applying", 3), ("ckpt-applied-synced", 3)]
 
 
 @pytest.mark.parametrize("phase,restores", PHASES, ids=[p for p, _ in PHASES])
-@pytest.mark.parametrize("powerloss", [None, "1", "2"], ids=["kill", "power-a", "power-b"])
+@pytest.mark.parametrize("powerloss", [None] + SEEDS,
+                         ids=["kill"] + [f"power-loss-{s}" for s in SEEDS])
 def test_a_crash_in_any_phase_of_a_checkpoint_restores_the_committed_one(tmp_path, phase,
                                                                           restores, powerloss):
     """Killed in that phase of checkpoint 3; with power loss, the writes since the last
@@ -173,3 +178,38 @@ def test_a_file_with_no_complete_checkpoint_or_damaged_state_is_refused_in_one_l
         raw[o:o + 512] = bytes(512)
     (tmp_path / "none.ckpt").write_bytes(raw)
     one_line_error(cli("restore", tmp_path / "none.ckpt"), 2, "no complete checkpoint yet")
+
+
+def test_a_checkpoint_on_demand_over_the_control_socket(tmp_path):
+    sock, path = tmp_path / "g.sock", tmp_path / "g.ckpt"
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", "run", guest("dirty"),
+                          "--cmdline", DIRTY, "--checkpoint", path, "--every", "3600",
+                          "--control", sock, "-q"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: path.exists(), what="the first checkpoint")
+        for n in (2, 3):
+            r = cli("checkpoint", "--control", sock)
+            assert r.returncode == 0 and r.stdout.startswith(f"checkpoint {n} of "), r.stderr
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    info = json.loads(cli("inspect", path, "--json").stdout)
+    assert info["checkpoints"] == 3
+    r = cli("restore", path, "--timeout", "3")
+    assert r.returncode == 124 and r.stdout.count("ok") >= 1, r.stderr
+
+
+def test_checkpoint_without_checkpoints_is_a_one_line_error(tmp_path):
+    from helpers import one_line_error
+    sock = tmp_path / "g.sock"
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", "run", guest("dirty"),
+                          "--cmdline", DIRTY, "--control", sock, "-q"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: sock.exists(), what="the control socket")
+        one_line_error(cli("checkpoint", "--control", sock), 1, "keeps no checkpoints")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    one_line_error(cli("run", guest("hello"), "--every", "1s"), 2, "--every goes with --checkpoint")
