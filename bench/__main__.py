@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 
-from . import boot, disk, migration, plots, qemu, smp
+from . import boot, dirty, disk, migration, plots, qemu, smp
 from .common import RESULTS, ROOT, Report
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -21,7 +21,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU side by side")
-    p.add_argument("--only", choices=("boot", "smp"), help="only these figures")
+    p.add_argument("--only", choices=("boot", "smp", "dirty"), help="only these figures")
     args = p.parse_args()
     runs = args.runs or 3
     if args.quick:
@@ -36,6 +36,11 @@ def main() -> int:
     report = Report()
     t0 = time.monotonic()
     print("| figure | median | min | max | runs | vs baseline (same run) | target |")
+    if args.only == "dirty":
+        curves = dirty.run(report, runs, args.quick)
+        plots.harvest_curve(curves, RESULTS / "harvest-vs-ram.png")
+        print(f"\nwrote {report.write('kvmguest benchmark results: dirty', 'dirty')}")
+        return 0
     if args.only:            # a section alone, with its own results file
         (boot if args.only == "boot" else smp).run(report, max(runs, 5) if args.only ==
                                                    "boot" else runs)
@@ -49,6 +54,7 @@ def main() -> int:
         migration.restore_figures(report, snaps, sizes, runs, ceilings)
         migration.lazy_figures(report, work, lazy_sizes, runs)
         migration.harvest_figures(report, 4 * GiB, runs)
+        harvest_curves = dirty.run(report, runs, args.quick)
         curves = migration.size_curve(work, GiB, 8 if args.quick else 16)
         if not args.no_qemu:
             qemu.side_by_side(report, work, GiB, 16384 if args.quick else 65536, runs)
@@ -57,6 +63,7 @@ def main() -> int:
     md = report.write("kvmguest benchmark results")
     (RESULTS / "size-curve.json").write_text(json.dumps(curves))
     plots.size_curve(curves, GiB, RESULTS)
+    plots.harvest_curve(harvest_curves, RESULTS / "harvest-vs-ram.png")
     plots.bars(report, [f.name for f in report.figures if "throughput" in f.name
                         or f.name.startswith(("ceiling", "restore"))],
                "Save and restore throughput against this machine's ceilings", "GB/s",

@@ -54,3 +54,22 @@ def bars(report, names: list[str], title: str, unit: str, path: Path) -> Path | 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def harvest_curve(curves: dict, path: Path) -> Path:
+    """Harvest cost against RAM size, one line per backend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for backend, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, "o-", label=f"{backend}: client take()")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("guest RAM (GiB), the guest touching the same 2000 pages")
+    ax.set_ylabel("ms per harvest")
+    ax.set_title("Dirty tracking: bitmap log vs dirty ring")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

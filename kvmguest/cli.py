@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no PIT (QEMU's -machine pit=off); the irqchip stays")
     run.add_argument("--dirty-log", choices=("auto", "bitmap", "ring"), default="auto",
                      help="dirty tracking: KVM's bitmap log, its dirty ring, or auto "
-                          "(the ring from 4 GiB of RAM, where the host has it)")
+                          "(the ring from 32 GiB of RAM, where the host has it)")
     run.add_argument("--initrd", action="append", default=[], metavar="FILE",
                      help="a module for a multiboot kernel, as QEMU's -initrd (repeatable)")
     run.add_argument("--cpu", metavar="MODEL",

@@ -1,0 +1,142 @@
+"""Dirty tracking and continuous checkpoints (`python -m bench --only dirty`).
+
+- harvest cost against RAM size, both backends, the guest touching the same 2000 pages:
+  the backend's own work (bitmap: GET+CLEAR ioctls; ring: reading the rings and
+  KVM_RESET_DIRTY_RINGS) is the same-run baseline of a client's take();
+- checkpoint pause and write time against pages changed; checkpoints per second for a
+  guest dirtying ~1000 pages between checkpoints, against Firecracker-style full
+  snapshots (our own live save, the guest running on) in the same run;
+- the same working set in 1 GiB and 16 GiB of RAM: checkpoint time should not care.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from kvmguest.machine import Machine
+from migrate.checkpoint import Checkpointer
+from migrate.precopy import live_save
+
+from .common import GUESTS, ROOT, Figure, Report
+
+GiB, MiB = 1 << 30, 1 << 20
+WS_BASE = 16 * MiB
+
+
+def _guest(ram: int, pages: int, dirty_log: str, quiet: bool = True) -> Machine:
+    m = Machine(str(GUESTS / "dirty.elf"), memory=ram, dirty_log=dirty_log,
+                cmdline=f"pages={pages} base={WS_BASE} passes=0" + (" quiet" if quiet else ""))
+    m.start()
+    if not m.serial.wait_for("dirty: range", 60):
+        raise RuntimeError("dirty guest did not start")
+    return m
+
+
+def harvest(report: Report, sizes, runs: int) -> dict:
+    curves = {}
+    for backend in ("bitmap", "ring"):
+        for ram in sizes:
+            m = _guest(ram, 2000, backend)
+            try:
+                client = m.dirty.open("bench")
+                raw, ours = [], []
+                for _ in range(max(runs, 15)):
+                    time.sleep(0.02)
+                    t = time.perf_counter()
+                    if backend == "bitmap":
+                        for r in m.memory.regions:
+                            m.dirty.backend.harvest_kvm(r)
+                    else:
+                        m.dirty.harvest()           # what the backend and tracker do
+                    raw.append((time.perf_counter() - t) * 1e3)
+                    time.sleep(0.02)
+                    t = time.perf_counter()
+                    client.take()
+                    ours.append((time.perf_counter() - t) * 1e3)
+                what = "GET+CLEAR ioctls" if backend == "bitmap" else "ring read + reset"
+                base = report.add(Figure(f"{backend} {ram >> 30} GiB: raw {what}", "ms", raw))
+                fig = report.add(Figure(f"{backend} {ram >> 30} GiB: client take()", "ms", ours,
+                                        baseline=base.name))
+                curves.setdefault(backend, []).append((ram >> 30, fig.median))
+            finally:
+                m.close()
+    return curves
+
+
+def checkpoints(report: Report, work: str, runs: int) -> None:
+    for pages in (100, 1000, 10000):
+        m = _guest(256 * MiB, pages, "auto")
+        try:
+            c = Checkpointer(m, os.path.join(work, "c.ckpt"))
+            c.take()
+            stats = []
+            for _ in range(max(runs, 10)):
+                time.sleep(0.05)
+                stats.append(c.take())
+            c.close()
+            report.add(Figure(f"checkpoint, {pages} pages changed: guest paused", "ms",
+                              [s.pause_ms for s in stats],
+                              target="<= 2 ms" if pages <= 1000 else None,
+                              met=(sorted(s.pause_ms for s in stats)[len(stats) // 2] <= 2.0)
+                              if pages <= 1000 else None))
+            report.add(Figure(f"checkpoint, {pages} pages changed: written", "ms",
+                              [s.write_ms for s in stats]))
+        finally:
+            m.close()
+    # Sustained rate at ~1000 dirtied pages between checkpoints, against full snapshots.
+    m = _guest(256 * MiB, 1000, "auto")
+    try:
+        c = Checkpointer(m, os.path.join(work, "rate.ckpt"))
+        c.take()
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 3:
+            c.take()
+            n += 1
+        c.close()
+        full, t0 = 0, time.perf_counter()
+        path = os.path.join(work, "full.snap")
+        while time.perf_counter() - t0 < 3:
+            live_save(m, path, then="continue", downtime_ms=50)
+            full += 1
+        base = report.add(Figure("full snapshots (our live save) per second, 256 MiB",
+                                 "1/s", [full / 3]))
+        report.add(Figure("checkpoints per second, ~1000 pages each, 256 MiB", "1/s", [n / 3],
+                          baseline=base.name))
+    finally:
+        m.close()
+    # The same working set, 1 GiB against 16 GiB of RAM.
+    times = {}
+    for ram in (GiB, 16 * GiB):
+        m = _guest(ram, 1000, "auto")
+        try:
+            c = Checkpointer(m, os.path.join(work, f"{ram}.ckpt"))
+            c.take()
+            stats = []
+            for _ in range(max(runs, 10)):
+                time.sleep(0.05)
+                stats.append(c.take())
+            c.close()
+            times[ram] = report.add(Figure(
+                f"checkpoint of 1000 pages in {ram >> 30} GiB: pause + write", "ms",
+                [s.pause_ms + s.write_ms for s in stats],
+                baseline=None if ram == GiB else times[GiB].name,
+                target=None if ram == GiB else "<= 1.3x 1 GiB"))
+            if ram != GiB:
+                times[ram].met = times[ram].median <= 1.3 * times[GiB].median
+        finally:
+            m.close()
+            os.unlink(os.path.join(work, f"{ram}.ckpt"))
+
+
+def run(report: Report, runs: int, quick: bool = False) -> dict:
+    work = tempfile.mkdtemp(prefix="bench-", dir=ROOT / "bench")
+    try:
+        curves = harvest(report, [GiB, 4 * GiB] if quick else [GiB, 4 * GiB, 16 * GiB,
+                                                                 64 * GiB], runs)
+        checkpoints(report, work, runs)
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+    return curves
