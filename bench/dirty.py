@@ -34,6 +34,18 @@ def _guest(ram: int, pages: int, dirty_log: str, quiet: bool = True) -> Machine:
     return m
 
 
+def _series(m: Machine, path: str, runs: int) -> list:
+    """The figures of checkpoints 2.. of a fresh chain, 50 ms apart."""
+    c = Checkpointer(m, path)
+    c.take()
+    stats = []
+    for _ in range(max(runs, 10)):
+        time.sleep(0.05)
+        stats.append(c.take())
+    c.close()
+    return stats
+
+
 def harvest(report: Report, sizes, runs: int) -> dict:
     curves = {}
     for backend in ("bitmap", "ring"):
@@ -65,17 +77,30 @@ def harvest(report: Report, sizes, runs: int) -> dict:
     return curves
 
 
+def harvest_vs_pages(report: Report, runs: int) -> None:
+    """Harvest cost against pages dirtied (4 GiB of RAM), both backends."""
+    for backend in ("bitmap", "ring"):
+        for pages in (100, 1000, 10000):
+            m = _guest(4 * GiB, pages, backend)
+            try:
+                client = m.dirty.open("bench")
+                samples = []
+                for _ in range(max(runs, 10)):
+                    time.sleep(0.05)
+                    t = time.perf_counter()
+                    client.take()
+                    samples.append((time.perf_counter() - t) * 1e3)
+                report.add(Figure(f"{backend} 4 GiB, {pages}-page working set: client take()",
+                                  "ms", samples))
+            finally:
+                m.close()
+
+
 def checkpoints(report: Report, work: str, runs: int) -> None:
     for pages in (100, 1000, 10000):
         m = _guest(256 * MiB, pages, "auto")
         try:
-            c = Checkpointer(m, os.path.join(work, "c.ckpt"))
-            c.take()
-            stats = []
-            for _ in range(max(runs, 10)):
-                time.sleep(0.05)
-                stats.append(c.take())
-            c.close()
+            stats = _series(m, os.path.join(work, "c.ckpt"), runs)
             report.add(Figure(f"checkpoint, {pages} pages changed: guest paused", "ms",
                               [s.pause_ms for s in stats],
                               target="<= 2 ms" if pages <= 1000 else None,
@@ -111,13 +136,7 @@ def checkpoints(report: Report, work: str, runs: int) -> None:
     for ram in (GiB, 16 * GiB):
         m = _guest(ram, 1000, "auto")
         try:
-            c = Checkpointer(m, os.path.join(work, f"{ram}.ckpt"))
-            c.take()
-            stats = []
-            for _ in range(max(runs, 10)):
-                time.sleep(0.05)
-                stats.append(c.take())
-            c.close()
+            stats = _series(m, os.path.join(work, f"{ram}.ckpt"), runs)
             times[ram] = report.add(Figure(
                 f"checkpoint of 1000 pages in {ram >> 30} GiB: pause + write", "ms",
                 [s.pause_ms + s.write_ms for s in stats],
@@ -135,6 +154,7 @@ def run(report: Report, runs: int, quick: bool = False) -> dict:
     try:
         curves = harvest(report, [GiB, 4 * GiB] if quick else [GiB, 4 * GiB, 16 * GiB,
                                                                  64 * GiB], runs)
+        harvest_vs_pages(report, runs)
         checkpoints(report, work, runs)
     finally:
         import shutil

@@ -204,13 +204,15 @@ def test_an_interrupt_pending_at_the_save_is_delivered_once_after_the_restore(
     assert "bye after 2 interrupts" in result.console, result.console
 
 
-def test_dirty_log_misses_nothing_with_four_concurrent_writers(machine_factory):
+@pytest.mark.parametrize("backend", ["bitmap", "ring"])
+def test_dirty_log_misses_nothing_with_four_concurrent_writers(machine_factory, backend):
     """KVM's dirty_log_test, here: 4 vCPUs stamp random pages of a working set across both
     slots while the host harvests every ~10 ms and copies what it was told is dirty;
-    after a final pause and harvest, the copy equals guest memory page for page."""
+    after a final pause and harvest, the copy equals guest memory page for page. With
+    the ring, each vCPU's writes come from its own ring."""
     low_pages, pages = 1000, 2000
     base = 3 * GiB - low_pages * PAGE
-    m = machine_factory(guest("stamp"), memory=RAM, vcpus=4,
+    m = machine_factory(guest("stamp"), memory=RAM, vcpus=4, dirty_log=backend,
                         cmdline=f"pages={pages} base={base}")
     spans = [(0, base // PAGE, low_pages), (1, 0, pages - low_pages)]   # (slot, first, n)
     regions = {r.slot: r for r in m.memory.regions}

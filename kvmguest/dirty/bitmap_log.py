@@ -25,15 +25,10 @@ def set_logging(vm, memory: GuestMemory, on: bool) -> None:
         vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr, flags)
 
 
-class BitmapLog:
-    name = NAME
-
-    def __init__(self, vm, memory: GuestMemory, manual_protect: bool):
-        self.vm, self.memory, self.manual_protect = vm, memory, manual_protect
-        self.enabled = False
-        self._bitmaps = {r.slot: np.zeros(-(-r.npages // 64), dtype=np.uint64)
-                         for r in memory.regions}
-        self._addrs = {slot: b.ctypes.data for slot, b in self._bitmaps.items()}
+class SlotLogging:
+    """What both backends share: KVM_MEM_LOG_DIRTY_PAGES on every slot while started."""
+    vm = memory = None
+    enabled = False
 
     def start(self) -> None:
         if not self.enabled:
@@ -44,6 +39,17 @@ class BitmapLog:
         if self.enabled:
             set_logging(self.vm, self.memory, False)
             self.enabled = False
+
+
+class BitmapLog(SlotLogging):
+    name = NAME
+
+    def __init__(self, vm, memory: GuestMemory, manual_protect: bool):
+        self.vm, self.memory, self.manual_protect = vm, memory, manual_protect
+        self.enabled = False
+        self._bitmaps = {r.slot: np.zeros(-(-r.npages // 64), dtype=np.uint64)
+                         for r in memory.regions}
+        self._addrs = {slot: b.ctypes.data for slot, b in self._bitmaps.items()}
 
     def harvest_kvm(self, r: Region) -> np.ndarray:
         """KVM's dirty bitmap for one slot (uint64 words, bit i = page i), reset in KVM."""

@@ -23,7 +23,7 @@ import numpy as np
 from .. import abi
 from ..abi import PAGE_SIZE, Cap
 from ..memory import GuestMemory
-from .bitmap_log import set_logging
+from .bitmap_log import SlotLogging
 
 NAME = "ring"
 ENTRY = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
@@ -55,7 +55,7 @@ def enable(vm, cap: int, size: int) -> None:
     vm.enable_cap(cap, size)
 
 
-class RingLog:
+class RingLog(SlotLogging):
     name = NAME
 
     def __init__(self, vm, memory: GuestMemory, vcpus, size: int):
@@ -75,16 +75,6 @@ class RingLog:
         self.full_exits = 0
         self.overflowed = False          # entries may have been lost (see _collect)
         self.overflows = 0
-
-    def start(self) -> None:
-        if not self.enabled:
-            set_logging(self.vm, self.memory, True)
-            self.enabled = True
-
-    def stop(self) -> None:
-        if self.enabled:
-            set_logging(self.vm, self.memory, False)
-            self.enabled = False
 
     def _collect(self, i: int) -> int:
         """Take every published entry of ring ``i`` into the pending list and mark it
