@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -423,7 +424,9 @@ CONSTANTS.update({
 })
 
 
+@functools.lru_cache(maxsize=64)
 def flexible(header: type, entry, count: int):
-    """A ctypes type for a struct with a trailing flexible array of ``count`` entries."""
+    """A ctypes type for a struct with a trailing flexible array of ``count`` entries
+    (made once per shape: building a ctypes type costs ~0.1 ms, inside a pause)."""
     return type(header.__name__ + f"_{count}", (ctypes.Structure,),
                 {"_fields_": [("hdr", header), ("entries", entry * count)]})

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
-from kvmguest.state import save_machine
+from kvmguest.state import MachineState
 
 from .format import CHECKPOINT_MAGIC as MAGIC
 from .format import Block, SnapshotError
@@ -176,6 +176,7 @@ class Checkpointer:
             n += r.npages
         self._record_log = os.environ.get(RECORD_ENV)
         self._unsynced = [] if os.environ.get(POWERLOSS_ENV) else None
+        machine.msr_indices()            # read now, not inside the first pause
         self.client = machine.dirty.open("checkpoints")
 
     # --- the file ---
@@ -258,7 +259,7 @@ class Checkpointer:
         m.pause_all()
         try:
             changed = self.client.take()     # checkpoint 1 takes all RAM instead
-            state = save_machine(m)
+            state = MachineState.capture(m)     # encoded after the guest runs again
             data = {}
             for r in m.memory.regions:
                 if first:     # a new file: pages never written stay holes (zeros)
@@ -268,8 +269,8 @@ class Checkpointer:
                 data[r.slot] = r.pages()[idx]          # a copy (fancy indexing)
         finally:
             m.resume_all()
-        return _Taken(self.generation + 1, changed, data, state,
-                      (time.perf_counter() - t0) * 1e3)
+        pause_ms = (time.perf_counter() - t0) * 1e3
+        return _Taken(self.generation + 1, changed, data, state.to_json(), pause_ms)
 
     def take(self) -> CheckpointStats:
         """Take one checkpoint now (pause, copy out, resume, then write); its figures."""
