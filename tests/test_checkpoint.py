@@ -20,7 +20,6 @@ import pytest
 from helpers import ROOT, assert_alive_and_clean, cli, guest, start_dirty, wait_until
 from migrate import checkpoint as ck
 from migrate.precopy import live_save
-from migrate.reader import restore
 
 KILLS = int(os.environ.get("KVMGUEST_CKPT_KILLS", "200"))
 ZERO_CRC = zlib.crc32(bytes(4096))
