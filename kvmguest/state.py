@@ -154,11 +154,14 @@ class VcpuState:
         except ValueError as err:
             raise StateError(str(err)) from None
 
-    def apply(self, vcpu) -> None:
+    def apply(self, vcpu, cpuid: bool = True) -> None:
         """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> LAPIC ->
-        MSRs (TSC before TSC-deadline) -> vcpu events."""
+        MSRs (TSC before TSC-deadline) -> vcpu events. ``cpuid`` False for a vCPU that has
+        run already (a reset in place): KVM refuses to change CPUID then, and it is the
+        snapshot's anyway."""
         self.check()
-        vcpu.set_cpuid2(_cpuid_from_hex(self.cpuid))      # before anything that depends on it
+        if cpuid:
+            vcpu.set_cpuid2(_cpuid_from_hex(self.cpuid))  # before anything that depends on it
         vcpu.set_mp_state(_load(abi.kvm_mp_state, self.mp_state, "mp_state"))
         vcpu.set_regs(_load(abi.kvm_regs, self.regs, "regs"))
         vcpu.set_sregs(_load(abi.kvm_sregs, self.sregs, "sregs"))  # before xsave: CR4.OSXSAVE
@@ -306,12 +309,13 @@ class MachineState:
         if not isinstance(serial, dict) or not isinstance(serial.get("regs"), dict):
             raise StateError("state has no serial device state")
 
-    def apply(self, machine) -> None:
-        """Every vCPU first (all before any runs), VM-wide state after, devices last."""
+    def apply(self, machine, cpuid: bool = True) -> None:
+        """Every vCPU first (all before any runs), VM-wide state after, devices last.
+        ``cpuid`` False when the vCPUs have run (VcpuState.apply)."""
         if (len(self.vcpus), self.irqchip) != (len(machine.vcpus), machine.irqchip):
             raise StateError("the machine does not have the saved vCPUs and irqchip")
         for vcpu, vstate in zip(machine.vcpus, self.vcpus):
-            vstate.apply(vcpu)
+            vstate.apply(vcpu, cpuid)
         self.vm.apply(machine.vm)
         for name in DEVICES:       # a device missing from an older snapshot keeps its reset state
             saved = self.devices.get(name)

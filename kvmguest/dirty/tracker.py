@@ -97,6 +97,15 @@ class DirtyTracker:
             if not self.clients:
                 self.backend.stop()
 
+    def note_written(self, pages: dict[int, np.ndarray], exclude: DirtyClient | None = None
+                     ) -> None:
+        """Pages the VMM rewrote in bulk (a reset): every client but ``exclude`` gets them,
+        at a cost that follows the pages, not the size of RAM."""
+        with self.lock:
+            for c in self.clients:
+                if c is not exclude:
+                    c.add(pages)
+
     def harvest(self) -> None:
         """Read the backend and the VMM's writes once; give the pages to every client."""
         with self.lock:
