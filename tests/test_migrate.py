@@ -44,7 +44,7 @@ def test_a_live_save_through_the_dirty_ring_loses_nothing(machine_factory, tmp_p
                                                           ring_entries):
     """The same save through the dirty ring (a small one forces ring-full exits during
     the passes): the file equals the source RAM at the pause and the guest verifies."""
-    m = start_dirty(machine_factory, pages=900, passes=0,
+    m = start_dirty(machine_factory, memory=256 << 20, base=16 << 20, pages=900, passes=0,
                     machine={"dirty_log": "ring", "ring_entries": ring_entries})
     assert m.dirty.name == "ring"
     path = tmp_path / "ring.snap"
