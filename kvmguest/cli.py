@@ -368,8 +368,7 @@ def _inspect_text(info: dict) -> str:
 
 
 def _kut_cell(o) -> str:
-    text = f"{o.status} ({o.summary})" if o.summary else o.status
-    return text
+    return f"{o.status} ({o.summary})" if o.summary else o.status
 
 
 def cmd_kut(args) -> int:
@@ -379,8 +378,8 @@ def cmd_kut(args) -> int:
         if args.json:
             return
         if r.qemu is None:
-            line = f"{r.kvmguest.status} {r.name} ({r.kvmguest.summary})" \
-                if r.kvmguest.summary else f"{r.kvmguest.status} {r.name}"
+            line = f"{r.kvmguest.status} {r.name}" + (f" ({r.kvmguest.summary})"
+                                                      if r.kvmguest.summary else "")
         else:
             line = f"{r.name:<28} kvmguest {_kut_cell(r.kvmguest):<48} qemu {_kut_cell(r.qemu)}"
         if r.kvmguest.status == kut.FAIL and r.kvmguest.log:

@@ -11,7 +11,6 @@ kernel at its PVH entry; the others wait, as on hardware, for INIT/SIPI from it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import struct
 import threading
@@ -23,7 +22,7 @@ from . import abi
 from .abi import Cap
 from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
 from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PcTestdev, PortBus, Serial
-from .devices import acpi_pm, cmos, fw_cfg, testdev
+from .devices import acpi_pm, cmos, fw_cfg
 from .dirty import BitmapLog, DirtyTracker, RingLog
 from .dirty import ring_log
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
@@ -267,11 +266,11 @@ class Machine:
             info = multiboot.load(self.memory, self.kernel, self.cmdline, self.modules)
             if self.irqchip:
                 firmware.apply(self.memory, self.vm, self.pit)
-            regs = cpu.setup_regs(self.kernel.entry, info)
-            regs.rax = multiboot.BOOT_MAGIC
         else:
             info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp)
-            regs = cpu.setup_regs(self.kernel.entry, info)
+        regs = cpu.setup_regs(self.kernel.entry, info)
+        if self.kernel.protocol == image.MULTIBOOT:
+            regs.rax = multiboot.BOOT_MAGIC
         cpu.setup_gdt(self.memory)
         bsp = self.vcpus[0]
         sregs = bsp.get_sregs()
@@ -315,7 +314,8 @@ class Machine:
             if thread.stopping:
                 return
         self.event = None
-        vector = struct.unpack("<I", self.memory.read(acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR, 4))[0]
+        waking = acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR
+        vector = struct.unpack("<I", self.memory.read(waking, 4))[0]
         for t in self.threads:
             if t is thread:
                 cpu.reset_to_real_mode(t.vcpu, vector)
@@ -484,13 +484,7 @@ class Machine:
                     return thread.stopping
                 return True                   # poweroff or reset: the run ends
             return self.debug_exit.fired.is_set()
-        if isinstance(ex, MmioExit) and testdev.IOMEM_BASE <= ex.gpa and \
-                ex.gpa + ex.length <= testdev.IOMEM_BASE + testdev.IOMEM_SIZE:
-            off = ex.gpa - testdev.IOMEM_BASE
-            if ex.is_write:
-                self.testdev.mmio_write(off, ctypes.string_at(ex.data_addr, ex.length))
-            else:
-                ctypes.memmove(ex.data_addr, self.testdev.mmio_read(off, ex.length), ex.length)
+        if isinstance(ex, MmioExit) and self.testdev.handle_mmio(ex):
             return False
         crash = crash_message(ex)
         if crash is None:

@@ -169,8 +169,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._fd = -1
         self._latest_slot = -1
-        self._base = {r.slot: 0 for r in machine.memory.regions}
-        n = 0
+        self._base, n = {}, 0            # global page number of each slot's first page
         for r in machine.memory.regions:
             self._base[r.slot] = n
             n += r.npages
@@ -391,6 +390,7 @@ class Checkpoint:
     layout: Layout
     record: Record
     state: dict
+    decoded: object               # the state as a checked MachineState
     history: list = field(default_factory=list)
 
 
@@ -434,8 +434,8 @@ def validated(path: str, fd: int) -> Checkpoint:
     if len(raw) != record.state_len or zlib.crc32(raw) != record.state_crc:
         raise SnapshotError(f"{path}: state of checkpoint {record.generation} is damaged")
     d = json.loads(raw)
-    decode_state(d["state"])
-    return Checkpoint(path, layout, record, d["state"], d.get("checkpoints", []))
+    return Checkpoint(path, layout, record, d["state"], decode_state(d["state"]),
+                      d.get("checkpoints", []))
 
 
 def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from kvmguest.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from kvmguest.memory import PAGE_SIZE
 from kvmguest.state import vcpu_summary
 
 from . import format as fmt
@@ -48,7 +49,7 @@ def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
     info.update(valid=True, format="checkpoint", version=VERSION,
                 ram_size=sum(b["size"] for b in ck.layout.blocks),
                 blocks=[{"name": b["name"], "slot": b["slot"], "gpa": b["gpa"],
-                         "size": b["size"], "pages": b["size"] // 4096,
+                         "size": b["size"], "pages": b["size"] // PAGE_SIZE,
                          "pages_offset": b["pages_offset"]} for b in ck.layout.blocks],
                 checkpoints=r.generation, checkpoint_time_ns=r.time_ns,
                 journal_pending=r.kind == COMMITTED and r.journal_pages > 0,

@@ -220,7 +220,7 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
             if magic == CHECKPOINT_MAGIC:
                 from .checkpoint import load, validated as checkpoint_validated
                 ck = checkpoint_validated(path, fd)
-                saved = decode_state(ck.state)
+                saved = ck.decoded
                 memory, loaded = load(ck, fd)
                 lazy = False
             elif magic == fmt.STREAM_MAGIC:

@@ -31,12 +31,12 @@ class ResetPoint:
         try:
             snap, self.state = validated(path, fd)
             self._maps, self.sources = [], {}
-            for region, block in paired(machine.memory, snap.layout.blocks):
+            for (region, block), present in zip(paired(machine.memory, snap.layout.blocks),
+                                                snap.present):
                 m = mmap.mmap(fd, block.size, mmap.MAP_SHARED, mmap.PROT_READ,
                               offset=block.pages_offset)
                 self._maps.append(m)
                 pages = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-                present = snap.present[snap.layout.blocks.index(block)]
                 self.sources[region.slot] = (pages, present)
         finally:
             os.close(fd)

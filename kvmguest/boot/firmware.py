@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import struct
 
-
 from ..abi import IrqChip
 from . import layout
 

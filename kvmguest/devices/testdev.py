@@ -81,6 +81,18 @@ class PcTestdev:
         self.flushes += 1
 
     # MMIO window at IOMEM_BASE
+    def handle_mmio(self, ex) -> bool:
+        """Carry out an MMIO exit (kvmguest.exits.MmioExit) that falls in the window;
+        False if it is not ours."""
+        off = ex.gpa - IOMEM_BASE
+        if not (0 <= off and off + ex.length <= IOMEM_SIZE):
+            return False
+        if ex.is_write:
+            self.mmio_write(off, ctypes.string_at(ex.data_addr, ex.length))
+        else:
+            ctypes.memmove(ex.data_addr, self.mmio_read(off, ex.length), ex.length)
+        return True
+
     def mmio_read(self, offset: int, size: int) -> bytes:
         return bytes(self.iomem[offset:offset + size]).ljust(size, b"\0")
 

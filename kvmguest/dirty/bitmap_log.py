@@ -40,6 +40,10 @@ class SlotLogging:
             set_logging(self.vm, self.memory, False)
             self.enabled = False
 
+    def take_overflow(self) -> bool:
+        """Whether entries were lost since the last call (a bitmap never loses any)."""
+        return False
+
 
 class BitmapLog(SlotLogging):
     name = NAME

@@ -95,7 +95,7 @@ class RingLog(SlotLogging):
             self.overflowed = True
             end = n - int(np.argmax(dirty[::-1]))   # through the last published entry
         else:
-            end = int(np.argmin(dirty)) if not dirty.all() else n
+            end = int(np.argmin(dirty))             # up to the first unpublished entry
         idx = (start + np.arange(end)) % n
         take = idx[dirty[:end]]
         self._pending.append((ring["slot"][take].copy(), ring["offset"][take].copy()))

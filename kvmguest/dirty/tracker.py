@@ -62,7 +62,8 @@ class DirtyClient:
 
 
 class DirtyTracker:
-    """``backend``: a BitmapLog or a RingLog (``name``, ``start``, ``stop``, ``harvest``)."""
+    """``backend``: a BitmapLog or a RingLog (``name``, ``start``, ``stop``, ``harvest``,
+    ``take_overflow``)."""
 
     def __init__(self, backend, memory: GuestMemory):
         self.backend, self.memory = backend, memory
@@ -110,7 +111,7 @@ class DirtyTracker:
         """Read the backend and the VMM's writes once; give the pages to every client."""
         with self.lock:
             pages = self.backend.harvest()
-            if getattr(self.backend, "take_overflow", None) and self.backend.take_overflow():
+            if self.backend.take_overflow():
                 # The ring lost entries: every page may be dirty. Correct, not cheap.
                 pages = {r.slot: np.arange(r.npages, dtype=np.int64)
                          for r in self.memory.regions}
