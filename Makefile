@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml | deps
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# QEMU >= 9 too (when root): tests boot the guests under it and read the files it saves.
 test: all
+	-@./scripts/setup-qemu
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: all
@@ -47,10 +49,10 @@ kut: all
 	exit $$(( a || b ))
 
 # `make bench` (full, ~15 min) or `make bench BENCH_ARGS=--quick` (under 2 min).
-# bench/setup-qemu installs QEMU >= 9 (mapped-ram) for the side by side, when root.
+# scripts/setup-qemu installs QEMU >= 9 (mapped-ram) for the side by side, when root.
 bench: all
 	$(PY) -m pip install -q -e '.[bench]'
-	-./bench/setup-qemu
+	-./scripts/setup-qemu
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

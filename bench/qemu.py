@@ -122,7 +122,7 @@ def wait_text(get, text: str, timeout: float = 120.0) -> None:
 def side_by_side(report: Report, workdir: str, ram: int, ws_pages: int, runs: int) -> dict:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None or qemu_version(qemu)[0] < 9:
-        print("QEMU >= 9 with mapped-ram is not installed (bench/setup-qemu installs it as "
+        print("QEMU >= 9 with mapped-ram is not installed (scripts/setup-qemu installs it as "
               "root): no QEMU figures")
         return {}
     version = qemu_version(qemu)[1]

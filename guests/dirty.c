@@ -6,6 +6,9 @@
  *   base=A    first guest-physical address (default: 2 MiB above the image)
  *   passes=N  passes to run, then exit 0 (0 = run forever; default 4)
  *   quiet     print only every 16th pass
+ *   hold      after the last pass, say "dirty: holding" and halt with interrupts off
+ *             instead of exiting (its memory then stays as it is: for saving it
+ *             several ways, as the QEMU-file tests do)
  *
  * The working set is the first N RAM pages at or above base, following the memory
  * map across holes (so it spans both memory slots when RAM crosses 3 GiB).
@@ -82,5 +85,9 @@ int main(void)
         pass++;
     }
     printf("dirty: verified %lu pages over %lu passes\n", npages, pass);
+    if (cmdline_has("hold")) {
+        printf("dirty: holding\n");
+        for (;;) __asm__ volatile("cli; hlt");
+    }
     return 0;
 }

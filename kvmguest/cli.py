@@ -332,10 +332,31 @@ def cmd_inspect(args) -> int:
     return 0 if info["valid"] else info.get("exit_code", 1)
 
 
+def cmd_export_ram(args) -> int:
+    from migrate.export import export_ram
+    for src, target, pages in export_ram(args.path, args.output, args.block):
+        print(printable(f"{src.name}: {src.size} bytes, {pages} pages of data -> {target}"))
+    return 0
+
+
 def _inspect_text(info: dict) -> str:
     p = printable
     if not info["valid"]:
         return f"{p(info['path'])}: {info['verdict']}: {p(info['error'])}"
+    if info["format"].startswith("qemu"):
+        lines = [f"{p(info['path'])}: valid, complete QEMU migration file ({info['format']}, "
+                 f"machine {p(info['machine'])}, capabilities "
+                 f"{p(', '.join(info['capabilities']) or 'none')})",
+                 f"  file size {info['file_size']} bytes ({info['allocated']} allocated); "
+                 f"RAM {info['ram_size'] >> 20} MiB in {len(info['blocks'])} blocks; "
+                 f"{info['pages_present']} pages of data; device state not read"]
+        for b in info["blocks"]:
+            where = (f"page area at {b['pages_offset']:#x}, bitmap at {b['bitmap_offset']:#x}"
+                     if "pages_offset" in b else
+                     f"{b['records']} page records, {b['zero_records']} zero-page records")
+            lines.append(f"  block {p(b['name']):<22} size {b['size']:#x}: "
+                         f"{b['pages_present']}/{b['pages']} pages present, {where}")
+        return "\n".join(lines)
     lines = [f"{p(info['path'])}: valid, complete kvmguest snapshot ({info['format']}, "
              f"version {info['version']})",
              f"  file size {info['file_size']} bytes ({info['allocated']} allocated); "
@@ -514,6 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="snapshot file")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=cmd_inspect)
+
+    export = sub.add_parser("export-ram", parents=[common],
+                            help="write a RAM block of a snapshot (ours or QEMU's mapped-ram "
+                                 "file) as a plain, sparse file")
+    export.add_argument("path", help="snapshot file (kvmguest's, or QEMU's `migrate file:`)")
+    export.add_argument("--block", metavar="NAME",
+                        help="the block to write to OUT (a file); without it every block is "
+                             "written into the directory OUT, named as QEMU's "
+                             "analyze-migration.py -x names them")
+    export.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output file (with --block) or directory")
+    export.set_defaults(func=cmd_export_ram)
 
     kut_p = sub.add_parser("kut", parents=[common],
                            help="run kvm-unit-tests' x86 suite (a built tree) on kvmguest")

@@ -21,6 +21,7 @@ from kvmguest.memory import PAGE_SIZE
 MAGIC = b"KVMGSNAP"
 STREAM_MAGIC = b"KVMGSTRM"        # the streaming baseline (migrate/stream.py)
 CHECKPOINT_MAGIC = b"KVMGCKPT"    # continuous checkpoints (migrate/checkpoint.py)
+QEMU_MAGIC = b"QEVM"              # QEMU's migration files (migrate/qemufile.py reads their RAM)
 VERSION = 2                      # 2: state of several vCPUs, LAPICs, irqchip, PIT
 READABLE_VERSIONS = (1, 2)       # a version-1 file (one vCPU, no irqchip) restores as is
 FLAG_COMPLETE = 1 << 0
@@ -299,6 +300,9 @@ def _validate(path: str, fd: int) -> Snapshot:
         if head[:8] == STREAM_MAGIC:
             raise SnapshotError("this is a streaming-format snapshot; restore it with the "
                                 "stream reader (kvmguest restore detects it)")
+        if head[:4] == QEMU_MAGIC:
+            raise SnapshotError("this is a QEMU migration file: kvmguest reads its RAM "
+                                "(inspect, export-ram) but does not restore QEMU's machine")
         raise SnapshotError("not a kvmguest snapshot (bad magic)")
     h = HEADER.unpack(head)
     version, flags, page_size, nblocks = h["version"], h["flags"], h["page_size"], h["nblocks"]

@@ -1,6 +1,7 @@
 """`kvmguest inspect`: a snapshot's layout, pages, state summary, and validity.
 
-Both formats are described (mapped-ram and the streaming baseline); a file that cannot
+Every format is described (mapped-ram, the streaming baseline, checkpoint files, and
+QEMU's migration files: their RAM blocks, mapped-ram or not); a file that cannot
 be read at all is said to be unreadable, with why, not called invalid."""
 
 from __future__ import annotations
@@ -57,6 +58,24 @@ def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
                 vcpus=len(ck.state["vcpus"]), irqchip="irqchip" in ck.state.get("vm", {}))
 
 
+def _describe_qemu(info: dict, path: str, fd: int) -> None:
+    from .qemufile import read_qemu
+    q = read_qemu(fd)
+    blocks = []
+    for b in q.blocks:
+        d = {"name": b.name, "size": b.size, "pages": b.npages, "pages_present": b.pages_present}
+        if q.mapped_ram:
+            d.update(pages_offset=b.pages_offset, bitmap_offset=b.bitmap_offset)
+        else:
+            d.update(records=b.records, zero_records=b.zero_records)
+        blocks.append(d)
+    info.update(valid=True, format="qemu mapped-ram" if q.mapped_ram else "qemu stream",
+                version=q.version, machine=q.machine, capabilities=q.capabilities,
+                page_size=q.page_size, ram_size=q.ram_size,
+                pages_present=sum(b["pages_present"] for b in blocks), blocks=blocks,
+                vmdesc_length=q.vmdesc_length)
+
+
 def describe(path: str) -> dict:
     """What ``path`` is: ``valid`` with its layout, or a ``verdict`` (INVALID, UNREADABLE)
     and the ``error``; ``exit_code`` for the CLI."""
@@ -75,6 +94,8 @@ def describe(path: str) -> dict:
                 _describe_stream(info, path, fd)
             elif magic == fmt.CHECKPOINT_MAGIC:
                 _describe_checkpoint(info, path, fd)
+            elif magic[:4] == fmt.QEMU_MAGIC:
+                _describe_qemu(info, path, fd)
             else:
                 _describe_mapped(info, path, fd)
         except OSError as err:

@@ -63,16 +63,17 @@ class PassStats:
         return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_save_target(path: str) -> str:
-    """The absolute path a snapshot may be saved to, or SavePathError saying why not.
+def check_save_target(path: str, what: str = "snapshot") -> str:
+    """The absolute path a snapshot (or ``what``) may be saved to, or SavePathError saying
+    why not.
 
     A save replaces a regular file or a symbolic link (the link itself, never its
     target), or creates a new file; anything else at the path (a device, a FIFO, a
     socket, a directory) is refused, so a save never destroys what is not a snapshot."""
     if not isinstance(path, str) or not path:
-        raise SavePathError("the snapshot path is empty")
+        raise SavePathError(f"the {what} path is empty")
     if "\0" in path:
-        raise SavePathError("the snapshot path contains a NUL byte")
+        raise SavePathError(f"the {what} path contains a NUL byte")
     target = os.path.abspath(path)
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
@@ -86,7 +87,7 @@ def check_save_target(path: str) -> str:
     except OSError as err:
         raise SavePathError(f"cannot check {target}: {err.strerror}") from err
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        raise SavePathError(f"{target} is {file_kind(st.st_mode)}; a snapshot replaces only "
+        raise SavePathError(f"{target} is {file_kind(st.st_mode)}; a {what} replaces only "
                             "a regular file, refusing to touch it")
     return target
 

@@ -1,0 +1,345 @@
+"""Reading QEMU's migration files: the RAM of a `migrate file:` save, mapped-ram or not.
+
+QEMU >= 9 with the ``mapped-ram`` capability (with or without multifd and direct-io)
+writes, in the RAM section's first record, one header per RAM block giving the offset
+of a page bitmap and of a page area where page ``i`` lives at ``pages_offset + i *
+page_size`` — the layout kvmguest's own snapshots use. Without mapped-ram the pages are
+records in the stream. Both are read here; nothing else of QEMU's stream is interpreted:
+
+    "QEVM" u32 version 3 | configuration section | ram SECTION_START ... footer |
+    ram SECTION_PART/END ... | device sections (skipped) | EOF | VM description (JSON)
+
+Device state comes only after the RAM section's end, so it is never parsed: the reader
+stops there and checks that the file ends with QEMU's VM description (which it writes
+last), the sign of a complete save. Every length and offset is checked against the file
+before use; anything off is a SnapshotError naming it and its offset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .format import QEMU_MAGIC, SnapshotError
+
+FILE_VERSION = 3
+RAM_VERSION = 4
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")     # version, page size, bitmap, pages offsets
+MAPPED_RAM_VERSION = 1
+
+# Section types (migration/savevm.c) and RAM record flags (migration/ram.c).
+EOF, SECTION_START, SECTION_PART, SECTION_END, SECTION_FULL = 0x00, 0x01, 0x02, 0x03, 0x04
+SUBSECTION, VMDESCRIPTION, CONFIGURATION, COMMAND, SECTION_FOOTER = 0x05, 0x06, 0x07, 0x08, 0x7E
+FLAG_ZERO, FLAG_MEM_SIZE, FLAG_PAGE, FLAG_EOS = 0x02, 0x04, 0x08, 0x10
+FLAG_CONTINUE, FLAG_XBZRLE, FLAG_HOOK, FLAG_COMPRESS, FLAG_MULTIFD_FLUSH = (
+    0x20, 0x40, 0x80, 0x100, 0x200)
+_KNOWN_FLAGS = FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE \
+    | FLAG_MULTIFD_FLUSH
+MAX_BLOCKS = 4096
+VMDESC_SEARCH = 16 << 20         # QEMU's own analyzer looks in the last 10 MiB
+
+
+@dataclass
+class QemuBlock:
+    name: str
+    size: int
+    page_size: int
+    present: np.ndarray                    # bool per page: the file holds its data
+    pages_offset: int = 0                  # mapped-ram: page i at pages_offset + i * page_size
+    bitmap_offset: int = 0
+    data_offsets: np.ndarray | None = None  # stream: file offset of each page's last record
+    records: int = 0
+    zero_records: int = 0
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+    @property
+    def pages_present(self) -> int:
+        return int(self.present.sum())
+
+    def offsets(self, idx: np.ndarray) -> np.ndarray:
+        """File offsets of the (present) pages ``idx``."""
+        if self.data_offsets is not None:
+            return self.data_offsets[idx]
+        return self.pages_offset + idx.astype(np.int64) * self.page_size
+
+
+@dataclass
+class QemuFile:
+    version: int
+    machine: str
+    capabilities: list[str]
+    page_size: int
+    mapped_ram: bool
+    blocks: list[QemuBlock] = field(default_factory=list)
+    vmdesc_length: int = 0
+
+    @property
+    def ram_size(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+
+class _Cursor:
+    """Big-endian reads at a position of an fd, each checked against the file's size."""
+
+    def __init__(self, fd: int, size: int, pos: int = 0):
+        self.fd, self.size, self.pos = fd, size, pos
+
+    def read(self, n: int, what: str) -> bytes:
+        self.skip(n, what)
+        self.pos -= n
+        data = os.pread(self.fd, n, self.pos)
+        if len(data) != n:
+            raise SnapshotError(f"QEMU file: short read of {what} at offset {self.pos}")
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        if self.pos + n > self.size:
+            raise SnapshotError(f"QEMU file: {what} at offset {self.pos} runs past the end "
+                                f"of the file ({self.size} bytes): truncated?")
+        self.pos += n
+
+    def u8(self, what: str) -> int:
+        return self.read(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        return struct.unpack(">H", self.read(2, what))[0]
+
+    def u32(self, what: str) -> int:
+        return struct.unpack(">I", self.read(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack(">Q", self.read(8, what))[0]
+
+    def name(self, length: int, what: str) -> str:
+        raw = self.read(length, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SnapshotError(f"QEMU file: {what} at offset {self.pos - length} is not "
+                                "text: damaged?") from None
+
+    def short_name(self, what: str) -> str:
+        return self.name(self.u8(f"{what} length"), what)
+
+    def peek(self) -> int | None:
+        return os.pread(self.fd, 1, self.pos)[0] if self.pos < self.size else None
+
+
+def _configuration(c: _Cursor) -> tuple[str, list[str], int]:
+    """The configuration section: machine type, capabilities, target page size."""
+    machine = c.name(c.u32("machine type length"), "machine type")
+    caps: list[str] = []
+    page_bits = 12
+    while c.peek() == SUBSECTION:
+        c.pos += 1
+        at = c.pos
+        name = c.short_name("configuration subsection name")
+        c.u32("subsection version")
+        if name == "configuration/target-page-bits":
+            page_bits = c.u32("target page bits")
+        elif name == "configuration/capabilities":
+            count = c.u32("capability count")
+            if count > 256:
+                raise SnapshotError(f"QEMU file: {count} capabilities at offset {at}: damaged?")
+            caps = [c.short_name("capability") for _ in range(count)]
+        elif name == "configuration/uuid":
+            c.read(16, "uuid")
+        else:
+            raise SnapshotError(f"QEMU file: configuration subsection {name!r} at offset {at} "
+                                "is not one kvmguest knows how to skip")
+    if not 9 <= page_bits <= 30:
+        raise SnapshotError(f"QEMU file: target page bits {page_bits}: damaged?")
+    return machine, caps, 1 << page_bits
+
+
+def _ram_records(c: _Cursor, q: QemuFile, by_name: dict, pages: dict) -> None:
+    """RAM records up to and including EOS (one section's worth)."""
+    current: QemuBlock | None = None
+    ps = q.page_size
+    while True:
+        at = c.pos
+        word = c.u64("RAM record")
+        flags, addr = word & (ps - 1), word & ~(ps - 1)
+        if flags & ~_KNOWN_FLAGS:
+            what = ("XBZRLE" if flags & FLAG_XBZRLE else "compressed" if flags & FLAG_COMPRESS
+                    else "RDMA hook" if flags & FLAG_HOOK else f"flags {flags:#x}")
+            raise SnapshotError(f"QEMU file: RAM record at offset {at} uses {what}, which "
+                                "kvmguest does not read")
+        if flags & FLAG_MEM_SIZE:
+            _ram_blocks(c, q, addr, by_name, pages)
+        if flags & (FLAG_ZERO | FLAG_PAGE):
+            if q.mapped_ram:
+                raise SnapshotError(f"QEMU file: a page record at offset {at} in a mapped-ram "
+                                    "file: damaged?")
+            if not flags & FLAG_CONTINUE:
+                name = c.short_name("RAM block name")
+                current = by_name.get(name)
+                if current is None:
+                    raise SnapshotError(f"QEMU file: page record at offset {at} names RAM "
+                                        f"block {name!r}, which the file never declared")
+            elif current is None:
+                raise SnapshotError(f"QEMU file: page record at offset {at} continues a block "
+                                    "when none was named: damaged?")
+            if addr >= current.size:
+                raise SnapshotError(f"QEMU file: page at {addr:#x} beyond RAM block "
+                                    f"{current.name!r} ({current.size:#x} bytes), record at "
+                                    f"offset {at}")
+            index = addr // ps
+            if flags & FLAG_ZERO:
+                c.u8("zero page fill byte")
+                current.zero_records += 1
+                pages[current.name][index] = -1
+            else:
+                pages[current.name][index] = c.pos
+                c.skip(ps, "page")
+                current.records += 1
+        if flags & FLAG_EOS:
+            return
+
+
+def _ram_blocks(c: _Cursor, q: QemuFile, total: int, by_name: dict, pages: dict) -> None:
+    if q.blocks:
+        raise SnapshotError(f"QEMU file: a second RAM block list at offset {c.pos}: damaged?")
+    if "postcopy-ram" in q.capabilities:
+        raise SnapshotError("QEMU file saved with postcopy-ram: its block list may carry "
+                            "page sizes kvmguest does not read")
+    remaining = total
+    while remaining > 0:
+        at = c.pos
+        name = c.short_name("RAM block name")
+        size = c.u64("RAM block length")
+        if size == 0 or size % q.page_size or size > remaining or name in by_name \
+                or len(q.blocks) >= MAX_BLOCKS:
+            raise SnapshotError(f"QEMU file: RAM block {name!r} at offset {at} has length "
+                                f"{size:#x} (of {remaining:#x} left to declare): damaged?")
+        remaining -= size
+        if "x-ignore-shared" in q.capabilities:
+            c.u64("RAM block address")
+        npages = size // q.page_size
+        block = QemuBlock(name, size, q.page_size, np.zeros(npages, dtype=bool))
+        if q.mapped_ram:
+            _mapped_header(c, q, block)
+        else:
+            pages[name] = np.full(npages, -2, dtype=np.int64)
+        q.blocks.append(block)
+        by_name[name] = block
+
+
+def _mapped_header(c: _Cursor, q: QemuFile, b: QemuBlock) -> None:
+    at = c.pos
+    version, page_size, bitmap_offset, pages_offset = MAPPED_RAM_HEADER.unpack(
+        c.read(MAPPED_RAM_HEADER.size, f"mapped-ram header of {b.name!r}"))
+    if version != MAPPED_RAM_VERSION or page_size != q.page_size:
+        raise SnapshotError(f"QEMU file: mapped-ram header of {b.name!r} at offset {at} has "
+                            f"version {version}, page size {page_size}: not readable here")
+    bitmap_len = -(-b.npages // 64) * 8
+    if not (c.pos <= bitmap_offset and bitmap_offset + bitmap_len <= pages_offset
+            and pages_offset + b.size <= c.size):
+        raise SnapshotError(f"QEMU file: mapped-ram block {b.name!r}: bitmap at "
+                            f"{bitmap_offset:#x}, pages at {pages_offset:#x}+{b.size:#x} do not "
+                            f"fit the file ({c.size} bytes): truncated or damaged?")
+    b.bitmap_offset, b.pages_offset = bitmap_offset, pages_offset
+    raw = np.frombuffer(os.pread(c.fd, bitmap_len, bitmap_offset), dtype=np.uint8)
+    b.present = np.unpackbits(raw, bitorder="little")[:b.npages].astype(bool)
+    c.pos = pages_offset + b.size          # QEMU's stream carries on after the page area
+
+
+def _vmdesc_length(fd: int, size: int) -> int:
+    """The length of the VM description QEMU writes last (EOF byte, 0x06, be32 length,
+    JSON), or 0 when the file does not end with one."""
+    start = max(0, size - VMDESC_SEARCH)
+    tail = os.pread(fd, size - start, start)
+    at = len(tail)
+    for _ in range(64):              # candidates: 0x00 0x06 len32 '{', the last ones first
+        at = tail.rfind(b"\0\x06", 0, at)
+        if at < 0:
+            return 0
+        p = at + 1
+        length = len(tail) - p - 5
+        if tail[p + 1:p + 5] == struct.pack(">I", length) and tail[p + 5:p + 6] == b"{":
+            try:
+                desc = json.loads(tail[p + 5:])
+            except ValueError:
+                return 0
+            return length if isinstance(desc, dict) and "devices" in desc else 0
+    return 0
+
+
+def read_qemu(fd: int) -> QemuFile:
+    """Parse a QEMU migration file's configuration and RAM; raise SnapshotError if it is
+    damaged, incomplete, or uses a form of RAM record kvmguest does not read."""
+    size = os.fstat(fd).st_size
+    c = _Cursor(fd, size)
+    if c.read(4, "magic") != QEMU_MAGIC:
+        raise SnapshotError("not a QEMU migration file")
+    version = c.u32("file version")
+    if version != FILE_VERSION:
+        raise SnapshotError(f"QEMU file version {version}; kvmguest reads version 3")
+    if c.u8("configuration section") != CONFIGURATION:
+        raise SnapshotError("QEMU file without a configuration section (QEMU < 2.x?): not "
+                            "readable here")
+    machine, caps, page_size = _configuration(c)
+    q = QemuFile(version, machine, caps, page_size, "mapped-ram" in caps)
+    by_name: dict[str, QemuBlock] = {}
+    pages: dict[str, np.ndarray] = {}
+    ram_id = None
+    ended = False
+    while not ended:
+        at = c.pos
+        kind = c.u8("section type")
+        if kind in (SECTION_START, SECTION_FULL):
+            sid = c.u32("section id")
+            name = c.short_name("section name")
+            c.u32("instance id")
+            sversion = c.u32("section version")
+            if kind == SECTION_FULL or name != "ram" or ram_id is not None:
+                raise SnapshotError(f"QEMU file: section {name!r} at offset {at} before the "
+                                    "RAM section ended: not readable here")
+            if sversion != RAM_VERSION:
+                raise SnapshotError(f"QEMU file: RAM section version {sversion}; kvmguest "
+                                    f"reads version {RAM_VERSION}")
+            ram_id = sid
+            _ram_records(c, q, by_name, pages)
+        elif kind in (SECTION_PART, SECTION_END):
+            sid = c.u32("section id")
+            if sid != ram_id:
+                raise SnapshotError(f"QEMU file: section id {sid} at offset {at} is not the "
+                                    "RAM section's: not readable here")
+            _ram_records(c, q, by_name, pages)
+            ended = kind == SECTION_END
+        elif kind == COMMAND:
+            c.u16("command")
+            c.read(c.u16("command length"), "command data")
+            continue
+        elif kind == EOF:
+            break
+        else:
+            raise SnapshotError(f"QEMU file: unexpected section type {kind:#x} at offset {at}: "
+                                "damaged?")
+        if c.peek() == SECTION_FOOTER:
+            c.pos += 1
+            if c.u32("section footer") != ram_id:
+                raise SnapshotError(f"QEMU file: section footer at offset {c.pos - 4} does "
+                                    "not match: damaged?")
+    if not q.blocks:
+        raise SnapshotError("QEMU file has no RAM blocks")
+    if not ended:
+        raise SnapshotError("QEMU file: the RAM section never ends: an interrupted save?")
+    q.vmdesc_length = _vmdesc_length(fd, size)
+    if not q.vmdesc_length:
+        raise SnapshotError("QEMU file does not end with QEMU's VM description: an "
+                            "incomplete save (or one made with suppress-vmdesc)")
+    for b in q.blocks:
+        if not q.mapped_ram:
+            offs = pages[b.name]
+            b.present = offs >= 0
+            b.data_offsets = offs
+    return q
