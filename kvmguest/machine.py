@@ -12,6 +12,7 @@ kernel at its PVH entry; the others wait, as on hardware, for INIT/SIPI from it.
 from __future__ import annotations
 
 import logging
+import queue
 import struct
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Callable
 from . import abi
 from .abi import Cap
 from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
-from .devices import AcpiPm, Cmos, DebugExit, FwCfg, PcTestdev, PortBus, Serial
+from .devices import AcpiPm, Cmos, DebugExit, FwCfg, GuestPort, PcTestdev, PortBus, Serial
 from .devices import acpi_pm, cmos, fw_cfg
 from .dirty import BitmapLog, DirtyTracker, RingLog
 from .dirty import ring_log
@@ -217,6 +218,9 @@ class Machine:
         self.bus = PortBus()
         self.bus.register(layout.COM1_PORT, 8, self.serial)
         self.bus.register(layout.DEBUG_EXIT_PORT, 4, self.debug_exit)
+        self.guest_port = GuestPort()
+        self.guest_requests: queue.Queue | None = None   # see listen_guest_requests()
+        self.bus.register(layout.GUEST_PORT, 4, self.guest_port)
         self.bus.register(fw_cfg.SELECTOR_PORT, fw_cfg.PORTS, self.fw_cfg)
         self.bus.register(cmos.PORT, cmos.PORTS, self.cmos)
         for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
@@ -432,6 +436,22 @@ class Machine:
                                      f"within {timeout:g} s; the guest runs on")
                 t.kick()
 
+    def listen_guest_requests(self) -> queue.Queue:
+        """From now on a guest's request on the kvmguest port (devices/guest_port.py) holds
+        the vCPU that made it, right after its OUT, and is put on the returned queue as
+        (request, vCPU index). The listener handles it with the guest paused
+        (``pause_all``) and releases the vCPU with the matching ``resume_all``."""
+        if self.guest_requests is None:
+            self.guest_requests = queue.Queue()
+        return self.guest_requests
+
+    def _guest_request(self, thread: VcpuThread) -> None:
+        req = self.guest_port.take()
+        if self.guest_requests is None:
+            return                             # nobody listens: the guest runs on
+        thread.request_pause()                 # parks before it runs again
+        self.guest_requests.put((req, thread.index))
+
     def checkpoints(self, path: str, every: float | None = 1.0):
         """Keep ``path`` a crash-consistent checkpoint of this running guest (one every
         ``every`` seconds; None: only when its ``take()`` is called). Returns the
@@ -478,6 +498,8 @@ class Machine:
             return False
         if isinstance(ex, IoExit):
             self.bus.handle_io(ex)
+            if self.guest_port.request is not None:
+                self._guest_request(thread)
             if self.event is not None:
                 if self.event == "suspend":
                     self._suspend(thread)

@@ -5,6 +5,9 @@
         result = boot_guest("guests/build/hello.elf", cmdline="x=1")
         assert result.exit_code == 0 and "Hello" in result.console
 
+Snapshots as fixtures (boot once to a ready point, reset per test):
+``kvmguest.fixtures.guest_fixture`` and docs/fixtures.md.
+
 Where /dev/kvm is unusable, tests marked ``kvm`` (and tests using these fixtures) are
 skipped with the reason, except under ``CI=true`` or ``KVMGUEST_REQUIRE_KVM=1``, where
 that is an error: CI must never go green by skipping its hardware tests.
@@ -58,6 +61,16 @@ def pytest_runtest_setup(item):
 def kvm_available():
     """Skips (or fails under CI) when KVM is unusable."""
     _ensure_kvm()
+
+
+@pytest.fixture(scope="session")
+def kvmguest_pool():
+    """The machines that kvmguest.fixtures.guest_fixture hands out in this process
+    (closed at the end of the session)."""
+    from .fixtures import Pool
+    pool = Pool()
+    yield pool
+    pool.close()
 
 
 @pytest.fixture

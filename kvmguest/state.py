@@ -266,7 +266,7 @@ class VmState:
 
 # --- the machine -----------------------------------------------------------------------------
 # Our devices, by their attribute on Machine and their key in the saved state.
-DEVICES = ("serial", "debug_exit", "fw_cfg", "testdev", "cmos", "acpi_pm")
+DEVICES = ("serial", "debug_exit", "fw_cfg", "testdev", "cmos", "acpi_pm", "guest_port")
 
 @dataclass
 class MachineState:

@@ -45,8 +45,10 @@ class ResetPoint:
         self.last_pages = 0
         self.last_ms = 0.0
 
-    def reset(self) -> int:
-        """Put the guest back to the snapshot; how many pages were copied back or zeroed."""
+    def reset(self, clear_console: bool = False) -> int:
+        """Put the guest back to the snapshot; how many pages were copied back or zeroed.
+        ``clear_console``: also forget the console output captured so far (while the
+        guest is paused, so nothing it prints after the reset is lost)."""
         m = self.machine
         t0 = time.perf_counter()
         m.pause_all()
@@ -65,6 +67,8 @@ class ResetPoint:
                 n += len(idx)
             m.dirty.note_written(dirty, exclude=self.client)   # a live save must see them
             self.state.apply(m, cpuid=False)
+            if clear_console:
+                m.serial.clear_output()
         finally:
             m.resume_all()
         self.resets += 1

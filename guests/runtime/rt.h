@@ -18,6 +18,22 @@ int main(void);
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+/* The kvmguest port (docs/fixtures.md): ask for a snapshot here (KVMGUEST_READY) or a
+ * migration now (KVMGUEST_MIGRATE). Reading it gives how many times this guest has been
+ * restored along its history, so kvmguest_request() returns 1 when the guest now runs
+ * from a snapshot taken at the request (restored, reset or migrated), 0 when nothing
+ * honoured it (the guest simply ran on). */
+#define KVMGUEST_PORT 0xf8
+#define KVMGUEST_READY 1
+#define KVMGUEST_MIGRATE 2
+static inline int kvmguest_request(u32 what)
+{
+    u32 before = inl(KVMGUEST_PORT);
+    outl(KVMGUEST_PORT, what);
+    return inl(KVMGUEST_PORT) != before;
+}
 
 void putc(char c);
 void puts(const char *s);

@@ -39,6 +39,7 @@ E820_RESERVED = 2
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 DEBUG_EXIT_PORT = 0xF4
+GUEST_PORT = 0xF8                # the kvmguest port (kvmguest/devices/guest_port.py)
 
 # ACPI tables, in the BIOS area [0xE0000, 0x100000) where an OS scans for the RSDP on a
 # 16-byte boundary (and also passed in hvm_start_info.rsdp_paddr). The memory map

@@ -25,3 +25,5 @@ class DebugExit:
         self.result = state.get("result")
         if self.result is not None:
             self.fired.set()
+        else:
+            self.fired.clear()          # a reset to a snapshot taken before any exit

@@ -48,6 +48,11 @@ class Serial:
     def text(self) -> str:
         return self.output.decode("utf-8", "replace").replace("\r\n", "\n")
 
+    def clear_output(self) -> None:
+        """Forget the output captured so far (a test fixture's reset starts it afresh)."""
+        with self._lock:
+            self._out.clear()
+
     def feed(self, data: bytes) -> None:
         """Queue input for the guest (it gets a received-data interrupt if it enabled one)."""
         with self._lock:

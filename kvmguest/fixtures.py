@@ -1,0 +1,219 @@
+"""Snapshots as pytest fixtures: boot a guest to its ready point once, reset it per test.
+
+In a conftest.py::
+
+    from kvmguest.fixtures import guest_fixture
+    app = guest_fixture("guests/build/fixture.elf", cmdline="pages=256")
+
+and in a test::
+
+    def test_something(app):                 # a running machine, reset to the ready point
+        app.console.send(b"check\\n")
+        assert app.serial.wait_for("clean", 10)
+
+The ready point is where the guest writes READY to the kvmguest port (``ready=None``,
+the default; see kvmguest/devices/guest_port.py and docs/fixtures.md) or where its
+console first shows ``ready`` (a string). The guest is booted to it once, saved, and
+the snapshot kept in a cache directory (``KVMGUEST_CACHE``, else
+``$XDG_CACHE_HOME/kvmguest/snapshots``) under a name derived from the kernel's bytes,
+the command line, memory, vCPUs, the ready point and kvmguest's snapshot format, so a
+changed kernel or setting boots again and an unchanged one is not booted at all. Each
+pytest process (each pytest-xdist worker) restores it lazily once and, before every
+test, resets the machine in place to the snapshot (migrate/reset.py): the pages the last
+test dirtied are copied back, the vCPU and device state re-applied, the console output
+cleared. A machine whose guest finished or crashed is replaced by a fresh restore.
+Processes share the cache under a lock on its directory (``flock``), so one boots and
+the others wait and reuse; nothing but the snapshots stays behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+from .errors import KvmguestError
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class FixtureError(KvmguestError):
+    """The guest never reached its ready point (it finished, crashed or timed out)."""
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    kernel: str
+    cmdline: str = ""
+    memory: int = 64 << 20
+    vcpus: int = 1
+    ready: str | None = None          # None: the kvmguest port's READY; else console text
+    timeout: float = DEFAULT_TIMEOUT
+
+    def key(self) -> str:
+        from migrate import format as fmt
+        from .state import STATE_VERSION
+        h = hashlib.sha256()
+        with open(self.kernel, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(repr((self.cmdline, self.memory, self.vcpus, self.ready, fmt.VERSION,
+                       STATE_VERSION)).encode())
+        return h.hexdigest()[:20]
+
+
+def cache_dir() -> str:
+    base = os.environ.get("KVMGUEST_CACHE")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "kvmguest", "snapshots")
+    return base
+
+
+def _boot_to_ready(spec: GuestSpec, path: str) -> None:
+    """Boot ``spec`` until its ready point and save it to ``path`` (temp file + rename)."""
+    from migrate.precopy import live_save
+
+    from .devices.guest_port import READY, REQUESTS
+    from .machine import Machine
+
+    m = Machine(spec.kernel, memory=spec.memory, cmdline=spec.cmdline, vcpus=spec.vcpus)
+    try:
+        requests = m.listen_guest_requests() if spec.ready is None else None
+        m.start()
+        deadline = time.monotonic() + spec.timeout
+        while True:
+            if spec.ready is not None and m.serial.wait_for(spec.ready, 0.05):
+                break
+            if requests is not None and not requests.empty():
+                req, _ = requests.get()
+                if req == READY:
+                    break
+                raise FixtureError(f"{spec.kernel} asked for {REQUESTS[req]!r} before it "
+                                   "was ready")
+            if not m.running:
+                raise FixtureError(f"{spec.kernel} ended before its ready point: "
+                                   f"{_tail(m)}")
+            if time.monotonic() > deadline:
+                what = f"{spec.ready!r} on its console" if spec.ready else \
+                    "READY on the kvmguest port"
+                raise FixtureError(f"{spec.kernel} did not reach its ready point ({what}) "
+                                   f"within {spec.timeout:g} s: {_tail(m)}")
+            if requests is not None:
+                m.wait_done(0.005)
+        live_save(m, path, then="stop")
+    finally:
+        m.close()
+
+
+def _tail(m) -> str:
+    text = m.serial.text().strip()
+    return f"console ends {text[-300:]!r}" if text else "nothing on its console"
+
+
+def snapshot_for(spec: GuestSpec) -> str:
+    """The cached snapshot of ``spec`` at its ready point, made now if there is none (or
+    the one there does not validate). Safe from several processes at once."""
+    from migrate.format import SnapshotError
+    from migrate.reader import validate
+
+    directory = cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.splitext(os.path.basename(spec.kernel))[0]
+    path = os.path.join(directory, f"{name}-{spec.key()}.snap")
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)         # one process boots, the others wait
+        if os.path.exists(path):
+            try:
+                validate(path)
+                return path
+            except SnapshotError:
+                os.unlink(path)                 # damaged: make it again
+        _boot_to_ready(spec, path)
+        return path
+    finally:
+        os.close(dfd)                           # releases the lock
+
+
+class Prepared:
+    """One restored machine of one spec in this process, reset before each test."""
+
+    def __init__(self, spec: GuestSpec):
+        self.spec = spec
+        self.path = snapshot_for(spec)
+        self.machine = None
+        self.point = None
+        self.handed = 0
+
+    def _restore(self) -> None:
+        from migrate.reader import restore
+        from migrate.reset import ResetPoint
+        self.close()
+        m, _ = restore(self.path, lazy=True)
+        try:
+            self.point = ResetPoint(m, self.path)
+            m.start()
+        except BaseException:
+            m.close()
+            raise
+        self.machine = m
+
+    def take(self):
+        """The machine, as at the ready point: reset in place, or restored afresh."""
+        if self.machine is not None and self.handed and self.machine.running:
+            # Once reset has paused it, a guest is either parked or finished (an exit
+            # in flight completes first): a finished one is restored afresh below.
+            self.point.reset(clear_console=True)
+        if self.machine is None or not self.machine.running or self.machine.error:
+            self._restore()
+        self.handed += 1
+        return self.machine
+
+    def close(self) -> None:
+        if self.point is not None:
+            self.point.close()
+            self.point = None
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+
+
+class Pool:
+    """Every Prepared machine of this pytest process (the plugin's session fixture)."""
+
+    def __init__(self):
+        self.prepared: dict[GuestSpec, Prepared] = {}
+
+    def take(self, spec: GuestSpec):
+        p = self.prepared.get(spec)
+        if p is None:
+            p = self.prepared[spec] = Prepared(spec)
+        return p.take()
+
+    def close(self) -> None:
+        for p in self.prepared.values():
+            p.close()
+        self.prepared.clear()
+
+
+def guest_fixture(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcpus: int = 1,
+                  ready: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    """A function-scoped pytest fixture handing each test a running Machine reset to the
+    guest's ready point (see the module's doc). ``kernel`` relative to where pytest runs."""
+    import pytest
+
+    spec = GuestSpec(os.path.abspath(kernel), cmdline, int(memory), vcpus, ready, timeout)
+
+    @pytest.fixture
+    def fixture(request):
+        request.getfixturevalue("kvm_available")
+        pool = request.getfixturevalue("kvmguest_pool")
+        try:
+            return pool.take(spec)
+        except KvmguestError as err:
+            pytest.fail(f"kvmguest fixture for {kernel}: {err}", pytrace=False)
+
+    return fixture
