@@ -149,24 +149,17 @@ def _finish(result, saved) -> int:
     return result.exit_code & 0xFF
 
 
-def console_input(m, always: bool = False) -> None:
-    """On a terminal (or with ``always``: --console-input), what arrives on standard input
-    goes to the guest's COM1."""
-    import threading
-    if not (always or sys.stdin.isatty()):
-        return
-
-    def pump():
-        while m.running:
-            try:
-                data = os.read(sys.stdin.fileno(), 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            m.console.send(data)
-
-    threading.Thread(target=pump, name="console-input", daemon=True).start()
+def _console(m, args, started_at: float):
+    """Console input and, with --guest-migrate, the listener for the guest's MIGRATE
+    (created before the guest runs; started with ``start()`` after)."""
+    from migrate.guest_migrate import ConsoleInput, GuestMigrator
+    console = ConsoleInput(m, args.console_input)
+    migrator = None
+    if args.guest_migrate:
+        tail = (["-q"] if args.quiet else []) + (["-v"] if args.verbose else [])
+        migrator = GuestMigrator(m, console, tail)
+    deadline = started_at + args.timeout if args.timeout is not None else None
+    return console, migrator, deadline
 
 
 def cmd_run(args) -> int:
@@ -209,8 +202,11 @@ def cmd_run(args) -> int:
             try:
                 if control:
                     control.attach(m)
+                console, migrator, deadline = _console(m, args, time.monotonic())
                 m.start()
-                console_input(m, args.console_input)
+                console.start()
+                if migrator:
+                    migrator.start()
                 checkpoints = None
                 if args.checkpoint:
                     from migrate.checkpoint import Checkpointer
@@ -240,10 +236,16 @@ def cmd_run(args) -> int:
                         checkpoints.stop()
                 if control:
                     control.drain()       # a save over the socket may have stopped the guest
+                if migrator:
+                    code = migrator.carry_on(deadline)
+                    if code is not None:
+                        return code
             finally:
                 sys.stdout.flush()
                 if control:
                     control.close()       # cancels a save in progress, removes the socket
+                if migrator:
+                    migrator.close()
             return _finish(result, saved)
     finally:
         if control:
@@ -302,7 +304,7 @@ def cmd_restore(args) -> int:
         saved = report
         print(report.summary(), file=sys.stderr)
 
-    control = None
+    control = migrator = None
     with m:
         if args.verbose:
             print(report.summary(), file=sys.stderr)
@@ -310,15 +312,24 @@ def cmd_restore(args) -> int:
             if args.control:       # the restored guest can be saved again
                 control = ControlServer(args.control, on_saved=on_saved)
                 control.attach(m)
+            console, migrator, deadline = _console(m, args, time.monotonic())
             m.start()
-            console_input(m, args.console_input)
+            console.start()
+            if migrator:
+                migrator.start()
             result = m.wait(args.timeout)
             if control:
                 control.drain()
+            if migrator:
+                code = migrator.carry_on(deadline)
+                if code is not None:
+                    return code
         finally:
             sys.stdout.flush()
             if control:
                 control.close()
+            if migrator:
+                migrator.close()
         return _finish(result, saved)
 
 
@@ -488,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")
     run.add_argument("--console-input", action="store_true",
                      help="send standard input to COM1 even when it is not a terminal")
+    run.add_argument("--guest-migrate", action="store_true",
+                     help="when the guest asks (MIGRATE on the kvmguest port), live-save it "
+                          "and carry it on in a new `kvmguest restore` process")
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
     run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
@@ -526,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--quiet", "-q", action="store_true", help="do not stream the console")
     restore.add_argument("--console-input", action="store_true",
                          help="send standard input to COM1 even when it is not a terminal")
+    restore.add_argument("--guest-migrate", action="store_true",
+                         help="when the guest asks (MIGRATE on the kvmguest port), migrate "
+                              "it on to a new process again")
     restore.add_argument("--control", metavar="SOCK",
                          help="listen on a Unix socket for `kvmguest save` of the restored guest")
     restore.set_defaults(func=cmd_restore)
