@@ -155,3 +155,15 @@ def test_guest_migrate_with_a_timeout_too_short_is_the_usual_timeout(tmp_path):
     # The new process has what is left of the 2 s, and times out as a run does.
     assert p.returncode == 124 and "kvmguest: guest did not finish within" in p.stderr
     assert "fixture: migrated (restored 1)" in p.stdout and os.listdir(tmp_path) == []
+
+
+def test_the_example_in_docs_fixtures_md_works_as_written(pytester, tmp_path):
+    import re
+    from helpers import ROOT
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "fixtures.md").read_text(),
+                        re.S)
+    conftest, test_app, test_migration = blocks
+    os.symlink(ROOT / "guests", pytester.path / "guests")
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_app=test_app, test_migration=test_migration)
+    _run(pytester, {"KVMGUEST_CACHE": str(tmp_path / "c")}).assert_outcomes(passed=2)
