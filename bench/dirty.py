@@ -172,15 +172,22 @@ def resets(report: Report, work: str, runs: int) -> None:
         try:
             point = ResetPoint(m, path)
             m.start()
-            samples, pages = [], []
+            samples, pages, floor = [], [], []
             for _ in range(max(runs, 15)):
                 time.sleep(0.02)
                 point.reset()
                 samples.append(point.last_ms)
                 pages.append(point.last_pages)
+                time.sleep(0.02)
+                t = time.perf_counter()      # what any reset pays the host to stop the guest
+                m.pause_all()
+                m.resume_all()
+                floor.append((time.perf_counter() - t) * 1e3)
             point.close()
         finally:
             m.close()
+        report.add(Figure(f"pause + resume of the running guest, {ram >> 30} GiB (the host's "
+                          "floor under any reset)", "ms", floor))
         base = report.add(Figure(f"lazy restore of the {ram >> 30} GiB snapshot", "ms", lazy))
         fig = report.add(Figure(f"reset in place, {ram >> 30} GiB, ~{sorted(pages)[len(pages) // 2]} "
                                 "dirty pages", "ms", samples, baseline=base.name,

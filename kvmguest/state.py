@@ -78,6 +78,15 @@ def restore_msrs(vcpu, items: list[tuple[int, int]]) -> None:
         pending = pending[done + 1:]
 
 
+def apply_calls(target, calls: list[tuple[str, object]]) -> None:
+    """Replay decoded state: ``target.method(argument)`` for each call, in order."""
+    for name, arg in calls:
+        if name == "msrs":
+            restore_msrs(target, arg)
+        else:
+            getattr(target, name)(arg)
+
+
 # --- one vCPU ---------------------------------------------------------------------------
 _STRUCTS = [("mp_state", abi.kvm_mp_state), ("regs", abi.kvm_regs), ("sregs", abi.kvm_sregs),
             ("xcrs", abi.kvm_xcrs), ("debugregs", abi.kvm_debugregs),
@@ -154,28 +163,40 @@ class VcpuState:
         except ValueError as err:
             raise StateError(str(err)) from None
 
-    def apply(self, vcpu, cpuid: bool = True) -> None:
-        """cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> LAPIC ->
+    def decoded(self, cpuid: bool = True) -> list[tuple[str, object]]:
+        """What :meth:`apply` does, each field decoded (and checked) once: the vCPU calls
+        in order, as (method, argument); "msrs" is restore_msrs. A reset in place keeps
+        this and replays it (apply_calls) instead of decoding the hex every time.
+
+        cpuid -> mp_state -> regs -> sregs -> xsave -> xcrs -> debugregs -> LAPIC ->
         MSRs (TSC before TSC-deadline) -> vcpu events. ``cpuid`` False for a vCPU that has
         run already (a reset in place): KVM refuses to change CPUID then, and it is the
         snapshot's anyway."""
         self.check()
+        calls: list[tuple[str, object]] = []
         if cpuid:
-            vcpu.set_cpuid2(_cpuid_from_hex(self.cpuid))  # before anything that depends on it
-        vcpu.set_mp_state(_load(abi.kvm_mp_state, self.mp_state, "mp_state"))
-        vcpu.set_regs(_load(abi.kvm_regs, self.regs, "regs"))
-        vcpu.set_sregs(_load(abi.kvm_sregs, self.sregs, "sregs"))  # before xsave: CR4.OSXSAVE
-        vcpu.set_xsave(bytes.fromhex(self.xsave))
-        vcpu.set_xcrs(_load(abi.kvm_xcrs, self.xcrs, "xcrs"))
-        vcpu.set_debugregs(_load(abi.kvm_debugregs, self.debugregs, "debugregs"))
+            calls.append(("set_cpuid2", _cpuid_from_hex(self.cpuid)))  # before what needs it
+        calls += [("set_mp_state", _load(abi.kvm_mp_state, self.mp_state, "mp_state")),
+                  ("set_regs", _load(abi.kvm_regs, self.regs, "regs")),
+                  # sregs before xsave: CR4.OSXSAVE
+                  ("set_sregs", _load(abi.kvm_sregs, self.sregs, "sregs")),
+                  ("set_xsave", bytes.fromhex(self.xsave)),
+                  ("set_xcrs", _load(abi.kvm_xcrs, self.xcrs, "xcrs")),
+                  ("set_debugregs", _load(abi.kvm_debugregs, self.debugregs, "debugregs"))]
         if self.lapic is not None:
             # Before the MSRs: the TSC-deadline MSR only takes in the LAPIC's deadline mode.
-            vcpu.set_lapic(_load(abi.kvm_lapic_state, self.lapic, "lapic"))
+            calls.append(("set_lapic", _load(abi.kvm_lapic_state, self.lapic, "lapic")))
         msrs = dict((int(i), int(v)) for i, v in self.msrs)
         # The TSC first: the deadline is relative to it.
         ordered = sorted(msrs, key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE, i))
-        restore_msrs(vcpu, [(i, msrs[i]) for i in ordered])
-        vcpu.set_vcpu_events(_load(abi.kvm_vcpu_events, self.vcpu_events, "vcpu_events"))
+        calls.append(("msrs", [(i, msrs[i]) for i in ordered]))
+        calls.append(("set_vcpu_events", _load(abi.kvm_vcpu_events, self.vcpu_events,
+                                               "vcpu_events")))
+        return calls
+
+    def apply(self, vcpu, cpuid: bool = True) -> None:
+        """Put this state into ``vcpu`` (the order is :meth:`decoded`'s)."""
+        apply_calls(vcpu, self.decoded(cpuid))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -237,20 +258,26 @@ class VmState:
         except TypeError as err:
             raise StateError(f"VM state has a bad field: {err}") from None
 
-    def apply(self, vm) -> None:
+    def decoded(self, vm) -> list[tuple[str, object]]:
         """PIT, clock, then the irqchip (after the vCPUs' LAPICs: pending IOAPIC/PIC
-        interrupts are delivered to LAPICs that already hold their restored state).
+        interrupts are delivered to LAPICs that already hold their restored state), as
+        (VM method, argument), decoded once.
 
         The clock is set to its value at the save: guest time continues from the pause,
         it does not jump forward by the time the snapshot sat on disk (nor backwards)."""
         self.check()
+        calls: list[tuple[str, object]] = []
         if self.pit2 is not None:
-            vm.set_pit2(_load(abi.kvm_pit_state2, self.pit2, "pit2"))
+            calls.append(("set_pit2", _load(abi.kvm_pit_state2, self.pit2, "pit2")))
         if self.clock is not None and vm.check_extension(Cap.KVM_CAP_ADJUST_CLOCK) > 0:
             clock = _load(abi.kvm_clock_data, self.clock, "clock")
-            vm.set_clock(abi.kvm_clock_data(clock=clock.clock))
+            calls.append(("set_clock", abi.kvm_clock_data(clock=clock.clock)))
         for raw in self.irqchip or []:
-            vm.set_irqchip(_load(abi.kvm_irqchip, raw, "irqchip"))
+            calls.append(("set_irqchip", _load(abi.kvm_irqchip, raw, "irqchip")))
+        return calls
+
+    def apply(self, vm) -> None:
+        apply_calls(vm, self.decoded(vm))
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -312,15 +339,17 @@ class MachineState:
     def apply(self, machine, cpuid: bool = True) -> None:
         """Every vCPU first (all before any runs), VM-wide state after, devices last.
         ``cpuid`` False when the vCPUs have run (VcpuState.apply)."""
+        self.decoded(machine, cpuid).apply(machine)
+
+    def decoded(self, machine, cpuid: bool = True) -> "DecodedState":
+        """This state decoded for ``machine`` once, to apply (again and again: a reset)."""
         if (len(self.vcpus), self.irqchip) != (len(machine.vcpus), machine.irqchip):
             raise StateError("the machine does not have the saved vCPUs and irqchip")
-        for vcpu, vstate in zip(machine.vcpus, self.vcpus):
-            vstate.apply(vcpu, cpuid)
-        self.vm.apply(machine.vm)
-        for name in DEVICES:       # a device missing from an older snapshot keeps its reset state
-            saved = self.devices.get(name)
-            if isinstance(saved, dict):
-                getattr(machine, name).restore_state(saved)
+        # A device missing from an older snapshot keeps its reset state.
+        devices = [(name, self.devices[name]) for name in DEVICES
+                   if isinstance(self.devices.get(name), dict)]
+        return DecodedState([v.decoded(cpuid) for v in self.vcpus], self.vm.decoded(machine.vm),
+                            devices)
 
     def to_json(self) -> dict:
         return {"format": STATE_FORMAT, "version": self.version,
@@ -366,3 +395,18 @@ def vcpu_summary(state: dict) -> dict:
     return {"rip": regs.rip, "rsp": regs.rsp, "cr3": sregs.cr3, "mode": mode,
             "msrs": len(v["msrs"]), "kernel": guest.get("kernel"), "cmdline": guest.get("cmdline"),
             "xsave_bytes": len(v["xsave"]) // 2, "regs_bytes": ctypes.sizeof(abi.kvm_regs)}
+
+
+@dataclass
+class DecodedState:
+    """A MachineState decoded for one machine (MachineState.decoded)."""
+    vcpus: list[list[tuple[str, object]]]
+    vm: list[tuple[str, object]]
+    devices: list[tuple[str, dict]]
+
+    def apply(self, machine) -> None:
+        for vcpu, calls in zip(machine.vcpus, self.vcpus):
+            apply_calls(vcpu, calls)
+        apply_calls(machine.vm, self.vm)
+        for name, saved in self.devices:
+            getattr(machine, name).restore_state(saved)

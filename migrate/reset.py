@@ -40,6 +40,7 @@ class ResetPoint:
                 self.sources[region.slot] = (pages, present)
         finally:
             os.close(fd)
+        self.decoded = self.state.decoded(machine, cpuid=False)   # decoded once, not per reset
         self.client = machine.dirty.open("reset point")
         self.resets = 0
         self.last_pages = 0
@@ -66,7 +67,7 @@ class ResetPoint:
                 dest[idx[~have]] = 0
                 n += len(idx)
             m.dirty.note_written(dirty, exclude=self.client)   # a live save must see them
-            self.state.apply(m, cpuid=False)
+            self.decoded.apply(m)
             if clear_console:
                 m.serial.clear_output()
         finally:

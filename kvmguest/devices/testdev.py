@@ -47,6 +47,9 @@ class _WriteOnly:
         self.on_write(offset, value)
 
 
+_ZEROS = bytes(IOMEM_SIZE)
+
+
 class PcTestdev:
     """``irq(line, level)`` drives an ISA line (None: no irqchip); ``memory`` is the guest
     RAM whose pages a flush write-protects for a moment."""
@@ -107,5 +110,8 @@ class PcTestdev:
 
     def restore_state(self, state: dict) -> None:
         self.scratch = int(state.get("scratch", 0)) & 0xFFFFFFFF
-        raw = bytes.fromhex(state.get("iomem", "")) if state.get("iomem") else b""
-        self.iomem = bytearray(raw[:IOMEM_SIZE].ljust(IOMEM_SIZE, b"\0"))
+        if state.get("iomem"):
+            raw = bytes.fromhex(state["iomem"])
+            self.iomem = bytearray(raw[:IOMEM_SIZE].ljust(IOMEM_SIZE, b"\0"))
+        else:                        # in place, at C speed: a reset does this every time
+            self.iomem[:] = _ZEROS
