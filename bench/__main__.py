@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 
-from . import boot, dirty, disk, migration, plots, qemu, smp
+from . import boot, dirty, disk, migration, plots, qemu, smp, start
 from .common import RESULTS, ROOT, Report
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -21,7 +21,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU side by side")
-    p.add_argument("--only", choices=("boot", "smp", "dirty"), help="only these figures")
+    p.add_argument("--only", choices=("boot", "smp", "dirty", "start"),
+                   help="only these figures")
     args = p.parse_args()
     runs = args.runs or 3
     if args.quick:
@@ -41,6 +42,13 @@ def main() -> int:
         plots.harvest_curve(curves, RESULTS / "harvest-vs-ram.png")
         print(f"\nwrote {report.write('kvmguest benchmark results: dirty', 'dirty')}")
         return 0
+    if args.only == "start":
+        try:
+            start.run(report, work, runs, args.quick)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"\nwrote {report.write('kvmguest benchmark results: start and clones', 'start')}")
+        return 0
     if args.only:            # a section alone, with its own results file
         (boot if args.only == "boot" else smp).run(report, max(runs, 5) if args.only ==
                                                    "boot" else runs)
@@ -55,6 +63,7 @@ def main() -> int:
         migration.lazy_figures(report, work, lazy_sizes, runs)
         migration.harvest_figures(report, 4 * GiB, runs)
         harvest_curves = dirty.run(report, runs, args.quick)
+        start.run(report, work, runs, args.quick)
         curves = migration.size_curve(work, GiB, 8 if args.quick else 16)
         if not args.no_qemu:
             qemu.side_by_side(report, work, GiB, 16384 if args.quick else 65536, runs)

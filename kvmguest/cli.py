@@ -152,10 +152,11 @@ def _finish(result, saved) -> int:
 def _console(m, args, started_at: float):
     """Console input and, with --guest-migrate, the listener for the guest's MIGRATE
     (created before the guest runs; started with ``start()`` after)."""
-    from migrate.guest_migrate import ConsoleInput, GuestMigrator
+    from .console import ConsoleInput
     console = ConsoleInput(m, args.console_input)
     migrator = None
     if args.guest_migrate:
+        from migrate.guest_migrate import GuestMigrator
         tail = (["-q"] if args.quiet else []) + (["-v"] if args.verbose else [])
         migrator = GuestMigrator(m, console, tail)
     deadline = started_at + args.timeout if args.timeout is not None else None
@@ -163,14 +164,16 @@ def _console(m, args, started_at: float):
 
 
 def cmd_run(args) -> int:
-    from migrate.control import ControlServer, check_socket_path
-    from migrate.precopy import live_save
-    from migrate.writer import check_save_target
-
+    # migrate.* (and numpy with it) only when the run saves or listens: a plain run of a
+    # small guest starts in a fraction of the time.
     from .machine import Machine
 
     if (args.save is None) != (args.save_after is None):
         raise UsageError("--save and --save-after go together")
+    if args.save or args.checkpoint:
+        from migrate.writer import check_save_target
+    if args.control:
+        from migrate.control import ControlServer, check_socket_path
     if args.save is not None:
         target = check_save_target(args.save)
         if args.control and os.path.abspath(args.control) == target:
@@ -220,6 +223,7 @@ def cmd_run(args) -> int:
                         _err(f"the guest finished before --save-after {args.save_after:g} s; "
                              "nothing saved")
                         return _finish(result, None)
+                    from migrate.precopy import live_save
                     progress = Progress("saving")
                     try:
                         report = live_save(m, args.save, threads=args.threads,

@@ -9,11 +9,12 @@ import mmap
 import threading
 from dataclasses import dataclass
 
-import numpy as np
-
 from .abi import KVM_MEM_MAX_NR_PAGES, PAGE_SIZE
 from .boot import layout
 from .errors import EXIT_BAD_INPUT, KvmguestError
+from .lazy import lazy_numpy
+
+np = lazy_numpy()
 
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -108,13 +109,22 @@ class Region:
             # when RAM is filled (a restore reads ~2x faster here); KVM splits them for
             # dirty logging as needed.
             self.map.madvise(mmap.MADV_HUGEPAGE)
-        self.array = np.frombuffer(self.map, dtype=np.uint8)
-        self.host_addr = self.array.ctypes.data
+        # The address without numpy (imported only when first needed: views, harvests).
+        anchor = ctypes.c_char.from_buffer(self.map)
+        self.host_addr = ctypes.addressof(anchor)
+        del anchor
+        self._array = None
         self.npages = spec.size // PAGE_SIZE
-        # One byte per page is simplest to set from many places; the flag lets a harvest
-        # skip the scan when the VMM wrote nothing.
-        self.host_dirty = np.zeros(self.npages, dtype=np.bool_)
-        self.host_dirty_any = False
+        # The VMM's own writes since the last harvest, as page ranges [first, last).
+        self.host_marks: list[tuple[int, int]] = []
+
+    @property
+    def array(self):
+        """The region as a flat uint8 numpy array (a view of the mapping, no copy)."""
+        if self._array is None and self.map is not None:
+            self._array = np.frombuffer(self.map, dtype=np.uint8)
+        return self._array
+
 
     @property
     def end(self) -> int:
@@ -160,7 +170,7 @@ class Region:
             ((entries & np.uint64(PM_FILE)) == 0)
 
     def close(self) -> None:
-        self.array = None
+        self._array = None
         if self.map is not None:
             try:
                 self.map.close()
@@ -212,16 +222,14 @@ class GuestMemory:
     def _mark(self, r: Region, off: int, length: int) -> None:
         if length:
             with self._lock:
-                r.host_dirty[off // PAGE_SIZE:(off + length - 1) // PAGE_SIZE + 1] = True
-                r.host_dirty_any = True
+                r.host_marks.append((off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE + 1))
 
     def write(self, gpa: int, data) -> None:
         """Copy ``data`` into guest RAM and mark the pages dirty for the VMM's bitmap."""
-        buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray, memoryview))
-                            else data, dtype=np.uint8)
+        buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
         r = self.region_at(gpa, len(buf))
         off = gpa - r.gpa
-        r.array[off:off + len(buf)] = buf
+        r.map[off:off + len(buf)] = buf
         self._mark(r, off, len(buf))
 
     def write_struct(self, gpa: int, struct: ctypes.Structure) -> None:
@@ -235,21 +243,22 @@ class GuestMemory:
         last_full = end // PAGE_SIZE * PAGE_SIZE
         if first_full < last_full and r.anonymous:
             r.map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
-            r.array[off:first_full] = 0
-            r.array[last_full:end] = 0
+            r.map[off:first_full] = bytes(first_full - off)
+            r.map[last_full:end] = bytes(end - last_full)
         else:
-            r.array[off:end] = 0
+            r.map[off:end] = bytes(end - off)
         self._mark(r, off, length)
 
     def take_host_dirty_pages(self, r: Region) -> np.ndarray:
         """The pages the VMM wrote in ``r`` since the last call, sorted, and reset; cheap
         when nothing was written."""
         with self._lock:
-            if not r.host_dirty_any:
-                return np.empty(0, dtype=np.int64)
-            bits = r.host_dirty
-            r.host_dirty = np.zeros(r.npages, dtype=np.bool_)
-            r.host_dirty_any = False
+            marks, r.host_marks = r.host_marks, []
+        if not marks:
+            return np.empty(0, dtype=np.int64)
+        bits = np.zeros(r.npages, dtype=np.bool_)
+        for first, last in marks:
+            bits[first:last] = True
         return np.flatnonzero(bits)
 
     def on_close(self, fn) -> None:

@@ -10,7 +10,6 @@ the 128 bytes is battery-backed RAM; the memory size is recorded where a PC BIOS
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 
@@ -97,6 +96,7 @@ class Cmos:
             else:
                 return
         try:
+            import calendar            # here: its import (datetime) costs every boot ~10 ms
             wanted = calendar.timegm((*fields, 0, 0, 0))
         except (ValueError, OverflowError):
             return

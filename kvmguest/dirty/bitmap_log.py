@@ -10,10 +10,11 @@ in force (nothing has been write-protected yet); the tracker discards it.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..abi import MemFlag
+from ..lazy import lazy_numpy
 from ..memory import GuestMemory, Region
+
+np = lazy_numpy()
 
 NAME = "bitmap"
 
@@ -51,13 +52,16 @@ class BitmapLog(SlotLogging):
     def __init__(self, vm, memory: GuestMemory, manual_protect: bool):
         self.vm, self.memory, self.manual_protect = vm, memory, manual_protect
         self.enabled = False
-        self._bitmaps = {r.slot: np.zeros(-(-r.npages // 64), dtype=np.uint64)
-                         for r in memory.regions}
-        self._addrs = {slot: b.ctypes.data for slot, b in self._bitmaps.items()}
+        self._bitmaps: dict = {}         # made at the first harvest (numpy loads lazily)
+        self._addrs: dict = {}
 
     def harvest_kvm(self, r: Region) -> np.ndarray:
         """KVM's dirty bitmap for one slot (uint64 words, bit i = page i), reset in KVM."""
-        bitmap, addr = self._bitmaps[r.slot], self._addrs[r.slot]
+        bitmap = self._bitmaps.get(r.slot)
+        if bitmap is None:
+            bitmap = self._bitmaps[r.slot] = np.zeros(-(-r.npages // 64), dtype=np.uint64)
+            self._addrs[r.slot] = bitmap.ctypes.data
+        addr = self._addrs[r.slot]
         self.vm.get_dirty_log(r.slot, addr)
         if self.manual_protect:
             # Clearing exactly what was read re-protects those pages; bits set by the

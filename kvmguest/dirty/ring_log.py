@@ -15,19 +15,25 @@ next harvest) and resets it before it runs again, so no page is lost.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import threading
 
-import numpy as np
-
 from .. import abi
 from ..abi import PAGE_SIZE, Cap
+from ..lazy import lazy_numpy
 from ..memory import GuestMemory
 from .bitmap_log import SlotLogging
 
+np = lazy_numpy()
+
 NAME = "ring"
-ENTRY = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
-assert ENTRY.itemsize == 16
+ENTRY_SIZE = 16              # struct kvm_dirty_gfn: flags u32, slot u32, offset u64
+
+
+@functools.cache
+def entry_dtype():
+    return np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 
 
 def ring_cap(vm) -> tuple[int, int]:
@@ -44,9 +50,9 @@ def ring_bytes(max_bytes: int, ram_pages: int, vcpus: int, entries: int | None =
     waits for a ring-full exit), a power of two between one page and KVM's limit; or
     ``entries`` (tests force ring-full exits with a small ring)."""
     if entries is not None:
-        want = entries * ENTRY.itemsize
+        want = entries * ENTRY_SIZE
     else:
-        want = 1 << max(0, (-(-ram_pages // max(1, vcpus)) * ENTRY.itemsize - 1).bit_length())
+        want = 1 << max(0, (-(-ram_pages // max(1, vcpus)) * ENTRY_SIZE - 1).bit_length())
     return max(PAGE_SIZE, min(max_bytes, want))
 
 
@@ -60,7 +66,7 @@ class RingLog(SlotLogging):
 
     def __init__(self, vm, memory: GuestMemory, vcpus, size: int):
         self.vm, self.memory = vm, memory
-        self.entries = size // ENTRY.itemsize
+        self.entries = size // ENTRY_SIZE
         self.enabled = False
         self._lock = threading.Lock()
         self._maps, self._rings = [], []
@@ -68,7 +74,7 @@ class RingLog(SlotLogging):
             m = mmap.mmap(v.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                           offset=abi.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
             self._maps.append(m)
-            self._rings.append(np.frombuffer(m, dtype=ENTRY))
+            self._rings.append(np.frombuffer(m, dtype=entry_dtype()))
         self._fetch = [0] * len(self._rings)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []   # (slots, offsets)
         self._slots = {r.slot for r in memory.regions}

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-
+from ..lazy import lazy_numpy
 from ..memory import GuestMemory
+
+np = lazy_numpy()
 
 
 def merge_pages(*arrays: np.ndarray) -> np.ndarray:
@@ -116,7 +117,7 @@ class DirtyTracker:
                 pages = {r.slot: np.arange(r.npages, dtype=np.int64)
                          for r in self.memory.regions}
             for r in self.memory.regions:
-                if r.host_dirty_any:
+                if r.host_marks:
                     pages[r.slot] = merge_pages(pages.get(r.slot, np.zeros(0, np.int64)),
                                                 self.memory.take_host_dirty_pages(r))
             self.harvests += 1
