@@ -170,7 +170,7 @@ def cmd_run(args) -> int:
 
     if (args.save is None) != (args.save_after is None):
         raise UsageError("--save and --save-after go together")
-    if args.save or args.checkpoint:
+    if args.save is not None or args.checkpoint is not None:
         from migrate.writer import check_save_target
     if args.control:
         from migrate.control import ControlServer, check_socket_path

@@ -101,7 +101,8 @@ class Machine:
                  kvm: Kvm | None = None, own_kvm: bool = False, vcpus: int = 1,
                  irqchip: bool = True, origin: dict | None = None,
                  modules: list[str] = (), cpu_model: str | None = None, pit: bool = True,
-                 dirty_log: str = "auto", ring_entries: int | None = None):
+                 dirty_log: str = "auto", ring_entries: int | None = None,
+                 cpuids: list | None = None):
         """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
@@ -109,7 +110,8 @@ class Machine:
         ``cpu_model`` a QEMU-style -cpu string (kvmguest.boot.cpumodel); ``pit`` False
         leaves out the PIT (QEMU's -machine pit=off). ``dirty_log``: "bitmap", "ring" or
         "auto" (the ring where KVM has it and RAM is large enough for the bitmap's full
-        scan to cost more; see DIRTY_RING_FROM); ``ring_entries`` forces a ring size."""
+        scan to cost more; see DIRTY_RING_FROM); ``ring_entries`` forces a ring size.
+        ``cpuids`` (a restore): each vCPU's CPUID as saved, instead of the host's."""
         if dirty_log not in DIRTY_LOGS:
             raise UsageError(f"--dirty-log must be one of {', '.join(DIRTY_LOGS)}, "
                              f"not {dirty_log!r}")
@@ -184,14 +186,17 @@ class Machine:
                 if pit:
                     self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
             self.pit = irqchip and pit
-            supported = self.kvm.get_supported_cpuid()
+            supported = self.kvm.get_supported_cpuid() if cpuids is None else None
             for i in range(vcpus):
                 v = self.vm.create_vcpu(i)
                 self.vcpus.append(v)
-                cpuid = cpu.copy_cpuid(supported)
-                cpu.setup_cpuid(cpuid, i, vcpus)
-                if self.cpu_model is not None:
-                    self.cpu_model.apply(cpuid, supported)
+                if cpuids is not None:
+                    cpuid = cpuids[i]
+                else:
+                    cpuid = cpu.copy_cpuid(supported)
+                    cpu.setup_cpuid(cpuid, i, vcpus)
+                    if self.cpu_model is not None:
+                        self.cpu_model.apply(cpuid, supported)
                 v.set_cpuid2(cpuid)
                 self.cpuids.append(cpuid)
             backend = (RingLog(self.vm, self.memory, self.vcpus, ring_size) if use_ring
@@ -252,9 +257,10 @@ class Machine:
         MachineState) applied: as many vCPUs, the same irqchip choice; :meth:`start`
         resumes it."""
         m = cls(None, guest_memory=memory, vcpus=len(saved.vcpus), irqchip=saved.irqchip,
-                pit=saved.vm.pit2 is not None, origin=saved.guest, **kw)
+                pit=saved.vm.pit2 is not None, origin=saved.guest,
+                cpuids=[v.saved_cpuid() for v in saved.vcpus], **kw)
         try:
-            saved.apply(m)
+            saved.apply(m, cpuid=False)      # each vCPU got its saved CPUID when created
         except BaseException:
             m.close()
             raise

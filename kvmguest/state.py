@@ -163,6 +163,10 @@ class VcpuState:
         except ValueError as err:
             raise StateError(str(err)) from None
 
+    def saved_cpuid(self):
+        """The saved CPUID, as the struct KVM_SET_CPUID2 takes."""
+        return _cpuid_from_hex(self.cpuid)
+
     def decoded(self, cpuid: bool = True) -> list[tuple[str, object]]:
         """What :meth:`apply` does, each field decoded (and checked) once: the vCPU calls
         in order, as (method, argument); "msrs" is restore_msrs. A reset in place keeps

@@ -7,6 +7,7 @@ the file's size, whatever the file claims.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -165,6 +166,21 @@ class Layout:
         return max(b.pages_offset + b.size for b in self.blocks)
 
 
+def unpack_bits(raw: bytes, first: int, last: int) -> np.ndarray:
+    """Bits [first, last) of a little-endian bitmap, one bool each."""
+    lo = first // 8
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8, count=-(-last // 8) - lo,
+                                       offset=lo), bitorder="little")
+    return bits[first - lo * 8:last - lo * 8].view(np.bool_)
+
+
+def count_bits(raw: bytes) -> int:
+    words = np.frombuffer(raw, dtype=np.uint8)
+    if hasattr(np, "bitwise_count"):             # numpy >= 2: no unpacked copy at all
+        return int(np.bitwise_count(words).sum(dtype=np.int64))
+    return int(np.count_nonzero(np.unpackbits(words)))
+
+
 def bitmap_length(npages: int) -> int:
     return align(-(-npages // 8), 8)
 
@@ -244,14 +260,29 @@ def encode_state(state: dict) -> bytes:
 # --- parsing and validation ---------------------------------------------------------------
 @dataclass
 class Snapshot:
-    """A fully validated snapshot: layout, presence bitmaps and decoded state."""
+    """A fully validated snapshot: layout, presence bitmaps and decoded state.
+
+    ``bitmaps`` are the blocks' page bitmaps as read (validated); ``present`` (one bool a
+    page, per block) is made from them on first use: a lazy restore only needs the bits
+    of the pages the file holds data for (``present_range``), and a bool array of a 16
+    GiB guest's 4 million pages costs ~4 ms here just to fault in."""
     path: str
     file_size: int
     layout: Layout
-    present: list[np.ndarray] = field(default_factory=list)
+    bitmaps: list[bytes] = field(default_factory=list)
     state: dict = field(default_factory=dict)
     state_length: int = 0
     version: int = VERSION
+
+    @functools.cached_property
+    def present(self) -> list[np.ndarray]:
+        return [unpack_bits(raw, 0, b.npages) for raw, b in zip(self.bitmaps, self.layout.blocks)]
+
+    def present_range(self, i: int, first: int, last: int) -> np.ndarray:
+        """Block ``i``'s presence bits for pages [first, last)."""
+        if "present" in self.__dict__:
+            return self.present[i][first:last]
+        return unpack_bits(self.bitmaps[i], first, last)
 
     @property
     def ram_size(self) -> int:
@@ -390,19 +421,18 @@ def _validate(path: str, fd: int) -> Snapshot:
     if len({b.slot for b in blocks}) != len(blocks):
         raise SnapshotError("two blocks claim the same memory slot")
 
-    present_maps = []
+    bitmaps = []
     for b in blocks:
         raw = _read_exact(fd, b.bitmap_offset, b.bitmap_length, f"bitmap of {b.name!r}", size)
         if crc(raw) != b.bitmap_crc:
             raise SnapshotError(f"bitmap of {b.name!r}: checksum mismatch")
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        if bits[b.npages:].any():
+        if unpack_bits(raw, b.npages, len(raw) * 8).any():
             raise SnapshotError(f"bitmap of {b.name!r} has bits set past its last page")
-        bits = bits[:b.npages].view(np.bool_)
-        if int(bits.sum()) != b.pages_present:
-            raise SnapshotError(f"bitmap of {b.name!r}: {int(bits.sum())} bits set but "
+        counted = count_bits(raw)
+        if counted != b.pages_present:
+            raise SnapshotError(f"bitmap of {b.name!r}: {counted} bits set but "
                                 f"{b.pages_present} pages recorded")
-        present_maps.append(bits)
+        bitmaps.append(raw)
 
     if state_offset % SECTION_ALIGN or state_offset < layout.pages_end:
         raise SnapshotError("state section is misplaced")
@@ -419,7 +449,7 @@ def _validate(path: str, fd: int) -> Snapshot:
         raise SnapshotError(f"state does not decode: {err}") from None
     if not isinstance(state, dict) or state.get("format") != "kvmguest-state":
         raise SnapshotError("state section is not kvmguest state")
-    return Snapshot(path, size, layout, present_maps, state, state_length, version)
+    return Snapshot(path, size, layout, bitmaps, state, state_length, version)
 
 
 def with_present(layout: Layout, present: list[np.ndarray]) -> Layout:

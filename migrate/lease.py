@@ -65,8 +65,8 @@ def _on_sigio(signum, frame) -> None:
 class SnapshotLease:
     """A read lease on a lazily mapped snapshot, and the detach it triggers."""
 
-    def __init__(self, path: str, memory, present: list[np.ndarray]):
-        self.memory, self.present = memory, present
+    def __init__(self, path: str, memory, snap):
+        self.memory, self.snap = memory, snap      # snap.present is made only on a detach
         self.pause = self.resume = None        # set once the machine exists
         self.detached = False
         self.fd = -1
@@ -128,7 +128,7 @@ class SnapshotLease:
             except Exception as err:  # noqa: BLE001 - a finished guest needs no pause
                 log.debug("detach: pause: %s", err)
         try:
-            for region, bits in zip(self.memory.regions, self.present):
+            for region, bits in zip(self.memory.regions, self.snap.present):
                 private = region.private_pages()
                 if private is None:                  # cannot tell: keep every page
                     private = np.ones(region.npages, dtype=np.bool_)

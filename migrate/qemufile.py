@@ -61,7 +61,7 @@ class QemuBlock:
 
     @property
     def pages_present(self) -> int:
-        return int(self.present.sum())
+        return int(np.count_nonzero(self.present))
 
     def offsets(self, idx: np.ndarray) -> np.ndarray:
         """File offsets of the (present) pages ``idx``."""

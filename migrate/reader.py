@@ -143,7 +143,7 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
         return memory, loaded
     regions = []
     try:
-        for spec, block, bits in zip(specs, snap.layout.blocks, snap.present):   # same order
+        for i, (spec, block) in enumerate(zip(specs, snap.layout.blocks)):   # same order
             # MAP_NORESERVE, as for anonymous guest RAM: only what the guest writes is
             # ever private memory, so the mapping must not be charged in full up front.
             try:
@@ -158,7 +158,7 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
             # at such a page anyway, zero it in the private mapping.
             for s, e in data_extents(fd, block.pages_offset, block.pages_offset + block.size):
                 first, last = (s - block.pages_offset) // PAGE, -(-(e - block.pages_offset) // PAGE)
-                absent = ~bits[first:last]
+                absent = ~snap.present_range(i, first, last)
                 for a, b in runs_of_mask(absent).tolist():
                     region.array[(first + a) * PAGE:(first + b) * PAGE] = 0
     except BaseException:
@@ -235,7 +235,7 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
                           snap.version, len(saved.vcpus), snap.pages_present)
                 memory, loaded = load_memory(snap, fd, lazy, threads, progress)
                 if lazy:
-                    lease = SnapshotLease(path, memory, snap.present)
+                    lease = SnapshotLease(path, memory, snap)
                     memory.on_close(lease.close)
         finally:
             os.close(fd)

@@ -48,3 +48,29 @@ def test_resets_put_memory_and_state_back_to_the_snapshot(machine_factory, tmp_p
         point.close()
     finally:
         m.close()
+
+
+def test_clones_of_one_snapshot_run_independently_and_leave_it_unchanged(
+        kvm_available, tmp_path, monkeypatch):
+    """Clones: many lazy MAP_PRIVATE restores of one file at once; each guest's writes
+    are its own, and the snapshot is not touched."""
+    import hashlib
+
+    from kvmguest.fixtures import GuestSpec, snapshot_for
+    monkeypatch.setenv("KVMGUEST_CACHE", str(tmp_path))
+    path = snapshot_for(GuestSpec(str(guest("fixture")), "pages=64"))
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    clones = []
+    try:
+        for i in range(8):
+            m, _ = restore(path, lazy=True)
+            clones.append(m)
+            m.start()
+            m.console.send(f"write {i + 1}\ncheck\n".encode())
+        for i, m in enumerate(clones):
+            assert m.serial.wait_for(f"dirty: {i + 1} pages changed, 1 commands", 30), \
+                m.serial.text()
+    finally:
+        for m in clones:
+            m.close()
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
