@@ -68,8 +68,7 @@ def create_to_exit(report: Report, runs: int) -> None:
     samples = []
     for _ in range(max(runs, 5) + 1):
         samples += timed(lambda: boot.hello_in_process(kvm), 1, warmup=0)
-        while boot._to_close:
-            boot._to_close.pop().close()
+        boot.close_machines()
     fig = Figure("Machine(hello) create to guest exit", "ms", samples[1:], baseline=floor.name,
                  target="<= 2x the raw floor")
     fig.met = fig.median <= 2 * floor.median
@@ -108,6 +107,31 @@ def _ready_snapshot(work: str) -> str:
 def clones(report: Report, work: str, counts: list[int]) -> None:
     path = _ready_snapshot(work)
     size = os.path.getsize(path)
+    # Baselines, same run: eager restores of the same file (each reads the 64 MiB working
+    # set into memory of its own), in this process and as a process.
+    rate, grown = [], []
+    for _ in range(3):
+        before = _pss_kib(os.getpid())
+        t = time.perf_counter()
+        m, _ = restore(path)
+        m.start()
+        rate.append(1 / (time.perf_counter() - t))
+        grown.append((_pss_kib(os.getpid()) - before) / 1024)
+        m.close()
+    base_rate = report.add(Figure("baseline: eager restores of the same snapshot in one "
+                                  "process, started per second", "restores/s", rate))
+    base_mem = report.add(Figure("baseline: memory of one eager restore (PSS growth)", "MiB",
+                                 grown))
+    argv = [sys.executable, "-m", "kvmguest.cli", "restore", "--console-input", path]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    try:
+        p.stdout.readline()
+        proc_mem = report.add(Figure("baseline: PSS of one `kvmguest restore` process (eager)",
+                                     "MiB", [_pss_kib(p.pid) / 1024]))
+    finally:
+        p.kill()
+        p.wait()
     for n in counts:
         # In one process: n lazy restores, started one after the other.
         before = _pss_kib(os.getpid())
@@ -129,9 +153,11 @@ def clones(report: Report, work: str, counts: list[int]) -> None:
             for m in machines:
                 m.close()
         report.add(Figure(f"clones in one process, {n} x 1 GiB (64 MiB working set): "
-                          "started per second", "clones/s", [n / started]))
+                          "started per second", "clones/s", [n / started],
+                          baseline=base_rate.name))
         report.add(Figure(f"clones in one process, {n}: memory per clone after each read "
-                          "its working set (PSS growth / n)", "MiB", [per]))
+                          "its working set (PSS growth / n)", "MiB", [per],
+                          baseline=base_mem.name))
         # As processes: n `kvmguest restore --lazy`, started at once.
         argv = [sys.executable, "-m", "kvmguest.cli", "restore", "--lazy", "--console-input",
                 path]
@@ -157,7 +183,8 @@ def clones(report: Report, work: str, counts: list[int]) -> None:
         report.add(Figure(f"clone processes, {n} x `kvmguest restore --lazy`: started per "
                           "second", "clones/s", [n / started]))
         report.add(Figure(f"clone processes, {n}: PSS per clone after each read its working "
-                          "set", "MiB", pss, note=f"snapshot {size >> 20} MiB apparent"))
+                          "set", "MiB", pss, baseline=proc_mem.name,
+                          note=f"snapshot {size >> 20} MiB apparent"))
 
 
 def run(report: Report, work: str, runs: int, quick: bool = False) -> None:

@@ -46,6 +46,9 @@ class KvmUnavailable(KvmguestError):
     exit_code = EXIT_BAD_INPUT
 
 
+_supported_cpuid = None          # KVM_GET_SUPPORTED_CPUID's answer, once per process
+
+
 def ioctl(fd: int, request: abi.enum.IntEnum, arg=None) -> int:
     """Call ioctl(2); ``arg`` is an int, a ctypes object (passed by reference) or None."""
     if arg is None or isinstance(arg, int):
@@ -158,10 +161,16 @@ class Kvm(_Fd):
         return ioctl(self.fd, SysIoctl.KVM_GET_VCPU_MMAP_SIZE)
 
     def get_supported_cpuid(self):
-        cpuid = abi.flexible(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, abi.KVM_MAX_CPUID_ENTRIES)()
-        cpuid.hdr.nent = abi.KVM_MAX_CPUID_ENTRIES
-        ioctl(self.fd, SysIoctl.KVM_GET_SUPPORTED_CPUID, cpuid)
-        return cpuid
+        """KVM_GET_SUPPORTED_CPUID, asked once per process (~0.6 ms on a nested host, and
+        the answer does not change): a fresh copy each call, for the caller to edit."""
+        global _supported_cpuid
+        if _supported_cpuid is None:
+            cpuid = abi.flexible(abi.kvm_cpuid2, abi.kvm_cpuid_entry2,
+                                 abi.KVM_MAX_CPUID_ENTRIES)()
+            cpuid.hdr.nent = abi.KVM_MAX_CPUID_ENTRIES
+            ioctl(self.fd, SysIoctl.KVM_GET_SUPPORTED_CPUID, cpuid)
+            _supported_cpuid = cpuid
+        return type(_supported_cpuid).from_buffer_copy(_supported_cpuid)
 
     def get_msr_index_list(self) -> list[int]:
         count = 64
