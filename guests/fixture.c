@@ -20,22 +20,11 @@
 #define SEED 0x5eed5eed5eed5eedUL
 #define MAX_RANGES 16
 #define VECTOR 0x44
-#define COM1_IRQ 4
 
 static struct ram_range ws[MAX_RANGES];
 static int nws;
 static u64 npages;
 static volatile u64 commands;
-static volatile char ring[256];
-static volatile u32 head, tail;
-
-static void on_rx(u32 v)
-{
-    while (inb(COM1 + 5) & 1) {
-        char c = (char)inb(COM1);
-        if (head - tail < sizeof(ring)) ring[head++ % sizeof(ring)] = c;
-    }
-}
 
 static u64 changed(void)
 {
@@ -67,27 +56,15 @@ int main(void)
     }
     cpu_count();
     apic_init();
-    set_irq_handler(VECTOR, on_rx);
-    ioapic_route(COM1_IRQ, VECTOR, cpu_id());
-    outb(COM1 + 4, 0x0b);                         /* DTR, RTS, OUT2 */
-    outb(COM1 + 1, 0x01);                         /* IER: received data available */
+    console_input_init(VECTOR);
     printf("fixture: %lu pages set up\n", npages);
     int snapshot = kvmguest_request(KVMGUEST_READY);
     printf("fixture: ready (%s, restored %u)\n", snapshot ? "from the snapshot" : "no snapshot",
            inl(KVMGUEST_PORT));
 
     char line[128];
-    u32 len = 0;
     for (;;) {
-        while (tail == head) sti_hlt();
-        char c = ring[tail++ % sizeof(ring)];
-        if (c != '\r' && c != '\n') {
-            if (len < sizeof(line) - 1) line[len++] = c;
-            continue;
-        }
-        if (!len) continue;
-        line[len] = 0;
-        len = 0;
+        read_line(line, sizeof(line));
         if (!strncmp(line, "write ", 6)) {
             u64 k = parse_u64(line + 6);
             commands++;

@@ -233,3 +233,42 @@ void smp_start(void (*ap_main)(u32 id))
     }
     while (cpus_online < (u32)n) cpu_relax();
 }
+
+/* --- COM1 input ------------------------------------------------------------------------ */
+static volatile char rx_ring[256];
+static volatile u32 rx_head, rx_tail, rx_interrupts;   /* the handler writes head */
+
+static void on_rx(u32 v)
+{
+    rx_interrupts++;
+    while (inb(COM1 + 5) & 1) {
+        char c = (char)inb(COM1);
+        if (rx_head - rx_tail < sizeof(rx_ring)) rx_ring[rx_head++ % sizeof(rx_ring)] = c;
+    }
+}
+
+void console_input_init(u32 vector)
+{
+    set_irq_handler(vector, on_rx);
+    ioapic_route(4, vector, cpu_id());
+    outb(COM1 + 4, 0x0b);                         /* DTR, RTS, OUT2 */
+    outb(COM1 + 1, 0x01);                         /* IER: received data available */
+}
+
+u32 read_line(char *line, u32 size)
+{
+    u32 len = 0;
+    for (;;) {
+        while (rx_tail == rx_head) sti_hlt();
+        char c = rx_ring[rx_tail++ % sizeof(rx_ring)];
+        if (c != '\r' && c != '\n') {
+            if (len < size - 1) line[len++] = c;
+            continue;
+        }
+        if (!len) continue;
+        line[len] = 0;
+        return len;
+    }
+}
+
+u32 console_interrupts(void) { return rx_interrupts; }

@@ -82,4 +82,11 @@ void set_irq_handler(u32 vector, void (*h)(u32 vector));
 /* 8254 PIT channel 0, periodic at `hz` (IRQ 0). */
 void pit_periodic(u32 hz);
 
+/* Interrupt-driven COM1 input (IRQ 4 through the IOAPIC to this CPU at `vector`): bytes
+ * land in a ring; read_line() halts until a non-empty line arrives and returns its length
+ * (the line end dropped, the rest cut to size - 1, NUL-terminated). */
+void console_input_init(u32 vector);
+u32 read_line(char *line, u32 size);
+u32 console_interrupts(void);
+
 #endif
