@@ -205,7 +205,7 @@ def guest_fixture(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcp
     guest's ready point (see the module's doc). ``kernel`` relative to where pytest runs."""
     import pytest
 
-    spec = GuestSpec(os.path.abspath(kernel), cmdline, int(memory), vcpus, ready, timeout)
+    spec = _spec(kernel, cmdline, memory, vcpus, ready, timeout)
 
     @pytest.fixture
     def fixture(request):
@@ -217,3 +217,29 @@ def guest_fixture(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcp
             pytest.fail(f"kvmguest fixture for {kernel}: {err}", pytrace=False)
 
     return fixture
+
+
+def guest_snapshot(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcpus: int = 1,
+                   ready: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    """A session-scoped pytest fixture: the path of the cached snapshot of the guest at its
+    ready point (made once, as guest_fixture's), for tests that restore it themselves
+    (``migrate.reader.restore(path, lazy=True)``: a clone)."""
+    import pytest
+
+    from .pytest_plugin import ensure_kvm
+
+    spec = _spec(kernel, cmdline, memory, vcpus, ready, timeout)
+
+    @pytest.fixture(scope="session")
+    def fixture():
+        ensure_kvm()
+        try:
+            return snapshot_for(spec)
+        except KvmguestError as err:
+            pytest.fail(f"kvmguest snapshot of {kernel}: {err}", pytrace=False)
+
+    return fixture
+
+
+def _spec(kernel, cmdline, memory, vcpus, ready, timeout) -> GuestSpec:
+    return GuestSpec(os.path.abspath(kernel), cmdline, int(memory), vcpus, ready, timeout)

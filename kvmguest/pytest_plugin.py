@@ -42,7 +42,8 @@ def pytest_configure(config):
                                        "virtualization)")
 
 
-def _ensure_kvm():
+def ensure_kvm():
+    """Skip (or, under CI, fail) the calling test when KVM is unusable."""
     problem = kvm_problem()
     if problem is None:
         return
@@ -54,13 +55,13 @@ def _ensure_kvm():
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("kvm") is not None:
-        _ensure_kvm()
+        ensure_kvm()
 
 
 @pytest.fixture
 def kvm_available():
     """Skips (or fails under CI) when KVM is unusable."""
-    _ensure_kvm()
+    ensure_kvm()
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ import pytest
 from helpers import cli, guest
 
 CONFTEST = """
-from kvmguest.fixtures import guest_fixture
+from kvmguest.fixtures import guest_fixture, guest_snapshot
 app = guest_fixture({kernel!r}, cmdline={cmdline!r})
+app_snapshot = guest_snapshot({kernel!r}, cmdline={cmdline!r})
 """
 
 TESTS = """
@@ -36,6 +37,18 @@ def test_a_guest_that_exits_is_replaced(app):
 def test_the_next_one_still_gets_a_clean_guest(app):
     app.console.send(b"check\\n")
     assert app.serial.wait_for("clean after 0 commands", 20), app.serial.text()
+
+def test_the_same_snapshot_as_a_path_for_a_clone_of_ones_own(app_snapshot, app):
+    from migrate.reader import restore
+    clone, _ = restore(app_snapshot, lazy=True)
+    try:
+        clone.start()
+        clone.console.send(b"write 7\\ncheck\\n")
+        assert clone.serial.wait_for("dirty: 7 pages changed", 20), clone.serial.text()
+        app.console.send(b"check\\n")           # the fixture's machine is untouched by it
+        assert app.serial.wait_for("clean after 0 commands", 20), app.serial.text()
+    finally:
+        clone.close()
 """
 
 
@@ -59,21 +72,21 @@ def test_fixture_boots_once_caches_the_snapshot_and_resets_each_test(pytester, t
     cache = tmp_path / "cache"
     env = _project(pytester, cache)
     r = _run(pytester, env)
-    r.assert_outcomes(passed=8)
+    r.assert_outcomes(passed=9)
     snaps = _snapshots(cache)
     assert len(snaps) == 1 and snaps[0].startswith("fixture-") and snaps[0].endswith(".snap")
     inode = os.stat(cache / snaps[0]).st_ino
     # Again: the cached snapshot is used as it is (not booted, not rewritten).
-    _run(pytester, env).assert_outcomes(passed=8)
+    _run(pytester, env).assert_outcomes(passed=9)
     assert _snapshots(cache) == snaps and os.stat(cache / snaps[0]).st_ino == inode
     # Another command line is another snapshot; a damaged one is made again.
     env2 = _project(pytester, cache, cmdline="pages=200")
-    _run(pytester, env2).assert_outcomes(passed=8)
+    _run(pytester, env2).assert_outcomes(passed=9)
     assert len(_snapshots(cache)) == 2
     for name in _snapshots(cache):
         with open(cache / name, "r+b") as f:
             f.write(b"junk")
-    _run(pytester, env2).assert_outcomes(passed=8)
+    _run(pytester, env2).assert_outcomes(passed=9)
     assert len(_snapshots(cache)) == 2
 
 
@@ -87,7 +100,7 @@ def test_fixture_under_xdist_shares_one_snapshot_and_leaves_nothing_behind(pytes
     env["TMPDIR"] = str(tmp)
     env["WORKERS_LOG"] = str(tmp_path / "workers")
     r = _run(pytester, env, "-n", "2")
-    r.assert_outcomes(passed=12)
+    r.assert_outcomes(passed=13)
     workers = set((tmp_path / "workers").read_text().split())
     assert workers == {"gw0", "gw1"}                            # both workers had machines
     assert len(_snapshots(cache)) == 1                           # booted once, shared
@@ -162,7 +175,7 @@ def test_the_example_in_docs_fixtures_md_works_as_written(pytester, tmp_path):
     from helpers import ROOT
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "fixtures.md").read_text(),
                         re.S)
-    conftest, test_app, test_migration = blocks
+    conftest, test_app, _clones, test_migration = blocks     # the clones sketch is run above
     os.symlink(ROOT / "guests", pytester.path / "guests")
     pytester.makeconftest(conftest)
     pytester.makepyfile(test_app=test_app, test_migration=test_migration)
