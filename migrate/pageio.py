@@ -147,6 +147,45 @@ def pread_into(fd: int, buf, offset: int) -> bool:
     return True
 
 
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+SYS_CACHESTAT = 451          # x86_64, Linux >= 6.5
+
+
+def cached_fraction(fd: int) -> float:
+    """How much of the file is in the page cache (cachestat(2)); 1.0 where the kernel
+    cannot say, so that the reads stay buffered then."""
+    size = os.fstat(fd).st_size
+    if not size:
+        return 1.0
+    cs = _Cachestat()
+    rng = _CachestatRange(0, size)
+    if _libc.syscall(SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(cs), 0) != 0:
+        return 1.0
+    allocated = os.fstat(fd).st_blocks * 512 or size
+    return min(1.0, cs.nr_cache * PAGE_SIZE / allocated)
+
+
+def direct_fd(fd: int) -> int:
+    """The same file opened again with O_DIRECT for an eager restore of a file that is
+    not in the page cache (-1 where the filesystem refuses it). Pages sit at 4 KiB-aligned
+    offsets and land in page-aligned guest memory, as O_DIRECT wants; the reads then go
+    from the disk straight into guest memory, with no copy through the page cache and no
+    second copy of the guest left in it. A file still in the cache (just saved) is read
+    buffered: copying from the cache is faster than the disk."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WAIT_AFTER = 0x1, 0x4
 
 

@@ -24,10 +24,10 @@ from kvmguest.state import MachineState, StateError
 from . import format as fmt
 from .format import CHECKPOINT_MAGIC, SnapshotError
 from .lease import SnapshotLease
+from .pageio import (MAX_IO, cached_fraction, check_threads, data_extents, direct_fd,
+                     fault_point, pread_into, runs_of_mask, split_runs)
 
 log = logging.getLogger(__name__)
-from .pageio import (MAX_IO, check_threads, data_extents, fault_point, pread_into,
-                     runs_of_mask, split_runs)
 
 
 @dataclass
@@ -131,15 +131,21 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
     check_host_capacity(snap.pages_present, lazy)
     if not lazy:
         memory = GuestMemory([Region(s) for s in specs])
+        dfd = direct_fd(fd) if cached_fraction(fd) < 0.5 else -1    # cold: O_DIRECT
+        log.debug("reading pages %s", "with O_DIRECT (file not cached)" if dfd >= 0
+                  else "buffered")
         try:
-            loaded = read_pages(paired(memory, snap.layout.blocks), snap.present, fd, threads,
-                                progress)
+            loaded = read_pages(paired(memory, snap.layout.blocks), snap.present,
+                                fd if dfd < 0 else dfd, threads, progress)
         except OSError as err:
             memory.close()
             raise SnapshotError(f"reading pages failed: {err.strerror}") from None
         except BaseException:
             memory.close()
             raise
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
         return memory, loaded
     regions = []
     try:

@@ -39,6 +39,31 @@ def test_live_save_then_restore_in_new_process_verifies(machine_factory, tmp_pat
     assert_alive_and_clean(p.stdout)               # it carried on, every page right
 
 
+def test_a_snapshot_not_in_the_page_cache_restores_with_direct_reads(machine_factory,
+                                                                     tmp_path):
+    """An eager restore of a file the page cache does not hold reads with O_DIRECT
+    (straight into guest memory); the guest carries on verifying."""
+    m = start_dirty(machine_factory, memory=256 << 20, base=16 << 20, pages=900, passes=0)
+    path = tmp_path / "cold.snap"
+    live_save(m, str(path), threads=2, then="stop", downtime_ms=50)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # out of the page cache
+    finally:
+        os.close(fd)
+    p = cli("restore", path, "--timeout", "3", "-v")
+    assert "reading pages with O_DIRECT" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 124, p.stderr[-2000:]
+    assert_alive_and_clean(p.stdout)
+    with open(path, "rb") as f:         # O_DIRECT left it uncached; now it is: buffered
+        while f.read(1 << 20):
+            pass
+    p = cli("restore", path, "--timeout", "3", "-v")
+    assert "reading pages buffered" in p.stderr and p.returncode == 124
+    assert_alive_and_clean(p.stdout)
+
+
 @pytest.mark.parametrize("ring_entries", [None, 1024], ids=["ring", "small-ring"])
 def test_a_live_save_through_the_dirty_ring_loses_nothing(machine_factory, tmp_path,
                                                           ring_entries):
