@@ -48,7 +48,7 @@ kut: all
 	$(PY) -m kvmguest kut "$$dir" --cfg guests/kut/unittests.cfg; b=$$?; \
 	exit $$(( a || b ))
 
-# `make bench` (full, ~15 min) or `make bench BENCH_ARGS=--quick` (under 2 min).
+# `make bench` (full, ~20 min) or `make bench BENCH_ARGS=--quick` (under 2 min).
 # scripts/setup-qemu installs QEMU >= 9 (mapped-ram) for the side by side, when root.
 bench: all
 	$(PY) -m pip install -q -e '.[bench]'

@@ -29,7 +29,7 @@ def main() -> int:
         sizes, lazy_sizes, configs, minutes = [GiB], [GiB, 4 * GiB], [(False, 2), (True, 2)], 2
     else:
         sizes, lazy_sizes = [GiB, 4 * GiB], [GiB, 4 * GiB, 16 * GiB]
-        configs, minutes = [(False, 1), (False, 2), (True, 1), (True, 2)], 15
+        configs, minutes = [(False, 1), (False, 2), (True, 1), (True, 2)], 20
     print(f"kvmguest benchmarks ({'quick' if args.quick else 'full'}): {runs} runs per figure, "
           f"median [min, max]; expect about {minutes} minutes", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
