@@ -98,7 +98,7 @@ def _pss_kib(pid: int) -> int:
 
 def _ready_snapshot(work: str) -> str:
     """A 1 GiB fixture guest with a 64 MiB working set, saved at its ready point."""
-    from kvmguest.fixtures import GuestSpec, snapshot_for
+    from kvmguest.testing.fixtures import GuestSpec, snapshot_for
     os.environ["KVMGUEST_CACHE"] = os.path.join(work, "cache")
     return snapshot_for(GuestSpec(str(GUESTS / "fixture.elf"), f"pages={WS_PAGES}", GiB,
                                   timeout=300))

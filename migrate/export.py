@@ -20,7 +20,7 @@ from kvmguest.errors import UsageError
 from . import format as fmt
 from .format import SnapshotError
 from .pageio import fsync_dir, open_excl, temp_path_for
-from .qemufile import read_qemu
+from .qemu import read_qemu
 from .reader import open_snapshot, read_magic, validated
 from .writer import check_save_target, io_error
 

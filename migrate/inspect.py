@@ -59,7 +59,7 @@ def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
 
 
 def _describe_qemu(info: dict, path: str, fd: int) -> None:
-    from .qemufile import read_qemu
+    from .qemu import read_qemu
     q = read_qemu(fd)
     blocks = []
     for b in q.blocks:

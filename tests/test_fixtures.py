@@ -1,4 +1,4 @@
-"""Snapshots as test fixtures: kvmguest.fixtures.guest_fixture in real pytest runs
+"""Snapshots as test fixtures: kvmguest.testing.guest_fixture in real pytest runs
 (plain and under pytest-xdist), the kvmguest port's READY, and a guest asking to be
 migrated to a new process (`run --guest-migrate`)."""
 
@@ -11,7 +11,7 @@ import pytest
 from helpers import cli, guest
 
 CONFTEST = """
-from kvmguest.fixtures import guest_fixture, guest_snapshot
+from kvmguest.testing import guest_fixture, guest_snapshot
 app = guest_fixture({kernel!r}, cmdline={cmdline!r})
 app_snapshot = guest_snapshot({kernel!r}, cmdline={cmdline!r})
 """
@@ -109,7 +109,7 @@ def test_fixture_under_xdist_shares_one_snapshot_and_leaves_nothing_behind(pytes
 
 def test_fixture_with_a_console_ready_point(pytester, tmp_path):
     pytester.makeconftest(f"""
-from kvmguest.fixtures import guest_fixture
+from kvmguest.testing import guest_fixture
 echo = guest_fixture({str(guest('echo'))!r}, ready="echo: ready")
 """)
     pytester.makepyfile(test_echo="""
@@ -126,7 +126,7 @@ def test_echo(echo, word):
 
 def test_a_guest_that_never_gets_ready_fails_the_test_in_one_line(pytester, tmp_path):
     pytester.makeconftest(f"""
-from kvmguest.fixtures import guest_fixture
+from kvmguest.testing import guest_fixture
 hello = guest_fixture({str(guest('hello'))!r}, timeout=20)
 """)
     pytester.makepyfile(test_hello="def test_it(hello):\n    pass\n")

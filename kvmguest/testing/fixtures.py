@@ -2,7 +2,7 @@
 
 In a conftest.py::
 
-    from kvmguest.fixtures import guest_fixture
+    from kvmguest.testing import guest_fixture
     app = guest_fixture("guests/build/fixture.elf", cmdline="pages=256")
 
 and in a test::
@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .errors import KvmguestError
+from ..errors import KvmguestError
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -54,7 +54,7 @@ class GuestSpec:
 
     def key(self) -> str:
         from migrate import format as fmt
-        from .state import STATE_VERSION
+        from ..state import STATE_VERSION
         h = hashlib.sha256()
         with open(self.kernel, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -76,8 +76,8 @@ def _boot_to_ready(spec: GuestSpec, path: str) -> None:
     """Boot ``spec`` until its ready point and save it to ``path`` (temp file + rename)."""
     from migrate.precopy import live_save
 
-    from .devices.guest_port import READY, REQUESTS
-    from .machine import Machine
+    from ..devices.guest_port import READY, REQUESTS
+    from ..machine import Machine
 
     m = Machine(spec.kernel, memory=spec.memory, cmdline=spec.cmdline, vcpus=spec.vcpus)
     try:
@@ -226,7 +226,7 @@ def guest_snapshot(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vc
     (``migrate.reader.restore(path, lazy=True)``: a clone)."""
     import pytest
 
-    from .pytest_plugin import ensure_kvm
+    from .plugin import ensure_kvm
 
     spec = _spec(kernel, cmdline, memory, vcpus, ready, timeout)
 

@@ -6,7 +6,7 @@
         assert result.exit_code == 0 and "Hello" in result.console
 
 Snapshots as fixtures (boot once to a ready point, reset per test):
-``kvmguest.fixtures.guest_fixture`` and docs/fixtures.md.
+``kvmguest.testing.guest_fixture`` and docs/fixtures.md.
 
 Where /dev/kvm is unusable, tests marked ``kvm`` (and tests using these fixtures) are
 skipped with the reason, except under ``CI=true`` or ``KVMGUEST_REQUIRE_KVM=1``, where
@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from .kvm import KvmUnavailable
+from ..kvm import KvmUnavailable
 
 
 def kvm_required() -> bool:
@@ -30,7 +30,7 @@ def kvm_required() -> bool:
 def kvm_problem() -> str | None:
     """None when KVM is usable, else why not."""
     try:
-        from .machine import open_kvm
+        from ..machine import open_kvm
         open_kvm().close()
     except KvmUnavailable as err:
         return str(err)
@@ -66,7 +66,7 @@ def kvm_available():
 
 @pytest.fixture(scope="session")
 def kvmguest_pool():
-    """The machines that kvmguest.fixtures.guest_fixture hands out in this process
+    """The machines that kvmguest.testing.guest_fixture hands out in this process
     (closed at the end of the session)."""
     from .fixtures import Pool
     pool = Pool()
@@ -78,7 +78,7 @@ def kvmguest_pool():
 def boot_guest(kvm_available):
     """Boot a PVH ELF and return its GuestResult: ``boot_guest(path, cmdline=, memory=,
     timeout=, vcpus=)``. Machines are closed at teardown."""
-    from .machine import Machine
+    from ..machine import Machine
 
     machines = []
 
@@ -96,7 +96,7 @@ def boot_guest(kvm_available):
 @pytest.fixture
 def machine_factory(kvm_available):
     """Create Machines that are closed at teardown: ``machine_factory(path, **kw)``."""
-    from .machine import Machine
+    from ..machine import Machine
 
     machines = []
 
