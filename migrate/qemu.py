@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import QEMU_MAGIC, SnapshotError
+from .format import QEMU_MAGIC, SnapshotError, unpack_bits
 
 FILE_VERSION = 3
 RAM_VERSION = 4
@@ -247,8 +247,7 @@ def _mapped_header(c: _Cursor, q: QemuFile, b: QemuBlock) -> None:
                             f"{bitmap_offset:#x}, pages at {pages_offset:#x}+{b.size:#x} do not "
                             f"fit the file ({c.size} bytes): truncated or damaged?")
     b.bitmap_offset, b.pages_offset = bitmap_offset, pages_offset
-    raw = np.frombuffer(os.pread(c.fd, bitmap_len, bitmap_offset), dtype=np.uint8)
-    b.present = np.unpackbits(raw, bitorder="little")[:b.npages].astype(bool)
+    b.present = unpack_bits(os.pread(c.fd, bitmap_len, bitmap_offset), 0, b.npages)
     c.pos = pages_offset + b.size          # QEMU's stream carries on after the page area
 
 
