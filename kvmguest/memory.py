@@ -88,6 +88,15 @@ def check_layout(specs) -> None:
                 f"{size_text(KVM_MEM_MAX_NR_PAGES * PAGE_SIZE)} per memory slot")
 
 
+def close_mapping(m: mmap.mmap) -> None:
+    """Close an mmap; where a caller still holds a view of it (a numpy array), it is
+    unmapped when the last view goes instead."""
+    try:
+        m.close()
+    except BufferError:
+        pass
+
+
 class Region:
     """One RAM block: an anonymous (or file-backed, private) mapping and its numpy view."""
 
@@ -172,10 +181,7 @@ class Region:
     def close(self) -> None:
         self._array = None
         if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:  # a caller still holds a view; unmapped when it goes
-                pass
+            close_mapping(self.map)
             self.map = None
 
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from kvmguest.memory import PAGE_SIZE
+from kvmguest.memory import PAGE_SIZE, close_mapping
 
 from .reader import open_snapshot, paired, validated
 
@@ -79,8 +79,5 @@ class ResetPoint:
     def close(self) -> None:
         self.client.close()
         for mp in self._maps:
-            try:
-                mp.close()
-            except BufferError:
-                pass
+            close_mapping(mp)
         self._maps = []

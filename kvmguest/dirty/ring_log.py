@@ -22,7 +22,7 @@ import threading
 from .. import abi
 from ..abi import PAGE_SIZE, Cap
 from ..lazy import lazy_numpy
-from ..memory import GuestMemory
+from ..memory import GuestMemory, close_mapping
 from .bitmap_log import SlotLogging
 
 np = lazy_numpy()
@@ -146,8 +146,5 @@ class RingLog(SlotLogging):
     def close(self) -> None:
         self._rings = []
         for m in self._maps:
-            try:
-                m.close()
-            except BufferError:
-                pass
+            close_mapping(m)
         self._maps = []
