@@ -18,6 +18,7 @@ class ConsoleInput:
         self.enabled = always or sys.stdin.isatty()
         self._lock = threading.Lock()
         self._held: bytearray | None = None
+        self._held_eof = False                # standard input ended while held
         self._sink = None                     # the new process's stdin, once it exists
 
     def start(self) -> None:
@@ -57,7 +58,6 @@ class ConsoleInput:
         with self._lock:
             if self._held is None:
                 self._held = bytearray()
-                self._held_eof = False
 
     def release(self) -> None:
         """The migration did not happen: what was held goes to the guest after all."""
@@ -72,5 +72,5 @@ class ConsoleInput:
             self._sink = sink
             if held:
                 self._write_sink(bytes(held))
-            if getattr(self, "_held_eof", False):
+            if self._held_eof:
                 self._write_sink(b"")
