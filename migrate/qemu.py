@@ -91,9 +91,13 @@ class _Cursor:
     def __init__(self, fd: int, size: int, pos: int = 0):
         self.fd, self.size, self.pos = fd, size, pos
 
+    def _fits(self, n: int, what: str) -> None:
+        if self.pos + n > self.size:
+            raise SnapshotError(f"QEMU file: {what} at offset {self.pos} runs past the end "
+                                f"of the file ({self.size} bytes): truncated?")
+
     def read(self, n: int, what: str) -> bytes:
-        self.skip(n, what)
-        self.pos -= n
+        self._fits(n, what)
         data = os.pread(self.fd, n, self.pos)
         if len(data) != n:
             raise SnapshotError(f"QEMU file: short read of {what} at offset {self.pos}")
@@ -101,9 +105,7 @@ class _Cursor:
         return data
 
     def skip(self, n: int, what: str) -> None:
-        if self.pos + n > self.size:
-            raise SnapshotError(f"QEMU file: {what} at offset {self.pos} runs past the end "
-                                f"of the file ({self.size} bytes): truncated?")
+        self._fits(n, what)
         self.pos += n
 
     def u8(self, what: str) -> int:
