@@ -31,7 +31,7 @@ demo: all
 
 # Long modes, not part of `make test`.
 soak: all
-	KVMGUEST_SOAK_ROUNDS=$${ROUNDS:-100} $(PY) -m pytest -q -s tests/test_soak.py
+	KVMGUEST_SOAK_ROUNDS=$${ROUNDS:-100} $(PY) -m pytest -q -s tests/test_soak.py tests/test_hostile_guest.py
 	KVMGUEST_CKPT_KILLS=$${KILLS:-2000} KVMGUEST_CKPT_SEEDS=1,2,3,4,5,6,7,8 \
 		$(PY) -m pytest -q tests/test_checkpoint.py
 

@@ -6,6 +6,9 @@
  *   base=A    first guest-physical address (default: 2 MiB above the image)
  *   passes=N  passes to run, then exit 0 (0 = run forever; default 4)
  *   quiet     print only every 16th pass
+ *   flush     after stamping a page, ask pc-testdev to flush it (port 0xe4): the VMM
+ *             write-protects the page for a moment, racing whatever reads guest RAM
+ *             (a hostile guest's move; the hardening tests use it)
  *   hold      after the last pass, say "dirty: holding" and halt with interrupts off
  *             instead of exiting (its memory then stays as it is: for saving it
  *             several ways, as the QEMU-file tests do)
@@ -62,6 +65,7 @@ int main(void)
     npages = cmdline_u64("pages", 256);
     u64 passes = cmdline_u64("passes", 4);
     int quiet = cmdline_has("quiet");
+    int flush = cmdline_has("flush");
 
     nws = ws_build(base, npages, ws, MAX_RANGES);
     if (!nws) fail("working set does not fit in RAM");
@@ -72,8 +76,11 @@ int main(void)
 
     pass = 1;
     for (;;) {
-        for (cursor = 0; cursor < npages; cursor++)
+        for (cursor = 0; cursor < npages; cursor++) {
             stamp(page_addr(cursor), pass);
+            if (flush)
+                outl(TESTDEV_FLUSH_PORT, (u32)page_addr(cursor));
+        }
         u64 bad = verify();
         if (bad) {
             printf("dirty: pass %lu: %lu bad pages\n", pass, bad);

@@ -231,7 +231,8 @@ class Machine:
         for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
             self.bus.register(base, count, handler)
 
-        self.threads = [VcpuThread(v, self._handle_exit, self._vcpu_done) for v in self.vcpus]
+        self.threads = [VcpuThread(v, self._handle_exit, self._vcpu_done,
+                                   self.memory.fault_was_flush) for v in self.vcpus]
         self._done = threading.Event()
         self._done_lock = threading.Lock()
         self._pause_lock = threading.RLock()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import os
 import threading
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ from .errors import EXIT_BAD_INPUT, KvmguestError
 from .lazy import lazy_numpy
 
 np = lazy_numpy()
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -192,6 +196,12 @@ class GuestMemory:
         self.regions = sorted(regions, key=lambda r: r.gpa)
         self._lock = threading.Lock()
         self._closers: list = []
+        # A flush (flush_page) makes a page read-only for a moment. Reads of guest RAM
+        # from any thread (a save's writer, a checkpoint) never fault on it; the VMM's own
+        # writes take this lock, and a vCPU whose KVM_RUN met the window with EFAULT asks
+        # fault_was_flush() whether to run again. protect_seq counts the windows.
+        self.protect_lock = threading.Lock()
+        self.protect_seq = 0
 
     @classmethod
     def anonymous(cls, ram_size: int) -> "GuestMemory":
@@ -235,7 +245,8 @@ class GuestMemory:
         buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
         r = self.region_at(gpa, len(buf))
         off = gpa - r.gpa
-        r.map[off:off + len(buf)] = buf
+        with self.protect_lock:
+            r.map[off:off + len(buf)] = buf
         self._mark(r, off, len(buf))
 
     def write_struct(self, gpa: int, struct: ctypes.Structure) -> None:
@@ -247,13 +258,46 @@ class GuestMemory:
         off, end = gpa - r.gpa, gpa - r.gpa + length
         first_full = -(-off // PAGE_SIZE) * PAGE_SIZE
         last_full = end // PAGE_SIZE * PAGE_SIZE
-        if first_full < last_full and r.anonymous:
-            r.map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
-            r.map[off:first_full] = bytes(first_full - off)
-            r.map[last_full:end] = bytes(end - last_full)
-        else:
-            r.map[off:end] = bytes(end - off)
+        with self.protect_lock:
+            if first_full < last_full and r.anonymous:
+                r.map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
+                r.map[off:first_full] = bytes(first_full - off)
+                r.map[last_full:end] = bytes(end - last_full)
+            else:
+                r.map[off:end] = bytes(end - off)
         self._mark(r, off, length)
+
+    def flush_page(self, gpa: int) -> bool:
+        """Make KVM drop its mapping of the RAM page at ``gpa`` (pc-testdev's flush):
+        write-protect the host page and give write access back, so the MMU notifier
+        fires. Read-only, never PROT_NONE as QEMU does: another thread may be reading
+        guest RAM (a save's writer scanning for zero pages) and must not fault. False
+        when ``gpa`` is not RAM or the kernel refused (nothing changed then)."""
+        gpa &= ~(PAGE_SIZE - 1)
+        if not self.is_ram(gpa, PAGE_SIZE):
+            return False
+        r = self.region_at(gpa, PAGE_SIZE)
+        host = r.host_addr + gpa - r.gpa
+        with self.protect_lock:
+            self.protect_seq += 1
+            if _libc.mprotect(host, PAGE_SIZE, mmap.PROT_READ) != 0:
+                return False        # e.g. ENOMEM: too many mappings; the page is as it was
+            # Giving write access back splits nothing new and cannot fail for want of
+            # memory; if it ever did, the page would stay read-only: say so, loudly.
+            for _ in range(3):
+                if _libc.mprotect(host, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE) == 0:
+                    return True
+            err = ctypes.get_errno()
+            raise GuestMemoryError(f"cannot make guest page {gpa:#x} writable again after a "
+                                   f"flush: {os.strerror(err)}")
+
+    def fault_was_flush(self, seen: int | None) -> int | None:
+        """After a KVM_RUN that failed with EFAULT: wait for any flush window to close;
+        the window count if a flush may have caused the fault (it differs from ``seen``,
+        what the caller got last time: run again), else None (a real fault)."""
+        with self.protect_lock:
+            seq = self.protect_seq
+        return seq if seq != seen and seq else None
 
     def take_host_dirty_pages(self, r: Region) -> np.ndarray:
         """The pages the VMM wrote in ``r`` since the last call, sorted, and reset; cheap

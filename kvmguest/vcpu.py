@@ -10,6 +10,7 @@ IN's value lands in the registers), then parks until it is resumed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -42,9 +43,13 @@ class VcpuThread:
     ``on_done(thread)`` is called once when the loop ends (finished, failed or stopped)."""
 
     def __init__(self, vcpu, handler: Callable[["VcpuThread", Exit], bool],
-                 on_done: Callable[["VcpuThread"], None]):
+                 on_done: Callable[["VcpuThread"], None], fault_was_flush=None):
         self.vcpu, self.index = vcpu, vcpu.index
         self.handler, self.on_done = handler, on_done
+        # GuestMemory.fault_was_flush: KVM_RUN fails with EFAULT when the guest writes a
+        # page another vCPU's flush has made read-only for a moment; such a run is retried.
+        self.fault_was_flush = fault_was_flush
+        self._fault_seq: int | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._pause_req = threading.Event()
@@ -135,7 +140,16 @@ class VcpuThread:
                     self._resume.wait()
                     run.immediate_exit = 0
                     continue
-                ex = self.vcpu.run()
+                try:
+                    ex = self.vcpu.run()
+                except OSError as err:
+                    if err.errno != errno.EFAULT or self.fault_was_flush is None:
+                        raise
+                    seq = self.fault_was_flush(self._fault_seq)
+                    if seq is None:
+                        raise
+                    self._fault_seq = seq
+                    continue
                 if ex is None:
                     if not (self._pause_req.is_set() or self._stop.is_set()):
                         run.immediate_exit = 0

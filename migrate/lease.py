@@ -128,23 +128,8 @@ class SnapshotLease:
             except Exception as err:  # noqa: BLE001 - a finished guest needs no pause
                 log.debug("detach: pause: %s", err)
         try:
-            for region, bits in zip(self.memory.regions, self.snap.present):
-                private = region.private_pages()
-                if private is None:                  # cannot tell: keep every page
-                    private = np.ones(region.npages, dtype=np.bool_)
-                # The whole region becomes anonymous memory. Truncation unmaps even the
-                # private copies a MAP_PRIVATE file mapping holds, so writing to pages
-                # is not enough: pages with data (in the file, or written by the guest)
-                # are copied out, the range is remapped anonymous, and copied back.
-                data = bits | private
-                for s, e in runs_of_mask(~data).tolist():
-                    _map_anonymous(region, s, e)
-                for s, e in runs_of_mask(data).tolist():
-                    for c in range(s, e, CHUNK):
-                        ce = min(e, c + CHUNK)
-                        saved = region.array[c * PAGE:ce * PAGE].copy()
-                        _map_anonymous(region, c, ce)
-                        region.array[c * PAGE:ce * PAGE] = saved
+            with self.memory.protect_lock:      # no flush window while pages are copied
+                self._make_private()
             self.detached = True
             log.info("the snapshot is about to change: the guest's memory no longer "
                      "depends on it")
@@ -152,6 +137,27 @@ class SnapshotLease:
             self.close()
             if paused:
                 self.resume()
+
+    def _make_private(self) -> None:
+        """Each page with data copied out and back into anonymous memory; the rest become
+        anonymous zero pages."""
+        for region, bits in zip(self.memory.regions, self.snap.present):
+            private = region.private_pages()
+            if private is None:                  # cannot tell: keep every page
+                private = np.ones(region.npages, dtype=np.bool_)
+            # The whole region becomes anonymous memory. Truncation unmaps even the
+            # private copies a MAP_PRIVATE file mapping holds, so writing to pages
+            # is not enough: pages with data (in the file, or written by the guest)
+            # are copied out, the range is remapped anonymous, and copied back.
+            data = bits | private
+            for s, e in runs_of_mask(~data).tolist():
+                _map_anonymous(region, s, e)
+            for s, e in runs_of_mask(data).tolist():
+                for c in range(s, e, CHUNK):
+                    ce = min(e, c + CHUNK)
+                    saved = region.array[c * PAGE:ce * PAGE].copy()
+                    _map_anonymous(region, c, ce)
+                    region.array[c * PAGE:ce * PAGE] = saved
 
     def close(self) -> None:
         with _lock:

@@ -102,6 +102,16 @@ def start_dirty(factory, memory: int = RAM, passes_first: int = 16, machine: dic
     return m
 
 
+def guest_pass(m, base: int | None = None) -> int:
+    """The pass the dirty guest is stamping, read from its first working-set page
+    (word 1 holds the pass): a handshake through guest memory, not a sleep. ``base``:
+    the guest's base= (read from the command line by default; a restored machine has none)."""
+    if base is None:
+        base = int(m.cmdline.split("base=")[1].split()[0])
+    first = base if m.memory.is_ram(base) else 4 * GiB     # the set starts above the hole
+    return int.from_bytes(m.memory.read(first + 8, 8), "little")
+
+
 # --- guest verdicts, parsed one way -------------------------------------------------------
 _VERIFIED = re.compile(r"dirty: verified (\d+) pages over (\d+) passes")
 _BAD = re.compile(r"BAD page|dirty: pass \d+: \d+ bad pages|BAD \w+=")

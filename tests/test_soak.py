@@ -8,21 +8,13 @@ import random
 import time
 
 from helpers import (PAGE, GiB, MiB, assert_file_matches_source, assert_verified, cli, guest,
-                     wait_until)
+                     guest_pass, wait_until)
 from kvmguest import Machine
 from migrate.precopy import live_save
 
 RAM = 3 * GiB + 64 * MiB
 ROUNDS = int(os.environ.get("KVMGUEST_SOAK_ROUNDS", "3"))
 SEED = int(os.environ.get("KVMGUEST_SOAK_SEED", str(int(time.time()))))
-
-
-def guest_pass(m) -> int:
-    """The pass the dirty guest is stamping, read from its first working-set page
-    (word 1 holds the pass): a handshake through guest memory, not a sleep."""
-    base = int(m.cmdline.split("base=")[1].split()[0])
-    first = base if m.memory.is_ram(base) else 4 * GiB     # the set starts above the hole
-    return int.from_bytes(m.memory.read(first + 8, 8), "little")
 
 
 def one_round(rng: random.Random, tmp_path, n: int) -> dict:

@@ -11,6 +11,7 @@ typedef unsigned long size_t;
 #define PAGE_SIZE 4096UL
 #define COM1 0x3f8
 #define DEBUG_EXIT_PORT 0xf4
+#define TESTDEV_FLUSH_PORT 0xe4   /* pc-testdev: flush the page at this address */
 
 /* The guest's entry point: return value is the exit code. */
 int main(void);

@@ -3,7 +3,7 @@
 - 0xe0-0xe3: a 32-bit scratch register, readable and writable at every width and offset;
   0xe8-0xeb: the same register, reached one byte per access (string I/O tests);
 - 0xe4: write a guest-physical address to "flush" its page: the host mapping is
-  write-protected and restored (mprotect), so KVM drops its mapping of the page;
+  write-protected and restored (GuestMemory.flush_page), so KVM drops its mapping;
 - 0x2000-0x2017: a write sets ISA interrupt line (port - 0x2000) to the value's truth;
 - 0xff000000: 64 KiB of MMIO scratch memory (emulated accesses, byte-exact)."""
 
@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import ctypes
 
-from ..abi import PAGE_SIZE
 
 SCRATCH_PORT, FLUSH_PORT, SCRATCH_BYTE_PORT, IRQ_PORT = 0xE0, 0xE4, 0xE8, 0x2000
 IRQ_LINES = 24
 IOMEM_BASE, IOMEM_SIZE = 0xFF000000, 0x10000
-PROT_NONE, PROT_READ_WRITE = 0, 3
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class _Scratch:
@@ -74,14 +69,8 @@ class PcTestdev:
             self.irq(line, 1 if value else 0)
 
     def flush_page(self, gpa: int) -> None:
-        gpa &= ~(PAGE_SIZE - 1)
-        if not self.memory.is_ram(gpa, PAGE_SIZE):
-            return
-        region = self.memory.region_at(gpa, PAGE_SIZE)
-        host = region.host_addr + gpa - region.gpa
-        _libc.mprotect(host, PAGE_SIZE, PROT_NONE)
-        _libc.mprotect(host, PAGE_SIZE, PROT_READ_WRITE)
-        self.flushes += 1
+        if self.memory.flush_page(gpa):
+            self.flushes += 1
 
     # MMIO window at IOMEM_BASE
     def handle_mmio(self, ex) -> bool:
