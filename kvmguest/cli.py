@@ -19,8 +19,8 @@ import sys
 import time
 
 from . import __version__
-from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, KvmguestError, UsageError,
-                     printable)
+from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, Handover, Interrupted, KvmguestError,
+                     UsageError, printable)
 from .progress import Progress
 
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -76,15 +76,16 @@ def _positive_ms(text: str) -> float:
     return value
 
 
-def _whole(what: str, high: int | None = None):
-    """An argparse type: a whole number from 1 (to ``high``), named ``what`` in errors."""
+def _whole(what: str, high: int | None = None, low: int = 1):
+    """An argparse type: a whole number from ``low`` (to ``high``), named ``what`` in
+    errors."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < 1 or (high is not None and value > high):
-            bound = f"1 to {high}" if high is not None else "at least 1"
+        if value < low or (high is not None and value > high):
+            bound = f"{low} to {high}" if high is not None else f"at least {low}"
             raise argparse.ArgumentTypeError(f"{value} {what}: use {bound}")
         return value
     return parse
@@ -156,11 +157,17 @@ def _console(m, args, started_at: float):
     console = ConsoleInput(m, args.console_input)
     migrator = None
     if args.guest_migrate:
-        from migrate.guest_migrate import GuestMigrator
+        from migrate.guest_migrate import DEFAULT_MAX_MIGRATIONS, GuestMigrator
         tail = (["-q"] if args.quiet else []) + (["-v"] if args.verbose else [])
-        migrator = GuestMigrator(m, console, tail)
+        migrator = GuestMigrator(m, console, tail, DEFAULT_MAX_MIGRATIONS
+                                 if args.max_migrations is None else args.max_migrations)
     deadline = started_at + args.timeout if args.timeout is not None else None
     return console, migrator, deadline
+
+
+def _check_guest_migrate(args) -> None:
+    if args.max_migrations is not None and not args.guest_migrate:
+        raise UsageError("--max-migrations goes with --guest-migrate")
 
 
 def cmd_run(args) -> int:
@@ -168,6 +175,7 @@ def cmd_run(args) -> int:
     # small guest starts in a fraction of the time.
     from .machine import Machine
 
+    _check_guest_migrate(args)
     if (args.save is None) != (args.save_after is None):
         raise UsageError("--save and --save-after go together")
     if args.save is not None or args.checkpoint is not None:
@@ -241,9 +249,7 @@ def cmd_run(args) -> int:
                 if control:
                     control.drain()       # a save over the socket may have stopped the guest
                 if migrator:
-                    code = migrator.carry_on(deadline)
-                    if code is not None:
-                        return code
+                    migrator.hand_over(deadline)      # raises Handover when it was saved
             finally:
                 sys.stdout.flush()
                 if control:
@@ -292,6 +298,7 @@ def cmd_restore(args) -> int:
     from migrate.control import ControlServer, check_socket_path
     from migrate.reader import restore
 
+    _check_guest_migrate(args)
     if args.control:
         check_socket_path(args.control)
     progress = Progress("restoring")
@@ -301,6 +308,9 @@ def cmd_restore(args) -> int:
                             stream=None if args.quiet else _stream_stdout, progress=progress)
     finally:
         progress.done()
+        if "KVMGUEST_MIGRATION_DIR" in os.environ:   # a guest-requested migration's file
+            from migrate.guest_migrate import remove_inherited_snapshot
+            remove_inherited_snapshot(args.path)
     saved = None
 
     def on_saved(report):
@@ -325,9 +335,7 @@ def cmd_restore(args) -> int:
             if control:
                 control.drain()
             if migrator:
-                code = migrator.carry_on(deadline)
-                if code is not None:
-                    return code
+                migrator.hand_over(deadline)          # raises Handover when it was saved
         finally:
             sys.stdout.flush()
             if control:
@@ -506,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guest-migrate", action="store_true",
                      help="when the guest asks (MIGRATE on the kvmguest port), live-save it "
                           "and carry it on in a new `kvmguest restore` process")
+    run.add_argument("--max-migrations", type=_whole("migrations", 1_000_000, low=0), default=None, metavar="N",
+                     help="with --guest-migrate: carry the guest on at most N times "
+                          "(default 16); later requests are refused and it runs on")
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
     run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
@@ -547,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--guest-migrate", action="store_true",
                          help="when the guest asks (MIGRATE on the kvmguest port), migrate "
                               "it on to a new process again")
+    restore.add_argument("--max-migrations", type=_whole("migrations", 1_000_000, low=0), default=None, metavar="N",
+                     help="with --guest-migrate: carry the guest on at most N times "
+                          "(default 16); later requests are refused and it runs on")
     restore.add_argument("--control", metavar="SOCK",
                          help="listen on a Unix socket for `kvmguest save` of the restored guest")
     restore.set_defaults(func=cmd_restore)
@@ -617,6 +631,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         return args.func(args)
+    except Handover as handover:       # everything is closed: the new image takes over
+        try:
+            handover.exec()
+        except OSError as err:
+            _err(f"error: cannot carry the guest on in a new process ({err.strerror}); its "
+                 f"snapshot is {printable(handover.argv[4])}")
+            return EXIT_FAILED
     except Interrupted as err:
         _err(f"{err}" if str(err) != "interrupted" else "interrupted")
         return err.exit_code

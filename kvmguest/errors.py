@@ -42,6 +42,30 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+class Handover(BaseException):
+    """The guest goes on in a new program image (a guest-requested migration was saved).
+
+    Raised, not called: on its way out it passes every clean-up (the machine is closed
+    and its RAM freed, sockets removed), and the CLI then replaces this process with
+    ``argv`` (``os.execve``), so one process holds the guest at any time. Not an
+    Exception, so that no ``except Exception`` stops it on the way."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stdin_ended: bool = False):
+        super().__init__("handover")
+        self.argv, self.env, self.stdin_ended = argv, env, stdin_ended
+
+    def exec(self):
+        import os
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.stdin_ended:          # standard input ended while it was held
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+        os.execve(self.argv[0], self.argv, self.env)
+
+
 def printable(text: object, keep_newlines: bool = False) -> str:
     """``text`` with terminal control characters escaped (``\\x1b`` -> ``\\x1b`` as text),
     for anything that came from a file, a socket or a guest before it reaches a terminal."""

@@ -2,13 +2,15 @@
 
 The guest writes MIGRATE to the kvmguest port (kvmguest/devices/guest_port.py) at a
 point of its choosing; its vCPU is held right after the OUT. This process then
-live-saves the guest to a temporary snapshot (the guest stops here) and carries it on in
-a new ``kvmguest restore --guest-migrate`` process, which inherits the console (stdout)
-and gets the standard input the guest was reading: input that arrives from the request
-on is held back and handed to the new process, so no keystroke is lost or read twice.
-The first process waits for the second and exits with its status; the temporary
-snapshot is removed when the new process is done with it. If the save fails, the guest
-runs on here and, reading the port, learns it was not migrated.
+live-saves the guest to a temporary snapshot (the guest stops here), closes the machine
+(its RAM is freed) and replaces itself (exec) with ``kvmguest restore --guest-migrate``
+of that snapshot: same process, same console, the standard input the guest was reading
+(bytes that arrived from the request on were held back and travel in a memfd, so no
+keystroke is lost or read twice). The new image removes the temporary snapshot as soon
+as the guest is restored from it, so at any time one process and at most one snapshot
+hold the guest. Each hop lowers ``--max-migrations``; a request beyond it, or one whose
+save fails, is refused: the guest runs on here and, reading the port, learns it was not
+migrated. Repeated refusals are logged a few times, then counted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import os
 import queue
 import shutil
-import subprocess
+import stat
 import sys
 import tempfile
 import threading
@@ -25,21 +27,30 @@ import time
 
 from kvmguest.console import ConsoleInput
 from kvmguest.devices.guest_port import MIGRATE
+from kvmguest.errors import Handover
+from kvmguest.loglimit import LogLimit
 
 log = logging.getLogger(__name__)
 
+DIR_ENV = "KVMGUEST_MIGRATION_DIR"      # the temporary folder the new image removes
+DIR_PREFIX = "kvmguest-migrate-"
+DEFAULT_MAX_MIGRATIONS = 16
+
 
 class GuestMigrator:
-    """Listens for the guest's MIGRATE; after the run, :meth:`carry_on` starts the new
-    process when a migration was saved."""
+    """Listens for the guest's MIGRATE; after the run, :meth:`hand_over` carries the
+    guest on when a migration was saved."""
 
-    def __init__(self, machine, console: ConsoleInput, argv_tail: list[str]):
+    def __init__(self, machine, console: ConsoleInput, argv_tail: list[str],
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS):
         self.machine = machine
         self.console = console
         self.argv_tail = argv_tail            # options the new process gets (-q, --timeout)
-        self.dir = tempfile.mkdtemp(prefix="kvmguest-migrate-")
+        self.max_migrations = max_migrations  # hops left, this one included
+        self.dir: str | None = None
         self.path: str | None = None
         self.error: BaseException | None = None
+        self.refusals = LogLimit(log, first=3)
         self.requests = machine.listen_guest_requests()
         self._thread = threading.Thread(target=self._listen, name="guest-migrate", daemon=True)
 
@@ -55,12 +66,18 @@ class GuestMigrator:
             except queue.Empty:
                 continue
             if req != MIGRATE:                # READY: nothing to do here; let it run on
-                m.pause_all()
-                m.resume_all()
+                self._run_on()
+                continue
+            if self.max_migrations <= 0:
+                self.refusals(logging.WARNING, "the guest asked to migrate again; "
+                              "--max-migrations is reached, so it runs on in this process")
+                self._run_on()
                 continue
             self.console.hold()
-            path = os.path.join(self.dir, "guest.snap")
             try:
+                if self.dir is None:
+                    self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX)
+                path = os.path.join(self.dir, "guest.snap")
                 t = time.perf_counter()
                 live_save(m, path, then="stop")
                 log.info("the guest asked to migrate: saved in %.1f ms",
@@ -69,29 +86,52 @@ class GuestMigrator:
                 return
             except BaseException as err:      # noqa: BLE001 - the guest runs on
                 self.error = err
-                log.error("the guest asked to migrate; the save failed: %s", err)
+                self.refusals(logging.ERROR, "the guest asked to migrate; the save failed: %s",
+                              err)
                 self.console.release()
-                m.pause_all()
-                m.resume_all()
+                self._run_on()
 
-    def carry_on(self, deadline: float | None) -> int | None:
-        """After the machine stopped: run the new process (the exit status), or None
-        when no migration was saved."""
+    def _run_on(self) -> None:
+        """Release the vCPU held at its request."""
+        self.machine.pause_all()
+        self.machine.resume_all()
+
+    def hand_over(self, deadline: float | None) -> None:
+        """After the machine stopped: when a migration was saved, raise Handover (the CLI
+        execs the new image once everything here is closed); else return."""
         self._thread.join(1.0)
+        self.refusals.close()
         if self.path is None:
-            return None
+            return
         argv = [sys.executable, "-m", "kvmguest.cli", "restore", self.path, "--guest-migrate",
-                *self.argv_tail]
+                "--max-migrations", str(self.max_migrations - 1), *self.argv_tail]
         if deadline is not None:
             argv += ["--timeout", f"{max(deadline - time.monotonic(), 0.001):.3f}"]
+        held, stdin_ended = self.console.hand_over()
         if self.console.enabled:
             argv.append("--console-input")
-        sys.stdout.flush()
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE if self.console.enabled else
-                                 subprocess.DEVNULL)
-        if self.console.enabled:
-            self.console.hand_to(child.stdin)
-        return child.wait()
+        env = dict(os.environ, **held)
+        env[DIR_ENV] = self.dir
+        self.dir = None                       # the new image removes it
+        raise Handover(argv, env, stdin_ended)
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def remove_inherited_snapshot(path: str) -> None:
+    """In the image a migration handed over to: once the guest is restored (or the
+    restore failed), remove the temporary folder of the snapshot it came from. Only a
+    folder of ours: named as we name them, owned by us, holding ``path``."""
+    folder = os.environ.pop(DIR_ENV, None)
+    if not folder:
+        return
+    try:
+        st = os.lstat(folder)
+        if (os.path.basename(folder).startswith(DIR_PREFIX) and stat.S_ISDIR(st.st_mode)
+                and st.st_uid == os.getuid()
+                and os.path.dirname(os.path.abspath(path)) == os.path.abspath(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass

@@ -8,8 +8,12 @@ be PROT_NONE, and a live save's zero-page scan then died with SIGSEGV (5 saves i
 `make soak` runs 100 rounds (KVMGUEST_SOAK_ROUNDS)."""
 
 import os
+import resource
+import subprocess
+import sys
 
-from helpers import MiB, assert_alive_and_clean, cli, guest, guest_pass, wait_until
+from helpers import (ROOT, MiB, assert_alive_and_clean, cli, cli_popen, guest, guest_pass,
+                     read_until, wait_until)
 from migrate import checkpoint as ck
 from migrate.precopy import live_save
 from migrate.reader import restore
@@ -87,3 +91,63 @@ def test_a_flushing_guest_survives_its_own_save_and_checkpoints_from_the_cli(tmp
             timeout=300)
     assert p.returncode == 124 and p.stderr.count("\n") <= 2, (p.returncode, p.stderr[-2000:])
     assert "BAD" not in p.stdout
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def test_a_guest_that_keeps_asking_to_migrate_is_one_process_one_snapshot_and_capped(tmp_path):
+    """Each hop replaces the process (its RAM goes with it) and removes the snapshot it
+    came from once the guest is restored; after --max-migrations the guest runs on where
+    it is, and its further requests cost a bounded number of stderr lines."""
+    p = cli_popen("run", guest("fixture"), "--cmdline", "pages=64", "--guest-migrate",
+                  "--max-migrations", "3", "--console-input", stdin=subprocess.PIPE,
+                  env={"TMPDIR": str(tmp_path)})
+    try:
+        read_until(p.stdout, "fixture: ready")
+        for k in (1, 2, 3):
+            p.stdin.write("migrate\n")
+            p.stdin.flush()
+            read_until(p.stdout, f"fixture: migrated (restored {k})")
+            assert _children(p.pid) == [], "a hop left a process behind"
+            assert os.listdir(tmp_path) == [], "a hop left its snapshot behind"
+        for _ in range(20):
+            p.stdin.write("migrate\n")
+        p.stdin.write("exit\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert out.count("fixture: not migrated (restored 3)") == 20, out[-2000:]
+    assert "fixture: bye" in out and os.listdir(tmp_path) == []
+    lines = err.splitlines()
+    assert sum("--max-migrations is reached" in ln for ln in lines) == 3, err
+    assert len(lines) <= 5 and "17 more messages like the above were not shown" in err, err
+
+
+
+def test_a_guest_whose_migrations_fail_or_that_floods_the_console_floods_no_stderr(tmp_path):
+    """Every save fails (files may not grow past 1 MiB here): the guest runs on and is
+    told so each time, and stderr says it three times, then counts. A console flood goes
+    to stdout (the console), never to stderr, even with -v."""
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "run", guest("fixture"),
+                        "--cmdline", "pages=64", "--guest-migrate", "--console-input"],
+                       input="migrate\n" * 30 + "exit\n", capture_output=True, text=True,
+                       env=dict(os.environ, TMPDIR=str(tmp_path)), preexec_fn=small_files,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("fixture: not migrated (restored 0)") == 30
+    lines = p.stderr.splitlines()
+    assert sum("the save failed" in ln for ln in lines) == 3, p.stderr
+    assert len(lines) == 5 and "27 more messages like the above" in lines[-1], p.stderr
+    p = cli("run", guest("flood"), "--timeout", "2", "-v", timeout=60)
+    assert p.returncode == 124 and p.stdout.count("quick brown fox") > 100
+    assert len(p.stderr.splitlines()) <= 3, p.stderr[-2000:]

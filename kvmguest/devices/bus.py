@@ -6,6 +6,8 @@ import ctypes
 import logging
 from typing import Protocol
 
+from ..loglimit import LogLimit
+
 log = logging.getLogger(__name__)
 
 
@@ -15,11 +17,13 @@ class PortDevice(Protocol):
 
 
 class PortBus:
-    """Maps port ranges to devices. Unknown ports read as all-ones, logged once each."""
+    """Maps port ranges to devices. Unknown ports read as all-ones; the first few are
+    logged (once each), the rest counted: a guest scanning every port floods nothing."""
 
     def __init__(self):
         self._ranges: list[tuple[int, int, PortDevice]] = []
         self._unknown_seen: set[int] = set()
+        self._unknown_log = LogLimit(log, first=16)
         self.unknown_accesses = 0
 
     def register(self, base: int, size: int, device: PortDevice) -> None:
@@ -38,7 +42,8 @@ class PortBus:
         self.unknown_accesses += 1
         if port not in self._unknown_seen:
             self._unknown_seen.add(port)
-            log.info("guest %s unknown port %#x (logged once per port)", what, port)
+            self._unknown_log(logging.INFO, "guest %s unknown port %#x (logged once per port)",
+                              what, port)
 
     def read(self, port: int, size: int) -> int:
         dev, off = self._find(port)
