@@ -1,17 +1,26 @@
 """`kvmguest export-ram`: a RAM block of a snapshot (ours, or QEMU's) as a plain file.
 
-The file is the block's bytes from offset 0: data where the snapshot has the page,
-zeros (holes: the file is sparse) where it has none — for QEMU's files the same bytes
-as QEMU's own ``scripts/analyze-migration.py -x`` writes for that block. Without
-``--block`` every block is written under OUT (a directory), each file named after its
-block as ``analyze-migration.py -x`` names them. Each file goes to a temporary name and
-is renamed into place when complete: a failed export leaves what was there before.
+The file is the block's bytes from offset 0: data where the snapshot has a page that is
+not all zeros, holes where it has none or a zero page (the file is sparse, however the
+snapshot marks its pages) — for QEMU's files the same bytes as QEMU's own
+``scripts/analyze-migration.py -x`` writes for that block. Holes of the snapshot itself
+are never read. Without ``--block`` every block is written under OUT (a directory),
+each file named after its block as ``analyze-migration.py -x`` names them.
+
+Nothing is left behind by a failed export. A single file goes to a temporary name and
+is renamed into place when complete. A directory export checks every block's name first
+(no control characters, no ``..``, no block that is also another's folder), creates the
+tree beneath OUT through directory fds with O_NOFOLLOW (a symbolic link inside OUT is
+refused, never followed), writes every file to a temporary name and renames them all
+into place only when all are complete; on failure it removes what it created.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -19,22 +28,23 @@ from kvmguest.errors import UsageError
 
 from . import format as fmt
 from .format import SnapshotError
-from .pageio import fsync_dir, open_excl, temp_path_for
+from .pageio import fsync_dir, open_excl, runs_of_mask, temp_path_for
 from .qemu import read_qemu
 from .reader import open_snapshot, read_magic, validated
 from .writer import check_save_target, io_error
 
 CHUNK = 1 << 20
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
 class Source:
-    """One block to export: its size, which pages the file has, where each one is."""
+    """One block to export: its size, and its runs of pages with data in the file."""
     name: str
     size: int
     page_size: int
-    present: np.ndarray
-    offsets: object                 # (page indices) -> file offsets
+    pages_present: int
+    segments: Callable[[], Iterator[tuple[int, int, int]]]   # (first page, offset, pages)
 
 
 def sources(path: str, fd: int) -> tuple[str, list[Source]]:
@@ -43,47 +53,70 @@ def sources(path: str, fd: int) -> tuple[str, list[Source]]:
     if magic[:4] == fmt.QEMU_MAGIC:
         q = read_qemu(fd)
         kind = "QEMU " + ("mapped-ram" if q.mapped_ram else "stream") + " file"
-        return kind, [Source(b.name, b.size, b.page_size, b.present, b.offsets)
-                      for b in q.blocks]
+        return kind, [Source(b.name, b.size, b.page_size, b.pages_present,
+                             lambda b=b: b.segments(fd)) for b in q.blocks]
     if magic in (fmt.STREAM_MAGIC, fmt.CHECKPOINT_MAGIC):
         what = "streaming-format snapshot" if magic == fmt.STREAM_MAGIC else "checkpoint file"
         raise SnapshotError(f"{path} is a {what}: export-ram reads mapped-ram snapshots "
                             "(kvmguest's and QEMU's); restore it and save it to get one")
     snap, _ = validated(path, fd)
 
-    def at(block):
-        return lambda idx: block.pages_offset + idx.astype(np.int64) * block.page_size
-    return "kvmguest snapshot", [Source(b.name, b.size, b.page_size, p, at(b))
-                                 for b, p in zip(snap.layout.blocks, snap.present)]
+    def runs(block, present):
+        for s, e in runs_of_mask(present).tolist():
+            yield s, block.pages_offset + s * block.page_size, e - s
+    return "kvmguest snapshot", [
+        Source(b.name, b.size, b.page_size, int(np.count_nonzero(p)),
+               lambda b=b, p=p: runs(b, p)) for b, p in zip(snap.layout.blocks, snap.present)]
 
 
-def _segments(idx: np.ndarray, offs: np.ndarray, page_size: int):
-    """(first page, file offset, pages) runs that are contiguous in RAM and in the file."""
-    if not len(idx):
-        return
-    breaks = np.flatnonzero((np.diff(idx) != 1) | (np.diff(offs) != page_size)) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(idx)]))
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        yield int(idx[s]), int(offs[s]), e - s
+def _data_extents(fd: int, start: int, end: int):
+    """(offset, end) ranges of [start, end) of the snapshot that may hold data: its holes
+    are skipped; where the filesystem cannot tell (no SEEK_DATA), all of it."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno != errno.ENXIO:        # not "no more data": cannot tell
+                yield pos, end
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
+def _copy(fd: int, src: Source, ofd: int) -> int:
+    """The block's non-zero pages from ``fd`` into ``ofd`` at their RAM offsets; how many."""
+    ps = src.page_size
+    step = max(ps, CHUNK - CHUNK % ps)                    # whole pages at a time
+    written = 0
+    for first, off, n in src.segments():
+        end = off + n * ps
+        for s, e in _data_extents(fd, off, end):
+            s -= (s - off) % ps                            # from a page's start
+            for pos in range(s, e, step):
+                length = min(step, end - pos)
+                data = os.pread(fd, length, pos)
+                if len(data) != length:
+                    raise SnapshotError(f"short read of block {src.name!r} at offset {pos}: "
+                                        "truncated?")
+                pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+                page = first + (pos - off) // ps
+                for a, b in runs_of_mask(pages.any(axis=1)).tolist():
+                    os.pwrite(ofd, data[a * ps:b * ps], (page + a) * ps)
+                    written += b - a
+    return written
 
 
 def write_block(fd: int, src: Source, out: str) -> int:
-    """Write ``src`` to ``out`` (temp file, fsync, rename); the pages of data written."""
+    """Write ``src`` to the file ``out`` (temp file, fsync, rename); pages of data written."""
     tmp = temp_path_for(out)
     ofd = open_excl(tmp, False)
     try:
         os.ftruncate(ofd, src.size)
-        idx = np.flatnonzero(src.present)
-        per = max(1, CHUNK // src.page_size)
-        for first, off, n in _segments(idx, src.offsets(idx), src.page_size):
-            for k in range(0, n, per):
-                length = min(per, n - k) * src.page_size
-                data = os.pread(fd, length, off + k * src.page_size)
-                if len(data) != length:
-                    raise SnapshotError(f"short read of block {src.name!r} at offset "
-                                        f"{off + k * src.page_size}: truncated?")
-                os.pwrite(ofd, data, (first + k) * src.page_size)
+        pages = _copy(fd, src, ofd)
         os.fsync(ofd)
         os.close(ofd)
         ofd = -1
@@ -97,16 +130,96 @@ def write_block(fd: int, src: Source, out: str) -> int:
         except FileNotFoundError:
             pass
         raise
-    return len(idx)
+    return pages
 
 
-def block_path(out_dir: str, name: str) -> str:
-    """Where block ``name`` goes under ``out_dir`` (as analyze-migration.py -x places it),
-    refusing a name that would leave the directory."""
+def block_parts(name: str) -> list[str]:
+    """The path components block ``name`` is written under (as analyze-migration.py -x
+    places it), refusing a name that would leave the directory or that is not a plain
+    file name (control characters)."""
     parts = [p for p in name.split("/") if p]
-    if not parts or any(p in (".", "..") or "\0" in p for p in parts):
+    if not parts or any(p in (".", "..") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in p)
+                        for p in parts):
         raise SnapshotError(f"RAM block name {name!r} is not a safe file name: damaged?")
-    return os.path.join(out_dir, *parts)
+    return parts
+
+
+def _check_tree(blocks: list[Source]) -> list[list[str]]:
+    """Every block's components; refused when one block's file is another's folder."""
+    paths = [block_parts(s.name) for s in blocks]
+    files = {tuple(p) for p in paths}
+    folders = {tuple(p[:i]) for p in paths for i in range(1, len(p))}
+    clash = sorted(files & folders) or [p for p in files if len([q for q in paths
+                                                                 if tuple(q) == p]) > 1]
+    if clash:
+        raise SnapshotError(f"RAM block {'/'.join(clash[0])!r} would be both a file and a "
+                            "folder (or is named twice) in the export: damaged?")
+    return paths
+
+
+class _Tree:
+    """Files and folders created beneath a directory fd, removed again on failure."""
+
+    def __init__(self, root_fd: int):
+        self.root = root_fd
+        self.fds: dict[tuple, int] = {(): root_fd}
+        self.made_dirs: list[tuple[int, str]] = []        # (parent fd, name)
+        self.temps: list[tuple[int, str, str]] = []       # (dir fd, temp name, final name)
+
+    def folder(self, parts: list[str]) -> int:
+        """The fd of folder ``parts`` beneath the root, made as needed; never a link."""
+        key: tuple = ()
+        for p in parts:
+            parent = self.fds[key]
+            key += (p,)
+            if key in self.fds:
+                continue
+            try:
+                os.mkdir(p, 0o755, dir_fd=parent)
+                self.made_dirs.append((parent, p))
+            except FileExistsError:
+                pass
+            try:
+                self.fds[key] = os.open(p, _OPEN_DIR, dir_fd=parent)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UsageError(f"{'/'.join(key)} in the export folder is not a folder "
+                                     "(a symbolic link or a file): refusing to write "
+                                     "through it") from None
+                raise
+        return self.fds[key]
+
+    def create(self, dfd: int, name: str) -> int:
+        tmp = os.path.basename(temp_path_for(name))
+        ofd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dfd)
+        self.temps.append((dfd, tmp, name))
+        return ofd
+
+    def commit(self) -> None:
+        """Every temporary file renamed over its name (a link there is replaced, never
+        followed), then the folders synced."""
+        for dfd, tmp, name in self.temps:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        self.temps = []
+        self.made_dirs = []
+        for dfd in set(self.fds.values()):
+            os.fsync(dfd)
+
+    def close(self) -> None:
+        for dfd, tmp, _ in reversed(self.temps):
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+        for parent, name in reversed(self.made_dirs):
+            try:
+                os.rmdir(name, dir_fd=parent)
+            except OSError:
+                pass
+        for key, dfd in self.fds.items():
+            if key:
+                os.close(dfd)
 
 
 def export_ram(path: str, out: str, block: str | None = None) -> list[tuple[Source, str, int]]:
@@ -130,13 +243,38 @@ def _export(path: str, fd: int, out: str, block: str | None) -> list[tuple[Sourc
                              + ", ".join(repr(s.name) for s in blocks))
         target = check_save_target(out, what="RAM export")
         return [(chosen[0], target, write_block(fd, chosen[0], target))]
-    if os.path.exists(out) and not os.path.isdir(out):
+    paths = _check_tree(blocks)
+    if not out or "\0" in out:
+        raise UsageError("the export folder path is empty or holds a NUL byte")
+    root = os.path.abspath(out)
+    if os.path.lexists(root) and not os.path.isdir(root):
         raise UsageError(f"{out} exists and is not a directory: without --block, "
                          "export-ram writes every block into a directory")
+    made_root = False
+    if not os.path.lexists(root):
+        os.mkdir(root, 0o755)
+        made_root = True
+    tree = _Tree(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     done = []
-    for s in blocks:
-        target = block_path(os.path.abspath(out), s.name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        done.append((s, target, write_block(fd, s, check_save_target(
-            target, what="RAM export"))))
+    try:
+        for s, parts in zip(blocks, paths):
+            dfd = tree.folder(parts[:-1])
+            ofd = tree.create(dfd, parts[-1])
+            try:
+                os.ftruncate(ofd, s.size)
+                pages = _copy(fd, s, ofd)
+                os.fsync(ofd)
+            finally:
+                os.close(ofd)
+            done.append((s, os.path.join(root, *parts), pages))
+        tree.commit()
+        made_root = False
+    finally:
+        tree.close()
+        os.close(tree.root)
+        if made_root:
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
     return done

@@ -13,6 +13,11 @@ Device state comes only after the RAM section's end, so it is never parsed: the 
 stops there and checks that the file ends with QEMU's VM description (which it writes
 last), the sign of a complete save. Every length and offset is checked against the file
 before use; anything off is a SnapshotError naming it and its offset.
+
+Memory follows what the file holds, never what it declares: a stream's pages are kept
+as arrays of the records present (a block declared 1 TiB with three records costs three
+entries), and a mapped-ram bitmap is read a chunk at a time, counted packed and walked
+as runs (:meth:`QemuBlock.segments`), never unpacked whole.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import QEMU_MAGIC, SnapshotError, unpack_bits
+from .format import QEMU_MAGIC, SnapshotError, count_bits, unpack_bits
+from .pageio import runs_of_mask
 
 FILE_VERSION = 3
 RAM_VERSION = 4
@@ -41,6 +48,7 @@ _KNOWN_FLAGS = FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE 
     | FLAG_MULTIFD_FLUSH
 MAX_BLOCKS = 4096
 VMDESC_SEARCH = 16 << 20         # QEMU's own analyzer looks in the last 10 MiB
+BITMAP_CHUNK = 1 << 20           # bytes of a mapped-ram bitmap read at a time
 
 
 @dataclass
@@ -48,26 +56,82 @@ class QemuBlock:
     name: str
     size: int
     page_size: int
-    present: np.ndarray                    # bool per page: the file holds its data
+    pages_present: int = 0                 # pages whose data the file holds
     pages_offset: int = 0                  # mapped-ram: page i at pages_offset + i * page_size
     bitmap_offset: int = 0
-    data_offsets: np.ndarray | None = None  # stream: file offset of each page's last record
+    # stream: the pages with data, sorted, and the file offset of each one's last record
+    page_index: np.ndarray | None = None
+    page_offsets: np.ndarray | None = None
     records: int = 0
     zero_records: int = 0
+    # stream, while parsing: every record's page and offset (-1: a zero page), in order
+    _seen_index: array = field(default_factory=lambda: array("q"), repr=False)
+    _seen_offsets: array = field(default_factory=lambda: array("q"), repr=False)
 
     @property
     def npages(self) -> int:
         return self.size // self.page_size
 
     @property
-    def pages_present(self) -> int:
-        return int(np.count_nonzero(self.present))
+    def bitmap_length(self) -> int:
+        return -(-self.npages // 64) * 8
 
-    def offsets(self, idx: np.ndarray) -> np.ndarray:
-        """File offsets of the (present) pages ``idx``."""
-        if self.data_offsets is not None:
-            return self.data_offsets[idx]
-        return self.pages_offset + idx.astype(np.int64) * self.page_size
+    def count_bitmap(self, fd: int) -> None:
+        """pages_present of a mapped-ram block, from its bitmap read a chunk at a time."""
+        total = 0
+        for pos in range(0, self.bitmap_length, BITMAP_CHUNK):
+            raw = os.pread(fd, min(BITMAP_CHUNK, self.bitmap_length - pos),
+                           self.bitmap_offset + pos)
+            full, rest = divmod(min(self.npages - pos * 8, len(raw) * 8), 8)
+            total += count_bits(raw[:full])            # bits past the last page do not count
+            if rest:
+                total += bin(raw[full] & ((1 << rest) - 1)).count("1")
+        self.pages_present = total
+
+    def finish_records(self) -> None:
+        """A stream's records -> the last record of each page, sorted by page."""
+        idx = np.frombuffer(self._seen_index, dtype=np.int64)
+        offs = np.frombuffer(self._seen_offsets, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        idx, offs = idx[order], offs[order]
+        last = np.ones(len(idx), dtype=np.bool_)
+        last[:-1] = idx[1:] != idx[:-1]                # the last record of a page wins
+        idx, offs = idx[last], offs[last]
+        data = offs >= 0
+        self.page_index, self.page_offsets = idx[data], offs[data]
+        self.pages_present = len(self.page_index)
+        self._seen_index, self._seen_offsets = array("q"), array("q")
+
+    def segments(self, fd: int):
+        """(first page, file offset, pages): runs of pages with data, contiguous in RAM and
+        in the file, in page order; memory bounded by a chunk of the bitmap."""
+        ps = self.page_size
+        if self.page_index is not None:
+            idx, offs = self.page_index, self.page_offsets
+            if not len(idx):
+                return
+            breaks = np.flatnonzero((np.diff(idx) != 1) | (np.diff(offs) != ps)) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [len(idx)]))
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                yield int(idx[s]), int(offs[s]), e - s
+            return
+        pending = None                                 # a run may cross chunk boundaries
+        for pos in range(0, self.bitmap_length, BITMAP_CHUNK):
+            raw = os.pread(fd, min(BITMAP_CHUNK, self.bitmap_length - pos),
+                           self.bitmap_offset + pos)
+            first = pos * 8
+            bits = unpack_bits(raw, 0, min(len(raw) * 8, self.npages - first))
+            for s, e in runs_of_mask(bits).tolist():
+                s, e = s + first, e + first
+                if pending is not None and pending[1] == s:
+                    pending = (pending[0], e)
+                    continue
+                if pending is not None:
+                    yield pending[0], self.pages_offset + pending[0] * ps, pending[1] - pending[0]
+                pending = (s, e)
+        if pending is not None:
+            yield pending[0], self.pages_offset + pending[0] * ps, pending[1] - pending[0]
 
 
 @dataclass
@@ -162,7 +226,7 @@ def _configuration(c: _Cursor) -> tuple[str, list[str], int]:
     return machine, caps, 1 << page_bits
 
 
-def _ram_records(c: _Cursor, q: QemuFile, by_name: dict, pages: dict) -> None:
+def _ram_records(c: _Cursor, q: QemuFile, by_name: dict) -> None:
     """RAM records up to and including EOS (one section's worth)."""
     current: QemuBlock | None = None
     ps = q.page_size
@@ -176,7 +240,7 @@ def _ram_records(c: _Cursor, q: QemuFile, by_name: dict, pages: dict) -> None:
             raise SnapshotError(f"QEMU file: RAM record at offset {at} uses {what}, which "
                                 "kvmguest does not read")
         if flags & FLAG_MEM_SIZE:
-            _ram_blocks(c, q, addr, by_name, pages)
+            _ram_blocks(c, q, addr, by_name)
         if flags & (FLAG_ZERO | FLAG_PAGE):
             if q.mapped_ram:
                 raise SnapshotError(f"QEMU file: a page record at offset {at} in a mapped-ram "
@@ -194,20 +258,20 @@ def _ram_records(c: _Cursor, q: QemuFile, by_name: dict, pages: dict) -> None:
                 raise SnapshotError(f"QEMU file: page at {addr:#x} beyond RAM block "
                                     f"{current.name!r} ({current.size:#x} bytes), record at "
                                     f"offset {at}")
-            index = addr // ps
+            current._seen_index.append(addr // ps)
             if flags & FLAG_ZERO:
                 c.u8("zero page fill byte")
                 current.zero_records += 1
-                pages[current.name][index] = -1
+                current._seen_offsets.append(-1)
             else:
-                pages[current.name][index] = c.pos
+                current._seen_offsets.append(c.pos)
                 c.skip(ps, "page")
                 current.records += 1
         if flags & FLAG_EOS:
             return
 
 
-def _ram_blocks(c: _Cursor, q: QemuFile, total: int, by_name: dict, pages: dict) -> None:
+def _ram_blocks(c: _Cursor, q: QemuFile, total: int, by_name: dict) -> None:
     if q.blocks:
         raise SnapshotError(f"QEMU file: a second RAM block list at offset {c.pos}: damaged?")
     if "postcopy-ram" in q.capabilities:
@@ -225,12 +289,9 @@ def _ram_blocks(c: _Cursor, q: QemuFile, total: int, by_name: dict, pages: dict)
         remaining -= size
         if "x-ignore-shared" in q.capabilities:
             c.u64("RAM block address")
-        npages = size // q.page_size
-        block = QemuBlock(name, size, q.page_size, np.zeros(npages, dtype=bool))
+        block = QemuBlock(name, size, q.page_size)
         if q.mapped_ram:
             _mapped_header(c, q, block)
-        else:
-            pages[name] = np.full(npages, -2, dtype=np.int64)
         q.blocks.append(block)
         by_name[name] = block
 
@@ -242,14 +303,14 @@ def _mapped_header(c: _Cursor, q: QemuFile, b: QemuBlock) -> None:
     if version != MAPPED_RAM_VERSION or page_size != q.page_size:
         raise SnapshotError(f"QEMU file: mapped-ram header of {b.name!r} at offset {at} has "
                             f"version {version}, page size {page_size}: not readable here")
-    bitmap_len = -(-b.npages // 64) * 8
+    bitmap_len = b.bitmap_length
     if not (c.pos <= bitmap_offset and bitmap_offset + bitmap_len <= pages_offset
             and pages_offset + b.size <= c.size):
         raise SnapshotError(f"QEMU file: mapped-ram block {b.name!r}: bitmap at "
                             f"{bitmap_offset:#x}, pages at {pages_offset:#x}+{b.size:#x} do not "
                             f"fit the file ({c.size} bytes): truncated or damaged?")
     b.bitmap_offset, b.pages_offset = bitmap_offset, pages_offset
-    b.present = unpack_bits(os.pread(c.fd, bitmap_len, bitmap_offset), 0, b.npages)
+    b.count_bitmap(c.fd)
     c.pos = pages_offset + b.size          # QEMU's stream carries on after the page area
 
 
@@ -290,7 +351,6 @@ def read_qemu(fd: int) -> QemuFile:
     machine, caps, page_size = _configuration(c)
     q = QemuFile(version, machine, caps, page_size, "mapped-ram" in caps)
     by_name: dict[str, QemuBlock] = {}
-    pages: dict[str, np.ndarray] = {}
     ram_id = None
     ended = False
     while not ended:
@@ -308,13 +368,13 @@ def read_qemu(fd: int) -> QemuFile:
                 raise SnapshotError(f"QEMU file: RAM section version {sversion}; kvmguest "
                                     f"reads version {RAM_VERSION}")
             ram_id = sid
-            _ram_records(c, q, by_name, pages)
+            _ram_records(c, q, by_name)
         elif kind in (SECTION_PART, SECTION_END):
             sid = c.u32("section id")
             if sid != ram_id:
                 raise SnapshotError(f"QEMU file: section id {sid} at offset {at} is not the "
                                     "RAM section's: not readable here")
-            _ram_records(c, q, by_name, pages)
+            _ram_records(c, q, by_name)
             ended = kind == SECTION_END
         elif kind == COMMAND:
             c.u16("command")
@@ -338,9 +398,7 @@ def read_qemu(fd: int) -> QemuFile:
     if not q.vmdesc_length:
         raise SnapshotError("QEMU file does not end with QEMU's VM description: an "
                             "incomplete save (or one made with suppress-vmdesc)")
-    for b in q.blocks:
-        if not q.mapped_ram:
-            offs = pages[b.name]
-            b.present = offs >= 0
-            b.data_offsets = offs
+    if not q.mapped_ram:
+        for b in q.blocks:
+            b.finish_records()
     return q
