@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import abi
 from .abi import Cap
+from .devices import DEVICE_TYPES, check_device_states
 from .errors import EXIT_BAD_INPUT, KvmguestError
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ class VmState:
 
 # --- the machine -----------------------------------------------------------------------------
 # Our devices, by their attribute on Machine and their key in the saved state.
-DEVICES = ("serial", "debug_exit", "fw_cfg", "testdev", "cmos", "acpi_pm", "guest_port")
+DEVICES = tuple(DEVICE_TYPES)     # each saved under its Machine attribute's name
 
 @dataclass
 class MachineState:
@@ -336,9 +337,11 @@ class MachineState:
         for v in self.vcpus:
             if self.irqchip != (v.lapic is not None):
                 raise StateError("LAPIC state does not match the irqchip")
-        serial = self.devices.get("serial") if isinstance(self.devices, dict) else None
-        if not isinstance(serial, dict) or not isinstance(serial.get("regs"), dict):
+        if not isinstance(self.devices, dict) or "serial" not in self.devices:
             raise StateError("state has no serial device state")
+        problem = check_device_states(self.devices)
+        if problem:
+            raise StateError(problem)
 
     def apply(self, machine, cpuid: bool = True) -> None:
         """Every vCPU first (all before any runs), VM-wide state after, devices last.

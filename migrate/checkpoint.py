@@ -25,7 +25,7 @@ from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
 from kvmguest.state import MachineState
 
 from .format import CHECKPOINT_MAGIC as MAGIC
-from .format import Block, SnapshotError
+from .format import MAX_BLOCKS, Block, SnapshotError, parse_json
 from .pageio import (data_extents, fault_point, fsync_dir, pread_into, pwrite_all, runs_of,
                      temp_path_for)
 from .writer import SaveError, check_save_target, io_error
@@ -73,15 +73,22 @@ class Layout:
 
 def plan(memory: GuestMemory, vcpus: int) -> Layout:
     state_size = _align(max(1 << 20, vcpus * (64 << 10)), PAGE)
+    return _place([(r.gpa, r.size, r.slot) for r in memory.regions], state_size)
+
+
+def _place(regions, state_size: int) -> Layout:
+    """The layout of a file for ``regions`` ((gpa, size, slot), in gpa order): header,
+    two state slots, a page area per block, the journal. A file's layout must be exactly
+    this (read_layout), so that no section can overlap another or leave the file."""
     at = _align(HEADER_END)
     states = [at, at + state_size]
     at = _align(at + 2 * state_size)
     blocks = []
-    for i, r in enumerate(memory.regions):
-        blocks.append({"name": f"ram{i}", "gpa": r.gpa, "size": r.size, "slot": r.slot,
+    for i, (gpa, size, slot) in enumerate(regions):
+        blocks.append({"name": f"ram{i}", "gpa": gpa, "size": size, "slot": slot,
                        "pages_offset": at})
-        at = _align(at + r.size)
-    pages = sum(r.npages for r in memory.regions)
+        at = _align(at + size)
+    pages = sum(size for _, size, _ in regions) // PAGE
     return Layout(blocks, at, _align(pages * (8 + PAGE)), states, state_size)
 
 
@@ -398,6 +405,52 @@ def _block(b: dict) -> Block:
     return Block(b["name"], b["gpa"], b["size"], b["slot"], pages_offset=b["pages_offset"])
 
 
+MAX_STATE_SIZE = 64 << 20           # a state slot: 64 KiB per vCPU, 1 MiB at least
+MAX_SLOT = 1 << 15                  # KVM's memory slot ids are 16-bit (address space 0)
+JOURNAL_CHUNK = 4096                # journal pages read (checked, applied) at a time
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _check_layout(d, path: str) -> Layout:
+    """The superblock's layout, every field type-checked, and exactly the layout
+    kvmguest writes for those blocks (_place): SnapshotError otherwise."""
+    def bad(why: str) -> SnapshotError:
+        return SnapshotError(f"{path}: checkpoint layout {why}")
+    if not isinstance(d, dict):
+        raise bad("is not an object")
+    blocks = d.get("blocks")
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= MAX_BLOCKS:
+        raise bad(f"must list 1 to {MAX_BLOCKS} blocks")
+    keys = {"name", "gpa", "size", "slot", "pages_offset"}
+    for i, b in enumerate(blocks):
+        if not isinstance(b, dict) or set(b) != keys:
+            raise bad(f"block {i} is not an object of {', '.join(sorted(keys))}")
+        if not all(_whole(b[k]) for k in keys - {"name"}):
+            raise bad(f"block {i} has a field that is not a whole number")
+        if not (b["size"] and b["size"] % PAGE == 0 and b["gpa"] % PAGE == 0):
+            raise bad(f"block {i} is not whole pages (base {b['gpa']:#x}, size {b['size']:#x})")
+        if b["slot"] >= MAX_SLOT:
+            raise bad(f"block {i} names memory slot {b['slot']}")
+    for a, b in zip(blocks, blocks[1:]):
+        if b["gpa"] < a["gpa"] + a["size"]:
+            raise bad("has blocks out of order or overlapping in guest memory")
+    if len({b["slot"] for b in blocks}) != len(blocks):
+        raise bad("has two blocks in one memory slot")
+    size = d.get("state_size")
+    if not _whole(size) or not (1 << 20) <= size <= MAX_STATE_SIZE or size % PAGE:
+        raise bad(f"has a state slot size of {size!r}")
+    expected = _place([(b["gpa"], b["size"], b["slot"]) for b in blocks], size)
+    found = Layout(blocks, d.get("journal_offset"), d.get("journal_size"),
+                   d.get("state_offsets"), size)
+    if found.to_json() != expected.to_json():
+        raise bad("is not the layout kvmguest writes for its blocks (moved or resized "
+                  "sections)")
+    return expected
+
+
 def read_layout(fd: int, path: str) -> Layout:
     head = os.pread(fd, SLOT_OFFSETS[0], 0)
     if len(head) < SUPER.size or head[:8] != MAGIC:
@@ -408,18 +461,55 @@ def read_layout(fd: int, path: str) -> Layout:
     if SUPER.size + n + 4 > len(head) or struct.unpack_from(
             "<I", head, SUPER.size + n)[0] != zlib.crc32(head[:SUPER.size + n]):
         raise SnapshotError(f"{path}: checkpoint superblock is damaged (checksum)")
-    try:
-        d = json.loads(head[SUPER.size:SUPER.size + n])
-        layout = Layout(d["blocks"], int(d["journal_offset"]), int(d["journal_size"]),
-                        list(d["state_offsets"]), int(d["state_size"]))
-    except (ValueError, KeyError, TypeError) as err:
-        raise SnapshotError(f"{path}: checkpoint layout is unreadable: {err}") from None
-    return layout
+    return _check_layout(parse_json(head[SUPER.size:SUPER.size + n],
+                                    f"{path}: checkpoint layout"), path)
+
+
+def _journal_numbers(fd: int, layout: Layout, record: Record, path: str):
+    """The journal's page numbers, a chunk at a time (memory does not follow what a
+    record claims)."""
+    n, at = record.journal_pages, layout.journal_offset
+    for first in range(0, n, JOURNAL_CHUNK):
+        k = min(JOURNAL_CHUNK, n - first)
+        numbers = np.frombuffer(os.pread(fd, 8 * k, at + 8 * first), dtype="<u8")
+        if len(numbers) != k:
+            raise SnapshotError(f"{path}: journal is truncated")
+        yield numbers
+
+
+def _journal_pages(fd: int, layout: Layout, record: Record, path: str):
+    """(page numbers, page data) of the journal, a chunk at a time."""
+    n, at = record.journal_pages, layout.journal_offset
+    for first, numbers in zip(range(0, n, JOURNAL_CHUNK),
+                              _journal_numbers(fd, layout, record, path)):
+        data = np.empty((len(numbers), PAGE), np.uint8)
+        if not pread_into(fd, data, at + 8 * n + first * PAGE):
+            raise SnapshotError(f"{path}: journal is truncated")
+        yield numbers, data
+
+
+def _journal_crc(fd: int, layout: Layout, record: Record, path: str, memory=None) -> None:
+    """Check the journal (numbers within the guest's pages, then the CRC over numbers and
+    data, as written); with ``memory``, its pages are applied on the way (the caller
+    drops that memory if this raises)."""
+    total = sum(b["size"] for b in layout.blocks) // PAGE
+    crc = 0
+    for numbers in _journal_numbers(fd, layout, record, path):
+        if int(numbers.max()) >= total:
+            raise SnapshotError(f"{path}: journal of checkpoint {record.generation} names a "
+                                "page beyond its guest's memory")
+        crc = zlib.crc32(numbers.tobytes(), crc)
+    for numbers, data in _journal_pages(fd, layout, record, path):
+        crc = zlib.crc32(data, crc)
+        if memory is not None:
+            _apply_journal(memory, layout, numbers, data)
+    if crc != record.journal_crc:
+        raise SnapshotError(f"{path}: journal of checkpoint {record.generation} is damaged")
 
 
 def validated(path: str, fd: int) -> Checkpoint:
-    """Everything a restore checks before memory is allocated: superblock, the latest
-    record, the state (CRC, decodes); the journal's CRC is checked when it is read."""
+    """Everything a restore checks before memory is allocated: superblock and layout,
+    the latest record, its journal (size, page numbers, CRC) and state (CRC, decodes)."""
     from .reader import decode_state, region_specs
     layout = read_layout(fd, path)
     size = os.fstat(fd).st_size
@@ -430,12 +520,36 @@ def validated(path: str, fd: int) -> Checkpoint:
     _, record = latest(read_records(fd))
     if record is None:
         raise SnapshotError(f"{path}: no complete checkpoint yet")
+    if not 0 < record.state_len <= layout.state_size:
+        raise SnapshotError(f"{path}: state of checkpoint {record.generation} is "
+                            f"{record.state_len} bytes; its slot holds {layout.state_size}")
+    total = sum(b["size"] for b in layout.blocks) // PAGE
+    if record.journal_pages > total:
+        raise SnapshotError(f"{path}: checkpoint {record.generation} claims a journal of "
+                            f"{record.journal_pages} pages; its guest has {total}")
     raw = os.pread(fd, record.state_len, layout.state_offsets[record.state_slot])
     if len(raw) != record.state_len or zlib.crc32(raw) != record.state_crc:
         raise SnapshotError(f"{path}: state of checkpoint {record.generation} is damaged")
-    d = json.loads(raw)
+    d = parse_json(raw, f"{path}: state of checkpoint {record.generation}")
+    if not isinstance(d, dict) or not isinstance(d.get("state"), dict) \
+            or not isinstance(d.get("checkpoints", []), list):
+        raise SnapshotError(f"{path}: state of checkpoint {record.generation} is not "
+                            "kvmguest state")
+    if record.kind == COMMITTED and record.journal_pages:
+        _journal_crc(fd, layout, record, path)
     return Checkpoint(path, layout, record, d["state"], decode_state(d["state"]),
                       d.get("checkpoints", []))
+
+
+def _apply_journal(memory: GuestMemory, layout: Layout, numbers, data) -> None:
+    base = 0
+    for b in layout.blocks:
+        npages = b["size"] // PAGE
+        sel = (numbers >= base) & (numbers < base + npages)
+        if sel.any():
+            region = memory.region_of_slot(b["slot"])
+            region.pages()[(numbers[sel] - base).astype(np.int64)] = data[sel]
+        base += npages
 
 
 def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
@@ -453,22 +567,9 @@ def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
                 pread_into(fd, region.array[s - start:e - start], s)
                 loaded += (e - s) // PAGE
         if ck.record.kind == COMMITTED and ck.record.journal_pages:
-            n = ck.record.journal_pages
-            at = ck.layout.journal_offset
-            numbers = np.frombuffer(os.pread(fd, 8 * n, at), dtype="<u8")
-            data = np.empty((n, PAGE), np.uint8)
-            if len(numbers) != n or not pread_into(fd, data, at + 8 * n):
-                raise SnapshotError(f"{ck.path}: journal is truncated")
-            if zlib.crc32(data, zlib.crc32(numbers.tobytes())) != ck.record.journal_crc:
-                raise SnapshotError(f"{ck.path}: journal of checkpoint "
-                                    f"{ck.record.generation} is damaged")
-            base = 0
-            for b in ck.layout.blocks:
-                npages = b["size"] // PAGE
-                sel = (numbers >= base) & (numbers < base + npages)
-                region = memory.region_of_slot(b["slot"])
-                region.pages()[(numbers[sel] - base).astype(np.int64)] = data[sel]
-                base += npages
+            # Checked by validated(), and again as it is applied: a file changed since
+            # fails here, and the memory is dropped (the guest never starts from it).
+            _journal_crc(fd, ck.layout, ck.record, ck.path, memory)
         return memory, loaded
     except BaseException:
         memory.close()

@@ -74,7 +74,7 @@ def _answers_status(sock: socket.socket) -> bool:
         sock.settimeout(1.0)
         sock.sendall(b'{"op": "status"}\n')
         reply = json.loads(sock.makefile("rb").readline(4096))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(reply, dict) and "ok" in reply
 
@@ -193,7 +193,7 @@ class ControlServer:
     def _reply(self, conn: socket.socket, line: bytes) -> dict:
         try:
             req = json.loads(line)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             return {"ok": False, "error": "bad request: not a JSON line"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "bad request: expected a JSON object"}
@@ -356,7 +356,7 @@ def _connect(path: str) -> socket.socket:
 def _reply_line(line: bytes) -> dict:
     try:
         reply = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         reply = None
     if not isinstance(reply, dict) or not (
             reply.get("ok") is True

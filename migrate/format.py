@@ -293,6 +293,17 @@ class Snapshot:
         return sum(b.pages_present for b in self.layout.blocks)
 
 
+def parse_json(raw: bytes, what: str):
+    """JSON from a file, or SnapshotError naming ``what`` (not JSON, not UTF-8, or nested
+    deeper than the parser goes)."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SnapshotError(f"{what} does not decode: {err}") from None
+    except RecursionError:
+        raise SnapshotError(f"{what} is nested too deeply to be kvmguest's") from None
+
+
 def _read_exact(fd: int, offset: int, length: int, what: str, file_size: int) -> bytes:
     if offset < 0 or length < 0 or offset + length > file_size:
         raise SnapshotError(f"{what} at {offset}+{length} runs past the end of the file "
@@ -443,10 +454,7 @@ def _validate(path: str, fd: int) -> Snapshot:
     raw_state = _read_exact(fd, state_offset, state_length, "state", size)
     if crc(raw_state) != state_crc:
         raise SnapshotError("state checksum mismatch: the vCPU/device state is corrupt")
-    try:
-        state = json.loads(raw_state)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise SnapshotError(f"state does not decode: {err}") from None
+    state = parse_json(raw_state, "state")
     if not isinstance(state, dict) or state.get("format") != "kvmguest-state":
         raise SnapshotError("state section is not kvmguest state")
     return Snapshot(path, size, layout, bitmaps, state, state_length, version)

@@ -329,7 +329,7 @@ def _vmdesc_length(fd: int, size: int) -> int:
         if tail[p + 1:p + 5] == struct.pack(">I", length) and tail[p + 5:p + 6] == b"{":
             try:
                 desc = json.loads(tail[p + 5:])
-            except ValueError:
+            except (ValueError, RecursionError):
                 return 0
             return length if isinstance(desc, dict) and "devices" in desc else 0
     return 0

@@ -159,8 +159,8 @@ def _read(f, n: int, what: str) -> bytes:
 
 
 def parse_blocks(raw: bytes, nblocks: int) -> list[fmt.Block]:
+    items = fmt.parse_json(raw, "stream block list")
     try:
-        items = json.loads(raw)
         if not isinstance(items, list):
             raise TypeError("not a list")
         blocks = []
@@ -239,10 +239,7 @@ def validate_stream(path: str, fd: int) -> StreamInfo:
                 data = _read(f, length, "the state record")
                 if zlib.crc32(data) != crc:
                     raise SnapshotError("stream state checksum mismatch: the state is corrupt")
-                try:
-                    state = json.loads(data)
-                except (UnicodeDecodeError, ValueError) as err:
-                    raise SnapshotError(f"stream state does not decode: {err}") from None
+                state = fmt.parse_json(data, "stream state")
                 if not isinstance(state, dict):
                     raise SnapshotError("stream state is not kvmguest state")
                 try:

@@ -6,6 +6,7 @@ another exception, a hang, or memory beyond a small multiple of the file's size.
 
 import json
 import os
+import re
 import struct
 import time
 import tracemalloc
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import guest
+from helpers import cli, guest, one_line_error
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 from migrate import format as fmt
 from migrate.format import SnapshotError
@@ -199,30 +200,31 @@ def check(tmp_path, base, m):
     assert peak < 4 * len(bad) + 4 * MiB, f"peak {peak} for a {len(bad)}-byte file"
 
 
-# Cases found while building the validator, kept as a corpus.
+# Cases found while building the validator, kept as a corpus: each with the reason it must
+# be refused for (a case refused by another check would prove nothing).
 CORPUS = [
-    ("block", 1, "size", (1 << 64) - 4096, True),        # size wraps offsets
-    ("block", 0, "bitmap_length", 1 << 40, True),        # huge bitmap read
-    ("header", "nblocks", 0, True),
-    ("header", "state_length", 1 << 63, True),
-    ("header", "file_size", 0, True),
-    ("block", 1, "pages_present", 1 << 63, True),
-    ("state-field", "xsave", "zz"),
-    ("state-field", "msrs", [[1, -1]]),
-    ("state-field", "vcpus", []),
-    ("state-json", [1, 2]),
-    ("overlap", "pages"),
-    ("bitmap-bits", 1, 3),
-    ("swap-blocks",),                                     # blocks out of gpa order
+    (("block", 1, "size", (1 << 64) - 4096, True), "page area length"),  # size wraps offsets
+    (("block", 0, "bitmap_length", 1 << 40, True), "bitmap length 1099511627776"),
+    (("header", "nblocks", 0, True), "block count 0 out of range"),
+    (("header", "state_length", 1 << 63, True), "state at 5242880+9223372036854775808 runs past"),
+    (("header", "file_size", 0, True), "but the header says 0"),
+    (("block", 1, "pages_present", 1 << 63, True), "9223372036854775808 pages present of 512"),
+    (("state-field", "xsave", "zz"), "non-hexadecimal"),
+    (("state-field", "msrs", [[1, -1]]), "bad MSR entry [1, -1]"),
+    (("state-field", "vcpus", []), "state must hold 1 to"),
+    (("state-json", [1, 2]), "state section is not kvmguest state"),
+    (("overlap", "pages"), "overlaps page area of 'ram-low'"),
+    (("bitmap-bits", 1, 3), "bits set but 171 pages recorded"),
+    (("swap-blocks",), "not in ascending guest-physical order"),      # blocks out of gpa order
 ]
 
 
-@pytest.mark.parametrize("case", CORPUS, ids=[str(c[:3]) for c in CORPUS])
-def test_corpus_case_is_refused(tmp_path, base, case):
+@pytest.mark.parametrize("case,reason", CORPUS, ids=[str(c[0][:3]) for c in CORPUS])
+def test_corpus_case_is_refused_for_its_reason(tmp_path, base, case, reason):
     data, snap = base
     path = tmp_path / "case.snap"
     path.write_bytes(mutate(data, snap, case))
-    with pytest.raises(SnapshotError):
+    with pytest.raises(SnapshotError, match=re.escape(reason)):
         validate(str(path))
 
 
@@ -385,26 +387,27 @@ def test_unmutated_stream_validates_and_loads(stream_base, tmp_path):
 
 
 STREAM_CORPUS = [
-    ("swap-blocks",),                              # blocks out of gpa order
-    ("block-field", 1, "gpa", 0),                  # overlapping blocks
-    ("block-field", 1, "slot", 0),                 # two blocks in one slot
-    ("block-field", 0, "size", 16 << 40),          # beyond KVM's slot limit
-    ("nblocks", 3),
-    ("truncate", 0.01),                            # the header alone
-    ("state-json", []),                            # state that is not an object
-    ("state-json", {"format": "kvmguest-state"}),
-    ("append", b"\0"),                             # data after the end record
-    ("record", 0.0, 1, 7),                         # a record for a block that is not there
+    (("swap-blocks",), "blocks overlap or are not in ascending"),    # blocks out of gpa order
+    (("block-field", 1, "gpa", 0), "blocks overlap or are not in ascending"),
+    (("block-field", 1, "slot", 0), "two stream blocks claim the same memory slot"),
+    (("block-field", 1, "size", 16 << 40), "exceeds KVM's limit"),    # beyond a slot's limit
+    (("nblocks", 3), "has 2 blocks, header says 3"),
+    (("truncate", 0.01), "truncated"),                                # the header alone
+    (("state-json", []), "stream state is not kvmguest state"),       # not an object
+    (("state-json", {"format": "kvmguest-state"}), "version None is not supported"),
+    (("append", b"\0"), "1 bytes after its end record"),              # data after the end
+    (("record", 0.0, 1, 7), "block 7 is out of range"),              # a block not there
 ]
 
 
-@pytest.mark.parametrize("case", STREAM_CORPUS, ids=[str(c[:3]) for c in STREAM_CORPUS])
-def test_stream_corpus_case_is_refused(tmp_path, stream_base, case):
+@pytest.mark.parametrize("case,reason", STREAM_CORPUS,
+                         ids=[str(c[0][:3]) for c in STREAM_CORPUS])
+def test_stream_corpus_case_is_refused_for_its_reason(tmp_path, stream_base, case, reason):
     path = tmp_path / "case.stream"
     path.write_bytes(mutate_stream(stream_base, case))
     fd = os.open(path, os.O_RDONLY)
     try:
-        with pytest.raises(SnapshotError):
+        with pytest.raises(SnapshotError, match=re.escape(reason)):
             stm.validate_stream(str(path), fd)
     finally:
         os.close(fd)
@@ -445,3 +448,320 @@ def test_zero_records_for_a_huge_block_do_not_allocate_its_memory(tmp_path, base
 @given(m=stream_mutations)
 def test_any_stream_mutation_is_valid_or_a_snapshot_error(tmp_path, stream_base, m):
     check_stream(tmp_path, mutate_stream(stream_base, m))
+
+
+# --- continuous checkpoint files (KVMGCKPT): the same guarantees ---------------------------
+from migrate import checkpoint as ck  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt_base(tmp_path_factory):
+    """A valid checkpoint file of a running dirty guest, its latest checkpoint with a
+    journal (the second one): its bytes (small: 8 MiB of RAM, a sparse file)."""
+    from kvmguest import Machine
+    from helpers import guest_pass, wait_until
+    path = tmp_path_factory.mktemp("fuzz") / "base.ckpt"
+    m = Machine(str(guest("dirty")), memory=8 * MiB, cmdline="pages=64 base=4194304 passes=0")
+    try:
+        m.start()
+        chain = ck.Checkpointer(m, str(path))
+        try:
+            for _ in range(2):
+                n = guest_pass(m, 4 << 20)
+                wait_until(lambda: guest_pass(m, 4 << 20) > n + 1, 60, "two more passes")
+                chain.take()
+        finally:
+            chain.close()
+    finally:
+        m.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert ck.validated(str(path), fd).record.journal_pages > 0
+    finally:
+        os.close(fd)
+    return Bytes(path.read_bytes())
+
+
+class Bytes(bytes):
+    """A base file's bytes, shown by length in a failure report (not 8 MB of repr)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
+
+
+def _ckpt_super(data: bytes) -> dict:
+    n = ck.SUPER.unpack_from(data)[2]
+    return json.loads(data[ck.SUPER.size:ck.SUPER.size + n])
+
+
+def _ckpt_reseal_super(out: bytearray, layout) -> None:
+    body = json.dumps(layout).encode()
+    head = ck.SUPER.pack(ck.MAGIC, ck.VERSION, len(body)) + body
+    head += struct.pack("<I", zlib.crc32(head))
+    assert len(head) <= ck.SLOT_OFFSETS[0], "superblock too long for the test"
+    out[:ck.SLOT_OFFSETS[0]] = head.ljust(ck.SLOT_OFFSETS[0], b"\0")
+
+
+def _ckpt_latest(data: bytes):
+    recs = [ck.Record.parse(data[o:o + 512]) for o in ck.SLOT_OFFSETS]
+    return ck.latest(recs)
+
+
+RECORD_FIELDS = ["generation", "kind", "state_slot", "state_len", "state_crc",
+                 "journal_pages", "journal_crc", "time_ns", "pages_written"]
+ckpt_mutations = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("flip"), st.sampled_from(["super", "record", "state", "journal"]),
+              st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+    st.tuples(st.just("layout"), st.sampled_from(["journal_offset", "journal_size",
+                                                  "state_offsets", "state_size", "blocks"]),
+              json_values | st.sampled_from(INTERESTING)),
+    st.tuples(st.just("block"), st.sampled_from(["name", "gpa", "size", "slot",
+                                                 "pages_offset"]),
+              json_values | st.sampled_from(INTERESTING + [-4096, -1, 0.5, True])),
+    st.tuples(st.just("record"), st.sampled_from(RECORD_FIELDS),
+              st.sampled_from(INTERESTING) | st.integers(0, (1 << 64) - 1)),
+    st.tuples(st.just("state-json"), json_values),
+    st.tuples(st.just("state-raw"), st.sampled_from([b"", b"[" * 100000, b"not json",
+                                                     b'{"checkpoints": []}'])),
+    st.tuples(st.just("state-field"), st.sampled_from(["vcpus", "devices", "vm", "guest"]),
+              json_values),
+    st.tuples(st.just("device-field"), st.sampled_from(
+        ["debug_exit.result", "serial.regs", "serial.input", "cmos.ram", "cmos.offset",
+         "testdev.iomem", "fw_cfg.offset", "acpi_pm.count", "guest_port.restores"]),
+        json_values | st.sampled_from(INTERESTING)),
+)
+
+
+def _set_record(out: bytearray, slot: int, rec) -> None:
+    out[ck.SLOT_OFFSETS[slot]:ck.SLOT_OFFSETS[slot] + 512] = rec.pack()
+
+
+def _replace_ckpt_state(out: bytearray, body: bytes) -> None:
+    slot, rec = _ckpt_latest(bytes(out))
+    layout = _ckpt_super(bytes(out))
+    at = layout["state_offsets"][rec.state_slot]
+    out[at:at + len(body)] = body[:layout["state_size"]]
+    rec.state_len, rec.state_crc = len(body), zlib.crc32(body)
+    _set_record(out, slot, rec)
+
+
+def mutate_ckpt(data: bytes, m) -> bytes:
+    out = bytearray(data)
+    kind = m[0]
+    slot, rec = _ckpt_latest(data)
+    layout = _ckpt_super(data)
+    if kind == "truncate":
+        return bytes(out[:int(m[1] * len(out))])
+    if kind == "flip":
+        _, section, where, bit = m
+        state_at = layout["state_offsets"][rec.state_slot]
+        lo, hi = {"super": (0, 512), "record": (ck.SLOT_OFFSETS[slot],
+                                                ck.SLOT_OFFSETS[slot] + 64),
+                  "state": (state_at, state_at + rec.state_len),
+                  "journal": (layout["journal_offset"],
+                              layout["journal_offset"] + rec.journal_pages * 4104)}[section]
+        out[lo + int(where * (hi - lo))] ^= 1 << bit
+        return bytes(out)
+    if kind == "layout":
+        layout[m[1]] = m[2]
+        _ckpt_reseal_super(out, layout)
+        return bytes(out)
+    if kind == "block":
+        layout["blocks"][0][m[1]] = m[2]
+        _ckpt_reseal_super(out, layout)
+        return bytes(out)
+    if kind == "record":
+        value = m[2] & ((1 << (8 * (4 if m[1] in ("kind", "state_slot", "state_len",
+                                                     "state_crc", "journal_crc") else 8))) - 1)
+        setattr(rec, m[1], value)
+        _set_record(out, slot, rec)
+        return bytes(out)
+    at = layout["state_offsets"][rec.state_slot]
+    doc = json.loads(data[at:at + rec.state_len])
+    if kind == "state-json":
+        body = json.dumps(m[1]).encode()
+    elif kind == "state-raw":
+        body = m[1]
+    elif kind == "state-field":
+        doc["state"][m[1]] = m[2]
+        body = json.dumps(doc).encode()
+    elif kind == "device-field":
+        device, field = m[1].split(".")
+        doc["state"]["devices"][device][field] = m[2]
+        body = json.dumps(doc).encode()
+    else:
+        raise AssertionError(kind)
+    _replace_ckpt_state(out, body)
+    return bytes(out)
+
+
+def check_ckpt(tmp_path, data: bytes) -> str | None:
+    """The file is valid (and then loads) or a one-line SnapshotError (returned);
+    memory and time bounded by what it holds."""
+    path = tmp_path / "case.ckpt"
+    with open(path, "wb") as f:            # sparse, as the real file: only data extents
+        f.truncate(len(data))
+        for start in range(0, len(data), MiB):
+            chunk = data[start:start + MiB]
+            if chunk.count(0) != len(chunk):
+                f.seek(start)
+                f.write(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    t = time.monotonic()
+    try:
+        tracemalloc.start()
+        try:
+            c = ck.validated(str(path), fd)
+        except SnapshotError as err:
+            assert str(err) and "\n" not in str(err), repr(str(err))
+            return str(err)
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert peak < 16 * MiB, f"peak {peak} validating a checkpoint file"
+        memory, _ = ck.load(c, fd)          # valid: it must load as inspect says
+        memory.close()
+    finally:
+        os.close(fd)
+        assert time.monotonic() - t < 10.0
+    return None
+
+
+# The hostile checkpoint files of the second review (issue 17, item 7), each refused for
+# the reason it names.
+CKPT_CORPUS = [
+    (("record", "journal_pages", 1 << 40), "claims a journal of"),
+    (("record", "journal_pages", (1 << 64) - 1), "claims a journal of"),
+    (("record", "journal_pages", 300000), "claims a journal of"),
+    (("record", "state_len", 1 << 31), "its slot holds"),
+    (("layout", "blocks", [1]), "block 0 is not an object"),
+    (("layout", "blocks", "abc"), "must list 1 to"),
+    (("layout", "blocks", []), "must list 1 to"),
+    (("block", "gpa", -4096), "not a whole number"),
+    (("block", "gpa", True), "not a whole number"),
+    (("block", "size", 0.5), "not a whole number"),
+    (("block", "size", 4097), "not whole pages"),
+    (("block", "slot", -1), "not a whole number"),
+    (("block", "pages_offset", -(1 << 20)), "not a whole number"),
+    (("block", "pages_offset", 1 << 50), "not the layout kvmguest writes"),
+    (("block", "pages_offset", 0), "not the layout kvmguest writes"),
+    (("layout", "state_offsets", []), "not the layout kvmguest writes"),
+    (("layout", "state_offsets", ["a", "b"]), "not the layout kvmguest writes"),
+    (("layout", "state_offsets", [-1, 0]), "not the layout kvmguest writes"),
+    (("layout", "journal_offset", 0), "not the layout kvmguest writes"),
+    (("state-json", [1, 2]), "is not kvmguest state"),
+    (("state-raw", b'{"checkpoints": []}'), "is not kvmguest state"),
+    (("state-raw", b"not json"), "does not decode"),
+    (("state-raw", b""), "state of checkpoint 2 is 0 bytes"),
+    (("state-raw", b"[" * 100000), "nested too deeply"),
+    (("device-field", "debug_exit.result", "x"), "debug_exit's field result"),
+    (("device-field", "serial.regs", {"ier": 1}), "serial's field regs"),
+    (("device-field", "cmos.ram", "zz"), "cmos's field ram"),
+    (("device-field", "cmos.offset", "now"), "cmos's field offset"),
+    (("device-field", "fw_cfg.offset", -1), "fw_cfg's field offset"),
+    (("state-field", "devices", {"nope": {}}), "has no serial device state"),
+    (("device-field", "serial.nope", 1), "serial's state has an unknown field 'nope'"),
+]
+
+
+def test_unmutated_checkpoint_validates_and_loads(ckpt_base, tmp_path):
+    assert check_ckpt(tmp_path, ckpt_base) is None
+
+
+@pytest.mark.parametrize("case,reason", CKPT_CORPUS, ids=[str(c[0][:2]) + str(i) for i, c in
+                                                           enumerate(CKPT_CORPUS)])
+def test_checkpoint_corpus_case_is_refused_for_its_reason(tmp_path, ckpt_base, case, reason):
+    error = check_ckpt(tmp_path, mutate_ckpt(ckpt_base, case))
+    assert error is not None and reason in error, error
+
+
+def test_inspect_calls_valid_only_what_restore_takes(ckpt_base, tmp_path):
+    """A file inspect would have called valid that restore refused after allocating (or
+    started on all-zero RAM): one line INVALID now, and restore refuses it up front."""
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(mutate_ckpt(ckpt_base, ("block", "pages_offset", 1 << 50)))
+    p = cli("inspect", bad)
+    assert p.returncode == 1 and "INVALID" in p.stdout and "Traceback" not in p.stderr
+    one_line_error(cli("restore", bad), 2, "not the layout kvmguest writes")
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(m=ckpt_mutations)
+def test_any_checkpoint_mutation_is_valid_or_a_snapshot_error(tmp_path, ckpt_base, m):
+    check_ckpt(tmp_path, mutate_ckpt(ckpt_base, m))
+
+
+# --- QEMU's migration files: read, never trusted --------------------------------------------
+from migrate.qemu import read_qemu  # noqa: E402
+from qemu_files import qemu_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qemu_bases(tmp_path_factory):
+    """A small hand-made QEMU stream file and a mapped-ram one: their bytes."""
+    work = tmp_path_factory.mktemp("fuzz-qemu")
+    qemu_file(work / "s.qemu", [("pc.ram", 1 << 20), ("pc.bios", 1 << 16)],
+              pages=[("pc.ram", 1, b"one"), ("pc.ram", 2, None), ("pc.bios", 3, b"bios")])
+    qemu_file(work / "m.qemu", [("pc.ram", 1 << 20), ("pc.bios", 1 << 16)],
+              mapped_bitmaps=[b"\x0f" + bytes(31), b"\x01" + bytes(7)])
+    return {"stream": Bytes((work / "s.qemu").read_bytes()),
+            "mapped": Bytes((work / "m.qemu").read_bytes())}
+
+
+qemu_mutations = st.tuples(
+    st.sampled_from(["stream", "mapped"]),
+    st.one_of(
+        st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
+        st.tuples(st.just("flip"), st.floats(0, 0.002), st.integers(0, 7)),
+        st.tuples(st.just("u64"), st.integers(8, 400),
+                  st.sampled_from(INTERESTING) | st.integers(0, (1 << 64) - 1)),
+        st.tuples(st.just("u32"), st.integers(8, 400),
+                  st.sampled_from(INTERESTING) | st.integers(0, (1 << 32) - 1)),
+    ))
+
+
+def check_qemu(tmp_path, data: bytes) -> None:
+    path = tmp_path / "case.qemu"
+    with open(path, "wb") as f:
+        f.truncate(len(data))
+        for start in range(0, len(data), MiB):
+            chunk = data[start:start + MiB]
+            if chunk.count(0) != len(chunk):
+                f.seek(start)
+                f.write(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    t = time.monotonic()
+    tracemalloc.start()
+    try:
+        q = read_qemu(fd)
+        for b in q.blocks:                        # what export walks
+            assert sum(n for _, _, n in b.segments(fd)) == b.pages_present
+    except SnapshotError as err:
+        assert str(err) and "\n" not in str(err), repr(str(err))
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        os.close(fd)
+    assert peak < 16 * MiB + 4 * len(data.rstrip(b"\0")), f"peak {peak}"
+    assert time.monotonic() - t < 10.0
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(m=qemu_mutations)
+def test_any_qemu_file_mutation_is_read_or_a_snapshot_error(tmp_path, qemu_bases, m):
+    which, (kind, *args) = m
+    out = bytearray(qemu_bases[which])
+    if kind == "truncate":
+        out = out[:int(args[0] * len(out))]
+    elif kind == "flip":
+        out[int(args[0] * len(out))] ^= 1 << args[1]
+    else:
+        code = ">Q" if kind == "u64" else ">I"
+        if args[0] + struct.calcsize(code) <= len(out):
+            struct.pack_into(code, out, args[0], args[1] % (1 << (8 * struct.calcsize(code))))
+    check_qemu(tmp_path, bytes(out))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 
+from .fields import uint
+
 PM_BASE = 0x600
 PM1_EVT, PM1_CNT, PM_TMR = PM_BASE, PM_BASE + 4, PM_BASE + 8
 PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN = 4, 2, 4
@@ -107,6 +109,9 @@ class ResetControl:
 
 class AcpiPm:
     """The PM1 blocks, the PM timer and the reset port, as one device with one state."""
+
+    STATE_FIELDS = {"status": uint(16), "enable": uint(16), "control": uint(16),
+                    "count": uint(32)}
 
     def __init__(self, on_event):
         self.event = Pm1Event()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 import time
 
+from .fields import hex_bytes, seconds, uint
+
 PORT = 0x70
 PORTS = 2
 IRQ = 8
@@ -36,6 +38,9 @@ def _unbcd(n: int) -> int:
 
 
 class Cmos:
+
+    STATE_FIELDS = {"index": uint(7), "ram": hex_bytes(128, exact=True), "offset": seconds}
+
     def __init__(self, ram_size: int = 0, irq=None, clock=time.time):
         self.irq = irq                   # irq(line, level), None without an irqchip
         self.clock = clock

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import threading
 
+from .fields import optional, uint
+
 
 class DebugExit:
+
+    STATE_FIELDS = {"result": optional(uint(32))}
+
     def __init__(self):
         self.result: int | None = None
         self.fired = threading.Event()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import struct
 
+from .fields import uint
+
 SELECTOR_PORT, DATA_PORT = 0x510, 0x511   # one range of 2 ports
 PORTS = 2
 SIGNATURE, ID, RAM_SIZE, NOGRAPHIC, NB_CPUS, MAX_CPUS, MAX_RAM, FILE_DIR = (
@@ -15,6 +17,9 @@ ID_TRADITIONAL = 1                        # port interface only, no DMA
 
 
 class FwCfg:
+
+    STATE_FIELDS = {"selector": uint(16), "offset": uint(32)}
+
     def __init__(self, ram_size: int, vcpus: int, ram_end: int | None = None):
         """``ram_end``: the top of guest-physical RAM (MAX_RAM, which kvm-unit-tests reads
         as the highest address it may allocate from; QEMU leaves it 0, "no limit")."""

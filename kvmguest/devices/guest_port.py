@@ -18,12 +18,16 @@ reads it after a request to learn whether it was honoured.
 
 from __future__ import annotations
 
+from .fields import uint
+
 READY = 1
 MIGRATE = 2
 REQUESTS = {READY: "ready", MIGRATE: "migrate"}
 
 
 class GuestPort:
+    STATE_FIELDS = {"restores": uint(63)}
+
     def __init__(self):
         self.restores = 0
         self.request: int | None = None       # the last write, until the machine takes it

@@ -13,6 +13,8 @@ import collections
 import threading
 from typing import Callable
 
+from .fields import boolean, hex_bytes, registers
+
 # Register offsets.
 RBR_THR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 LCR_DLAB = 0x80
@@ -23,7 +25,15 @@ IIR_THRE, IIR_RDA = 0x02, 0x04
 IER_RDA, IER_THRE = 0x01, 0x02
 
 
+REGISTERS = ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr")
+MAX_INPUT = 1 << 20             # bytes of pending console input a saved state may hold
+
+
 class Serial:
+    STATE_FIELDS = {"regs": registers(REGISTERS), "input": hex_bytes(MAX_INPUT),
+                    "thre_pending": boolean, "irq_level": boolean}
+    STATE_REQUIRED = ("regs",)
+
     def __init__(self, capacity: int = 1 << 20, stream: Callable[[bytes], None] | None = None,
                  irq: Callable[[int], None] | None = None):
         self.capacity = capacity

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 
+from .fields import hex_bytes, uint
+
 
 SCRATCH_PORT, FLUSH_PORT, SCRATCH_BYTE_PORT, IRQ_PORT = 0xE0, 0xE4, 0xE8, 0x2000
 IRQ_LINES = 24
@@ -48,6 +50,8 @@ _ZEROS = bytes(IOMEM_SIZE)
 class PcTestdev:
     """``irq(line, level)`` drives an ISA line (None: no irqchip); ``memory`` is the guest
     RAM whose pages a flush write-protects for a moment."""
+
+    STATE_FIELDS = {"scratch": uint(32), "iomem": hex_bytes(IOMEM_SIZE)}
 
     def __init__(self, memory, irq=None):
         self.memory = memory
