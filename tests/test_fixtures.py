@@ -180,3 +180,75 @@ def test_the_example_in_docs_fixtures_md_works_as_written(pytester, tmp_path):
     pytester.makeconftest(conftest)
     pytester.makepyfile(test_app=test_app, test_migration=test_migration)
     _run(pytester, {"KVMGUEST_CACHE": str(tmp_path / "c")}).assert_outcomes(passed=2)
+
+
+# --- the cache is trusted only when nobody else could have written it ---------------------
+def _spec(**kw):
+    from kvmguest.testing.fixtures import GuestSpec
+    return GuestSpec(str(guest("fixture")), cmdline="pages=64", **kw)
+
+
+def test_the_cache_directory_is_made_private_and_a_shared_one_is_refused(tmp_path, monkeypatch,
+                                                                          kvm_available):
+    from kvmguest.testing.fixtures import FixtureError, snapshot_for
+    cache = tmp_path / "new" / "cache"
+    monkeypatch.setenv("KVMGUEST_CACHE", str(cache))
+    path = snapshot_for(_spec())
+    assert os.stat(cache).st_mode & 0o777 == 0o700 and os.stat(path).st_mode & 0o777 == 0o600
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)                       # like /tmp
+    monkeypatch.setenv("KVMGUEST_CACHE", str(shared))
+    with pytest.raises(FixtureError, match=r"writable by group or others \(mode 1777\)"):
+        snapshot_for(_spec())
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv("KVMGUEST_CACHE", str(theirs))
+    with pytest.raises(FixtureError, match="belongs to uid 65534, not to you"):
+        snapshot_for(_spec())
+
+
+def test_a_snapshot_planted_in_the_cache_by_someone_else_is_refused(tmp_path, monkeypatch,
+                                                                    kvm_available):
+    """The key is a hash of public inputs, so another user can plant a valid snapshot
+    under the expected name: it is refused, not restored into every test."""
+    from kvmguest.testing.fixtures import FixtureError, snapshot_for
+    monkeypatch.setenv("KVMGUEST_CACHE", str(tmp_path / "c"))
+    path = snapshot_for(_spec())
+    os.chown(path, 65534, 65534)                   # as if another user had put it there
+    with pytest.raises(FixtureError, match="cached snapshot .* belongs to uid 65534"):
+        snapshot_for(_spec())
+    os.chown(path, os.geteuid(), os.getegid())
+    os.chmod(path, 0o666)
+    with pytest.raises(FixtureError, match="writable by group or others"):
+        snapshot_for(_spec())
+
+
+def test_a_held_cache_lock_fails_in_bounded_time_naming_its_holder(tmp_path, monkeypatch,
+                                                                   kvm_available):
+    import subprocess
+    import sys
+    import time
+
+    from kvmguest.testing.fixtures import FixtureError, snapshot_for
+    cache = tmp_path / "c"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("KVMGUEST_CACHE", str(cache))
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys, time
+fd = os.open({str(cache)!r}, os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr("kvmguest.testing.fixtures.LOCK_GRACE", 0.0)
+        t = time.monotonic()
+        with pytest.raises(FixtureError, match=rf"locked by pid {holder.pid} \(.*python"):
+            snapshot_for(_spec(timeout=1.0))
+        assert time.monotonic() - t < 30
+    finally:
+        holder.kill()
+        holder.wait()

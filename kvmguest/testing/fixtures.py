@@ -24,6 +24,12 @@ test dirtied are copied back, the vCPU and device state re-applied, the console 
 cleared. A machine whose guest finished or crashed is replaced by a fresh restore.
 Processes share the cache under a lock on its directory (``flock``), so one boots and
 the others wait and reuse; nothing but the snapshots stays behind.
+
+A snapshot from the cache is restored into every test, so the cache is trusted only if
+nobody else could have written it: the directory (made 0700) and each snapshot must be
+owned by the user and not writable by group or others, or the fixture refuses in one
+line. A process that holds the lock longer than a guest's boot can take (plus
+LOCK_GRACE) makes the others fail, naming it, instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import time
 from dataclasses import dataclass
 
 from ..errors import KvmguestError
 
 DEFAULT_TIMEOUT = 60.0
+LOCK_GRACE = 60.0           # seconds beyond a guest's boot timeout to wait for the lock
 
 
 class FixtureError(KvmguestError):
@@ -113,20 +121,82 @@ def _tail(m) -> str:
     return f"console ends {text[-300:]!r}" if text else "nothing on its console"
 
 
+def _check_private(st: os.stat_result, what: str) -> None:
+    """Refuse what another user could have written (FixtureError, one line)."""
+    if st.st_uid != os.geteuid():
+        raise FixtureError(f"{what} belongs to uid {st.st_uid}, not to you: refusing to "
+                           "trust it (set KVMGUEST_CACHE to a directory of your own)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise FixtureError(f"{what} is writable by group or others (mode "
+                           f"{stat.S_IMODE(st.st_mode):o}): refusing to trust it "
+                           "(chmod go-w, or set KVMGUEST_CACHE to a private directory)")
+
+
+def _lock_holders(dfd: int) -> str:
+    """Who holds a lock on the directory behind ``dfd``: "pid N (command)", from
+    /proc/locks."""
+    st = os.fstat(dfd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[5] == inode and "->" not in line:
+                    pid = fields[4]
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as c:
+                            cmd = c.read().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        cmd = "?"
+                    holders.append(f"pid {pid} ({cmd.strip()[:80]})")
+    except OSError:
+        pass
+    return ", ".join(holders) or "another process"
+
+
+def _lock(dfd: int, directory: str, wait: float) -> None:
+    """Take the cache's lock, waiting at most ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    delay = 0.01
+    while True:
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise FixtureError(f"the snapshot cache {directory} has been locked by "
+                                   f"{_lock_holders(dfd)} for over {wait:g} s") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def snapshot_for(spec: GuestSpec) -> str:
     """The cached snapshot of ``spec`` at its ready point, made now if there is none (or
     the one there does not validate). Safe from several processes at once."""
     from migrate.format import SnapshotError
     from migrate.reader import validate
 
-    directory = cache_dir()
-    os.makedirs(directory, exist_ok=True)
-    name = os.path.splitext(os.path.basename(spec.kernel))[0]
-    path = os.path.join(directory, f"{name}-{spec.key()}.snap")
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    directory = os.path.abspath(cache_dir())
     try:
-        fcntl.flock(dfd, fcntl.LOCK_EX)         # one process boots, the others wait
-        if os.path.exists(path):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        raise FixtureError(f"cannot use the snapshot cache {directory}: {err.strerror}") \
+            from None
+    try:
+        _check_private(os.fstat(dfd), f"the snapshot cache {directory}")
+        _lock(dfd, directory, spec.timeout + LOCK_GRACE)   # one boots, the others wait
+        name = os.path.splitext(os.path.basename(spec.kernel))[0]
+        path = os.path.join(directory, f"{name}-{spec.key()}.snap")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode):
+                raise FixtureError(f"{path} in the snapshot cache is not a regular file")
+            _check_private(st, f"the cached snapshot {path}")
             try:
                 validate(path)
                 return path
