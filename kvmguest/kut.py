@@ -392,10 +392,16 @@ def run_on_kvmguest(test: KutTest, directory: str, p: Plan, log_path: str,
             argv += ["--cmdline", " ".join(p.args)]      # as QEMU's -append joins them
         log.write(" ".join(shlex.quote(a) for a in argv) + "\n")
         output: list[str] = []
-        state = {"migrations": 0, "next": None, "error": None}
+        # "restored": the snapshot the current process was restored from, removed as soon
+        # as the guest prints from it (a guest migrating in a loop must not fill the disk).
+        state = {"migrations": 0, "next": None, "error": None, "restored": None}
 
         def on_line(run: _Run, line: str) -> None:
             output.append(line)
+            if state["restored"] is not None:
+                # The guest speaks from the new process: it no longer needs the file.
+                os.unlink(state["restored"])
+                state["restored"] = None
             if not any(line.startswith(r) for r in MIGRATION_REQUESTS):
                 return
             if line.startswith("Skipped VM migration"):
@@ -403,10 +409,12 @@ def run_on_kvmguest(test: KutTest, directory: str, p: Plan, log_path: str,
                 run.proc.stdin.flush()
                 return
             snap = os.path.join(tmp, f"migration-{state['migrations']}.snap")
+            kept = sorted(n for n in os.listdir(tmp) if n.endswith(".snap"))
             saved = subprocess.run(me + ["save", "--control", sock, snap], capture_output=True,
                                    text=True, timeout=timeout)
             log.write(f"# migration {state['migrations']}: kvmguest save -> "
-                      f"{saved.returncode}\n{saved.stdout}{saved.stderr}")
+                      f"{saved.returncode} (snapshots kept before it: {len(kept)})\n"
+                      f"{saved.stdout}{saved.stderr}")
             if saved.returncode != 0:
                 state["error"] = f"live save failed: {saved.stderr.strip()}"
                 run.kill()
@@ -426,6 +434,7 @@ def run_on_kvmguest(test: KutTest, directory: str, p: Plan, log_path: str,
                 if state["next"] is None:
                     break
                 snap, state["next"] = state["next"], None
+                state["restored"] = snap
                 restore = me + ["restore", snap, "--console-input", "--control", sock,
                                 "--timeout", f"{max(1.0, deadline - time.monotonic()):g}"]
                 log.write("# restore in a new process: " + " ".join(restore) + "\n")
@@ -511,6 +520,14 @@ class Result:
         return d
 
 
+def log_name(test: str, index: int) -> str:
+    """A log file name for ``test`` that stays inside the log folder: its name with
+    anything but letters, digits, '-', '_' and inner dots replaced (a name from
+    unittests.cfg is input: "[/abs/path]" or "[../../x]" must not become a path)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", test).strip(".") or "test"
+    return f"{safe}.log" if safe == test else f"{safe}-{index}.log"
+
+
 def run_suite(directory: str, names=(), group: str | None = None, jobs: int = 1,
               compare_qemu: bool = False, run_all: bool = False, on_result=None,
               log_dir: str | None = None, cfg: str | None = None) -> list[Result]:
@@ -529,20 +546,22 @@ def run_suite(directory: str, names=(), group: str | None = None, jobs: int = 1,
     except OSError as err:
         raise UsageError(f"cannot create the log folder {log_dir}: {err.strerror}") from None
 
+    log_names = {t.name: log_name(t.name, i) for i, t in enumerate(tests)}
+
     def one(test: KutTest) -> Result:
         p = plan(test, run_all=run_all, selected=bool(names) or bool(group))
         if p.skip:
             mine = Outcome(SKIP, p.skip)
         else:
-            mine = run_on_kvmguest(test, directory, p, os.path.join(log_dir, f"{test.name}.log"))
+            mine = run_on_kvmguest(test, directory, p, os.path.join(log_dir, log_names[test.name]))
         theirs = None
         if compare_qemu:
             why = suite_skip(test, run_all, bool(names) or bool(group))
             if why:
                 theirs = Outcome(SKIP, why)
             else:
-                theirs = run_on_qemu(test, directory, p,
-                                     os.path.join(log_dir, f"{test.name}.qemu.log"))
+                theirs = run_on_qemu(test, directory, p, os.path.join(
+                    log_dir, log_names[test.name].replace(".log", ".qemu.log")))
         return Result(test.name, mine, theirs)
 
     results: list[Result] = []
