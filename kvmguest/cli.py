@@ -188,10 +188,10 @@ def cmd_run(args) -> int:
             raise UsageError("--save and --control name the same path")
     if args.control:
         check_socket_path(args.control)
-    if args.every is not None and not args.checkpoint:
+    if args.every is not None and args.checkpoint is None:
         raise UsageError("--every goes with --checkpoint")
-    if args.checkpoint:
-        check_save_target(args.checkpoint)
+    if args.checkpoint is not None:
+        check_save_target(args.checkpoint, what="checkpoint")
         if args.save and os.path.abspath(args.save) == os.path.abspath(args.checkpoint):
             raise UsageError("--save and --checkpoint name the same path")
     saved = None
@@ -286,11 +286,11 @@ def cmd_save(args) -> int:
 
 
 def cmd_checkpoint(args) -> int:
-    from migrate.control import SaveFailed, request
-    reply = request(args.control, {"op": "checkpoint"})
+    from migrate.control import SaveFailed, request_checkpoint
+    reply = request_checkpoint(args.control)
     if not reply["ok"]:
         raise SaveFailed(f"the guest could not take a checkpoint: {printable(reply['error'])}")
-    print(printable(str(reply.get("summary", ""))))
+    print(printable(reply["summary"]))
     return 0
 
 

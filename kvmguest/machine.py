@@ -120,7 +120,7 @@ class Machine:
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
         if modules and (self.kernel is None or self.kernel.protocol != image.MULTIBOOT):
             raise image.BootError("modules (--initrd) are for multiboot kernels only")
-        self.modules = [(path, multiboot.read_module(path)) for path in modules]
+        self.modules = [multiboot.Module(path) for path in modules]   # sized, not read
         self.origin = dict(origin or {})
         self.irqchip = irqchip
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:

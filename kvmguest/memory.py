@@ -249,6 +249,25 @@ class GuestMemory:
             r.map[off:off + len(buf)] = buf
         self._mark(r, off, len(buf))
 
+    def fill_from(self, gpa: int, fd: int, length: int) -> int:
+        """Read ``length`` bytes of ``fd`` (from its start) straight into guest RAM at
+        ``gpa`` (no copy held in the VMM); the bytes read (fewer at end of file)."""
+        r = self.region_at(gpa, length)
+        off = gpa - r.gpa
+        view = memoryview(r.map)[off:off + length]
+        done = 0
+        try:
+            with self.protect_lock:
+                while done < length:
+                    n = os.preadv(fd, [view[done:]], done)
+                    if n == 0:
+                        break
+                    done += n
+        finally:
+            view.release()
+        self._mark(r, off, done)
+        return done
+
     def write_struct(self, gpa: int, struct: ctypes.Structure) -> None:
         self.write(gpa, bytes(struct))
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MAX_PATH = 107              # sun_path holds 108 bytes with the NUL
 MAX_CONNECTIONS = 4         # at once; more are told the guest is busy
+BUSY_DRAIN = 1.0            # seconds a busy connection's request is read for before closing
+MAX_DRAINS = 16             # busy connections drained at once (more are closed at once)
 REQUEST_TIMEOUT = 10.0      # seconds a client may take to send its request line
 REPLY_SILENCE = 600.0       # seconds the client waits for any line before giving up
 SAVE_OPTIONS = {"path", "threads", "direct", "then", "format", "downtime_ms"}
@@ -107,6 +109,7 @@ class ControlServer:
             os.umask(old)
         self.sock.listen(MAX_CONNECTIONS)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._drains = threading.BoundedSemaphore(MAX_DRAINS)
         self._saves: list[threading.Event] = []     # cancel events of saves in progress
         self._idle = threading.Condition()
         self._closed = False
@@ -156,11 +159,36 @@ class ControlServer:
             except OSError:
                 return
             if not self._slots.acquire(blocking=False):
-                self._send(conn, {"ok": False, "error": "the guest is busy with "
-                                  f"{MAX_CONNECTIONS} other connections; try again"})
-                conn.close()
+                self._busy(conn)
                 continue
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _busy(self, conn: socket.socket) -> None:
+        """Tell a connection beyond the bound, at once, that the guest is busy; then read
+        what it sent before closing (in a drain thread, a bounded number of them): a
+        socket closed with unread data is reset, and the client would see a broken pipe
+        instead of this answer. (The client also reads an answer after a failed send.)"""
+        self._send(conn, {"ok": False, "error": "the guest is busy with "
+                          f"{MAX_CONNECTIONS} other connections; try again"})
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if not self._drains.acquire(blocking=False):
+            conn.close()
+            return
+
+        def drain():
+            try:
+                with conn:
+                    conn.settimeout(BUSY_DRAIN)
+                    while conn.recv(1 << 16):
+                        pass
+            except OSError:
+                pass
+            finally:
+                self._drains.release()
+        threading.Thread(target=drain, name="control-busy", daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -368,7 +396,17 @@ def _reply_line(line: bytes) -> dict:
 
 def request_save(path: str, options: dict, progress=None) -> dict:
     """Ask the guest at ``path`` for a save; its reply (``summary`` on success)."""
-    reply = request(path, dict(options, op="save"), progress)
+    return _with_summary(request(path, dict(options, op="save"), progress))
+
+
+def request_checkpoint(path: str) -> dict:
+    """Ask the guest at ``path`` for a checkpoint now; its reply (``summary`` on success)."""
+    return _with_summary(request(path, {"op": "checkpoint"}))
+
+
+def _with_summary(reply: dict) -> dict:
+    """A successful save or checkpoint says what it did; a reply that does not is not
+    one (the same check for both commands)."""
     if reply["ok"] and not isinstance(reply.get("summary"), str):
         raise ControlError("the guest sent a malformed reply")
     return reply
@@ -380,13 +418,20 @@ def request(path: str, req: dict, progress=None, silence: float = REPLY_SILENCE)
     with ``"interrupted": True``."""
     s = _connect(path)
     with s:
+        s.settimeout(silence)
+        f = s.makefile("rb")
         try:
             s.sendall(json.dumps(req).encode() + b"\n")
         except OSError as err:
+            # The guest may have answered before it closed (busy): that answer counts.
+            try:
+                line = f.readline(1 << 20)
+            except OSError:
+                line = b""
+            if line:
+                return _reply_line(line)
             raise ControlError(f"the guest at {printable(path)} closed the connection: "
                                f"{err.strerror}") from None
-        s.settimeout(silence)
-        f = s.makefile("rb")
         interrupted = None
         while True:
             try:

@@ -118,7 +118,7 @@ class StreamWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            check_save_target(self.path)      # still nothing but a file (or nothing) there
+            check_save_target(self.path, probe=False)   # still nothing but a file there
             os.rename(self.tmp, self.path)
             fsync_dir(self.path)
         except OSError as err:

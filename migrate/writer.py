@@ -63,7 +63,7 @@ class PassStats:
         return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_save_target(path: str, what: str = "snapshot") -> str:
+def check_save_target(path: str, what: str = "snapshot", probe: bool = True) -> str:
     """The absolute path a snapshot (or ``what``) may be saved to, or SavePathError saying
     why not.
 
@@ -83,13 +83,27 @@ def check_save_target(path: str, what: str = "snapshot") -> str:
     try:
         st = os.lstat(target)
     except FileNotFoundError:
-        return target
+        st = None
     except OSError as err:
         raise SavePathError(f"cannot check {target}: {err.strerror}") from err
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
         raise SavePathError(f"{target} is {file_kind(st.st_mode)}; a {what} replaces only "
                             "a regular file, refusing to touch it")
+    if probe:
+        _probe_directory(target, what)
     return target
+
+
+def _probe_directory(target: str, what: str) -> None:
+    """Create and remove a file beside ``target``, as the save will: the one proof that
+    the save can happen there (/proc passes every permission check and refuses files)."""
+    probe = temp_path_for(target)
+    try:
+        os.close(open_excl(probe, False))
+        os.unlink(probe)
+    except OSError as err:
+        raise SavePathError(f"cannot create a {what} in {os.path.dirname(target)}: "
+                            f"{err.strerror}") from None
 
 
 def io_error(err: OSError, path: str, what: str) -> SaveError:
@@ -282,7 +296,7 @@ class MappedWriter:
             self.layout = layout
             self._close_fds()
             fault_point("before-rename")
-            check_save_target(self.path)      # still nothing but a file (or nothing) there
+            check_save_target(self.path, probe=False)   # still nothing but a file there
             os.rename(self.tmp, self.path)
             fsync_dir(self.path)
         except OSError as err:

@@ -451,12 +451,19 @@ def test_malformed_control_requests_get_a_reply_not_a_traceback(tmp_path):
     assert "Traceback" not in run.stderr.read()
 
 
+@pytest.mark.parametrize("command", ["save", "checkpoint"])
 @pytest.mark.parametrize("reply", [b"[]\n", b'{"ok": true}\n', b"garbage\n", b""])
-def test_odd_replies_to_the_save_client_are_one_line_errors(tmp_path, reply):
+def test_odd_replies_to_the_save_and_checkpoint_clients_are_one_line_errors(tmp_path, reply,
+                                                                            command):
+    """`checkpoint` checks a reply as `save` does (it printed an empty line for
+    {"ok": true}, and exited 0)."""
     sock = tmp_path / "odd.sock"
     srv = fake_server(sock, reply)
-    p = cli("save", "--control", sock, tmp_path / "x.snap")
-    one_line_error(p, 2)
+    args = ["save", "--control", sock, tmp_path / "x.snap"] if command == "save" else \
+        ["checkpoint", "--control", sock]
+    p = cli(*args)
+    one_line_error(p, 2, "the guest" if reply else "")
+    assert p.stdout == ""
     srv.close()
 
 
@@ -489,6 +496,30 @@ def test_idle_connections_neither_keep_the_guest_alive_nor_pile_up_threads(tmp_p
     assert time.monotonic() - t < 15
     for c in idle:
         c.close()
+
+
+def test_beyond_the_connection_bound_every_client_is_told_busy(tmp_path):
+    """The same condition gives the same answer every time: busy (exit 1), never a
+    broken pipe (exit 2) from a guest that closed before it read the request."""
+    sock = tmp_path / "S"
+    run = cli_popen("run", guest("dirty"), "--cmdline", "pages=64 passes=0 quiet",
+                    "--control", sock)
+    idle = []
+    try:
+        read_until(run.stdout, "dirty: pass 16 ok")
+        for _ in range(4):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            idle.append(c)
+        for _ in range(12):
+            p = cli("save", "--control", sock, tmp_path / "x.snap", timeout=60)
+            assert p.returncode == 1 and "is busy with 4 other connections" in p.stderr, \
+                (p.returncode, p.stderr)
+        assert not (tmp_path / "x.snap").exists()
+    finally:
+        for c in idle:
+            c.close()
+        stop(run)
 
 
 # --- 11. kernels: regular files only, header first, bounded -------------------------------

@@ -32,19 +32,6 @@ PASSING = [
 
 
 @pytest.fixture(scope="session")
-def kut_tree() -> str:
-    """The built kvm-unit-tests folder (scripts/build-kut)."""
-    p = subprocess.run([str(ROOT / "scripts" / "build-kut")], capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode == 2 and "no kvm-unit-tests tarball" in p.stderr:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"kvm-unit-tests is not available: {p.stderr.strip()}")
-        pytest.skip(p.stderr.strip())
-    assert p.returncode == 0, p.stderr
-    return p.stdout.strip()
-
-
-@pytest.fixture(scope="session")
 def kut_results(kut_tree) -> dict:
     """One `kvmguest kut --json` run of the passing set, two at a time."""
     p = cli("kut", kut_tree, *PASSING, "--jobs", "2", "--json", timeout=1800)

@@ -210,18 +210,22 @@ def check_segments(kernel: Kernel) -> None:
         if s.paddr < layout.BOOT_STRUCTS_END:
             raise BootError(f"{path}: segment at {s.paddr:#x} overlaps the boot structures "
                             f"below {layout.BOOT_STRUCTS_END:#x}")
+        if s.paddr < layout.KERNEL_MIN_ADDR and s.paddr + s.memsz > layout.LOW_RAM_END:
+            raise BootError(f"{path}: segment at {s.paddr:#x}+{s.memsz:#x} overlaps the "
+                            f"legacy BIOS area [{layout.LOW_RAM_END:#x}, "
+                            f"{layout.KERNEL_MIN_ADDR:#x}) (ACPI tables, BIOS stubs)")
     if not any(s.paddr <= kernel.entry < s.paddr + s.memsz for s in ordered):
         raise BootError(f"{path}: {kernel.protocol} entry {kernel.entry:#x} is outside every "
                         "loadable segment")
 
 
-def check_fits(kernel: Kernel, regions, cmdline: str = "", extra: int = 0) -> bytes:
+def check_fits(kernel: Kernel, regions, cmdline: str | bytes = "", extra: int = 0) -> bytes:
     """Check the kernel and command line against a RAM layout, before any VM exists.
 
     ``regions`` are objects with ``gpa`` and ``size`` (RegionSpec or Region); ``extra``
     bytes (multiboot modules) must fit after the kernel too. Returns the encoded command
     line."""
-    blob = cmdline.encode()
+    blob = cmdline if isinstance(cmdline, bytes) else cmdline.encode()
     if b"\0" in blob:
         raise BootError("command line contains a NUL byte")
     if len(blob) >= layout.CMDLINE_MAX:

@@ -17,8 +17,8 @@ import struct
 
 from ..files import open_regular
 from . import layout
-from .image import (MULTIBOOT, BootError, Kernel, Segment, check_fits, memory_map,
-                    page_up, read_file, write_segments)
+from .image import (MAX_KERNEL, MULTIBOOT, BootError, Kernel, Segment, check_fits,
+                    memory_map, page_up, write_segments)
 
 HEADER_MAGIC = 0x1BADB002
 BOOT_MAGIC = 0x2BADB002          # in EAX at entry
@@ -90,7 +90,10 @@ def kernel_from_header(path: str, raw: bytes, header: dict) -> Kernel:
         raise BootError(f"{path}: multiboot header_addr {h['header_addr']:#x} is below "
                         f"load_addr {h['load_addr']:#x} or before the file's start")
     end = len(raw) - start + h["load_addr"] if h["load_end_addr"] == 0 else h["load_end_addr"]
-    if end < h["load_addr"] or start + end - h["load_addr"] > len(raw):
+    if end < h["load_addr"]:
+        raise BootError(f"{path}: multiboot load_end_addr {end:#x} is below load_addr "
+                        f"{h['load_addr']:#x}")
+    if start + end - h["load_addr"] > len(raw):
         raise BootError(f"{path}: multiboot load_end_addr {end:#x} runs past the file")
     memend = max(end, h["bss_end_addr"])
     data = raw[start:start + end - h["load_addr"]]
@@ -99,42 +102,67 @@ def kernel_from_header(path: str, raw: bytes, header: dict) -> Kernel:
                   MULTIBOOT, header)
 
 
-def read_module(path: str) -> bytes:
-    """A module (QEMU's ``-initrd``) read whole: a regular file, at most MAX_KERNEL bytes."""
-    fd = open_regular(path, "module", BootError)
-    try:
-        return read_file(fd, path, os.fstat(fd).st_size, "module")
-    finally:
-        os.close(fd)
+class Module:
+    """A module (QEMU's ``-initrd``): its path and size, checked; its bytes are read
+    straight into guest RAM when the kernel is loaded (never held in the VMM first)."""
+
+    def __init__(self, path: str):
+        fd = open_regular(path, "module", BootError)
+        try:
+            self.size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        self.path = path
+        if self.size == 0:
+            raise BootError(f"module {path} is empty (or a special file whose size is not "
+                            "known, like those in /proc)")
+        if self.size > MAX_KERNEL:
+            raise BootError(f"module {path}: {self.size >> 20} MiB is too large (limit "
+                            f"{MAX_KERNEL >> 20} MiB)")
+
+    def read_into(self, memory, gpa: int) -> None:
+        fd = open_regular(self.path, "module", BootError)
+        try:
+            if memory.fill_from(gpa, fd, self.size) != self.size:
+                raise BootError(f"module {self.path} became shorter while it was read")
+        except OSError as err:
+            raise BootError(f"cannot read module {self.path}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+
+
+def full_cmdline(kernel: Kernel, cmdline: str) -> bytes:
+    """The command line a multiboot kernel sees: its path first (as GRUB and QEMU give
+    it), as bytes: a path need not be UTF-8."""
+    return (os.fsencode(kernel.path) + b" " + cmdline.encode()).rstrip()
 
 
 def check_modules(kernel: Kernel, regions, cmdline: str, modules) -> bytes:
-    """Everything load() will check, before a VM exists: returns the command line."""
+    """Everything load() will check, before a VM exists or a module is read: returns the
+    command line."""
     if len(modules) > MAX_MODULES:
         raise BootError(f"{len(modules)} modules: at most {MAX_MODULES}")
-    names = b"".join(os.fsencode(name) + b"\0" for name, _ in modules)
+    names = b"".join(os.fsencode(m.path) + b"\0" for m in modules)
     if MODULE_CMDLINES + len(names) > layout.CMDLINE:
         raise BootError("module names are too long")
-    full = f"{kernel.path} {cmdline}".rstrip()
-    extra = sum(page_up(len(data)) for _, data in modules)
-    check_fits(kernel, regions, full, extra)
-    return full.encode()
+    extra = sum(page_up(m.size) for m in modules)
+    return check_fits(kernel, regions, full_cmdline(kernel, cmdline), extra)
 
 
 def load(memory, kernel: Kernel, cmdline: str = "", modules=()) -> int:
-    """Write the kernel, its modules (``[(name, bytes)]``, page-aligned after the kernel)
+    """Write the kernel, its modules (``[Module]``, page-aligned after the kernel)
     and the multiboot information; return the information's address (for EBX)."""
     blob = check_modules(kernel, memory.regions, cmdline, modules)
     write_segments(memory, kernel)
     memory.write(layout.CMDLINE, blob + b"\0")
 
     at, names_at, mods = page_up(kernel.end), MODULE_CMDLINES, b""
-    for name, data in modules:
-        memory.write(at, data)
-        name_b = os.fsencode(name) + b"\0"
+    for m in modules:
+        m.read_into(memory, at)
+        name_b = os.fsencode(m.path) + b"\0"
         memory.write(names_at, name_b)
-        mods += struct.pack("<IIII", at, at + len(data), names_at, 0)
-        at, names_at = page_up(at + len(data)), names_at + len(name_b)
+        mods += struct.pack("<IIII", at, at + m.size, names_at, 0)
+        at, names_at = page_up(at + m.size), names_at + len(name_b)
     memory.write(MODULES, mods)
 
     entries = memory_map(memory)
