@@ -133,6 +133,23 @@ def assert_verified(output: str, pages: int, passes: int) -> None:
     assert v["bad"] == [] and v["verified"] == (pages, passes), (v, output[-2000:])
 
 
+def restore_runs_on(path, *args, timeout: float = 120) -> str:
+    """`kvmguest restore PATH ARGS` of a dirty guest that runs forever, stopped once the
+    guest has reported a verified pass after the restore (the event, not a wall-clock
+    --timeout: a slow machine proves the same); its console output, checked clean."""
+    import signal
+    p = cli_popen("restore", path, *args)
+    try:
+        out = read_until(p.stdout, " ok\n", timeout)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rest, err = p.communicate(timeout=60)
+    out += rest
+    assert "Traceback" not in err, err
+    assert_alive_and_clean(out)
+    return out
+
+
 def assert_alive_and_clean(output: str) -> None:
     """A guest that runs forever was still verifying, with no bad page."""
     v = verdict(output)

@@ -12,12 +12,13 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
 import pytest
 
-from helpers import ROOT, assert_alive_and_clean, cli, guest, start_dirty, wait_until
+from helpers import ROOT, cli, guest, restore_runs_on, start_dirty, wait_until
 from migrate import checkpoint as ck
 from migrate.precopy import live_save
 
@@ -75,26 +76,49 @@ def _check_file(path, record) -> int:
     return c.record.generation
 
 
+def _logged_generation(record) -> int:
+    """The newest checkpoint the checkpointer has logged (it logs one before writing it,
+    so the one before it is committed by then); 0 before any."""
+    try:
+        lines = record.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["generation"]
+        except ValueError:            # the last line may be half written
+            continue
+    return 0
+
+
 def test_sigkill_at_random_instants_always_leaves_the_latest_committed_checkpoint(tmp_path):
+    """Each kill is aimed from the record, not the clock: right after start (before any
+    checkpoint), or once checkpoint k has been logged, then after a random delay of up to
+    30 ms. Killed there, the file must give checkpoint k-1 or later, on a slow machine as
+    on a fast one."""
     rng = random.Random(int(os.environ.get("KVMGUEST_CKPT_SEED", "20261126")))
     path, record = tmp_path / "guest.ckpt", tmp_path / "record.jsonl"
-    generations = []
+    results = []
     for _ in range(KILLS):
         if record.exists():
             record.unlink()
         if path.exists():
             path.unlink()
+        target = 0 if rng.random() < 0.15 else rng.randint(1, 8)
         p = _start(path, record)
         try:
-            p.wait(rng.uniform(0.2, 0.7))
-        except subprocess.TimeoutExpired:
-            pass
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        generations.append(_check_file(path, record))
+            wait_until(lambda: _logged_generation(record) >= target or p.poll() is not None,
+                       120, f"checkpoint {target} logged")
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(rng.uniform(0, 0.03))
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        results.append((target, _check_file(path, record)))
+    assert all(got >= target - 1 for target, got in results), results
     # The kills landed before the first checkpoint, and after many.
-    assert min(generations) == 0 and max(generations) >= 5, generations
-    assert sum(g > 1 for g in generations) >= KILLS // 2, generations
+    assert min(got for _, got in results) == 0, results
+    assert max(got for _, got in results) >= 7, results
 
 
 # `make soak` tries more power-loss seeds (KVMGUEST_CKPT_SEEDS=1,2,3,...).
@@ -120,9 +144,7 @@ def test_a_crash_in_any_phase_of_a_checkpoint_restores_the_committed_one(tmp_pat
     p = _start(path, record, every="50ms", env=env)
     assert p.wait(60) == -signal.SIGKILL, p.stderr.read()
     assert _check_file(path, record) == restores
-    r = cli("restore", path, "--timeout", "3")
-    assert r.returncode == 124, r.stderr
-    assert_alive_and_clean(r.stdout)
+    restore_runs_on(path)
 
 
 def test_checkpoints_and_a_live_save_at_once_are_both_right(machine_factory, tmp_path):
@@ -137,9 +159,7 @@ def test_checkpoints_and_a_live_save_at_once_are_both_right(machine_factory, tmp
     wait_until(lambda: chain.generation >= n + 3, what="three more checkpoints")
     chain.stop()
     for f in ("c.ckpt", "s.snap"):
-        r = cli("restore", tmp_path / f, "--timeout", "3")
-        assert r.returncode == 124, r.stderr
-        assert_alive_and_clean(r.stdout)
+        restore_runs_on(tmp_path / f)
 
 
 def test_pause_per_checkpoint_and_bytes_follow_the_pages_changed(machine_factory, tmp_path):
@@ -195,8 +215,7 @@ def test_a_checkpoint_on_demand_over_the_control_socket(tmp_path):
         p.wait(30)
     info = json.loads(cli("inspect", path, "--json").stdout)
     assert info["checkpoints"] == 3
-    r = cli("restore", path, "--timeout", "3")
-    assert r.returncode == 124 and r.stdout.count("ok") >= 1, r.stderr
+    restore_runs_on(path)
 
 
 def test_checkpoint_without_checkpoints_is_a_one_line_error(tmp_path):
