@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from kvmguest.abi import PAGE_SIZE
 from kvmguest.machine import Machine
 from migrate.precopy import live_save
 from migrate.reader import restore
@@ -15,7 +16,7 @@ from migrate.reader import restore
 from . import disk
 from .common import GUESTS, Figure, Report
 
-MiB, GiB, PAGE = 1 << 20, 1 << 30, 4096
+MiB, GiB, PAGE = 1 << 20, 1 << 30, PAGE_SIZE
 WS_BASE = 16 * MiB
 WS_PAGES = 4096                      # the guest's own working set (16 MiB)
 FILL_FROM = 32 * MiB                 # "full": the VMM fills RAM from here up

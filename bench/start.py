@@ -21,6 +21,7 @@ import sys
 import time
 
 from kvmguest.kvm import Kvm
+from kvmguest.testing.fixtures import CACHE_ENV
 
 from . import boot
 from .common import GUESTS, Figure, Report, run_cmd, timed
@@ -99,7 +100,7 @@ def _pss_kib(pid: int) -> int:
 def _ready_snapshot(work: str) -> str:
     """A 1 GiB fixture guest with a 64 MiB working set, saved at its ready point."""
     from kvmguest.testing.fixtures import GuestSpec, snapshot_for
-    os.environ["KVMGUEST_CACHE"] = os.path.join(work, "cache")
+    os.environ[CACHE_ENV] = os.path.join(work, "cache")
     return snapshot_for(GuestSpec(str(GUESTS / "fixture.elf"), f"pages={WS_PAGES}", GiB,
                                   timeout=300))
 

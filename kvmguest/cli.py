@@ -308,8 +308,8 @@ def cmd_restore(args) -> int:
                             stream=None if args.quiet else _stream_stdout, progress=progress)
     finally:
         progress.done()
-        if "KVMGUEST_MIGRATION_DIR" in os.environ:   # a guest-requested migration's file
-            from migrate.guest_migrate import remove_inherited_snapshot
+        from migrate.guest_migrate import DIR_ENV, remove_inherited_snapshot
+        if DIR_ENV in os.environ:        # the file of a guest-requested migration
             remove_inherited_snapshot(args.path)
     saved = None
 

@@ -14,11 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from .abi import PAGE_SIZE
 from .machine import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests" / "build"
-GiB, MiB, PAGE = 1 << 30, 1 << 20, 4096
+GiB, MiB = 1 << 30, 1 << 20
+PAGE = PAGE_SIZE
 RAM = 3 * GiB + 64 * MiB                 # above 3 GiB: a second slot at 4 GiB
 PAGES = 1500
 CMDLINE = f"pages={PAGES} base={3 * GiB - 500 * PAGE} passes=80 quiet"

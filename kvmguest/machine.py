@@ -523,9 +523,9 @@ class Machine:
     # --- diagnostics ------------------------------------------------------------------
     def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:
         """Guest-virtual to guest-physical through the guest's page tables (None: unmapped)."""
-        if not sregs.cr0 & (1 << 31):
+        if not sregs.cr0 & cpu.X86_CR0_PG:
             return vaddr & 0xFFFFFFFF
-        if not sregs.efer & (1 << 10):  # not long mode: not used by our guests
+        if not sregs.efer & cpu.EFER_LMA:   # not long mode: not used by our guests
             return None
         table = sregs.cr3 & ~0xFFF & ((1 << 52) - 1)
         for level, shift in enumerate((39, 30, 21, 12)):
@@ -554,7 +554,7 @@ class Machine:
                  for i in range(0, len(names), 4)]
         lines.append(f"  cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
                      f"efer={sregs.efer:#x} cs={sregs.cs.selector:#x}")
-        gpa = self.translate(regs.rip + (sregs.cs.base if not sregs.efer & (1 << 10) else 0),
+        gpa = self.translate(regs.rip + (sregs.cs.base if not sregs.efer & cpu.EFER_LMA else 0),
                              sregs)
         if gpa is not None and self.memory.is_ram(gpa, 16):
             lines.append(f"  code at rip: {self.memory.read(gpa, 16).hex(' ')}")

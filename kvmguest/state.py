@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import abi
 from .abi import Cap
+from .boot.cpu import EFER_LMA, X86_CR0_PE
 from .devices import DEVICE_TYPES, check_device_states
 from .errors import EXIT_BAD_INPUT, KvmguestError
 
@@ -392,9 +393,9 @@ def vcpu_summary(state: dict) -> dict:
     v = state["vcpus"][0]
     regs = _load(abi.kvm_regs, v["regs"], "regs")
     sregs = _load(abi.kvm_sregs, v["sregs"], "sregs")
-    if sregs.efer & (1 << 10):
+    if sregs.efer & EFER_LMA:
         mode = "64-bit long mode"
-    elif sregs.cr0 & 1:
+    elif sregs.cr0 & X86_CR0_PE:
         mode = "32-bit protected mode"
     else:
         mode = "real mode"

@@ -26,7 +26,7 @@ from kvmguest.state import MachineState
 
 from .format import CHECKPOINT_MAGIC as MAGIC
 from .format import MAX_BLOCKS, Block, SnapshotError, parse_json
-from .pageio import (data_extents, fault_point, fsync_dir, pread_into, pwrite_all, runs_of,
+from .pageio import (FAULT_ENV, data_extents, fault_point, fsync_dir, pread_into, pwrite_all, runs_of,
                      temp_path_for)
 from .writer import SaveError, check_save_target, io_error
 
@@ -206,7 +206,7 @@ class Checkpointer:
 
     def _crash_point(self, phase: str, generation: int) -> None:
         """Test hook (see POWERLOSS_ENV): in checkpoint FAULT_GENERATION only."""
-        if generation != FAULT_GENERATION or os.environ.get("KVMGUEST_FAULT_POINT") != phase:
+        if generation != FAULT_GENERATION or os.environ.get(FAULT_ENV) != phase:
             return
         if self._unsynced is not None:
             import random

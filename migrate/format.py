@@ -18,6 +18,7 @@ import numpy as np
 
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
 from kvmguest.memory import PAGE_SIZE
+from kvmguest.state import STATE_FORMAT
 
 MAGIC = b"KVMGSNAP"
 STREAM_MAGIC = b"KVMGSTRM"        # the streaming baseline (migrate/stream.py)
@@ -455,7 +456,7 @@ def _validate(path: str, fd: int) -> Snapshot:
     if crc(raw_state) != state_crc:
         raise SnapshotError("state checksum mismatch: the vCPU/device state is corrupt")
     state = parse_json(raw_state, "state")
-    if not isinstance(state, dict) or state.get("format") != "kvmguest-state":
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SnapshotError("state section is not kvmguest state")
     return Snapshot(path, size, layout, bitmaps, state, state_length, version)
 

@@ -88,6 +88,15 @@ class QemuBlock:
                 total += bin(raw[full] & ((1 << rest) - 1)).count("1")
         self.pages_present = total
 
+    def add_record(self, index: int, offset: int | None) -> None:
+        """A stream record of page ``index``: its data at ``offset``, or None (zero)."""
+        self._seen_index.append(index)
+        self._seen_offsets.append(-1 if offset is None else offset)
+        if offset is None:
+            self.zero_records += 1
+        else:
+            self.records += 1
+
     def finish_records(self) -> None:
         """A stream's records -> the last record of each page, sorted by page."""
         idx = np.frombuffer(self._seen_index, dtype=np.int64)
@@ -258,15 +267,12 @@ def _ram_records(c: _Cursor, q: QemuFile, by_name: dict) -> None:
                 raise SnapshotError(f"QEMU file: page at {addr:#x} beyond RAM block "
                                     f"{current.name!r} ({current.size:#x} bytes), record at "
                                     f"offset {at}")
-            current._seen_index.append(addr // ps)
             if flags & FLAG_ZERO:
                 c.u8("zero page fill byte")
-                current.zero_records += 1
-                current._seen_offsets.append(-1)
+                current.add_record(addr // ps, None)
             else:
-                current._seen_offsets.append(c.pos)
+                current.add_record(addr // ps, c.pos)
                 c.skip(ps, "page")
-                current.records += 1
         if flags & FLAG_EOS:
             return
 

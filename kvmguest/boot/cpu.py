@@ -12,6 +12,8 @@ from . import layout
 CODE_SEL, DATA_SEL, TSS_SEL = 0x08, 0x10, 0x18
 X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4
+X86_CR0_PG = 1 << 31
+EFER_LMA = 1 << 10             # long mode active
 
 
 def gdt_entry(flags: int, base: int, limit: int) -> int:

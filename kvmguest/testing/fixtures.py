@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from ..errors import KvmguestError
 
 DEFAULT_TIMEOUT = 60.0
+CACHE_ENV = "KVMGUEST_CACHE"
 LOCK_GRACE = 60.0           # seconds beyond a guest's boot timeout to wait for the lock
 
 
@@ -73,7 +74,7 @@ class GuestSpec:
 
 
 def cache_dir() -> str:
-    base = os.environ.get("KVMGUEST_CACHE")
+    base = os.environ.get(CACHE_ENV)
     if not base:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         base = os.path.join(xdg, "kvmguest", "snapshots")
