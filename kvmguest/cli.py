@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dirty tracking: KVM's bitmap log, its dirty ring, or auto "
                           "(the ring from 32 GiB of RAM, where the host has it)")
     run.add_argument("--initrd", action="append", default=[], metavar="FILE",
-                     help="a module for a multiboot kernel, as QEMU's -initrd (repeatable)")
+                     help="a module, as QEMU's -initrd: Linux's initrd (PVH module 0), or a multiboot kernel's module (repeatable)")
     run.add_argument("--cpu", metavar="MODEL",
                      help="QEMU-style CPU model: host (default), max, qemu64, with "
                           "+feature/-feature and vendor=")

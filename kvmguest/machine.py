@@ -118,9 +118,9 @@ class Machine:
         self.kernel = image.parse_kernel(kernel) if kernel is not None else None
         self.cmdline = cmdline
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
-        if modules and (self.kernel is None or self.kernel.protocol != image.MULTIBOOT):
-            raise image.BootError("modules (--initrd) are for multiboot kernels only")
-        self.modules = [multiboot.Module(path) for path in modules]   # sized, not read
+        if modules and self.kernel is None:
+            raise image.BootError("modules (--initrd) go with a kernel")
+        self.modules = [image.Module(path) for path in modules]   # sized, not read yet
         self.origin = dict(origin or {})
         self.irqchip = irqchip
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
@@ -136,7 +136,7 @@ class Machine:
             if self.kernel.protocol == image.MULTIBOOT:
                 multiboot.check_modules(self.kernel, regions, cmdline, self.modules)
             else:
-                image.check_fits(self.kernel, regions, cmdline)
+                pvh.check(self.kernel, regions, cmdline, self.modules)
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
         self.vm = None
@@ -278,7 +278,8 @@ class Machine:
             if self.irqchip:
                 firmware.apply(self.memory, self.vm, self.pit)
         else:
-            info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp)
+            info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp,
+                            modules=self.modules)
         regs = cpu.setup_regs(self.kernel.entry, info)
         if self.kernel.protocol == image.MULTIBOOT:
             regs.rax = multiboot.BOOT_MAGIC

@@ -110,8 +110,8 @@ def test_module_errors_are_one_line_before_boot(tmp_path, kut_tree):
     flat = Path(kut_tree) / "x86" / "smptest.flat"
     big = tmp_path / "big"
     big.write_bytes(b"x" * (40 << 20))
-    one_line_error(cli("run", guest("hello"), "--initrd", big), 2,
-                   "modules (--initrd) are for multiboot kernels only")
+    one_line_error(cli("run", guest("hello"), "--initrd", big, "--memory", "32M"), 2,
+                   "give the guest more memory")
     one_line_error(cli("run", flat, "--initrd", tmp_path), 2, "is a directory")
     one_line_error(cli("run", flat, "--initrd", big, "--memory", "32M"), 2,
                    "give the guest more memory")

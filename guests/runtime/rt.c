@@ -260,6 +260,17 @@ void rt_irq_gate(u32 v) { rt_set_gate(v, (u64)rt_irq_stubs + (v - 32) * 16); }
 
 u64 rt_rsdp(void) { return start_info ? start_info->rsdp_paddr : 0; }
 
+struct hvm_modlist_entry { u64 paddr, size, cmdline_paddr, reserved; };
+
+u32 rt_module(u32 i, u64 *addr, u64 *size)
+{
+    if (!start_info || i >= start_info->nr_modules || !start_info->modlist_paddr) return 0;
+    const struct hvm_modlist_entry *m = (const void *)start_info->modlist_paddr;
+    *addr = m[i].paddr;
+    *size = m[i].size;
+    return 1;
+}
+
 void rt_exception(struct rt_exc_frame *f)
 {
     printf("EXCEPTION %lu at rip=0x%lx error=0x%lx rsp=0x%lx\n",

@@ -43,6 +43,8 @@ void __attribute__((noreturn)) exit(int code);
 void __attribute__((noreturn)) fail(const char *why);
 
 /* Command line: "key=value" words; numbers in decimal or 0x hex, with K/M/G suffixes. */
+/* PVH module i (Linux: the initrd is module 0): 1 and its address and size, or 0. */
+u32 rt_module(u32 i, u64 *addr, u64 *size);
 const char *cmdline(void);
 u64 cmdline_u64(const char *key, u64 dflt);
 int cmdline_has(const char *word);

@@ -69,9 +69,15 @@ def parse_kernel(path: str | Path) -> Kernel:
             head = os.pread(fd, multiboot.SEARCH_BYTES, 0)
         except OSError as err:
             raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
-        if head[:4] != b"\x7fELF" and multiboot.find_header(path, head) is None:
-            raise BootError(f"{path}: not an ELF file and no multiboot header")
+        from . import linux
+        bzimage = head[:4] != b"\x7fELF" and linux.is_bzimage(head)
+        if head[:4] != b"\x7fELF" and not bzimage \
+                and multiboot.find_header(path, head) is None:
+            raise BootError(f"{path}: not an ELF file, a Linux bzImage or a file with a "
+                            "multiboot header")
         raw = read_file(fd, path, st.st_size, "kernel")
+        if bzimage:
+            raw = linux.vmlinux_from_bzimage(path, raw)
     finally:
         os.close(fd)
     kernel = _parse(path, raw)
@@ -79,6 +85,52 @@ def parse_kernel(path: str | Path) -> Kernel:
         _parsed.clear()
     _parsed[key] = kernel
     return kernel
+
+
+class Module:
+    """A module (QEMU's ``-initrd``): its path and size, checked; its bytes are read
+    straight into guest RAM when the kernel is loaded (never held in the VMM first)."""
+
+    def __init__(self, path: str):
+        fd = open_regular(path, "module", BootError)
+        try:
+            self.size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        self.path = path
+        if self.size == 0:
+            raise BootError(f"module {path} is empty (or a special file whose size is not "
+                            "known, like those in /proc)")
+        if self.size > MAX_KERNEL:
+            raise BootError(f"module {path}: {self.size >> 20} MiB is too large (limit "
+                            f"{MAX_KERNEL >> 20} MiB)")
+
+    def read_into(self, memory, gpa: int) -> None:
+        fd = open_regular(self.path, "module", BootError)
+        try:
+            if memory.fill_from(gpa, fd, self.size) != self.size:
+                raise BootError(f"module {self.path} became shorter while it was read")
+        except OSError as err:
+            raise BootError(f"cannot read module {self.path}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+
+
+def place_modules(kernel: Kernel, regions, modules) -> list[int]:
+    """Where modules go for a PVH kernel (Linux's initrd is module 0): page-aligned, from
+    the top of the first RAM region down, as QEMU places an initrd, above the kernel;
+    BootError if they do not fit."""
+    low = min(regions, key=lambda r: r.gpa)
+    top, floor, out = low.gpa + low.size, page_up(kernel.end), []
+    for m in modules:
+        top = (top - m.size) & ~(PAGE_SIZE - 1)
+        if top < floor:
+            need = sum(page_up(x.size) for x in modules) + floor
+            raise BootError(f"{kernel.path}: the kernel and {len(modules)} module(s) need "
+                            f"{need >> 20} MiB or more of RAM below 3 GiB; give the guest "
+                            "more memory")
+        out.append(top)
+    return out
 
 
 def read_file(fd: int, path: str, size: int, what: str) -> bytes:
@@ -111,6 +163,10 @@ def _parse(path: str, raw: bytes) -> Kernel:
             kernel = Kernel(path, pvh_entry, segments, PVH)
         elif header is not None:
             kernel = multiboot.kernel_from_elf(path, segments, entry, header)
+        elif _is_linux(raw):
+            raise BootError(f"{path}: a Linux kernel without the PVH entry note: kvmguest "
+                            "boots Linux through PVH (CONFIG_PVH=y, as Debian's and Fedora's "
+                            "kernels have)")
         else:
             raise BootError(f"{path}: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) and no "
                             "multiboot header: not a PVH or multiboot kernel")
@@ -197,6 +253,11 @@ def _pvh_entry(notes: bytes, path: str) -> int | None:
             return int.from_bytes(notes[desc_at:desc_at + 4], "little")
         pos = end
     return None
+
+
+def _is_linux(raw: bytes) -> bool:
+    """A vmlinux carries "Linux" ELF notes (the build id, the version)."""
+    return b"Linux version " in raw[:64 << 20]
 
 
 def check_segments(kernel: Kernel) -> None:

@@ -10,6 +10,10 @@ BOOT_GDT_ENTRIES = 4          # null, code32, data32, tss
 START_INFO = 0x6000
 MEMMAP = 0x6040
 MEMMAP_MAX_ENTRIES = 16
+# PVH modules (Linux's initrd is the first): their list (32 bytes an entry), then their
+# names, NUL-terminated, up to the command line's page.
+PVH_MODLIST = 0x6200
+PVH_MODULE_NAMES = 0x6300
 # The kernel command line: one page, NUL-terminated.
 CMDLINE = 0x7000
 CMDLINE_MAX = 4096

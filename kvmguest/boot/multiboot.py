@@ -15,10 +15,9 @@ from __future__ import annotations
 import os
 import struct
 
-from ..files import open_regular
 from . import layout
-from .image import (MAX_KERNEL, MULTIBOOT, BootError, Kernel, Segment, check_fits,
-                    memory_map, page_up, write_segments)
+from .image import (MULTIBOOT, BootError, Kernel, Segment, check_fits, memory_map,
+                    page_up, write_segments)
 
 HEADER_MAGIC = 0x1BADB002
 BOOT_MAGIC = 0x2BADB002          # in EAX at entry
@@ -100,35 +99,6 @@ def kernel_from_header(path: str, raw: bytes, header: dict) -> Kernel:
     return Kernel(path, h["entry_addr"], (Segment(h["load_addr"], data,
                                                   memend - h["load_addr"]),),
                   MULTIBOOT, header)
-
-
-class Module:
-    """A module (QEMU's ``-initrd``): its path and size, checked; its bytes are read
-    straight into guest RAM when the kernel is loaded (never held in the VMM first)."""
-
-    def __init__(self, path: str):
-        fd = open_regular(path, "module", BootError)
-        try:
-            self.size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        self.path = path
-        if self.size == 0:
-            raise BootError(f"module {path} is empty (or a special file whose size is not "
-                            "known, like those in /proc)")
-        if self.size > MAX_KERNEL:
-            raise BootError(f"module {path}: {self.size >> 20} MiB is too large (limit "
-                            f"{MAX_KERNEL >> 20} MiB)")
-
-    def read_into(self, memory, gpa: int) -> None:
-        fd = open_regular(self.path, "module", BootError)
-        try:
-            if memory.fill_from(gpa, fd, self.size) != self.size:
-                raise BootError(f"module {self.path} became shorter while it was read")
-        except OSError as err:
-            raise BootError(f"cannot read module {self.path}: {err.strerror}") from err
-        finally:
-            os.close(fd)
 
 
 def full_cmdline(kernel: Kernel, cmdline: str) -> bytes:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ctypes
 
 from . import layout
-from .image import Kernel, check_fits, memory_map, write_segments
+import os
+
+from .image import BootError, Kernel, check_fits, memory_map, place_modules, write_segments
 
 
 class hvm_start_info(ctypes.Structure):
@@ -22,22 +24,51 @@ class hvm_memmap_table_entry(ctypes.Structure):
                 ("type", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
+class hvm_modlist_entry(ctypes.Structure):
+    _fields_ = [("paddr", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                ("cmdline_paddr", ctypes.c_uint64), ("reserved", ctypes.c_uint64)]
+
+
 assert ctypes.sizeof(hvm_start_info) == 56 and ctypes.sizeof(hvm_memmap_table_entry) == 24
+assert ctypes.sizeof(hvm_modlist_entry) == 32
+MAX_MODULES = (layout.PVH_MODULE_NAMES - layout.PVH_MODLIST) // 32
 
 
-def load(memory, kernel: Kernel, cmdline: str = "", rsdp_paddr: int = 0) -> int:
-    """Write the kernel and the PVH boot structures into guest memory; return start_info.
-    ``rsdp_paddr`` is where the ACPI RSDP is (0: no ACPI tables)."""
-    blob = check_fits(kernel, memory.regions, cmdline)
+def check(kernel: Kernel, regions, cmdline: str, modules=()) -> tuple[bytes, list[int]]:
+    """Everything load() checks, before a VM exists or a module is read: the encoded
+    command line and where each module goes."""
+    if len(modules) > MAX_MODULES:
+        raise BootError(f"{len(modules)} modules: at most {MAX_MODULES}")
+    names = b"".join(os.fsencode(m.path) + b"\0" for m in modules)
+    if layout.PVH_MODULE_NAMES + len(names) > layout.CMDLINE:
+        raise BootError("module names are too long")
+    return check_fits(kernel, regions, cmdline), place_modules(kernel, regions, modules)
+
+
+def load(memory, kernel: Kernel, cmdline: str = "", rsdp_paddr: int = 0, modules=()) -> int:
+    """Write the kernel, its modules and the PVH boot structures into guest memory;
+    return start_info. ``rsdp_paddr`` is where the ACPI RSDP is (0: no ACPI tables)."""
+    blob, places = check(kernel, memory.regions, cmdline, modules)
     write_segments(memory, kernel)
+    entries, name_at = [], layout.PVH_MODULE_NAMES
+    for m, at in zip(modules, places):
+        m.read_into(memory, at)
+        name = os.fsencode(m.path) + b"\0"
+        memory.write(name_at, name)
+        entries.append(hvm_modlist_entry(at, m.size, name_at, 0))
+        name_at += len(name)
+    if entries:
+        memory.write(layout.PVH_MODLIST, bytes((hvm_modlist_entry * len(entries))(*entries)))
 
     memory.write(layout.CMDLINE, blob + b"\0")
-    entries = memory_map(memory)
-    table = (hvm_memmap_table_entry * len(entries))(
-        *[hvm_memmap_table_entry(a, n, t, 0) for a, n, t in entries])
+    memmap = memory_map(memory)
+    table = (hvm_memmap_table_entry * len(memmap))(
+        *[hvm_memmap_table_entry(a, n, t, 0) for a, n, t in memmap])
     memory.write(layout.MEMMAP, bytes(table))
     info = hvm_start_info(magic=layout.HVM_START_MAGIC, version=1, cmdline_paddr=layout.CMDLINE,
                           rsdp_paddr=rsdp_paddr, memmap_paddr=layout.MEMMAP,
-                          memmap_entries=len(entries))
+                          memmap_entries=len(memmap),
+                          nr_modules=len(modules),
+                          modlist_paddr=layout.PVH_MODLIST if modules else 0)
     memory.write_struct(layout.START_INFO, info)
     return layout.START_INFO

@@ -1,0 +1,123 @@
+"""Linux kernels as users have them: Debian's stock cloud kernel (a bzImage with an LZ4
+payload, fetched by package name: scripts/fetch-linux), and the vmlinux inside it, boot
+on kvmguest through PVH with an initrd; damaged kernels are one-line errors."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, cli, cli_popen, guest, one_line_error, read_until
+from kvmguest.boot import linux
+
+# What Debian's kernel needs on this host (DEVELOPERS.md, "Linux guests"): the rest of
+# the command line is the kernel's own early console.
+CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0"
+
+
+@pytest.fixture(scope="session")
+def vmlinuz() -> Path:
+    p = subprocess.run([str(ROOT / "scripts" / "fetch-linux")], capture_output=True, text=True,
+                       timeout=600)
+    if p.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Debian's kernel could not be fetched: {p.stderr.strip()}",
+                        pytrace=False)
+        pytest.skip(f"Debian's kernel could not be fetched: {p.stderr.strip()}")
+    return Path(p.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def vmlinux(vmlinuz, tmp_path_factory) -> Path:
+    """The ELF inside the bzImage, as a file of its own (what a kernel build leaves)."""
+    out = tmp_path_factory.mktemp("linux") / "vmlinux"
+    out.write_bytes(linux.vmlinux_from_bzimage(str(vmlinuz), vmlinuz.read_bytes()))
+    return out
+
+
+def boots_to_start_kernel(kernel, *args) -> str:
+    """Run ``kernel`` until Linux prints its banner and its command line (start_kernel),
+    then stop it; what it printed."""
+    p = cli_popen("run", kernel, "--memory", "256M", "--cmdline", CMDLINE, *args)
+    try:
+        out = read_until(p.stdout, "Command line: ", timeout=180)
+    finally:
+        p.kill()
+        p.communicate()
+    return out
+
+
+def test_debians_bzimage_boots_to_start_kernel(vmlinuz):
+    out = boots_to_start_kernel(vmlinuz)
+    assert "Linux version 6." in out and f"Command line: {CMDLINE}" in out, out[-2000:]
+
+
+def test_the_vmlinux_inside_it_boots_too(vmlinux):
+    out = boots_to_start_kernel(vmlinux)
+    assert "Linux version 6." in out, out[-2000:]
+
+
+def _patched(tmp_path, vmlinuz, name, at, data) -> Path:
+    raw = bytearray(vmlinuz.read_bytes())
+    raw[at:at + len(data)] = data
+    out = tmp_path / name
+    out.write_bytes(bytes(raw))
+    return out
+
+
+def test_damaged_bzimages_are_one_line_errors(tmp_path, vmlinuz):
+    raw = vmlinuz.read_bytes()
+    h = linux.setup_header(str(vmlinuz), raw)
+    cases = {
+        "boot-flag": (linux.BOOT_FLAG_AT, b"\0\0", "boot_flag is 0x0"),
+        "old-protocol": (linux.VERSION_AT, struct.pack("<H", 0x204), "boot protocol 2.04"),
+        "payload-past-end": (linux.PAYLOAD_AT, struct.pack("<II", len(raw), 100),
+                             "does not fit the file"),
+        "payload-not-compressed": (h["payload_offset"], b"JUNKJUNK", "not a compression"),
+        "payload-block-past-end": (h["payload_offset"] + 4, b"\xff\xff\xff\x00",
+                                   "runs past the payload"),
+        "payload-damaged": (h["payload_offset"] + 4, b"\x10\x00\x00\x00",
+                            "does not decompress"),
+        "payload-trailer": (h["payload_offset"] + h["payload_length"] - 4, b"\x01\x00\x00\x00",
+                            "where its trailer says 1"),
+    }
+    for name, (at, data, fragment) in cases.items():
+        one_line_error(cli("run", _patched(tmp_path, vmlinuz, name, at, data)), 2, fragment)
+    short = tmp_path / "short"
+    short.write_bytes(raw[:len(raw) // 2])
+    one_line_error(cli("run", short), 2, "does not fit the file")
+
+
+def test_a_linux_elf_without_the_pvh_note_says_what_it_needs(tmp_path, vmlinux):
+    raw = bytearray(vmlinux.read_bytes())
+    at = raw.find(b"Xen\0")
+    while at >= 0:                                 # every Xen note loses its name
+        raw[at:at + 4] = b"Nex\0"
+        at = raw.find(b"Xen\0", at + 4)
+    bad = tmp_path / "vmlinux-nopvh"
+    bad.write_bytes(bytes(raw))
+    one_line_error(cli("run", bad), 2, "a Linux kernel without the PVH entry note",
+                   "CONFIG_PVH=y")
+
+
+def test_pvh_modules_are_handed_to_the_guest_in_its_start_info(tmp_path):
+    """Linux takes its initrd from PVH module 0; our hello guest lists what it got."""
+    a, b = tmp_path / "initrd.img", tmp_path / "second"
+    a.write_bytes(bytes(range(256)) * 64)          # 16 KiB, first page sums to 16 * 32640
+    b.write_bytes(b"abc")
+    p = cli("run", guest("hello"), "--initrd", a, "--initrd", b)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("module")]
+    assert len(lines) == 2, p.stdout
+    assert lines[0].startswith("module 0: 16384 bytes at 0x") and \
+        lines[0].endswith(f"first page sums to {16 * 32640}"), lines
+    assert lines[1].startswith("module 1: 3 bytes at 0x") and lines[1].endswith("294"), lines
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(8 << 20)
+    one_line_error(cli("run", guest("hello"), "--initrd", big, "--memory", "4M"), 2,
+                   "give the guest more memory")
