@@ -135,6 +135,13 @@ class _Signals:
 
 
 # --- commands --------------------------------------------------------------------------
+def _completed(m, args) -> None:
+    """With -v: the instructions kvmguest completed for the guest (this host's KVM could
+    not emulate them; kvmguest/complete.py)."""
+    if args.verbose and m.completer.counts:
+        print(f"kvmguest: completed for the guest: {m.completer.summary()}", file=sys.stderr)
+
+
 def _finish(result, saved) -> int:
     if result.exit_code is None:
         if saved is not None and saved.then == "stop":
@@ -230,6 +237,7 @@ def cmd_run(args) -> int:
                         result = m.wait()
                         _err(f"the guest finished before --save-after {args.save_after:g} s; "
                              "nothing saved")
+                        _completed(m, args)
                         return _finish(result, None)
                     from migrate.precopy import live_save
                     progress = Progress("saving")
@@ -256,6 +264,7 @@ def cmd_run(args) -> int:
                     control.close()       # cancels a save in progress, removes the socket
                 if migrator:
                     migrator.close()
+            _completed(m, args)
             return _finish(result, saved)
     finally:
         if control:
@@ -342,6 +351,7 @@ def cmd_restore(args) -> int:
                 control.close()
             if migrator:
                 migrator.close()
+        _completed(m, args)
         return _finish(result, saved)
 
 

@@ -133,6 +133,10 @@ def crash_message(ex: Exit) -> str | None:
             sub = abi.InternalError(ex.suberror).name
         except ValueError:
             sub = str(ex.suberror)
+        if ex.insn and ex.suberror == abi.InternalError.KVM_INTERNAL_ERROR_EMULATION:
+            from .complete import describe
+            return (f"this host's KVM cannot emulate the guest's instruction "
+                    f"{describe(ex.insn)} (KVM internal error {sub})")
         insn = f" instruction bytes: {ex.insn.hex(' ')}" if ex.insn else ""
         return f"KVM internal error {sub}{insn} (an instruction this host cannot emulate?)"
     if isinstance(ex, SystemEventExit):

@@ -29,7 +29,8 @@ from .dirty import ring_log
 from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
 from .kvm import Kvm, KvmError, KvmUnavailable
 from .memory import GuestMemory, plan_regions
-from .exits import DirtyRingFullExit, IoExit, MmioExit, crash_message
+from .complete import Completer
+from .exits import DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, crash_message
 from .vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class Machine:
         self.fw_cfg = FwCfg(self.memory.size, len(self.vcpus),
                             max(r.gpa + r.size for r in self.memory.regions))
         self.testdev = PcTestdev(self.memory, irq=isa_irq)
+        self.completer = Completer(self.memory, self.translate)
         self.cmos = Cmos(self.memory.size, irq=isa_irq)
         self.cmos.on_alarm = self._rtc_alarm
         self.acpi_pm = AcpiPm(self._power_event)
@@ -516,6 +518,8 @@ class Machine:
             return self.debug_exit.fired.is_set()
         if isinstance(ex, MmioExit) and self.testdev.handle_mmio(ex):
             return False
+        if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu, ex.insn):
+            return False                      # an instruction this host's KVM could not do
         crash = crash_message(ex)
         if crash is None:
             return True

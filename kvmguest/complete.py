@@ -1,0 +1,204 @@
+"""Completing instructions the host's KVM reports it cannot emulate.
+
+Some hosts (a nested, software ``kvm_pvm`` among them) cannot emulate a few instructions
+in guest kernel mode and end KVM_RUN with an emulation failure carrying the instruction
+bytes. Where the instruction's architectural effect is simple and safe, the VMM carries
+it out and the guest goes on; this is not an emulator (DESIGN.md), and on hosts whose
+KVM runs these instructions (VMX/SVM hardware) nothing here is ever reached:
+
+- ``int3`` (``cc``): RIP past it, #BP delivered (KVM_SET_VCPU_EVENTS), as the CPU would;
+- ``fwait`` (``9b``): no x87 exception is ever left pending by our guests' state, so it
+  completes as a no-op;
+- ``ldmxcsr m32`` / ``stmxcsr m32`` (``0f ae /2``, ``/3``): MXCSR through KVM_GET/SET_FPU,
+  the operand through the guest's page tables (64-bit mode).
+
+Anything else is reported, named by a disassembler (capstone, when installed), with the
+CPU feature or kernel parameter that keeps a Linux guest from using it."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+import threading
+
+from .boot.cpu import EFER_LMA
+
+log = logging.getLogger(__name__)
+
+BP_VECTOR = 3
+MXCSR_RESERVED = 0xFFFF0000                # setting these raises #GP: not ours to complete
+_REGS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+# What keeps a Linux guest from an instruction a host cannot emulate (README, "Linux").
+AVOID = {
+    "cmpxchg16b": "--cpu host,-cx16",
+    "xsave": "the kernel parameter noxsave", "xrstor": "the kernel parameter noxsave",
+    "xsaves": "the kernel parameter noxsave", "xrstors": "the kernel parameter noxsave",
+    "xsaveopt": "the kernel parameter noxsave",
+    "popcnt": "clearcpuid=popcnt", "movbe": "clearcpuid=movbe", "clac": "clearcpuid=smap",
+    "stac": "clearcpuid=smap", "rdrand": "clearcpuid=rdrand", "rdseed": "clearcpuid=rdseed",
+    "rdfsbase": "clearcpuid=fsgsbase", "wrfsbase": "clearcpuid=fsgsbase",
+    "rdgsbase": "clearcpuid=fsgsbase", "wrgsbase": "clearcpuid=fsgsbase",
+    "pshufb": "clearcpuid=ssse3", "aesenc": "clearcpuid=aes", "pclmulqdq": "clearcpuid=pclmulqdq",
+}
+
+
+class Completer:
+    """Completes the instructions above for one machine; ``counts`` by kind."""
+
+    def __init__(self, memory, translate):
+        self.memory, self.translate = memory, translate
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def complete(self, vcpu, insn: bytes) -> bool:
+        """Carry out the instruction at the vCPU's RIP (``insn``: the bytes KVM reported);
+        False when it is not one kvmguest completes (the guest then stops)."""
+        if not insn:
+            return False
+        if insn[0] == 0xCC:
+            kind = self._int3(vcpu)
+        elif insn[0] == 0x9B:
+            kind = self._skip(vcpu, 1, "fwait")
+        else:
+            kind = self._mxcsr(vcpu, insn)
+        if kind is None:
+            return False
+        with self._lock:
+            self.counts[kind] += 1
+            first = self.counts[kind] == 1
+        if first:
+            log.info("completed %s for the guest (this host's KVM cannot emulate it); "
+                     "further ones are counted", kind)
+        return True
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} x{n}" for k, n in sorted(self.counts.items()))
+
+    @staticmethod
+    def _skip(vcpu, length: int, kind: str) -> str:
+        regs = vcpu.get_regs()
+        regs.rip += length
+        vcpu.set_regs(regs)
+        return kind
+
+    @staticmethod
+    def _int3(vcpu) -> str:
+        regs = vcpu.get_regs()
+        regs.rip += 1                 # #BP is a trap: it reports the next instruction
+        vcpu.set_regs(regs)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = BP_VECTOR
+        events.exception.has_error_code = 0
+        events.exception.pending = 0
+        events.exception.error_code = 0
+        vcpu.set_vcpu_events(events)
+        return "int3"
+
+    def _mxcsr(self, vcpu, insn: bytes) -> str | None:
+        op = decode_mxcsr(insn)
+        if op is None:
+            return None
+        kind, length, operand = op
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        if not (sregs.efer & EFER_LMA and sregs.cs.l):
+            return None                        # 64-bit code only
+        vaddr = operand(regs, sregs, regs.rip + length)
+        gpas = [self.translate(vaddr, sregs), self.translate(vaddr + 3, sregs)]
+        if None in gpas or gpas[1] - gpas[0] != 3 or not self.memory.is_ram(gpas[0], 4):
+            return None                        # unmapped or split across pages: a fault
+        fpu = vcpu.get_fpu()
+        if kind == "ldmxcsr":
+            value = struct.unpack("<I", self.memory.read(gpas[0], 4))[0]
+            if value & MXCSR_RESERVED:
+                return None
+            fpu.mxcsr = value
+            vcpu.set_fpu(fpu)
+        else:
+            self.memory.write(gpas[0], struct.pack("<I", fpu.mxcsr))
+        regs.rip += length
+        vcpu.set_regs(regs)
+        return kind
+
+
+def decode_mxcsr(insn: bytes):
+    """(kind, length, operand(regs, sregs, next_rip) -> address) of ``ldmxcsr`` or
+    ``stmxcsr`` with a memory operand in 64-bit mode, or None."""
+    pos, rex, seg = 0, 0, None
+    while pos < len(insn) and insn[pos] in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65):
+        seg = insn[pos] if insn[pos] in (0x64, 0x65) else seg
+        pos += 1
+    if pos < len(insn) and 0x40 <= insn[pos] <= 0x4F:
+        rex = insn[pos]
+        pos += 1
+    if insn[pos:pos + 2] != b"\x0f\xae" or pos + 2 >= len(insn):
+        return None
+    modrm = insn[pos + 2]
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if mod == 3 or reg not in (2, 3):
+        return None
+    pos += 3
+    base = index = None
+    scale = 1
+    if rm == 4:                                    # SIB
+        if pos >= len(insn):
+            return None
+        sib = insn[pos]
+        pos += 1
+        scale = 1 << (sib >> 6)
+        idx = ((sib >> 3) & 7) | (8 if rex & 2 else 0)
+        index = None if idx == 4 else idx
+        b = (sib & 7) | (8 if rex & 1 else 0)
+        base = None if (sib & 7) == 5 and mod == 0 else b
+        disp_len = 4 if (sib & 7) == 5 and mod == 0 else (0, 1, 4)[mod]
+        rip_relative = False
+    elif rm == 5 and mod == 0:
+        rip_relative, disp_len = True, 4
+    else:
+        base, rip_relative = rm | (8 if rex & 1 else 0), False
+        disp_len = (0, 1, 4)[mod]
+    if pos + disp_len > len(insn):
+        return None
+    disp = int.from_bytes(insn[pos:pos + disp_len], "little", signed=True) if disp_len else 0
+    length = pos + disp_len
+
+    def operand(regs, sregs, next_rip: int) -> int:
+        addr = disp + (next_rip if rip_relative else 0)
+        if base is not None:
+            addr += getattr(regs, _REGS[base])
+        if index is not None:
+            addr += getattr(regs, _REGS[index]) * scale
+        if seg == 0x64:
+            addr += sregs.fs.base
+        elif seg == 0x65:
+            addr += sregs.gs.base
+        return addr & (1 << 64) - 1
+
+    return ("ldmxcsr" if reg == 2 else "stmxcsr"), length, operand
+
+
+def describe(insn: bytes) -> str:
+    """The instruction, disassembled where capstone is installed, and what avoids it."""
+    text = insn.hex(" ")
+    mnemonic = None
+    try:
+        import capstone
+        md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        for i in md.disasm(insn, 0):
+            mnemonic, text = i.mnemonic, f"{i.mnemonic} {i.op_str}".strip() + f" ({text})"
+            break
+    except ImportError:
+        pass
+    if mnemonic is None:
+        return text
+    base = mnemonic.split()[-1]
+    for key, hint in AVOID.items():
+        if base.startswith(key) or base.lstrip("v").startswith(key):
+            return f"{text}; a Linux guest avoids it with {hint}"
+    if base.startswith("v") and len(base) > 3:
+        return f"{text}; a Linux guest avoids AVX with clearcpuid=avx,avx2"
+    return text
+
