@@ -1,4 +1,8 @@
-/* hello: prints a greeting, its command line and its PVH modules, exits 0. */
+/*
+ * hello: prints a greeting, its command line and its PVH modules, exits 0.
+ *   reboot   then resets the machine through port 0xcf9, as Linux's reboot does
+ *   panic    then prints Linux's panic line and spins, as a panicked kernel does
+ */
 #include "runtime/rt.h"
 
 int main(void)
@@ -11,6 +15,14 @@ int main(void)
         u64 sum = 0;
         for (u64 j = 0; j < size && j < 4096; j++) sum += p[j];
         printf("module %u: %lu bytes at 0x%lx, first page sums to %lu\n", i, size, addr, sum);
+    }
+    if (cmdline_has("reboot")) {
+        outb(0xcf9, 0x06);                       /* hard reset */
+        for (;;) __asm__ volatile("cli; hlt");
+    }
+    if (cmdline_has("panic")) {
+        printf("Kernel panic - not syncing: hello was asked to panic\n");
+        for (;;) __asm__ volatile("pause");
     }
     return 0;
 }

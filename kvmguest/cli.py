@@ -19,7 +19,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, Handover, Interrupted, KvmguestError,
+from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PANIC, EXIT_REBOOT, Handover, Interrupted, KvmguestError,
                      UsageError, printable)
 from .progress import Progress
 
@@ -150,8 +150,11 @@ def _finish(result, saved) -> int:
             _err("the guest powered the machine off")
             return 0
         if result.event == "reset":
-            _err("the guest reset the machine; kvmguest does not reboot")
-            return EXIT_FAILED
+            _err("the guest rebooted (reset the machine); kvmguest does not reboot")
+            return EXIT_REBOOT
+        if result.event == "panic":
+            _err(f"the guest kernel panicked: {printable(result.panic)}")
+            return EXIT_PANIC
         _err("guest stopped without writing a result")
         return EXIT_FAILED
     return result.exit_code & 0xFF

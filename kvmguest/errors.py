@@ -7,13 +7,17 @@ its traceback).
 
 Exit codes (the README's table): the guest's own result when it writes one, 1 when the
 guest crashes or an operation fails, 2 for bad input (options, files, snapshots, a host
-that cannot run KVM), 124 on timeout, 130 (128 + signal) when interrupted.
+that cannot run KVM), 121 when the guest reboots, 122 when its kernel panics, 123 when it
+triple-faults, 124 on timeout, 130 (128 + signal) when interrupted.
 """
 
 from __future__ import annotations
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_REBOOT = 121            # the guest reset the machine (kvmguest does not reboot)
+EXIT_PANIC = 122             # the guest kernel panicked (Linux's panic line on the console)
+EXIT_TRIPLE_FAULT = 123      # the guest triple-faulted
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 

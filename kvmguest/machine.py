@@ -26,11 +26,12 @@ from .devices import AcpiPm, Cmos, DebugExit, FwCfg, GuestPort, PcTestdev, PortB
 from .devices import acpi_pm, cmos, fw_cfg
 from .dirty import BitmapLog, DirtyTracker, RingLog
 from .dirty import ring_log
-from .errors import EXIT_TIMEOUT, KvmguestError, UsageError
+from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
 from .kvm import Kvm, KvmError, KvmUnavailable
 from .memory import GuestMemory, plan_regions
 from .complete import Completer
-from .exits import DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, crash_message
+from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
+                    crash_message)
 from .vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ class GuestCrashed(GuestError):
     """Triple fault, failed entry or an emulation failure; the message shows registers."""
 
 
+class GuestTripleFault(GuestCrashed):
+    """KVM_EXIT_SHUTDOWN: the CPU could not deliver a fault (or a kernel's last resort
+    to reboot)."""
+
+    exit_code = EXIT_TRIPLE_FAULT
+
+
 class GuestTimeout(GuestError):
     """The guest did not finish within the timeout."""
 
@@ -69,7 +77,8 @@ class GuestResult:
     exit_code: int | None   # the value written to the debug-exit port; None if none
     console: str
     seconds: float
-    event: str | None = None    # "poweroff" or "reset" when the guest ended that way
+    event: str | None = None    # "poweroff", "reset" or "panic" when the guest ended that way
+    panic: str = ""             # the panic line, when it panicked
 
 
 REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
@@ -394,7 +403,7 @@ class Machine:
             raise self.error
         return GuestResult(self.debug_exit.result, self.serial.text(),
                            max(t.finished_at for t in self.threads) - self._started_at,
-                           self.event)
+                           self.event, self.serial.panic_line or "")
 
     def _vcpu_done(self, thread: VcpuThread) -> None:
         """A vCPU loop ended. A finished guest or a failed vCPU ends the whole machine."""
@@ -510,6 +519,8 @@ class Machine:
             self.bus.handle_io(ex)
             if self.guest_port.request is not None:
                 self._guest_request(thread)
+            if self.serial.panic_line is not None and self.event is None:
+                self.event = "panic"          # a kernel that panicked: it would spin forever
             if self.event is not None:
                 if self.event == "suspend":
                     self._suspend(thread)
@@ -523,7 +534,8 @@ class Machine:
         crash = crash_message(ex)
         if crash is None:
             return True
-        raise GuestCrashed(f"{crash}\n{self.describe_cpu(thread.vcpu)}", self.serial.text())
+        kind = GuestTripleFault if isinstance(ex, ShutdownExit) else GuestCrashed
+        raise kind(f"{crash}\n{self.describe_cpu(thread.vcpu)}", self.serial.text())
 
     # --- diagnostics ------------------------------------------------------------------
     def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:

@@ -121,3 +121,21 @@ def test_pvh_modules_are_handed_to_the_guest_in_its_start_info(tmp_path):
         f.truncate(8 << 20)
     one_line_error(cli("run", guest("hello"), "--initrd", big, "--memory", "4M"), 2,
                    "give the guest more memory")
+
+
+@pytest.mark.parametrize("how,code,line", [
+    ("panic", 122, "the guest kernel panicked: Kernel panic - not syncing: hello was asked to "
+                   "panic"),
+    ("reboot", 121, "the guest rebooted (reset the machine); kvmguest does not reboot"),
+])
+def test_a_panic_and_a_reboot_end_the_run_with_their_own_code(how, code, line):
+    """Never a hang: a kernel that panicked spins forever, so its panic line on the
+    console ends the run; a reset ends it too (kvmguest does not reboot)."""
+    p = cli("run", guest("hello"), "--cmdline", how, timeout=120)
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert p.stderr == f"kvmguest: {line}\n", p.stderr
+
+
+def test_a_triple_fault_has_its_code_too():
+    p = cli("run", guest("fault"))
+    assert p.returncode == 123 and "triple-faulted" in p.stderr

@@ -25,6 +25,7 @@ IIR_THRE, IIR_RDA = 0x02, 0x04
 IER_RDA, IER_THRE = 0x01, 0x02
 
 
+PANIC_MARK = b"Kernel panic - not syncing"
 REGISTERS = ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr")
 MAX_INPUT = 1 << 20             # bytes of pending console input a saved state may hold
 
@@ -43,6 +44,7 @@ class Serial:
         self.thre_pending = False    # a transmitter-empty interrupt not yet acknowledged
         self._out = bytearray()
         self.dropped = 0
+        self.panic_line: str | None = None   # Linux's "Kernel panic - not syncing" line
         self._in: collections.deque[int] = collections.deque()
         self._lock = threading.Lock()
         self._line = threading.Condition(self._lock)    # notified at every newline
@@ -107,8 +109,18 @@ class Serial:
                 self.dropped += excess
             if byte == 0x0A:
                 self._line.notify_all()
+                if self.panic_line is None:
+                    self._watch_panic()
         if self.stream is not None:
             self.stream(bytes((byte,)))
+
+    def _watch_panic(self) -> None:
+        """At each newline: is the line Linux's panic line? (A panicked kernel spins
+        forever; the machine ends the run when it sees this.)"""
+        start = self._out.rfind(b"\n", max(0, len(self._out) - 512), len(self._out) - 1) + 1
+        line = self._out[start:]
+        if PANIC_MARK in line:
+            self.panic_line = bytes(line).decode("utf-8", "replace").strip()
 
     # --- guest side ---
     def read(self, offset: int, size: int) -> int:
@@ -179,6 +191,7 @@ class Serial:
                 isinstance(v, int) and 0 <= v <= 0xFF for v in regs.values()):
             raise ValueError("serial state has unknown registers or values")
         self.regs.update(regs)
+        self.panic_line = None          # a reset to before a panic: the guest runs again
         with self._lock:
             self._in = collections.deque(bytes.fromhex(state.get("input", "")))
             self.thre_pending = bool(state.get("thre_pending", False))
