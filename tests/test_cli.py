@@ -15,7 +15,8 @@ def test_run_bad_kernel_is_one_line_error_without_traceback(tmp_path):
     bad.write_bytes(b"hello")
     p = kvmguest("run", bad)
     assert p.returncode == 2
-    assert p.stderr == f"kvmguest: error: {bad}: not an ELF file and no multiboot header\n"
+    assert p.stderr == (f"kvmguest: error: {bad}: not an ELF file, a Linux bzImage or a file "
+                        "with a multiboot header\n")
 
 
 def test_run_timeout_exits_124():
