@@ -28,7 +28,7 @@ from kvmguest.errors import UsageError
 
 from . import format as fmt
 from .format import SnapshotError
-from .pageio import fsync_dir, open_excl, runs_of_mask, temp_path_for
+from .pageio import data_extents, fsync_dir, open_excl, runs_of_mask, temp_path_for
 from .qemu import read_qemu
 from .reader import open_snapshot, read_magic, validated
 from .writer import check_save_target, io_error
@@ -69,24 +69,6 @@ def sources(path: str, fd: int) -> tuple[str, list[Source]]:
                lambda b=b, p=p: runs(b, p)) for b, p in zip(snap.layout.blocks, snap.present)]
 
 
-def _data_extents(fd: int, start: int, end: int):
-    """(offset, end) ranges of [start, end) of the snapshot that may hold data: its holes
-    are skipped; where the filesystem cannot tell (no SEEK_DATA), all of it."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno != errno.ENXIO:        # not "no more data": cannot tell
-                yield pos, end
-            return
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole
-        pos = hole
-
-
 def _copy(fd: int, src: Source, ofd: int) -> int:
     """The block's non-zero pages from ``fd`` into ``ofd`` at their RAM offsets; how many."""
     ps = src.page_size
@@ -94,7 +76,7 @@ def _copy(fd: int, src: Source, ofd: int) -> int:
     written = 0
     for first, off, n in src.segments():
         end = off + n * ps
-        for s, e in _data_extents(fd, off, end):
+        for s, e in data_extents(fd, off, end):
             s -= (s - off) % ps                            # from a page's start
             for pos in range(s, e, step):
                 length = min(step, end - pos)

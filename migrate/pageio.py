@@ -214,12 +214,15 @@ def punch(fd: int, offset: int, length: int) -> None:
 
 
 def data_extents(fd: int, start: int, end: int):
-    """(offset, end) ranges of [start, end) that hold data (not holes)."""
+    """(offset, end) ranges of [start, end) that may hold data: holes are skipped; where
+    the filesystem cannot tell (no SEEK_DATA), all of it."""
     pos = start
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
+        except OSError as err:
+            if err.errno != errno.ENXIO:        # not "no data past here": cannot tell
+                yield pos, end
             return
         if data >= end:
             return

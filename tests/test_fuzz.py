@@ -27,6 +27,9 @@ from migrate.writer import MappedWriter
 
 MiB = 1 << 20
 EXAMPLES = int(os.environ.get("KVMGUEST_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.data_too_large])
 
 def _fields(record) -> dict:
     """name: (offset, struct format) of every integer field but the checksums, from the
@@ -234,9 +237,7 @@ def test_unmutated_base_validates(base, tmp_path):
     assert validate(str(path)).pages_present > 0
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@FUZZ
 @given(m=mutations)
 @example(m=("truncate", 0.5))
 def test_any_mutation_is_valid_or_a_snapshot_error(tmp_path, base, m):
@@ -442,9 +443,7 @@ def test_zero_records_for_a_huge_block_do_not_allocate_its_memory(tmp_path, base
         os.close(fd)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@FUZZ
 @given(m=stream_mutations)
 def test_any_stream_mutation_is_valid_or_a_snapshot_error(tmp_path, stream_base, m):
     check_stream(tmp_path, mutate_stream(stream_base, m))
@@ -596,17 +595,22 @@ def mutate_ckpt(data: bytes, m) -> bytes:
     return bytes(out)
 
 
-def check_ckpt(tmp_path, data: bytes) -> str | None:
-    """The file is valid (and then loads) or a one-line SnapshotError (returned);
-    memory and time bounded by what it holds."""
-    path = tmp_path / "case.ckpt"
-    with open(path, "wb") as f:            # sparse, as the real file: only data extents
+def write_sparse(path, data: bytes) -> None:
+    """``data`` at ``path`` with its all-zero MiBs left as holes, as the files are."""
+    with open(path, "wb") as f:
         f.truncate(len(data))
         for start in range(0, len(data), MiB):
             chunk = data[start:start + MiB]
             if chunk.count(0) != len(chunk):
                 f.seek(start)
                 f.write(chunk)
+
+
+def check_ckpt(tmp_path, data: bytes) -> str | None:
+    """The file is valid (and then loads) or a one-line SnapshotError (returned);
+    memory and time bounded by what it holds."""
+    path = tmp_path / "case.ckpt"
+    write_sparse(path, data)
     fd = os.open(path, os.O_RDONLY)
     t = time.monotonic()
     try:
@@ -686,9 +690,7 @@ def test_inspect_calls_valid_only_what_restore_takes(ckpt_base, tmp_path):
     one_line_error(cli("restore", bad), 2, "not the layout kvmguest writes")
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@FUZZ
 @given(m=ckpt_mutations)
 def test_any_checkpoint_mutation_is_valid_or_a_snapshot_error(tmp_path, ckpt_base, m):
     check_ckpt(tmp_path, mutate_ckpt(ckpt_base, m))
@@ -725,13 +727,7 @@ qemu_mutations = st.tuples(
 
 def check_qemu(tmp_path, data: bytes) -> None:
     path = tmp_path / "case.qemu"
-    with open(path, "wb") as f:
-        f.truncate(len(data))
-        for start in range(0, len(data), MiB):
-            chunk = data[start:start + MiB]
-            if chunk.count(0) != len(chunk):
-                f.seek(start)
-                f.write(chunk)
+    write_sparse(path, data)
     fd = os.open(path, os.O_RDONLY)
     t = time.monotonic()
     tracemalloc.start()
@@ -749,9 +745,7 @@ def check_qemu(tmp_path, data: bytes) -> None:
     assert time.monotonic() - t < 10.0
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@FUZZ
 @given(m=qemu_mutations)
 def test_any_qemu_file_mutation_is_read_or_a_snapshot_error(tmp_path, qemu_bases, m):
     which, (kind, *args) = m
