@@ -2,6 +2,7 @@
  * hello: prints a greeting, its command line and its PVH modules, exits 0.
  *   reboot   then resets the machine through port 0xcf9, as Linux's reboot does
  *   panic    then prints Linux's panic line and spins, as a panicked kernel does
+ *   cpuid    prints CPUID leaves 1, 7 and 0xd as the guest sees them
  */
 #include "runtime/rt.h"
 
@@ -15,6 +16,14 @@ int main(void)
         u64 sum = 0;
         for (u64 j = 0; j < size && j < 4096; j++) sum += p[j];
         printf("module %u: %lu bytes at 0x%lx, first page sums to %lu\n", i, size, addr, sum);
+    }
+    if (cmdline_has("cpuid")) {                  /* what the guest sees, as Linux reads it */
+        u32 leaves[] = {1, 7, 0xd};
+        for (u32 i = 0; i < 3; i++) {
+            u32 a, b, c, d;
+            __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(leaves[i]), "c"(0));
+            printf("cpuid %x: eax=%x ebx=%x ecx=%x edx=%x\n", leaves[i], a, b, c, d);
+        }
     }
     if (cmdline_has("reboot")) {
         outb(0xcf9, 0x06);                       /* hard reset */
