@@ -9,8 +9,9 @@ KVM runs these instructions (VMX/SVM hardware) nothing here is ever reached:
 - ``int3`` (``cc``): RIP past it, #BP delivered (KVM_SET_VCPU_EVENTS), as the CPU would;
 - ``fwait`` (``9b``): no x87 exception is ever left pending by our guests' state, so it
   completes as a no-op;
-- ``ldmxcsr m32`` / ``stmxcsr m32`` (``0f ae /2``, ``/3``): MXCSR through KVM_GET/SET_FPU,
-  the operand through the guest's page tables (64-bit mode).
+- ``ldmxcsr m32`` / ``stmxcsr m32`` (``0f ae /2``, ``/3``): MXCSR in the vCPU's XSAVE
+  image (KVM_GET/SET_XSAVE; KVM_GET_FPU read 0 here), the operand through the guest's
+  page tables (64-bit mode).
 
 Anything else is reported, named by a disassembler (capstone, when installed), with the
 CPU feature or kernel parameter that keeps a Linux guest from using it."""
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 BP_VECTOR = 3
 MXCSR_RESERVED = 0xFFFF0000                # setting these raises #GP: not ours to complete
+MXCSR_AT = 24                              # in the XSAVE image's legacy (FXSAVE) area
+XSTATE_BV_AT = 512                         # the XSAVE header's component bitmap
+XFEATURE_FP, XFEATURE_SSE = 1 << 0, 1 << 1
 _REGS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
@@ -48,8 +52,10 @@ AVOID = {
 class Completer:
     """Completes the instructions above for one machine; ``counts`` by kind."""
 
-    def __init__(self, memory, translate):
-        self.memory, self.translate = memory, translate
+    def __init__(self, memory, translate, xsave_size):
+        """``translate(vaddr, sregs)``: guest-virtual to -physical; ``xsave_size()``:
+        KVM_CAP_XSAVE2's size (0: the 4 KiB KVM_GET_XSAVE)."""
+        self.memory, self.translate, self.xsave_size = memory, translate, xsave_size
         self.counts: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
@@ -110,15 +116,21 @@ class Completer:
         gpas = [self.translate(vaddr, sregs), self.translate(vaddr + 3, sregs)]
         if None in gpas or gpas[1] - gpas[0] != 3 or not self.memory.is_ram(gpas[0], 4):
             return None                        # unmapped or split across pages: a fault
-        fpu = vcpu.get_fpu()
+        image = bytearray(vcpu.get_xsave(self.xsave_size()))
         if kind == "ldmxcsr":
             value = struct.unpack("<I", self.memory.read(gpas[0], 4))[0]
             if value & MXCSR_RESERVED:
                 return None
-            fpu.mxcsr = value
-            vcpu.set_fpu(fpu)
+            struct.pack_into("<I", image, MXCSR_AT, value)
+            bv = struct.unpack_from("<Q", image, XSTATE_BV_AT)[0]
+            if not bv & (XFEATURE_FP | XFEATURE_SSE):
+                # KVM takes MXCSR with the FP or SSE component; SSE's (XMM registers)
+                # is at its initial value (zeros) in the image when its bit is clear.
+                struct.pack_into("<Q", image, XSTATE_BV_AT, bv | XFEATURE_SSE)
+            vcpu.set_xsave(bytes(image))
         else:
-            self.memory.write(gpas[0], struct.pack("<I", fpu.mxcsr))
+            value = struct.unpack_from("<I", image, MXCSR_AT)[0]
+            self.memory.write(gpas[0], struct.pack("<I", value))
         regs.rip += length
         vcpu.set_regs(regs)
         return kind

@@ -225,7 +225,7 @@ class Machine:
         self.fw_cfg = FwCfg(self.memory.size, len(self.vcpus),
                             max(r.gpa + r.size for r in self.memory.regions))
         self.testdev = PcTestdev(self.memory, irq=isa_irq)
-        self.completer = Completer(self.memory, self.translate)
+        self.completer = Completer(self.memory, self.translate, self._xsave_size)
         self.cmos = Cmos(self.memory.size, irq=isa_irq)
         self.cmos.on_alarm = self._rtc_alarm
         self.acpi_pm = AcpiPm(self._power_event)
@@ -536,6 +536,10 @@ class Machine:
             return True
         kind = GuestTripleFault if isinstance(ex, ShutdownExit) else GuestCrashed
         raise kind(f"{crash}\n{self.describe_cpu(thread.vcpu)}", self.serial.text())
+
+    def _xsave_size(self) -> int:
+        """KVM_CAP_XSAVE2's size for KVM_GET_XSAVE2 (0: use the 4 KiB KVM_GET_XSAVE)."""
+        return self.kvm.check_extension(abi.Cap.KVM_CAP_XSAVE2)
 
     # --- diagnostics ------------------------------------------------------------------
     def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:

@@ -139,3 +139,25 @@ def test_a_panic_and_a_reboot_end_the_run_with_their_own_code(how, code, line):
 def test_a_triple_fault_has_its_code_too():
     p = cli("run", guest("fault"))
     assert p.returncode == 123 and "triple-faulted" in p.stderr
+
+
+def test_instructions_this_host_cannot_emulate_are_completed_or_named():
+    """int3 (#BP must report the next instruction), fwait, ldmxcsr/stmxcsr with three
+    addressing forms: the insns guest checks the results itself. Where KVM cannot do
+    them (this kvm_pvm host), kvmguest did, and -v counts them; on hardware that can,
+    it never has to."""
+    p = cli("run", guest("insns"), "-v")
+    assert p.returncode == 0 and "insns: int3 x5 (#BP at the next instruction), fwait, " \
+        "ldmxcsr/stmxcsr x3: all ok" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
+    info = cli("info")
+    if "kvm_pvm" in info.stdout:
+        assert "kvmguest: completed for the guest: fwait x1, int3 x5, ldmxcsr x3, " \
+            "stmxcsr x3" in p.stderr, p.stderr[-1500:]
+
+
+def test_an_instruction_nobody_completes_is_named_with_what_avoids_it():
+    from kvmguest.complete import describe
+    text = describe(bytes.fromhex("f0480fc74d20"))        # what SLUB runs (Debian's kernel)
+    assert text.startswith("lock cmpxchg16b xmmword ptr [rbp + 0x20]") and \
+        text.endswith("a Linux guest avoids it with --cpu host,-cx16"), text
+    assert "noxsave" in describe(bytes.fromhex("0fae2f"))     # xrstor [rdi]
