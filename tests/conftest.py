@@ -1,11 +1,14 @@
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from helpers import ROOT
 
 pytest_plugins = ["pytester"]
+# A whole Linux boot takes ~15 minutes here: `make linux` runs it (KVMGUEST_LINUX_BOOT=1).
+collect_ignore = [] if os.environ.get("KVMGUEST_LINUX_BOOT") else ["test_linux_boot.py"]
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
@@ -28,3 +31,15 @@ def kut_tree() -> str:
         pytest.skip(p.stderr.strip())
     assert p.returncode == 0, p.stderr
     return p.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def vmlinuz() -> Path:
+    p = subprocess.run([str(ROOT / "scripts" / "fetch-linux")], capture_output=True, text=True,
+                       timeout=600)
+    if p.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Debian's kernel could not be fetched: {p.stderr.strip()}",
+                        pytrace=False)
+        pytest.skip(f"Debian's kernel could not be fetched: {p.stderr.strip()}")
+    return Path(p.stdout.strip())

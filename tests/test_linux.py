@@ -4,31 +4,17 @@ on kvmguest through PVH with an initrd; damaged kernels are one-line errors."""
 
 from __future__ import annotations
 
-import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli, cli_popen, guest, one_line_error, read_until
+from helpers import cli, cli_popen, guest, one_line_error, read_until
 from kvmguest.boot import linux
 
 # What Debian's kernel needs on this host (DEVELOPERS.md, "Linux guests"): the rest of
 # the command line is the kernel's own early console.
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0"
-
-
-@pytest.fixture(scope="session")
-def vmlinuz() -> Path:
-    p = subprocess.run([str(ROOT / "scripts" / "fetch-linux")], capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"Debian's kernel could not be fetched: {p.stderr.strip()}",
-                        pytrace=False)
-        pytest.skip(f"Debian's kernel could not be fetched: {p.stderr.strip()}")
-    return Path(p.stdout.strip())
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,55 @@
+"""Debian's stock kernel booted all the way to its initrd's /init (`make linux`: about 15
+minutes on a host that emulates kernel code, so not part of `make test`).
+
+On this host user mode cannot make system calls, so /init dies at its first one and the
+kernel panics ("Attempted to kill init!"); on a host where it can, /init exits and the
+kernel panics just the same. Either way the run ends with 122 and the panic line."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from helpers import cli
+
+# What Debian's kernel needs on a kvm_pvm host (README, "Linux kernels"; DEVELOPERS.md).
+CMDLINE = ("console=ttyS0 earlyprintk=serial,ttyS0 noxsave clearcpuid=smap,smep,fsgsbase,"
+           "avx,avx2,umip,popcnt,movbe,ssse3,sse4_1,sse4_2,aes,pclmulqdq,rdrand,rdseed,erms,"
+           "fsrm,bmi1,bmi2,sha_ni initcall_blacklist=ftrace_check_for_weak_functions "
+           "preempt=full cryptomgr.notests")
+INIT = """
+.globl _start
+_start:
+    mov $60, %eax           /* exit(0) */
+    xor %edi, %edi
+    syscall
+    hlt
+"""
+
+
+@pytest.fixture(scope="module")
+def initramfs(tmp_path_factory):
+    """A newc initramfs whose /init exits at once (built with gcc and Debian's cpio)."""
+    work = tmp_path_factory.mktemp("initramfs")
+    (work / "init.S").write_text(INIT)
+    root = work / "root"
+    root.mkdir()
+    subprocess.run(["gcc", "-nostdlib", "-static", "-o", root / "init", work / "init.S"],
+                   check=True)
+    with open(work / "initramfs.cpio", "wb") as out:
+        subprocess.run("find . | cpio -o -H newc --quiet", shell=True, cwd=root, stdout=out,
+                       check=True)
+    return work / "initramfs.cpio"
+
+
+def test_debians_kernel_boots_to_its_initrds_init(vmlinuz, initramfs):
+    p = cli("run", vmlinuz, "--memory", "512M", "--vcpus", "2", "--cpu", "host,-cx16",
+            "--initrd", initramfs, "--cmdline", CMDLINE, "--timeout", "2400", "-v",
+            timeout=2500)
+    out = p.stdout
+    assert "Unpacking initramfs" in out or "Freeing initrd memory" in out, out[-3000:]
+    assert "Run /init as init process" in out, out[-3000:]
+    assert p.returncode == 122 and "Attempted to kill init!" in p.stderr, \
+        (p.returncode, p.stderr[-2000:])
+    assert "as unstable" not in out, "a clocksource was marked unstable"
