@@ -420,6 +420,9 @@ def _inspect_text(info: dict) -> str:
     if st:
         lines.append(f"  vCPU 0: rip {st['rip']:#x} rsp {st['rsp']:#x} cr3 {st['cr3']:#x} "
                      f"mode {st['mode']}; {st['msrs']} MSRs")
+        if st.get("pv_msrs"):
+            lines.append("  paravirtual MSRs the guest set: " + ", ".join(
+                f"{name} {value:#x}" for name, value in st["pv_msrs"].items()))
         lines.append(f"  guest: {p(st.get('kernel'))} cmdline {p(repr(st.get('cmdline')))}")
     return "\n".join(lines)
 

@@ -387,6 +387,14 @@ def save_machine(machine) -> dict:
     return MachineState.capture(machine).to_json()
 
 
+# The paravirtual MSRs a Linux guest registers with KVM (Documentation/virt/kvm/x86/msr.rst),
+# named for `inspect`: a snapshot of a booting Linux must carry every one it wrote.
+KVM_PV_MSRS = {0x4B564D00: "kvm-clock wall clock", 0x4B564D01: "kvm-clock system time",
+               0x4B564D02: "async PF", 0x4B564D03: "steal time", 0x4B564D04: "PV EOI",
+               0x4B564D05: "poll control", 0x4B564D06: "async PF interrupt",
+               0x4B564D07: "async PF ack", 0x4B564D08: "migration control"}
+
+
 def vcpu_summary(state: dict) -> dict:
     """The first vCPU's registers and mode, and the guest's origin, for `inspect`
     (``state`` has passed MachineState.from_json)."""
@@ -400,8 +408,9 @@ def vcpu_summary(state: dict) -> dict:
     else:
         mode = "real mode"
     guest = state.get("guest", {})
+    pv = {KVM_PV_MSRS[i]: val for i, val in v["msrs"] if i in KVM_PV_MSRS and val}
     return {"rip": regs.rip, "rsp": regs.rsp, "cr3": sregs.cr3, "mode": mode,
-            "msrs": len(v["msrs"]), "kernel": guest.get("kernel"), "cmdline": guest.get("cmdline"),
+            "msrs": len(v["msrs"]), "pv_msrs": pv, "kernel": guest.get("kernel"), "cmdline": guest.get("cmdline"),
             "xsave_bytes": len(v["xsave"]) // 2, "regs_bytes": ctypes.sizeof(abi.kvm_regs)}
 
 
