@@ -53,3 +53,31 @@ def test_debians_kernel_boots_to_its_initrds_init(vmlinuz, initramfs):
     assert p.returncode == 122 and "Attempted to kill init!" in p.stderr, \
         (p.returncode, p.stderr[-2000:])
     assert "as unstable" not in out, "a clocksource was marked unstable"
+
+
+def test_debians_kernel_saved_while_it_boots_boots_on_from_the_snapshot(vmlinuz, initramfs,
+                                                                       tmp_path):
+    """The acid test of our state: two vCPUs deep in their initcalls (kvm-clock just
+    chosen, timers and IPIs flowing) are live-saved, and a new process restored from the
+    file boots on to the same end, with no clocksource marked unstable."""
+    from helpers import cli_popen, read_until
+    sock, snap = tmp_path / "ctl.sock", tmp_path / "mid.snap"
+    run = cli_popen("run", vmlinuz, "--memory", "512M", "--vcpus", "2", "--cpu", "host,-cx16",
+                    "--initrd", initramfs, "--cmdline", CMDLINE, "--control", sock,
+                    "--timeout", "2400")
+    try:
+        read_until(run.stdout, "clocksource: Switched to clocksource kvm-clock", timeout=1200)
+        saved = cli("save", "--control", sock, snap, "--then", "stop", timeout=300)
+        assert saved.returncode == 0, saved.stderr
+        assert run.wait(timeout=120) == 0
+    finally:
+        run.kill()
+        run.communicate()
+    info = cli("inspect", snap)
+    assert "2 vCPU(s)" in info.stdout and "kvm-clock system time" in info.stdout and \
+        "PV EOI" in info.stdout, info.stdout
+    p = cli("restore", snap, "--timeout", "2400", timeout=2500)
+    assert "Run /init as init process" in p.stdout, p.stdout[-3000:]
+    assert p.returncode == 122 and "Attempted to kill init!" in p.stderr, \
+        (p.returncode, p.stderr[-2000:])
+    assert "as unstable" not in p.stdout and "soft lockup" not in p.stdout, p.stdout[-3000:]
