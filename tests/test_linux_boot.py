@@ -55,13 +55,21 @@ def test_debians_kernel_boots_to_its_initrds_init(vmlinuz, initramfs):
     assert "as unstable" not in out, "a clocksource was marked unstable"
 
 
-def test_debians_kernel_saved_while_it_boots_boots_on_from_the_snapshot(vmlinuz, initramfs,
-                                                                       tmp_path):
-    """The acid test of our state: two vCPUs deep in their initcalls (kvm-clock just
-    chosen, timers and IPIs flowing) are live-saved, and a new process restored from the
-    file boots on to the same end, with no clocksource marked unstable."""
+def boots_on_to_init(p) -> None:
+    """A restore of a booting Debian kernel reached /init as a boot does, cleanly."""
+    assert "Run /init as init process" in p.stdout, p.stdout[-3000:]
+    assert p.returncode == 122 and "Attempted to kill init!" in p.stderr, \
+        (p.returncode, p.stderr[-2000:])
+    assert "as unstable" not in p.stdout and "soft lockup" not in p.stdout, p.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def mid_boot(vmlinuz, initramfs, tmp_path_factory):
+    """Debian's kernel live-saved while it boots: two vCPUs deep in their initcalls
+    (kvm-clock just chosen, timers and IPIs flowing)."""
     from helpers import cli_popen, read_until
-    sock, snap = tmp_path / "ctl.sock", tmp_path / "mid.snap"
+    work = tmp_path_factory.mktemp("mid-boot")
+    sock, snap = work / "ctl.sock", work / "mid.snap"
     run = cli_popen("run", vmlinuz, "--memory", "512M", "--vcpus", "2", "--cpu", "host,-cx16",
                     "--initrd", initramfs, "--cmdline", CMDLINE, "--control", sock,
                     "--timeout", "2400")
@@ -73,11 +81,35 @@ def test_debians_kernel_saved_while_it_boots_boots_on_from_the_snapshot(vmlinuz,
     finally:
         run.kill()
         run.communicate()
-    info = cli("inspect", snap)
+    return snap
+
+
+@pytest.mark.parametrize("how", ["eager", "lazy"])
+def test_debians_kernel_saved_while_it_boots_boots_on_from_the_snapshot(mid_boot, how):
+    """The acid test of our state: restored in a new process, eagerly or lazily, the
+    kernel boots on to the same end, with no clocksource marked unstable."""
+    info = cli("inspect", mid_boot)
     assert "2 vCPU(s)" in info.stdout and "kvm-clock system time" in info.stdout and \
         "PV EOI" in info.stdout, info.stdout
-    p = cli("restore", snap, "--timeout", "2400", timeout=2500)
-    assert "Run /init as init process" in p.stdout, p.stdout[-3000:]
-    assert p.returncode == 122 and "Attempted to kill init!" in p.stderr, \
-        (p.returncode, p.stderr[-2000:])
-    assert "as unstable" not in p.stdout and "soft lockup" not in p.stdout, p.stdout[-3000:]
+    p = cli("restore", mid_boot, "--timeout", "2400", *(["--lazy"] if how == "lazy" else []),
+            timeout=2500)
+    boots_on_to_init(p)
+
+
+def test_debians_kernel_checkpointed_while_it_boots_and_killed_boots_on(vmlinuz, initramfs,
+                                                                       tmp_path):
+    """Continuous checkpoints every 2 s while it boots, then SIGKILL: the last one boots
+    on to /init."""
+    import signal
+
+    from helpers import cli_popen, read_until
+    ckpt = tmp_path / "g.ckpt"
+    run = cli_popen("run", vmlinuz, "--memory", "512M", "--vcpus", "2", "--cpu", "host,-cx16",
+                    "--initrd", initramfs, "--cmdline", CMDLINE, "--checkpoint", ckpt,
+                    "--every", "2s", "--timeout", "2400")
+    try:
+        read_until(run.stdout, "clocksource: Switched to clocksource kvm-clock", timeout=1200)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.communicate()
+    boots_on_to_init(cli("restore", ckpt, "--timeout", "2400", timeout=2500))
