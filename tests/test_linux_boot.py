@@ -113,3 +113,36 @@ def test_debians_kernel_checkpointed_while_it_boots_and_killed_boots_on(vmlinuz,
         run.send_signal(signal.SIGKILL)
         run.communicate()
     boots_on_to_init(cli("restore", ckpt, "--timeout", "2400", timeout=2500))
+
+
+def test_debians_kernel_reset_in_place_to_a_mid_boot_point_boots_on(mid_boot):
+    """Reset in place, three times, to the mid-boot snapshot (each time once the kernel
+    has written 100 distinct pages since: the event, not a delay), then it boots on to
+    /init."""
+    from helpers import wait_until
+    from migrate.reader import restore
+    from migrate.reset import ResetPoint
+    m, _ = restore(str(mid_boot))
+    try:
+        point = ResetPoint(m, str(mid_boot))
+        watch = m.dirty.open("test")
+        m.start()
+        for _ in range(3):
+            written: set = set()
+
+            def wrote_100() -> bool:
+                m.dirty.harvest()
+                for slot, pages in watch.take().items():
+                    written.update((slot, int(p)) for p in pages)
+                return len(written) >= 100 or not m.running
+            wait_until(wrote_100, 900, "the kernel writing 100 pages")
+            assert m.running, m.serial.text()[-3000:]
+            assert point.reset(clear_console=True) >= 100
+            watch.take()                 # the pages the reset itself wrote back
+        result = m.wait(2400)
+        out = m.serial.text()
+        assert result.event == "panic" and "Attempted to kill init!" in result.panic, out[-3000:]
+        assert "Run /init as init process" in out and "soft lockup" not in out, out[-3000:]
+        point.close()
+    finally:
+        m.close()
