@@ -70,9 +70,9 @@ def parse_kernel(path: str | Path) -> Kernel:
         except OSError as err:
             raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
         from . import linux
-        bzimage = head[:4] != b"\x7fELF" and linux.is_bzimage(head)
-        if head[:4] != b"\x7fELF" and not bzimage \
-                and multiboot.find_header(path, head) is None:
+        elf = head[:4] == b"\x7fELF"
+        bzimage = not elf and linux.is_bzimage(head)
+        if not elf and not bzimage and multiboot.find_header(path, head) is None:
             raise BootError(f"{path}: not an ELF file, a Linux bzImage or a file with a "
                             "multiboot header")
         raw = read_file(fd, path, st.st_size, "kernel")
@@ -114,6 +114,28 @@ class Module:
             raise BootError(f"cannot read module {self.path}: {err.strerror}") from err
         finally:
             os.close(fd)
+
+
+def check_module_names(modules, most: int, names_at: int) -> None:
+    """The limits both protocols share: at most ``most`` modules, and their names
+    (NUL-terminated, written from ``names_at``) ending before the command line's page."""
+    if len(modules) > most:
+        raise BootError(f"{len(modules)} modules: at most {most}")
+    if names_at + sum(len(os.fsencode(m.path)) + 1 for m in modules) > layout.CMDLINE:
+        raise BootError("module names are too long")
+
+
+def write_modules(memory, modules, places, names_at: int) -> list[tuple[int, int, int]]:
+    """Each module read into guest RAM at its place and its name written from
+    ``names_at``: (address, size, name's address) of each, for the protocol's table."""
+    out = []
+    for m, at in zip(modules, places):
+        m.read_into(memory, at)
+        name = os.fsencode(m.path) + b"\0"
+        memory.write(names_at, name)
+        out.append((at, m.size, names_at))
+        names_at += len(name)
+    return out
 
 
 def place_modules(kernel: Kernel, regions, modules) -> list[int]:

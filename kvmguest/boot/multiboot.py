@@ -16,8 +16,8 @@ import os
 import struct
 
 from . import layout
-from .image import (MULTIBOOT, BootError, Kernel, Segment, check_fits, memory_map,
-                    page_up, write_segments)
+from .image import (MULTIBOOT, BootError, Kernel, Segment, check_fits, check_module_names,
+                    memory_map, page_up, write_modules, write_segments)
 
 HEADER_MAGIC = 0x1BADB002
 BOOT_MAGIC = 0x2BADB002          # in EAX at entry
@@ -110,11 +110,7 @@ def full_cmdline(kernel: Kernel, cmdline: str) -> bytes:
 def check_modules(kernel: Kernel, regions, cmdline: str, modules) -> bytes:
     """Everything load() will check, before a VM exists or a module is read: returns the
     command line."""
-    if len(modules) > MAX_MODULES:
-        raise BootError(f"{len(modules)} modules: at most {MAX_MODULES}")
-    names = b"".join(os.fsencode(m.path) + b"\0" for m in modules)
-    if MODULE_CMDLINES + len(names) > layout.CMDLINE:
-        raise BootError("module names are too long")
+    check_module_names(modules, MAX_MODULES, MODULE_CMDLINES)
     extra = sum(page_up(m.size) for m in modules)
     return check_fits(kernel, regions, full_cmdline(kernel, cmdline), extra)
 
@@ -126,14 +122,13 @@ def load(memory, kernel: Kernel, cmdline: str = "", modules=()) -> int:
     write_segments(memory, kernel)
     memory.write(layout.CMDLINE, blob + b"\0")
 
-    at, names_at, mods = page_up(kernel.end), MODULE_CMDLINES, b""
+    places, at = [], page_up(kernel.end)          # one after the other, after the kernel
     for m in modules:
-        m.read_into(memory, at)
-        name_b = os.fsencode(m.path) + b"\0"
-        memory.write(names_at, name_b)
-        mods += struct.pack("<IIII", at, at + m.size, names_at, 0)
-        at, names_at = page_up(at + m.size), names_at + len(name_b)
-    memory.write(MODULES, mods)
+        places.append(at)
+        at = page_up(at + m.size)
+    written = write_modules(memory, modules, places, MODULE_CMDLINES)
+    memory.write(MODULES, b"".join(struct.pack("<IIII", start, start + size, name, 0)
+                                   for start, size, name in written))
 
     entries = memory_map(memory)
     memory.write(MMAP, b"".join(struct.pack("<IQQI", 20, a, n, t) for a, n, t in entries))

@@ -6,9 +6,8 @@ from __future__ import annotations
 import ctypes
 
 from . import layout
-import os
-
-from .image import BootError, Kernel, check_fits, memory_map, place_modules, write_segments
+from .image import (Kernel, check_fits, check_module_names, memory_map, place_modules,
+                    write_modules, write_segments)
 
 
 class hvm_start_info(ctypes.Structure):
@@ -37,11 +36,7 @@ MAX_MODULES = (layout.PVH_MODULE_NAMES - layout.PVH_MODLIST) // 32
 def check(kernel: Kernel, regions, cmdline: str, modules=()) -> tuple[bytes, list[int]]:
     """Everything load() checks, before a VM exists or a module is read: the encoded
     command line and where each module goes."""
-    if len(modules) > MAX_MODULES:
-        raise BootError(f"{len(modules)} modules: at most {MAX_MODULES}")
-    names = b"".join(os.fsencode(m.path) + b"\0" for m in modules)
-    if layout.PVH_MODULE_NAMES + len(names) > layout.CMDLINE:
-        raise BootError("module names are too long")
+    check_module_names(modules, MAX_MODULES, layout.PVH_MODULE_NAMES)
     return check_fits(kernel, regions, cmdline), place_modules(kernel, regions, modules)
 
 
@@ -50,13 +45,8 @@ def load(memory, kernel: Kernel, cmdline: str = "", rsdp_paddr: int = 0, modules
     return start_info. ``rsdp_paddr`` is where the ACPI RSDP is (0: no ACPI tables)."""
     blob, places = check(kernel, memory.regions, cmdline, modules)
     write_segments(memory, kernel)
-    entries, name_at = [], layout.PVH_MODULE_NAMES
-    for m, at in zip(modules, places):
-        m.read_into(memory, at)
-        name = os.fsencode(m.path) + b"\0"
-        memory.write(name_at, name)
-        entries.append(hvm_modlist_entry(at, m.size, name_at, 0))
-        name_at += len(name)
+    entries = [hvm_modlist_entry(at, size, name_at, 0) for at, size, name_at in
+               write_modules(memory, modules, places, layout.PVH_MODULE_NAMES)]
     if entries:
         memory.write(layout.PVH_MODLIST, bytes((hvm_modlist_entry * len(entries))(*entries)))
 
