@@ -25,7 +25,7 @@ from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
 from kvmguest.state import MachineState
 
 from .format import CHECKPOINT_MAGIC as MAGIC
-from .format import MAX_BLOCKS, Block, SnapshotError, parse_json
+from .format import MAX_BLOCKS, MAX_SLOT, Block, SnapshotError, parse_json
 from .pageio import (FAULT_ENV, data_extents, fault_point, fsync_dir, pread_into, pwrite_all, runs_of,
                      temp_path_for)
 from .writer import SaveError, check_save_target, io_error
@@ -66,6 +66,11 @@ class Layout:
     @property
     def file_size(self) -> int:
         return self.journal_offset + self.journal_size
+
+    @property
+    def pages(self) -> int:
+        """Pages of guest RAM, over all blocks (the journal numbers them in that order)."""
+        return sum(b["size"] for b in self.blocks) // PAGE
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -406,7 +411,6 @@ def _block(b: dict) -> Block:
 
 
 MAX_STATE_SIZE = 64 << 20           # a state slot: 64 KiB per vCPU, 1 MiB at least
-MAX_SLOT = 1 << 15                  # KVM's memory slot ids are 16-bit (address space 0)
 JOURNAL_CHUNK = 4096                # journal pages read (checked, applied) at a time
 
 
@@ -492,7 +496,7 @@ def _journal_crc(fd: int, layout: Layout, record: Record, path: str, memory=None
     """Check the journal (numbers within the guest's pages, then the CRC over numbers and
     data, as written); with ``memory``, its pages are applied on the way (the caller
     drops that memory if this raises)."""
-    total = sum(b["size"] for b in layout.blocks) // PAGE
+    total = layout.pages
     crc = 0
     for numbers in _journal_numbers(fd, layout, record, path):
         if int(numbers.max()) >= total:
@@ -523,7 +527,7 @@ def validated(path: str, fd: int) -> Checkpoint:
     if not 0 < record.state_len <= layout.state_size:
         raise SnapshotError(f"{path}: state of checkpoint {record.generation} is "
                             f"{record.state_len} bytes; its slot holds {layout.state_size}")
-    total = sum(b["size"] for b in layout.blocks) // PAGE
+    total = layout.pages
     if record.journal_pages > total:
         raise SnapshotError(f"{path}: checkpoint {record.generation} claims a journal of "
                             f"{record.journal_pages} pages; its guest has {total}")

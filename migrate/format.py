@@ -32,6 +32,7 @@ SECTION_ALIGN = 4096
 PAGES_ALIGN = 1 << 20
 BLOCK_ENTRY_SIZE = 128
 MAX_BLOCKS = 32
+MAX_SLOT = 1 << 15               # KVM's memory slot ids (address space 0) a file may name
 MAX_STATE = 16 << 20
 NAME_LEN = 32
 

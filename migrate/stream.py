@@ -26,7 +26,7 @@ from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, c
 from kvmguest.state import MachineState, StateError
 
 from . import format as fmt
-from .format import SnapshotError
+from .format import MAX_SLOT, SnapshotError
 from .pageio import (IOV_MAX, fsync_dir, nonzero_pages, open_excl, pwrite_all, runs_of,
                      temp_path_for)
 from .writer import PassStats, SaveError, check_cancel, check_save_target, io_error
@@ -34,7 +34,6 @@ from .writer import PassStats, SaveError, check_cancel, check_save_target, io_er
 MAGIC = fmt.STREAM_MAGIC
 VERSION = 1
 MAX_BLOCK_LIST = 1 << 20
-MAX_SLOT = 1 << 15
 HEAD = struct.Struct("<8sII48s")
 RECORD = struct.Struct("<IIQ")
 KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
