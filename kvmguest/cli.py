@@ -19,8 +19,8 @@ import sys
 import time
 
 from . import __version__
-from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PANIC, EXIT_REBOOT, Handover, Interrupted, KvmguestError,
-                     UsageError, printable)
+from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PANIC, EXIT_REBOOT, Handover,
+                     Interrupted, KvmguestError, UsageError, printable)
 from .progress import Progress
 
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -142,7 +142,9 @@ def _completed(m, args) -> None:
         print(f"kvmguest: completed for the guest: {m.completer.summary()}", file=sys.stderr)
 
 
-def _finish(result, saved) -> int:
+def _finish(result, saved, m, args) -> int:
+    """The run's exit status, saying how it ended (and, with -v, what was completed)."""
+    _completed(m, args)
     if result.exit_code is None:
         if saved is not None and saved.then == "stop":
             return 0
@@ -173,6 +175,13 @@ def _console(m, args, started_at: float):
                                  if args.max_migrations is None else args.max_migrations)
     deadline = started_at + args.timeout if args.timeout is not None else None
     return console, migrator, deadline
+
+
+def _max_migrations_arg(parser) -> None:
+    parser.add_argument("--max-migrations", type=_whole("migrations", 1_000_000, low=0),
+                        default=None, metavar="N",
+                        help="with --guest-migrate: carry the guest on at most N times "
+                             "(default 16); later requests are refused and it runs on")
 
 
 def _check_guest_migrate(args) -> None:
@@ -240,8 +249,7 @@ def cmd_run(args) -> int:
                         result = m.wait()
                         _err(f"the guest finished before --save-after {args.save_after:g} s; "
                              "nothing saved")
-                        _completed(m, args)
-                        return _finish(result, None)
+                        return _finish(result, None, m, args)
                     from migrate.precopy import live_save
                     progress = Progress("saving")
                     try:
@@ -267,8 +275,7 @@ def cmd_run(args) -> int:
                     control.close()       # cancels a save in progress, removes the socket
                 if migrator:
                     migrator.close()
-            _completed(m, args)
-            return _finish(result, saved)
+            return _finish(result, saved, m, args)
     finally:
         if control:
             control.close()
@@ -354,8 +361,7 @@ def cmd_restore(args) -> int:
                 control.close()
             if migrator:
                 migrator.close()
-        _completed(m, args)
-        return _finish(result, saved)
+        return _finish(result, saved, m, args)
 
 
 def cmd_inspect(args) -> int:
@@ -518,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dirty tracking: KVM's bitmap log, its dirty ring, or auto "
                           "(the ring from 32 GiB of RAM, where the host has it)")
     run.add_argument("--initrd", action="append", default=[], metavar="FILE",
-                     help="a module, as QEMU's -initrd: Linux's initrd (PVH module 0), or a multiboot kernel's module (repeatable)")
+                     help="a module, as QEMU's -initrd: Linux's initrd (PVH module 0), or "
+                          "a multiboot kernel's module (repeatable)")
     run.add_argument("--cpu", metavar="MODEL",
                      help="QEMU-style CPU model: host (default), max, qemu64, with "
                           "+feature/-feature and vendor=")
@@ -530,9 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guest-migrate", action="store_true",
                      help="when the guest asks (MIGRATE on the kvmguest port), live-save it "
                           "and carry it on in a new `kvmguest restore` process")
-    run.add_argument("--max-migrations", type=_whole("migrations", 1_000_000, low=0), default=None, metavar="N",
-                     help="with --guest-migrate: carry the guest on at most N times "
-                          "(default 16); later requests are refused and it runs on")
+    _max_migrations_arg(run)
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
     run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
@@ -574,9 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--guest-migrate", action="store_true",
                          help="when the guest asks (MIGRATE on the kvmguest port), migrate "
                               "it on to a new process again")
-    restore.add_argument("--max-migrations", type=_whole("migrations", 1_000_000, low=0), default=None, metavar="N",
-                     help="with --guest-migrate: carry the guest on at most N times "
-                          "(default 16); later requests are refused and it runs on")
+    _max_migrations_arg(restore)
     restore.add_argument("--control", metavar="SOCK",
                          help="listen on a Unix socket for `kvmguest save` of the restored guest")
     restore.set_defaults(func=cmd_restore)
@@ -652,7 +655,7 @@ def _run(args) -> int:
             handover.exec()
         except OSError as err:
             _err(f"error: cannot carry the guest on in a new process ({err.strerror}); its "
-                 f"snapshot is {printable(handover.argv[4])}")
+                 f"snapshot is {printable(handover.snapshot)}")
             return EXIT_FAILED
     except Interrupted as err:
         _err(f"{err}" if str(err) != "interrupted" else "interrupted")

@@ -54,9 +54,11 @@ class Handover(BaseException):
     ``argv`` (``os.execve``), so one process holds the guest at any time. Not an
     Exception, so that no ``except Exception`` stops it on the way."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], stdin_ended: bool = False):
+    def __init__(self, argv: list[str], env: dict[str, str], snapshot: str,
+                 stdin_ended: bool = False):
         super().__init__("handover")
         self.argv, self.env, self.stdin_ended = argv, env, stdin_ended
+        self.snapshot = snapshot            # what the new image restores
 
     def exec(self):
         import os

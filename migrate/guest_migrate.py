@@ -113,7 +113,7 @@ class GuestMigrator:
         env = dict(os.environ, **held)
         env[DIR_ENV] = self.dir
         self.dir = None                       # the new image removes it
-        raise Handover(argv, env, stdin_ended)
+        raise Handover(argv, env, self.path, stdin_ended)
 
     def close(self) -> None:
         if self.dir is not None:
