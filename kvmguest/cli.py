@@ -114,6 +114,10 @@ def _err(message: str) -> None:
     print(f"kvmguest: {message}", file=sys.stderr)
 
 
+def _show(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 # --- signals ---------------------------------------------------------------------------
 class _Signals:
     """SIGINT/SIGTERM/SIGHUP -> Interrupted in the main thread, once. Later signals, which
@@ -162,21 +166,6 @@ def _finish(result, saved, m, args) -> int:
     return result.exit_code & 0xFF
 
 
-def _console(m, args, started_at: float):
-    """Console input and, with --guest-migrate, the listener for the guest's MIGRATE
-    (created before the guest runs; started with ``start()`` after)."""
-    from .console import ConsoleInput
-    console = ConsoleInput(m, args.console_input)
-    migrator = None
-    if args.guest_migrate:
-        from migrate.guest_migrate import DEFAULT_MAX_MIGRATIONS, GuestMigrator
-        tail = (["-q"] if args.quiet else []) + (["-v"] if args.verbose else [])
-        migrator = GuestMigrator(m, console, tail, DEFAULT_MAX_MIGRATIONS
-                                 if args.max_migrations is None else args.max_migrations)
-    deadline = started_at + args.timeout if args.timeout is not None else None
-    return console, migrator, deadline
-
-
 def _max_migrations_arg(parser) -> None:
     parser.add_argument("--max-migrations", type=_whole("migrations", 1_000_000, low=0),
                         default=None, metavar="N",
@@ -189,93 +178,47 @@ def _check_guest_migrate(args) -> None:
         raise UsageError("--max-migrations goes with --guest-migrate")
 
 
+def _check_checkpoint(args) -> None:
+    if args.every is not None and args.checkpoint is None:
+        raise UsageError("--every goes with --checkpoint")
+    if args.checkpoint is not None:
+        from migrate.writer import check_save_target
+        check_save_target(args.checkpoint, what="checkpoint")
+        for option, path in (("--save", args.save), ("--control", args.control)):
+            if path and os.path.abspath(path) == os.path.abspath(args.checkpoint):
+                raise UsageError(f"{option} and --checkpoint name the same path")
+
+
 def cmd_run(args) -> int:
     # migrate.* (and numpy with it) only when the run saves or listens: a plain run of a
     # small guest starts in a fraction of the time.
     from .machine import Machine
+    from .session import Session
 
     _check_guest_migrate(args)
     if (args.save is None) != (args.save_after is None):
         raise UsageError("--save and --save-after go together")
-    if args.save is not None or args.checkpoint is not None:
-        from migrate.writer import check_save_target
     if args.control:
-        from migrate.control import ControlServer, check_socket_path
+        from migrate.control import check_socket_path
+        check_socket_path(args.control)
     if args.save is not None:
+        from migrate.writer import check_save_target
         target = check_save_target(args.save)
         if args.control and os.path.abspath(args.control) == target:
             raise UsageError("--save and --control name the same path")
-    if args.control:
-        check_socket_path(args.control)
-    if args.every is not None and args.checkpoint is None:
-        raise UsageError("--every goes with --checkpoint")
-    if args.checkpoint is not None:
-        check_save_target(args.checkpoint, what="checkpoint")
-        if args.save and os.path.abspath(args.save) == os.path.abspath(args.checkpoint):
-            raise UsageError("--save and --checkpoint name the same path")
-    saved = None
-
-    def on_saved(report):
-        nonlocal saved
-        saved = report
-        print(report.summary(), file=sys.stderr)
-
+    _check_checkpoint(args)
+    session = Session(args, note=_err, show=_show)
     # The socket exists before the guest boots; it is closed (saves in progress cancelled,
     # our socket removed) before the machine goes away, and also if the boot fails.
-    control = ControlServer(args.control, on_saved=on_saved) if args.control else None
+    control = session.listen()
     try:
         with Machine.boot(args.kernel, memory=args.memory, cmdline=args.cmdline,
                           vcpus=args.vcpus, irqchip=not args.no_irqchip,
                           modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
                           dirty_log=args.dirty_log,
                           stream=None if args.quiet else _stream_stdout) as m:
-            try:
-                if control:
-                    control.attach(m)
-                console, migrator, deadline = _console(m, args, time.monotonic())
-                m.start()
-                console.start()
-                if migrator:
-                    migrator.start()
-                checkpoints = None
-                if args.checkpoint:
-                    from migrate.checkpoint import Checkpointer
-                    checkpoints = Checkpointer(m, args.checkpoint, args.every or 1.0)
-                    checkpoints.start()
-                    if control:
-                        control.attach(m, checkpoints)
-                if args.save:
-                    if m.wait_done(args.save_after):
-                        result = m.wait()
-                        _err(f"the guest finished before --save-after {args.save_after:g} s; "
-                             "nothing saved")
-                        return _finish(result, None, m, args)
-                    from migrate.precopy import live_save
-                    progress = Progress("saving")
-                    try:
-                        report = live_save(m, args.save, threads=args.threads,
-                                           direct=args.direct_io, then=args.then,
-                                           format=args.format, downtime_ms=args.downtime,
-                                           progress=progress)
-                    finally:
-                        progress.done()
-                    on_saved(report)
-                try:
-                    result = m.wait(args.timeout)
-                finally:
-                    if checkpoints is not None:
-                        checkpoints.stop()
-                if control:
-                    control.drain()       # a save over the socket may have stopped the guest
-                if migrator:
-                    migrator.hand_over(deadline)      # raises Handover when it was saved
-            finally:
-                sys.stdout.flush()
-                if control:
-                    control.close()       # cancels a save in progress, removes the socket
-                if migrator:
-                    migrator.close()
-            return _finish(result, saved, m, args)
+            result = session.run(m, control)
+            return _finish(result, session.saved, m, args)
     finally:
         if control:
             control.close()
@@ -314,12 +257,15 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from migrate.control import ControlServer, check_socket_path
     from migrate.reader import restore
+
+    from .session import Session
 
     _check_guest_migrate(args)
     if args.control:
+        from migrate.control import check_socket_path
         check_socket_path(args.control)
+    _check_checkpoint(args)
     progress = Progress("restoring")
     progress("reading", 0.0)
     try:
@@ -330,38 +276,12 @@ def cmd_restore(args) -> int:
         from migrate.guest_migrate import DIR_ENV, remove_inherited_snapshot
         if DIR_ENV in os.environ:        # the file of a guest-requested migration
             remove_inherited_snapshot(args.path)
-    saved = None
-
-    def on_saved(report):
-        nonlocal saved
-        saved = report
-        print(report.summary(), file=sys.stderr)
-
-    control = migrator = None
+    session = Session(args, note=_err, show=_show)
     with m:
         if args.verbose:
             print(report.summary(), file=sys.stderr)
-        try:
-            if args.control:       # the restored guest can be saved again
-                control = ControlServer(args.control, on_saved=on_saved)
-                control.attach(m)
-            console, migrator, deadline = _console(m, args, time.monotonic())
-            m.start()
-            console.start()
-            if migrator:
-                migrator.start()
-            result = m.wait(args.timeout)
-            if control:
-                control.drain()
-            if migrator:
-                migrator.hand_over(deadline)          # raises Handover when it was saved
-        finally:
-            sys.stdout.flush()
-            if control:
-                control.close()
-            if migrator:
-                migrator.close()
-        return _finish(result, saved, m, args)
+        result = session.run(m, session.listen())     # the restored guest can be saved
+        return _finish(result, session.saved, m, args)
 
 
 def cmd_inspect(args) -> int:
@@ -497,6 +417,13 @@ def _save_args(p: argparse.ArgumentParser) -> None:
                    help="downtime target in ms (default 50)")
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="keep PATH a crash-consistent checkpoint of the running guest")
+    p.add_argument("--every", type=_duration, default=None, metavar="DURATION",
+                   help="with --checkpoint: how often (e.g. 500ms, 2s; default 1s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -541,10 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", metavar="PATH", help="live-save the guest to PATH")
     run.add_argument("--save-after", type=_seconds(True), metavar="SECONDS",
                      help="start the live save this many seconds after boot")
-    run.add_argument("--checkpoint", metavar="PATH",
-                     help="keep PATH a crash-consistent checkpoint of the running guest")
-    run.add_argument("--every", type=_duration, default=None, metavar="DURATION",
-                     help="with --checkpoint: how often (e.g. 500ms, 2s; default 1s)")
+    _checkpoint_args(run)
     run.add_argument("--control", metavar="SOCK",
                      help="listen on a Unix socket for `kvmguest save --control SOCK PATH`")
     _save_args(run)
@@ -582,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     _max_migrations_arg(restore)
     restore.add_argument("--control", metavar="SOCK",
                          help="listen on a Unix socket for `kvmguest save` of the restored guest")
-    restore.set_defaults(func=cmd_restore)
+    _checkpoint_args(restore)
+    restore.set_defaults(func=cmd_restore, save=None)
 
     inspect = sub.add_parser("inspect", parents=[common],
                              help="show a snapshot's layout and check it")

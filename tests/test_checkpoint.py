@@ -154,6 +154,35 @@ def test_a_crash_in_any_phase_of_a_checkpoint_restores_the_committed_one(tmp_pat
     restore_runs_on(path)
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_a_restored_guest_checkpointed_on_and_killed_restores_its_latest(tmp_path, lazy):
+    """`kvmguest restore PATH --checkpoint PATH`: the restored guest is checkpointed on,
+    into the very file it came from (lazily: the guest's RAM is a map of that file, so
+    the first checkpoint must be a new file put in its place); killed once checkpoint 3
+    is logged, the file gives checkpoint 2 or later and the guest carries on from it."""
+    path, record = tmp_path / "guest.ckpt", tmp_path / "record.jsonl"
+
+    def kill_after(p, generation):
+        try:
+            wait_until(lambda: _logged_generation(record) >= generation or
+                       p.poll() is not None, 120, f"checkpoint {generation} logged")
+            assert p.poll() is None, p.stderr.read()
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+    kill_after(_start(path, record), 3)
+    assert _check_file(path, record) >= 2
+    record.unlink()
+    kill_after(subprocess.Popen(
+        [sys.executable, "-m", "kvmguest.cli", "restore", path, "--checkpoint", path,
+         "--every", "20ms", "-q", *(["--lazy"] if lazy else [])], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, **{ck.RECORD_ENV: str(record)})), 3)
+    assert _check_file(path, record) >= 2
+    restore_runs_on(path)
+
+
 def test_checkpoints_and_a_live_save_at_once_are_both_right(machine_factory, tmp_path):
     """Two dirty-tracking clients and nested pauses: the checkpoint chain runs every 20
     ms while a live save runs; both files restore and the guest verifies in each."""
@@ -237,4 +266,9 @@ def test_checkpoint_without_checkpoints_is_a_one_line_error(tmp_path):
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)
-    one_line_error(cli("run", guest("hello"), "--every", "1s"), 2, "--every goes with --checkpoint")
+    for command in ("run", "restore"):
+        one_line_error(cli(command, guest("hello"), "--every", "1s"), 2,
+                       "--every goes with --checkpoint")
+        one_line_error(cli(command, guest("hello"), "--checkpoint", tmp_path / "x",
+                           "--control", tmp_path / "x"), 2,
+                       "--control and --checkpoint name the same path")
