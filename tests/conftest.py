@@ -7,9 +7,10 @@ import pytest
 from helpers import ROOT
 
 pytest_plugins = ["pytester"]
-# A whole Linux boot takes ~15 minutes here: `make linux` runs it (KVMGUEST_LINUX_BOOT=1).
-collect_ignore = [] if os.environ.get("KVMGUEST_LINUX_BOOT") else ["test_linux_boot.py"]
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+LINUX_BOOT = "tests/test_linux_boot.py"
 
 
 def pytest_collection_modifyitems(items):
@@ -18,6 +19,20 @@ def pytest_collection_modifyitems(items):
         if item.get_closest_marker("nokvm") is None and not item.nodeid.startswith(
                 ("tests/test_abi.py", "tests/test_devices.py", "tests/test_format.py")):
             item.add_marker(pytest.mark.kvm)
+    # The Linux boot runs in the background while the rest does; its tests come last.
+    items.sort(key=lambda item: item.nodeid.startswith(LINUX_BOOT))
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(
+            item.nodeid.startswith(LINUX_BOOT) for item in session.items):
+        import linux_boot
+        linux_boot.start_in_background()
+
+
+def pytest_sessionfinish(session):
+    import linux_boot
+    linux_boot.close()
 
 
 @pytest.fixture(scope="session")
@@ -35,11 +50,11 @@ def kut_tree() -> str:
 
 @pytest.fixture(scope="session")
 def vmlinuz() -> Path:
-    p = subprocess.run([str(ROOT / "scripts" / "fetch-linux")], capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode != 0:
+    """Debian's kernel (scripts/fetch-linux): a test without it fails under CI."""
+    from linux_boot import fetch_linux
+    path, why = fetch_linux()
+    if path is None:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"Debian's kernel could not be fetched: {p.stderr.strip()}",
-                        pytrace=False)
-        pytest.skip(f"Debian's kernel could not be fetched: {p.stderr.strip()}")
-    return Path(p.stdout.strip())
+            pytest.fail(f"Debian's kernel could not be fetched: {why}", pytrace=False)
+        pytest.skip(f"Debian's kernel could not be fetched: {why}")
+    return path

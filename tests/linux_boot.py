@@ -1,0 +1,161 @@
+"""Debian's stock kernel, booted once per test run in the background.
+
+A boot to /init takes ~15 minutes on a host that emulates kernel code, so conftest.py
+starts it as soon as the run's tests are collected (when any test of test_linux_boot.py
+is selected) and the rest of the suite runs meanwhile; those tests run last. The boot is
+live-saved (`kvmguest save --control ... --then continue`) when it prints MID_BOOT, deep
+in its late initcalls with both vCPUs up, and runs on to /init: one run proves the boot,
+and every later Linux test starts from that snapshot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from helpers import ROOT
+
+# What Debian's kernel needs on a kvm_pvm host (README, "Linux kernels"; DEVELOPERS.md).
+CMDLINE = ("console=ttyS0 earlyprintk=serial,ttyS0 noxsave clearcpuid=smap,smep,fsgsbase,"
+           "avx,avx2,umip,popcnt,movbe,ssse3,sse4_1,sse4_2,aes,pclmulqdq,rdrand,rdseed,erms,"
+           "fsrm,bmi1,bmi2,sha_ni initcall_blacklist=ftrace_check_for_weak_functions "
+           "preempt=full cryptomgr.notests")
+MACHINE = ("--memory", "512M", "--vcpus", "2", "--cpu", "host,-cx16")
+# ~140 s of guest time before /init: late initcalls (certificates, keys, IMA/EVM), two
+# vCPUs up, kvm-clock, timers and IPIs flowing.
+MID_BOOT = "Loading compiled-in X.509 certificates"
+TIMEOUT = 2400                 # seconds: a boot here takes ~900
+INIT = """
+.globl _start
+_start:
+    mov $60, %eax           /* exit(0) */
+    xor %edi, %edi
+    syscall
+    hlt
+"""
+
+
+def fetch_linux() -> tuple[Path | None, str]:
+    """scripts/fetch-linux: (the vmlinuz, "") or (None, why not)."""
+    try:
+        p = subprocess.run([str(ROOT / "scripts" / "fetch-linux")], capture_output=True,
+                           text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None, "scripts/fetch-linux took more than 10 minutes"
+    if p.returncode != 0:
+        return None, p.stderr.strip()
+    return Path(p.stdout.strip()), ""
+
+
+def build_initramfs(work: Path) -> Path:
+    """A newc initramfs whose /init exits at once (built with gcc and Debian's cpio)."""
+    (work / "init.S").write_text(INIT)
+    root = work / "root"
+    root.mkdir()
+    subprocess.run(["gcc", "-nostdlib", "-static", "-o", root / "init", work / "init.S"],
+                   check=True)
+    with open(work / "initramfs.cpio", "wb") as out:
+        subprocess.run("find . | cpio -o -H newc --quiet", shell=True, cwd=root, stdout=out,
+                       check=True)
+    return work / "initramfs.cpio"
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "kvmguest.cli", *map(str, args)]
+
+
+class Boot:
+    """The run's one boot: :meth:`start` it in a thread, :meth:`result` waits for it."""
+
+    def __init__(self):
+        self.work = Path(tempfile.mkdtemp(prefix="kvmguest-linux-"))
+        self.snapshot = self.work / "mid-boot.snap"
+        self.vmlinuz: Path | None = None
+        self.initramfs: Path | None = None
+        self.unavailable = ""          # why Debian's kernel could not be fetched
+        self.stdout = self.stderr = self.save_output = ""
+        self.returncode: int | None = None
+        self.save_returncode: int | None = None
+        self.error: BaseException | None = None
+        self._procs: list[subprocess.Popen] = []
+        self._thread = threading.Thread(target=self._run, name="linux-boot", daemon=True)
+
+    def start(self) -> "Boot":
+        self._thread.start()
+        return self
+
+    def result(self) -> "Boot":
+        self._thread.join(TIMEOUT + 900)
+        assert not self._thread.is_alive(), "the Linux boot never ended"
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def close(self) -> None:
+        """Stop whatever still runs; remove the work folder."""
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        import shutil
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> None:
+        try:
+            self.vmlinuz, self.unavailable = fetch_linux()
+            if self.vmlinuz is None:
+                return
+            self.initramfs = build_initramfs(self.work)
+            self._boot()
+        except BaseException as err:           # handed to the test that waits for it
+            self.error = err
+
+    def _boot(self) -> None:
+        with open(self.work / "boot.err", "w+") as err:
+            run = subprocess.Popen(
+                _cli("run", self.vmlinuz, *MACHINE, "--initrd", self.initramfs, "--cmdline",
+                     CMDLINE, "--control", self.work / "ctl.sock", "--timeout", TIMEOUT,
+                     "-v"), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+            self._procs.append(run)
+            out, save = [], None
+            for line in run.stdout:
+                out.append(line)
+                if save is None and MID_BOOT in line:
+                    save = subprocess.Popen(
+                        _cli("save", "--control", self.work / "ctl.sock", self.snapshot,
+                             "--then", "continue"), cwd=ROOT, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+                    self._procs.append(save)
+            self.returncode = run.wait()
+            self.stdout = "".join(out)
+            err.seek(0)
+            self.stderr = err.read()
+        if save is not None:
+            self.save_output = save.communicate(timeout=600)[0]
+            self.save_returncode = save.returncode
+
+
+BOOT: Boot | None = None
+
+
+def start_in_background() -> None:
+    """Called by conftest.py once the run's tests are known."""
+    global BOOT
+    if BOOT is None and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        BOOT = Boot().start()
+
+
+def the_boot() -> Boot:
+    """The run's boot, waited for (started now when it was not started in time)."""
+    global BOOT
+    if BOOT is None:
+        BOOT = Boot().start()
+    return BOOT.result()
+
+
+def close() -> None:
+    if BOOT is not None:
+        BOOT.close()
