@@ -18,24 +18,12 @@ from pathlib import Path
 
 from helpers import ROOT
 
-# What Debian's kernel needs on a kvm_pvm host (README, "Linux kernels"; DEVELOPERS.md).
-CMDLINE = ("console=ttyS0 earlyprintk=serial,ttyS0 noxsave clearcpuid=smap,smep,fsgsbase,"
-           "avx,avx2,umip,popcnt,movbe,ssse3,sse4_1,sse4_2,aes,pclmulqdq,rdrand,rdseed,erms,"
-           "fsrm,bmi1,bmi2,sha_ni initcall_blacklist=ftrace_check_for_weak_functions "
-           "preempt=full cryptomgr.notests")
-MACHINE = ("--memory", "512M", "--vcpus", "2", "--cpu", "host,-cx16")
+from kvmguest.testing.linux import CMDLINE, MACHINE, build_initramfs
+
 # ~140 s of guest time before /init: late initcalls (certificates, keys, IMA/EVM), two
 # vCPUs up, kvm-clock, timers and IPIs flowing.
 MID_BOOT = "Loading compiled-in X.509 certificates"
 TIMEOUT = 2400                 # seconds: a boot here takes ~900
-INIT = """
-.globl _start
-_start:
-    mov $60, %eax           /* exit(0) */
-    xor %edi, %edi
-    syscall
-    hlt
-"""
 
 
 def fetch_linux() -> tuple[Path | None, str]:
@@ -48,19 +36,6 @@ def fetch_linux() -> tuple[Path | None, str]:
     if p.returncode != 0:
         return None, p.stderr.strip()
     return Path(p.stdout.strip()), ""
-
-
-def build_initramfs(work: Path) -> Path:
-    """A newc initramfs whose /init exits at once (built with gcc and Debian's cpio)."""
-    (work / "init.S").write_text(INIT)
-    root = work / "root"
-    root.mkdir()
-    subprocess.run(["gcc", "-nostdlib", "-static", "-o", root / "init", work / "init.S"],
-                   check=True)
-    with open(work / "initramfs.cpio", "wb") as out:
-        subprocess.run("find . | cpio -o -H newc --quiet", shell=True, cwd=root, stdout=out,
-                       check=True)
-    return work / "initramfs.cpio"
 
 
 def _cli(*args) -> list[str]:
