@@ -75,8 +75,9 @@ class Boot:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        import shutil
-        shutil.rmtree(self.work, ignore_errors=True)
+        if not os.environ.get("KVMGUEST_KEEP_LINUX"):        # kept for a post-mortem
+            import shutil
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def _run(self) -> None:
         try:
@@ -96,8 +97,10 @@ class Boot:
                      "-v"), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
             self._procs.append(run)
             out, save = [], None
+            log = open(self.work / "boot.out", "w")
             for line in run.stdout:
                 out.append(line)
+                log.write(line)
                 if save is None and MID_BOOT in line:
                     save = subprocess.Popen(
                         _cli("save", "--control", self.work / "ctl.sock", self.snapshot,
@@ -105,6 +108,7 @@ class Boot:
                         stderr=subprocess.STDOUT, text=True)
                     self._procs.append(save)
             self.returncode = run.wait()
+            log.close()
             self.stdout = "".join(out)
             err.seek(0)
             self.stderr = err.read()
