@@ -15,7 +15,6 @@ import logging
 import queue
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +31,8 @@ from .memory import GuestMemory, plan_regions
 from .complete import Completer
 from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
                     crash_message)
-from .vcpu import VcpuThread, install_kick_handler
+from .vcpu import VcpuThread
+from .vcpus import PAUSE_TIMEOUT, PauseTimeout, VcpuSet
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ DIRTY_LOGS = ("auto", "bitmap", "ring")
 # 1/4/16/64 GiB, 2000 pages dirtied (2026-11-26, kvm_pvm): the lines cross between 16
 # and 64 GiB.
 DIRTY_RING_FROM = 32 << 30
-PAUSE_TIMEOUT = 2.0
 
 
 class GuestError(KvmguestError):
@@ -150,8 +149,9 @@ class Machine:
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
         self.vm = None
-        self.vcpus: list = []
-        self.cpuids: list = []
+        self.vcpus = VcpuSet()
+        fds: list = []
+        self.dirty = self.cmos = None
         self.memory = guest_memory
         try:
             self.kvm.require(*REQUIRED_CAPS)
@@ -199,17 +199,18 @@ class Machine:
             supported = self.kvm.get_supported_cpuid() if cpuids is None else None
             for i in range(vcpus):
                 v = self.vm.create_vcpu(i)
-                self.vcpus.append(v)
+                thread = VcpuThread(v, self._handle_exit, None, self.memory.fault_was_flush)
+                self.vcpus.add(thread)
+                fds.append(v)
                 if cpuids is not None:
-                    cpuid = cpuids[i]
+                    thread.cpuid = cpuids[i]
                 else:
-                    cpuid = cpu.copy_cpuid(supported)
-                    cpu.setup_cpuid(cpuid, i, vcpus)
+                    thread.cpuid = cpu.copy_cpuid(supported)
+                    cpu.setup_cpuid(thread.cpuid, i, vcpus)
                     if self.cpu_model is not None:
-                        self.cpu_model.apply(cpuid, supported)
-                v.set_cpuid2(cpuid)
-                self.cpuids.append(cpuid)
-            backend = (RingLog(self.vm, self.memory, self.vcpus, ring_size) if use_ring
+                        self.cpu_model.apply(thread.cpuid, supported)
+                v.set_cpuid2(thread.cpuid)
+            backend = (RingLog(self.vm, self.memory, fds, ring_size) if use_ring
                        else BitmapLog(self.vm, self.memory, self.manual_protect))
             self.dirty = DirtyTracker(backend, self.memory)
         except BaseException:
@@ -242,15 +243,7 @@ class Machine:
         for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
             self.bus.register(base, count, handler)
 
-        self.threads = [VcpuThread(v, self._handle_exit, self._vcpu_done,
-                                   self.memory.fault_was_flush) for v in self.vcpus]
-        self._done = threading.Event()
-        self._done_lock = threading.Lock()
-        self._pause_lock = threading.RLock()
-        self._pauses = 0
-        self.error: BaseException | None = None
         self._msr_indices: list[int] | None = None
-        self._started_at = 0.0
         if self.kernel is not None:
             try:
                 self._load_kernel()
@@ -295,7 +288,7 @@ class Machine:
         if self.kernel.protocol == image.MULTIBOOT:
             regs.rax = multiboot.BOOT_MAGIC
         cpu.setup_gdt(self.memory)
-        bsp = self.vcpus[0]
+        bsp = self.vcpus[0].vcpu
         sregs = bsp.get_sregs()
         cpu.setup_sregs(sregs)
         bsp.set_sregs(sregs)
@@ -326,12 +319,7 @@ class Machine:
         wake event (the RTC alarm, if PM1_EN enabled it), then the machine restarts as
         firmware resumes a PC: the boot CPU in real mode at the FACS waking vector, the
         others waiting for INIT/SIPI."""
-        others = [t for t in self.threads if t is not thread]
-        for t in others:
-            t.request_pause()
-        for t in others:
-            while not t.wait_parked(0.01):
-                t.kick()
+        self.vcpus.park_others(thread)
         self._wake.clear()
         while not self._wake.wait(0.05):
             if thread.stopping:
@@ -339,41 +327,24 @@ class Machine:
         self.event = None
         waking = acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR
         vector = struct.unpack("<I", self.memory.read(waking, 4))[0]
-        for t in self.threads:
+        for t in self.vcpus:
             if t is thread:
                 cpu.reset_to_real_mode(t.vcpu, vector)
             else:
                 t.vcpu.set_mp_state(abi.kvm_mp_state(abi.KVM_MP_STATE_UNINITIALIZED))
                 t.resume()
 
-    # --- compatibility with one-vCPU callers ------------------------------------------------
-    @property
-    def vcpu(self):
-        """The boot CPU."""
-        return self.vcpus[0] if self.vcpus else None
-
-    @property
-    def cpuid(self):
-        return self.cpuids[0]
-
+    # --- running ----------------------------------------------------------------------
     @property
     def exits(self) -> int:
-        return sum(t.exits for t in self.threads)
+        return self.vcpus.exits
 
     @property
     def first_run_at(self) -> float | None:
-        return self.threads[0].first_run_at if self.threads else None
+        return self.vcpus.first_run_at
 
-    # --- running ----------------------------------------------------------------------
     def start(self) -> None:
-        if any(t.started for t in self.threads):
-            raise RuntimeError("machine already started")
-        if not install_kick_handler():
-            log.warning("kick signal handler not installed (not in the main thread): "
-                        "pause waits for the guest's next exit")
-        self._started_at = time.monotonic()
-        for t in self.threads:
-            t.start()
+        self.vcpus.start()
 
     def run(self, timeout: float | None = None) -> GuestResult:
         self.start()
@@ -381,15 +352,15 @@ class Machine:
 
     @property
     def running(self) -> bool:
-        return bool(self.threads) and self.threads[0].started and not self._done.is_set()
+        return self.vcpus.running
 
     def wait_done(self, timeout: float | None = None) -> bool:
         """Wait until the guest has finished (exit, crash or stop); False on timeout."""
-        return self._done.wait(timeout)
+        return self.vcpus.wait_done(timeout)
 
     def wait(self, timeout: float | None = None) -> GuestResult:
         """Wait for the guest to finish; raise its error, or GuestTimeout (guest stopped)."""
-        if not self._done.wait(timeout):
+        if not self.vcpus.wait_done(timeout):
             timeout_error = GuestTimeout(f"guest did not finish within {timeout:g} s",
                                          console=self.serial.text())
             try:
@@ -397,63 +368,28 @@ class Machine:
             except GuestError as err:    # the timeout is what the caller must hear about
                 log.error("after the timeout: %s", err)
             raise timeout_error
-        for t in self.threads:          # the others were told to stop: let them end
-            t.join(1.0)
-        if self.error is not None:
-            raise self.error
+        self.vcpus.join(1.0)            # the others were told to stop: let them end
+        if self.vcpus.error is not None:
+            raise self.vcpus.error
         return GuestResult(self.debug_exit.result, self.serial.text(),
-                           max(t.finished_at for t in self.threads) - self._started_at,
+                           self.vcpus.finished_at - self.vcpus.started_at,
                            self.event, self.serial.panic_line or "")
 
-    def _vcpu_done(self, thread: VcpuThread) -> None:
-        """A vCPU loop ended. A finished guest or a failed vCPU ends the whole machine."""
-        with self._done_lock:
-            if (thread.finished or thread.error is not None) and not self._done.is_set():
-                if thread.error is not None and self.error is None:
-                    self.error = thread.error
-                for other in self.threads:
-                    if other is not thread:
-                        other.stop()
-            if all(t.done.is_set() for t in self.threads if t.started) or thread.finished \
-                    or thread.error is not None:
-                self._done.set()
-
     def pause_all(self, timeout: float = PAUSE_TIMEOUT) -> None:
-        """Park every vCPU at an instruction boundary, with its pending I/O completed; return
-        only when all are parked (or the guest has finished). If one does not park within
-        ``timeout``, every request is withdrawn (the guest runs on) and GuestError says
-        which.
+        """Park every vCPU at an instruction boundary (VcpuSet.pause_all: pauses nest);
+        GuestError if one does not park within ``timeout`` (the guest runs on)."""
+        try:
+            self.vcpus.pause_all(timeout)
+        except PauseTimeout as err:
+            raise GuestError(str(err)) from None
 
-        Pauses nest (a checkpoint and a live save may both hold one): the guest runs
-        again only when every pause_all has had its resume_all."""
-        with self._pause_lock:
-            self._pauses += 1
-            if self._pauses > 1:
-                return
-            try:
-                self._pause_all(timeout)
-            except BaseException:
-                self._pauses -= 1
-                raise
+    def resume_all(self) -> None:
+        """Release every parked vCPU together (when this ends the last pause)."""
+        self.vcpus.resume_all()
 
-    def _pause_all(self, timeout: float) -> None:
-        if self._done.is_set() or not self.threads or not self.threads[0].started:
-            return
-        for t in self.threads:
-            t.request_pause()
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            # Woken the moment the vCPU parks; kicked again every millisecond until then
-            # (a signal can land just before KVM_RUN re-enters the guest).
-            while not t.wait_parked(0.001):
-                if self._done.is_set():
-                    return
-                if time.monotonic() > deadline:
-                    late = [t.index for t in self.threads if not t.parked]
-                    self._resume_threads()
-                    raise GuestError(f"vCPU {', '.join(map(str, late))} did not pause "
-                                     f"within {timeout:g} s; the guest runs on")
-                t.kick()
+    @property
+    def paused(self) -> bool:
+        return self.vcpus.paused
 
     def listen_guest_requests(self) -> queue.Queue:
         """From now on a guest's request on the kvmguest port (devices/guest_port.py) holds
@@ -471,41 +407,9 @@ class Machine:
         thread.request_pause()                 # parks before it runs again
         self.guest_requests.put((req, thread.index))
 
-    def checkpoints(self, path: str, every: float | None = 1.0):
-        """Keep ``path`` a crash-consistent checkpoint of this running guest (one every
-        ``every`` seconds; None: only when its ``take()`` is called). Returns the
-        Checkpointer (``stop()`` it); see migrate.checkpoint."""
-        from migrate.checkpoint import Checkpointer
-        c = Checkpointer(self, path, every)
-        if every is not None:
-            c.start()
-        return c
-
-    def resume_all(self) -> None:
-        """Release every parked vCPU together (when this ends the last pause)."""
-        with self._pause_lock:
-            if self._pauses > 0:
-                self._pauses -= 1
-                if self._pauses > 0:
-                    return
-            self._resume_threads()
-
-    def _resume_threads(self) -> None:
-        for t in self.threads:
-            t.resume()
-
-    pause, resume = pause_all, resume_all
-
-    @property
-    def paused(self) -> bool:
-        return bool(self.threads) and all(t.started and t.parked for t in self.threads)
-
     def stop(self, timeout: float = 5.0) -> None:
         """End every vCPU thread (the guest does not run again)."""
-        for t in self.threads:
-            t.stop()
-        late = [t.index for t in self.threads if not t.join(timeout)]
-        self._done.set()
+        late = self.vcpus.stop(timeout)
         if late:
             raise GuestError(f"vCPU thread {late} did not stop")
 
@@ -564,7 +468,7 @@ class Machine:
 
     def describe_cpu(self, vcpu=None) -> str:
         """Registers and the bytes at rip of ``vcpu`` (the boot CPU by default)."""
-        vcpu = vcpu or self.vcpu
+        vcpu = vcpu or self.vcpus[0].vcpu
         try:
             regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         except KvmError as err:
@@ -585,22 +489,22 @@ class Machine:
 
     # --- teardown ---------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "cmos", None) is not None:
+        if self.cmos is not None:
             self.cmos.close()
-        if any(t.started and not t.done.is_set() for t in getattr(self, "threads", [])):
+        if any(t.started and not t.done.is_set() for t in self.vcpus):
             try:
                 self.stop()
             except GuestError:
                 log.error("vCPU thread did not stop; leaking its VM")
                 return
-        if getattr(self, "dirty", None) is not None:
+        if self.dirty is not None:
             self.dirty.close()          # the rings are mapped from the vCPU fds
-        for obj in [*getattr(self, "vcpus", []), getattr(self, "vm", None)]:
+        for obj in [*(t.vcpu for t in self.vcpus), self.vm]:
             if obj is not None:
                 obj.close()
-        if getattr(self, "memory", None) is not None:
+        if self.memory is not None:
             self.memory.close()
-        if getattr(self, "_own_kvm", False):
+        if self._own_kvm:
             self.kvm.close()
 
     def __enter__(self):

@@ -324,8 +324,8 @@ class MachineState:
         indices = machine.msr_indices()
         origin = machine.kernel.path if machine.kernel else machine.origin.get("kernel")
         cmdline = machine.cmdline if machine.kernel else machine.origin.get("cmdline", "")
-        return cls(vcpus=[VcpuState.capture(v, c, indices, xsave_size, machine.irqchip)
-                          for v, c in zip(machine.vcpus, machine.cpuids)],
+        return cls(vcpus=[VcpuState.capture(t.vcpu, t.cpuid, indices, xsave_size,
+                                            machine.irqchip) for t in machine.vcpus],
                    vm=VmState.capture(machine.vm, machine.irqchip, machine.pit),
                    devices={name: getattr(machine, name).save_state() for name in DEVICES},
                    guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
@@ -422,8 +422,8 @@ class DecodedState:
     devices: list[tuple[str, dict]]
 
     def apply(self, machine) -> None:
-        for vcpu, calls in zip(machine.vcpus, self.vcpus):
-            apply_calls(vcpu, calls)
+        for thread, calls in zip(machine.vcpus, self.vcpus):
+            apply_calls(thread.vcpu, calls)
         apply_calls(machine.vm, self.vm)
         for name, saved in self.devices:
             getattr(machine, name).restore_state(saved)

@@ -43,8 +43,9 @@ class VcpuThread:
     ``on_done(thread)`` is called once when the loop ends (finished, failed or stopped)."""
 
     def __init__(self, vcpu, handler: Callable[["VcpuThread", Exit], bool],
-                 on_done: Callable[["VcpuThread"], None], fault_was_flush=None):
+                 on_done: Callable[["VcpuThread"], None] | None, fault_was_flush=None):
         self.vcpu, self.index = vcpu, vcpu.index
+        self.cpuid = None                # the CPUID it was given (KVM_SET_CPUID2)
         self.handler, self.on_done = handler, on_done
         # GuestMemory.fault_was_flush: KVM_RUN fails with EFAULT when the guest writes a
         # page another vCPU's flush has made read-only for a moment; such a run is retried.

@@ -92,7 +92,7 @@ class SnapshotLease:
             _active.append(self)
 
     def attach(self, machine) -> None:
-        self.pause, self.resume = machine.pause, machine.resume
+        self.pause, self.resume = machine.pause_all, machine.resume_all
 
     def check(self) -> None:
         """Called on SIGIO: detach if our lease is being broken."""

@@ -193,7 +193,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         # with 4 vCPUs); 0.1 ms keeps the hand-offs short.
         sys.setswitchinterval(1e-4)
         t_pause = time.perf_counter()
-        machine.pause()
+        machine.pause_all()
         if not machine.running:
             raise SaveError("the guest finished during the save; nothing was saved")
         paused = True
@@ -216,7 +216,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         if then == "continue":
             # The pages and state are in the file (page cache) already; the guest may run.
             client.close()
-            machine.resume()
+            machine.resume_all()
             paused = False
         writer.finish(state)
         helper.shutdown(wait=False)
@@ -226,7 +226,7 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         writer.abort()
         helper.shutdown(wait=True)
         if paused:
-            machine.resume()   # nothing lost: the guest carries on as if no save happened
+            machine.resume_all()   # nothing lost: the guest carries on as if no save happened
         if client is not None:
             client.close()
         raise

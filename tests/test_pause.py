@@ -21,20 +21,20 @@ def test_pause_stops_a_spinning_guest_and_resume_continues_it(machine_factory):
     wait_console(m, "counter at")
     wait_until(lambda: _counter(m) > 1000, 10, "the guest counting")
     t0 = time.monotonic()
-    m.pause()
+    m.pause_all()
     assert time.monotonic() - t0 < 1.0
     assert m.paused
     frozen = _counter(m)
     time.sleep(0.1)                     # a window in which a running guest would count
     assert _counter(m) == frozen, "guest ran while paused"
-    m.resume()
+    m.resume_all()
     wait_until(lambda: _counter(m) > frozen + 1000, 10, "the guest counting again")
-    m.pause()
+    m.pause_all()
     assert _counter(m) > frozen, "guest did not run after resume"
     for _ in range(5):          # repeated pause/resume stays reliable
-        m.resume()
-        m.pause()
-    m.resume()
+        m.resume_all()
+        m.pause_all()
+    m.resume_all()
     assert m.running
 
 

@@ -81,7 +81,8 @@ def test_a_stream_snapshot_carries_two_vcpus_too(machine_factory, tmp_path):
 
 def test_aps_wait_for_init_sipi_and_cpuid_describes_the_topology(machine_factory):
     m = machine_factory(guest("smp"), vcpus=4)
-    for i, (v, cpuid) in enumerate(zip(m.vcpus, m.cpuids)):
+    for i, t in enumerate(m.vcpus):
+        v, cpuid = t.vcpu, t.cpuid
         want = abi.KVM_MP_STATE_RUNNABLE if i == 0 else abi.KVM_MP_STATE_UNINITIALIZED
         assert v.get_mp_state().mp_state == want
         entries = {(e.function, e.index): e for e in cpuid.entries[:cpuid.hdr.nent]}
