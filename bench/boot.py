@@ -6,10 +6,11 @@ import shutil
 import sys
 
 from kvmguest.exits import IoExit
-from kvmguest.boot import cpu
+from kvmguest.arch.x86 import regs as cpu
 from kvmguest.kvm import Kvm
 from kvmguest.machine import Machine
 from kvmguest.memory import GuestMemory
+from kvmguest.arch.x86.layout import plan_regions
 
 from .common import GUESTS, Figure, Report, run_cmd, timed
 
@@ -19,7 +20,7 @@ HELLO = str(GUESTS / "hello.elf")
 def raw_floor(kvm: Kvm) -> None:
     """The least a VMM can do: VM, 4 MiB slot, vCPU, two instructions to an I/O exit."""
     vm = kvm.create_vm()
-    mem = GuestMemory.anonymous(4 << 20)
+    mem = GuestMemory.anonymous(plan_regions(4 << 20))
     r = mem.regions[0]
     vm.set_user_memory_region(0, 0, r.size, r.host_addr)
     vcpu = vm.create_vcpu(0)

@@ -71,7 +71,7 @@ def _kvmguest(kernel: Path, initrd: Path, *extra) -> list[str]:
 
 
 def run(report: Report, work: str, runs: int) -> None:
-    from kvmguest.boot import linux
+    from kvmguest.arch.x86 import linux
     p = subprocess.run([str(ROOT / "scripts" / "fetch-linux")], capture_output=True,
                        text=True)
     if p.returncode != 0:

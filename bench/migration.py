@@ -172,8 +172,9 @@ def slot_floor(ram: int) -> float:
     """ms to create a VM and register RAM of this size (the kernel's per-slot cost)."""
     from kvmguest.kvm import Kvm
     from kvmguest.memory import GuestMemory
+    from kvmguest.arch.x86.layout import plan_regions
     with Kvm() as kvm:
-        mem = GuestMemory.anonymous(ram)
+        mem = GuestMemory.anonymous(plan_regions(ram))
         t = time.perf_counter()
         vm = kvm.create_vm()
         for r in mem.regions:

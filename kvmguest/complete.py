@@ -23,7 +23,7 @@ import logging
 import struct
 import threading
 
-from .boot.cpu import EFER_LMA
+from .arch.x86.regs import EFER_LMA
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .boot import cpumodel
+from .arch.x86 import cpumodel
 from .errors import UsageError
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"

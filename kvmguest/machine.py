@@ -20,14 +20,15 @@ from typing import Callable
 
 from . import abi
 from .abi import Cap
-from .boot import acpi, cpu, cpumodel, firmware, image, layout, multiboot, pvh
+from .arch.x86 import acpi, cpuid, cpumodel, firmware, image, layout, multiboot, pvh, regs
+from .arch.x86.kernel import MULTIBOOT, BootError, Module
 from .devices import AcpiPm, Cmos, DebugExit, FwCfg, GuestPort, PcTestdev, PortBus, Serial
 from .devices import acpi_pm, cmos, fw_cfg
 from .dirty import BitmapLog, DirtyTracker, RingLog
 from .dirty import ring_log
 from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
 from .kvm import Kvm, KvmError, KvmUnavailable
-from .memory import GuestMemory, plan_regions
+from .memory import GuestMemory
 from .complete import Completer
 from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
                     crash_message)
@@ -116,7 +117,7 @@ class Machine:
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
         cmdline). ``modules`` are files handed to a multiboot kernel (QEMU's -initrd);
-        ``cpu_model`` a QEMU-style -cpu string (kvmguest.boot.cpumodel); ``pit`` False
+        ``cpu_model`` a QEMU-style -cpu string (kvmguest.arch.x86.cpumodel); ``pit`` False
         leaves out the PIT (QEMU's -machine pit=off). ``dirty_log``: "bitmap", "ring" or
         "auto" (the ring where KVM has it and RAM is large enough for the bitmap's full
         scan to cost more; see DIRTY_RING_FROM); ``ring_entries`` forces a ring size.
@@ -128,8 +129,8 @@ class Machine:
         self.cmdline = cmdline
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
         if modules and self.kernel is None:
-            raise image.BootError("modules (--initrd) go with a kernel")
-        self.modules = [image.Module(path) for path in modules]   # sized, not read yet
+            raise BootError("modules (--initrd) go with a kernel")
+        self.modules = [Module(path) for path in modules]   # sized, not read yet
         self.origin = dict(origin or {})
         self.irqchip = irqchip
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
@@ -141,8 +142,8 @@ class Machine:
             raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
         if self.kernel is not None:  # every boot error before any VM exists
-            regions = guest_memory.regions if guest_memory is not None else plan_regions(memory)
-            if self.kernel.protocol == image.MULTIBOOT:
+            regions = guest_memory.regions if guest_memory is not None else layout.plan_regions(memory)
+            if self.kernel.protocol == MULTIBOOT:
                 multiboot.check_modules(self.kernel, regions, cmdline, self.modules)
             else:
                 pvh.check(self.kernel, regions, cmdline, self.modules)
@@ -185,7 +186,7 @@ class Machine:
             if self.kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
                 self.vm.set_tss_addr(layout.TSS_ADDR)
             if self.memory is None:
-                self.memory = GuestMemory.anonymous(memory)
+                self.memory = GuestMemory.anonymous(layout.plan_regions(memory))
             # Memory slots before the irqchip: with an irqchip in place, each slot change
             # waited ~6 ms here (measured on kvm_pvm) for KVM's SRCU readers.
             for r in self.memory.regions:
@@ -205,8 +206,8 @@ class Machine:
                 if cpuids is not None:
                     thread.cpuid = cpuids[i]
                 else:
-                    thread.cpuid = cpu.copy_cpuid(supported)
-                    cpu.setup_cpuid(thread.cpuid, i, vcpus)
+                    thread.cpuid = cpuid.copy_cpuid(supported)
+                    cpuid.setup_cpuid(thread.cpuid, i, vcpus)
                     if self.cpu_model is not None:
                         self.cpu_model.apply(thread.cpuid, supported)
                 v.set_cpuid2(thread.cpuid)
@@ -277,22 +278,22 @@ class Machine:
         multiboot share it; EAX/EBX differ). With the irqchip, the ACPI tables describe
         the CPUs; the other vCPUs wait for INIT/SIPI."""
         rsdp = acpi.write_tables(self.memory, len(self.vcpus)) if self.irqchip else 0
-        if self.kernel.protocol == image.MULTIBOOT:
+        if self.kernel.protocol == MULTIBOOT:
             info = multiboot.load(self.memory, self.kernel, self.cmdline, self.modules)
             if self.irqchip:
                 firmware.apply(self.memory, self.vm, self.pit)
         else:
             info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp,
                             modules=self.modules)
-        regs = cpu.setup_regs(self.kernel.entry, info)
-        if self.kernel.protocol == image.MULTIBOOT:
-            regs.rax = multiboot.BOOT_MAGIC
-        cpu.setup_gdt(self.memory)
+        start = regs.setup_regs(self.kernel.entry, info)
+        if self.kernel.protocol == MULTIBOOT:
+            start.rax = multiboot.BOOT_MAGIC
+        regs.setup_gdt(self.memory)
         bsp = self.vcpus[0].vcpu
         sregs = bsp.get_sregs()
-        cpu.setup_sregs(sregs)
+        regs.setup_sregs(sregs)
         bsp.set_sregs(sregs)
-        bsp.set_regs(regs)
+        bsp.set_regs(start)
 
     def msr_indices(self) -> list[int]:
         """The MSRs to save (KVM_GET_MSR_INDEX_LIST), read once per machine."""
@@ -329,7 +330,7 @@ class Machine:
         vector = struct.unpack("<I", self.memory.read(waking, 4))[0]
         for t in self.vcpus:
             if t is thread:
-                cpu.reset_to_real_mode(t.vcpu, vector)
+                regs.reset_to_real_mode(t.vcpu, vector)
             else:
                 t.vcpu.set_mp_state(abi.kvm_mp_state(abi.KVM_MP_STATE_UNINITIALIZED))
                 t.resume()
@@ -448,38 +449,22 @@ class Machine:
     # --- diagnostics ------------------------------------------------------------------
     def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:
         """Guest-virtual to guest-physical through the guest's page tables (None: unmapped)."""
-        if not sregs.cr0 & cpu.X86_CR0_PG:
-            return vaddr & 0xFFFFFFFF
-        if not sregs.efer & cpu.EFER_LMA:   # not long mode: not used by our guests
-            return None
-        table = sregs.cr3 & ~0xFFF & ((1 << 52) - 1)
-        for level, shift in enumerate((39, 30, 21, 12)):
-            try:
-                entry = struct.unpack("<Q", self.memory.read(table + ((vaddr >> shift) & 511) * 8, 8))[0]
-            except ValueError:
-                return None
-            if not entry & 1:
-                return None
-            if level in (1, 2) and entry & 0x80 or level == 3:
-                mask = (1 << shift) - 1
-                return (entry & ((1 << 52) - 1) & ~mask) | (vaddr & mask)
-            table = entry & ((1 << 52) - 1) & ~0xFFF
-        return None
+        return regs.translate(self.memory, vaddr, sregs)
 
     def describe_cpu(self, vcpu=None) -> str:
         """Registers and the bytes at rip of ``vcpu`` (the boot CPU by default)."""
         vcpu = vcpu or self.vcpus[0].vcpu
         try:
-            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            gp, sregs = vcpu.get_regs(), vcpu.get_sregs()
         except KvmError as err:
             return f"(registers unavailable: {err})"
         names = [n for n, _ in abi.kvm_regs._fields_]
         lines = [f"  vCPU {vcpu.index}:"] if len(self.vcpus) > 1 else []
-        lines += ["  " + "  ".join(f"{n}={getattr(regs, n):#018x}" for n in names[i:i + 4])
+        lines += ["  " + "  ".join(f"{n}={getattr(gp, n):#018x}" for n in names[i:i + 4])
                  for i in range(0, len(names), 4)]
         lines.append(f"  cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
                      f"efer={sregs.efer:#x} cs={sregs.cs.selector:#x}")
-        gpa = self.translate(regs.rip + (sregs.cs.base if not sregs.efer & cpu.EFER_LMA else 0),
+        gpa = self.translate(gp.rip + (sregs.cs.base if not sregs.efer & regs.EFER_LMA else 0),
                              sregs)
         if gpa is not None and self.memory.is_ram(gpa, 16):
             lines.append(f"  code at rip: {self.memory.read(gpa, 16).hex(' ')}")

@@ -11,7 +11,6 @@ import threading
 from dataclasses import dataclass
 
 from .abi import KVM_MEM_MAX_NR_PAGES, PAGE_SIZE
-from .boot import layout
 from .errors import EXIT_BAD_INPUT, KvmguestError
 from .lazy import lazy_numpy
 
@@ -39,18 +38,6 @@ class RegionSpec:
     gpa: int
     size: int
     name: str
-
-
-def plan_regions(ram_size: int) -> list[RegionSpec]:
-    """Split ``ram_size`` bytes of RAM into slots: below the 3 GiB MMIO hole, then at 4 GiB."""
-    if ram_size % PAGE_SIZE or ram_size <= 0:
-        raise GuestMemoryError(f"memory size {ram_size} is not a positive multiple of 4 KiB")
-    low = min(ram_size, layout.MMIO_HOLE_START)
-    specs = [RegionSpec(0, 0, low, "ram-low")]
-    if ram_size > low:
-        specs.append(RegionSpec(1, layout.HIGH_RAM_START, ram_size - low, "ram-high"))
-    check_layout(specs)
-    return specs
 
 
 @functools.lru_cache(maxsize=1)
@@ -204,8 +191,9 @@ class GuestMemory:
         self.protect_seq = 0
 
     @classmethod
-    def anonymous(cls, ram_size: int) -> "GuestMemory":
-        return cls([Region(s) for s in plan_regions(ram_size)])
+    def anonymous(cls, specs: list[RegionSpec]) -> "GuestMemory":
+        """Fresh, zeroed RAM in the slots ``specs`` plans (arch.x86.layout.plan_regions)."""
+        return cls([Region(s) for s in specs])
 
     @property
     def size(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import abi
 from .abi import Cap
-from .boot.cpu import EFER_LMA, X86_CR0_PE
+from .arch.x86.regs import EFER_LMA, X86_CR0_PE
 from .devices import DEVICE_TYPES, check_device_states
 from .errors import EXIT_BAD_INPUT, KvmguestError
 

@@ -97,7 +97,7 @@ class Boot:
                      "-v"), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
             self._procs.append(run)
             out, save = [], None
-            log = open(self.work / "boot.out", "w")
+            log = open(self.work / "boot.out", "w", buffering=1)     # line by line
             for line in run.stdout:
                 out.append(line)
                 log.write(line)

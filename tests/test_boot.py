@@ -7,7 +7,7 @@ import pytest
 
 from helpers import guest, rss_bytes
 from kvmguest import GuestCrashed, Machine
-from kvmguest.boot.image import BootError
+from kvmguest.arch.x86.kernel import BootError
 
 
 def test_hello_prints_and_exits_zero(boot_guest):

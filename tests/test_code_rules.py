@@ -61,7 +61,7 @@ def test_each_fact_is_defined_once():
 
 
 def test_control_register_bits_have_names():
-    """CR0/CR4/EFER bits are named once (kvmguest.boot.cpu), not written as numbers where
+    """CR0/CR4/EFER bits are named once (kvmguest.arch.x86.regs), not written as numbers where
     a register is tested: `sregs.cr0 & (1 << 31)` says nothing to its reader."""
     offenders = []
     for path in sources(*PACKAGES):

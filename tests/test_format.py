@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvmguest.memory import GuestMemory, Region, RegionSpec
+from kvmguest.arch.x86.layout import plan_regions
 from migrate import format as fmt
 from migrate.format import SnapshotError, read_snapshot
 from migrate.writer import MappedWriter, SaveError
@@ -106,7 +107,7 @@ def test_truncated_file_is_refused(tmp_path, cut):
 
 
 def test_save_in_progress_is_marked_and_not_restorable(tmp_path):
-    mem = GuestMemory.anonymous(8 * MiB)
+    mem = GuestMemory.anonymous(plan_regions(8 * MiB))
     w = MappedWriter(str(tmp_path / "x.snap"), mem)
     w.write_pass(None)
     with pytest.raises(SnapshotError, match="incomplete"):
@@ -117,7 +118,7 @@ def test_save_in_progress_is_marked_and_not_restorable(tmp_path):
 
 def test_bits_past_the_last_page_are_refused(tmp_path):
     # 8 MiB + 4 KiB: 2049 pages, so the bitmap's last byte has 7 unused bits.
-    mem = GuestMemory.anonymous(8 * MiB + 4096)
+    mem = GuestMemory.anonymous(plan_regions(8 * MiB + 4096))
     mem.regions[0].array[:4096] = 7
     path = tmp_path / "odd.snap"
     w = MappedWriter(str(path), mem)
@@ -163,14 +164,14 @@ def ramfs(tmp_path):
 
 
 def test_direct_io_on_a_filesystem_without_it_is_a_clear_error(ramfs):
-    mem = GuestMemory.anonymous(8 * MiB)
+    mem = GuestMemory.anonymous(plan_regions(8 * MiB))
     with pytest.raises(SaveError, match="does not support O_DIRECT"):
         MappedWriter(str(ramfs / "x.snap"), mem, direct=True)
     assert list(ramfs.iterdir()) == []
 
 
 def test_untouched_anonymous_pages_are_known_zero_without_reading_them():
-    mem = GuestMemory.anonymous(64 * MiB)
+    mem = GuestMemory.anonymous(plan_regions(64 * MiB))
     r = mem.regions[0]
     r.array[10 * 4096] = 1
     maybe = r.maybe_nonzero()

@@ -600,9 +600,10 @@ def test_double_ctrl_c_never_kills_the_process_with_the_kick_signal(tmp_path):
 
 
 def test_ctrl_c_during_an_eager_restore_stops_the_readers_at_once(tmp_path):
+    from kvmguest.arch.x86.layout import plan_regions
     from kvmguest.memory import GuestMemory
     path = tmp_path / "full.snap"
-    mem = GuestMemory.anonymous(512 * MiB)
+    mem = GuestMemory.anonymous(plan_regions(512 * MiB))
     mem.regions[0].array[:] = 0x5A                  # 8 chunks of 64 MiB to read
     w = MappedWriter(str(path), mem)
     w.write_pass(None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, cli, guest, one_line_error
-from kvmguest.boot import multiboot
+from kvmguest.arch.x86 import multiboot
 
 
 @pytest.fixture(scope="module")

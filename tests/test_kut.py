@@ -19,7 +19,7 @@ import pytest
 from helpers import ROOT, cli, guest, one_line_error, wait_until
 
 from kvmguest import kut
-from kvmguest.boot import cpumodel, multiboot
+from kvmguest.arch.x86 import cpumodel, multiboot
 
 # Every test of unittests.cfg that passes on kvmguest on this host (kvm_pvm, AMD); the
 # README's table gives the rest with the reason. Keep in step with it.

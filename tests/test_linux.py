@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, cli_popen, guest, one_line_error, read_until
-from kvmguest.boot import linux
+from kvmguest.arch.x86 import linux
 
 # What Debian's kernel needs on this host (DEVELOPERS.md, "Linux guests"): the rest of
 # the command line is the kernel's own early console.

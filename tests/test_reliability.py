@@ -120,7 +120,8 @@ def test_symlink_at_the_output_path_is_replaced_not_followed(tmp_path):
     path = tmp_path / "link.snap"
     path.symlink_to(victim)
     from kvmguest.memory import GuestMemory
-    mem = GuestMemory.anonymous(8 * MiB)
+    from kvmguest.arch.x86.layout import plan_regions
+    mem = GuestMemory.anonymous(plan_regions(8 * MiB))
     mem.regions[0].array[:PAGE] = 1
     w = MappedWriter(str(path), mem)
     w.write_pass(None)

@@ -10,7 +10,7 @@ import pytest
 from helpers import GiB, MiB, PAGE, RAM, cli, guest, one_line_error, wait_console
 from kvmguest import GuestError
 from kvmguest import abi
-from kvmguest.boot import layout
+from kvmguest.arch.x86 import layout
 from migrate import format as fmt
 from migrate.precopy import live_save
 from migrate.reader import restore

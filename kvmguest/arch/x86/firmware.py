@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-from ..abi import IrqChip
+from ...abi import IrqChip
 from . import layout
 
 MASTER_BASE, SLAVE_BASE = 0x08, 0x70

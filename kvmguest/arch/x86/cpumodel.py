@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import EXIT_BAD_INPUT, KvmguestError
+from ...errors import EXIT_BAD_INPUT, KvmguestError
 
 EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
@@ -92,7 +92,7 @@ class CpuModel:
                                 f"{', '.join(missing)}")
 
     def apply(self, cpuid, supported=None) -> None:
-        """Change one vCPU's kvm_cpuid2 in place (after kvmguest.boot.cpu.setup_cpuid).
+        """Change one vCPU's kvm_cpuid2 in place (after kvmguest.arch.x86.cpuid.setup_cpuid).
         ``supported`` (the host's KVM_GET_SUPPORTED_CPUID) is checked for added features."""
         entries = cpuid.entries[:cpuid.hdr.nent]
         if supported is not None:

@@ -16,7 +16,7 @@ import os
 import struct
 
 from . import layout
-from .image import (MULTIBOOT, BootError, Kernel, Segment, check_fits, check_module_names,
+from .kernel import (MULTIBOOT, BootError, Kernel, Segment, check_fits, check_module_names,
                     memory_map, page_up, write_modules, write_segments)
 
 HEADER_MAGIC = 0x1BADB002

@@ -1,4 +1,10 @@
-"""Every magic guest-physical address and boot constant, in one place, with why."""
+"""Every magic guest-physical address and boot constant, in one place, with why; and
+how RAM is split into memory slots around the PC's MMIO hole."""
+
+from __future__ import annotations
+
+from ...abi import PAGE_SIZE
+from ...memory import GuestMemoryError, RegionSpec, check_layout
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -59,3 +65,15 @@ LAPIC_BASE = 0xFEE00000
 IOAPIC_BASE = 0xFEC00000
 
 MIN_MEMORY = 4 * MiB
+
+
+def plan_regions(ram_size: int) -> list[RegionSpec]:
+    """Split ``ram_size`` bytes of RAM into slots: below the 3 GiB MMIO hole, then at 4 GiB."""
+    if ram_size % PAGE_SIZE or ram_size <= 0:
+        raise GuestMemoryError(f"memory size {ram_size} is not a positive multiple of 4 KiB")
+    low = min(ram_size, MMIO_HOLE_START)
+    specs = [RegionSpec(0, 0, low, "ram-low")]
+    if ram_size > low:
+        specs.append(RegionSpec(1, HIGH_RAM_START, ram_size - low, "ram-high"))
+    check_layout(specs)
+    return specs

@@ -17,7 +17,7 @@ import lzma
 import struct
 import zlib
 
-from .image import MAX_KERNEL, BootError
+from .kernel import MAX_KERNEL, BootError
 
 SETUP_HEADER = 0x1F1
 BOOT_FLAG_AT, BOOT_FLAG = 0x1FE, 0xAA55

@@ -1,11 +1,12 @@
-"""The vCPU start state the PVH boot protocol requires, and the guest's CPUID."""
+"""x86 registers: the vCPU start state the PVH boot protocol requires (flat 32-bit
+segments, a busy TSS), the S3 real-mode restart, the control-register bits by name, and
+the walk of a guest's page tables (crash messages, completed instructions)."""
 
 from __future__ import annotations
 
-import ctypes
 import struct
 
-from .. import abi
+from ... import abi
 from . import layout
 
 # PVH: flat 32-bit code and data, a busy TSS with limit 0x67.
@@ -14,6 +15,10 @@ X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4
 X86_CR0_PG = 1 << 31
 EFER_LMA = 1 << 10             # long mode active
+# Page-table entries (4-level paging).
+PTE_PRESENT = 1 << 0
+PTE_LARGE = 1 << 7             # a 1 GiB (PDPTE) or 2 MiB (PDE) page
+PHYS_MASK = (1 << 52) - 1
 
 
 def gdt_entry(flags: int, base: int, limit: int) -> int:
@@ -83,41 +88,23 @@ def reset_to_real_mode(vcpu, vector: int) -> None:
     vcpu.set_regs(abi.kvm_regs(rip=vector & 0xF, rflags=0x2))
 
 
-def copy_cpuid(cpuid):
-    """An independent copy of a kvm_cpuid2 (each vCPU gets its own)."""
-    out = type(cpuid)()
-    ctypes.memmove(ctypes.addressof(out), ctypes.addressof(cpuid), ctypes.sizeof(cpuid))
-    return out
-
-
-def _bits_for(n: int) -> int:
-    """APIC-ID bits that hold ``n`` distinct values (0 for one)."""
-    return (n - 1).bit_length()
-
-
-def setup_cpuid(cpuid, index: int = 0, count: int = 1) -> None:
-    """The host's supported CPUID, made consistent for vCPU ``index`` of ``count``: APIC ID =
-    index (leaf 1 and the x2APIC topology leaves 0xB/0x1F), one package of ``count``
-    cores with one thread each, x2APIC available, the hypervisor bit set."""
-    shift = _bits_for(count)
-    for e in cpuid.entries[:cpuid.hdr.nent]:
-        if e.function == 1:
-            e.ecx |= 1 << 31 | 1 << 21                 # hypervisor, x2APIC
-            e.ebx = (e.ebx & 0x0000FFFF) | (index << 24) | (min(count, 255) << 16)
-            if count > 1:
-                e.edx |= 1 << 28                       # HTT: ebx[23:16] is valid
-        elif e.function in (0xB, 0x1F):
-            level = e.ecx & 0xFF
-            if level == 0:                             # SMT: one thread per core
-                e.eax, e.ebx, e.ecx = 0, 1, (1 << 8)
-            elif level == 1:                           # core: count cores per package
-                e.eax, e.ebx, e.ecx = shift, count, 1 | (2 << 8)
-            else:
-                e.eax = e.ebx = 0
-                e.ecx = level
-            e.edx = index
-        elif e.function == 4 and e.eax & 0x1F:         # cores per package - 1
-            e.eax = (e.eax & 0x03FFFFFF) | ((count - 1) << 26)
-            e.eax &= ~(0xFFF << 14)                    # threads sharing this cache - 1 = 0
-        elif e.function == 0x80000008:
-            e.ecx = (e.ecx & ~0xF0FF) | (count - 1) | (shift << 12)
+def translate(memory, vaddr: int, sregs: abi.kvm_sregs) -> int | None:
+    """Guest-virtual to guest-physical through the guest's page tables (None: unmapped;
+    or not long mode with paging, which our guests do not use)."""
+    if not sregs.cr0 & X86_CR0_PG:
+        return vaddr & 0xFFFFFFFF
+    if not sregs.efer & EFER_LMA:
+        return None
+    table = sregs.cr3 & ~0xFFF & PHYS_MASK
+    for level, shift in enumerate((39, 30, 21, 12)):
+        try:
+            entry = struct.unpack("<Q", memory.read(table + ((vaddr >> shift) & 511) * 8, 8))[0]
+        except ValueError:
+            return None
+        if not entry & PTE_PRESENT:
+            return None
+        if level in (1, 2) and entry & PTE_LARGE or level == 3:
+            mask = (1 << shift) - 1
+            return (entry & PHYS_MASK & ~mask) | (vaddr & mask)
+        table = entry & PHYS_MASK & ~0xFFF
+    return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from ..devices import acpi_pm
+from ...devices import acpi_pm
 from . import layout
 
 OEM_ID = b"KVMGST"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 
 from . import layout
-from .image import (Kernel, check_fits, check_module_names, memory_map, place_modules,
+from .kernel import (Kernel, check_fits, check_module_names, memory_map, place_modules,
                     write_modules, write_segments)
 
 

@@ -1,0 +1,1 @@
+"""Architecture-specific code: x86 (the only one today)."""
