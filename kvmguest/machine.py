@@ -19,32 +19,26 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import abi
-from .abi import Cap
 from .arch.x86 import acpi, cpuid, cpumodel, firmware, image, layout, multiboot, pvh, regs
 from .arch.x86.kernel import MULTIBOOT, BootError, Module
-from .devices import AcpiPm, Cmos, DebugExit, FwCfg, GuestPort, PcTestdev, PortBus, Serial
-from .devices import acpi_pm, cmos, fw_cfg
-from .dirty import BitmapLog, DirtyTracker, RingLog
-from .dirty import ring_log
-from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
-from .kvm import Kvm, KvmError, KvmUnavailable
-from .memory import GuestMemory
+from .arch.x86.platform import Platform, check_options, open_kvm
 from .complete import Completer
+from .devices import Devices, acpi_pm
+from .dirty import BitmapLog, DirtyTracker, RingLog
+from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
 from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
                     crash_message)
+from .kvm import Kvm, KvmError
+from .memory import GuestMemory
 from .vcpu import VcpuThread
 from .vcpus import PAUSE_TIMEOUT, PauseTimeout, VcpuSet
+
+__all__ = ["Machine", "GuestResult", "GuestError", "GuestCrashed", "GuestTimeout",
+           "GuestTripleFault", "open_kvm"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 64 << 20
-DIRTY_LOGS = ("auto", "bitmap", "ring")
-# "auto" picks the dirty ring from this much RAM up. A bitmap harvest grows with RAM, a
-# ring harvest with pages dirtied: `python -m bench --only dirty` measured a client's
-# take() at 0.36/0.41/0.46/1.10 ms (bitmap) against 0.85/1.10/1.01/0.80 ms (ring) at
-# 1/4/16/64 GiB, 2000 pages dirtied (2026-11-26, kvm_pvm): the lines cross between 16
-# and 64 GiB.
-DIRTY_RING_FROM = 32 << 30
 
 
 class GuestError(KvmguestError):
@@ -81,26 +75,6 @@ class GuestResult:
     panic: str = ""             # the panic line, when it panicked
 
 
-REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
-IRQCHIP_CAPS = (Cap.KVM_CAP_IRQCHIP, Cap.KVM_CAP_PIT2)
-
-
-def open_kvm() -> Kvm:
-    """``/dev/kvm``, checked for every capability a Machine needs (KvmUnavailable if not)."""
-    kvm = Kvm()
-    try:
-        kvm.require(*REQUIRED_CAPS)
-    except BaseException:
-        kvm.close()
-        raise
-    return kvm
-
-
-def max_vcpus(kvm: Kvm) -> int:
-    return kvm.check_extension(Cap.KVM_CAP_MAX_VCPUS) or kvm.check_extension(
-        Cap.KVM_CAP_NR_VCPUS) or 1
-
-
 class Machine:
     """One VM: its RAM, ``vcpus`` vCPUs (each in a VcpuThread), a COM1 console, a
     debug-exit port and, by default, the in-kernel irqchip and PIT."""
@@ -122,135 +96,76 @@ class Machine:
         "auto" (the ring where KVM has it and RAM is large enough for the bitmap's full
         scan to cost more; see DIRTY_RING_FROM); ``ring_entries`` forces a ring size.
         ``cpuids`` (a restore): each vCPU's CPUID as saved, instead of the host's."""
-        if dirty_log not in DIRTY_LOGS:
-            raise UsageError(f"--dirty-log must be one of {', '.join(DIRTY_LOGS)}, "
-                             f"not {dirty_log!r}")
-        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
-        self.cmdline = cmdline
-        self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
-        if modules and self.kernel is None:
-            raise BootError("modules (--initrd) go with a kernel")
-        self.modules = [Module(path) for path in modules]   # sized, not read yet
-        self.origin = dict(origin or {})
-        self.irqchip = irqchip
-        if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
-            raise UsageError(f"--vcpus must be a whole number >= 1, not {vcpus!r}")
-        if vcpus > 1 and not irqchip:
-            raise UsageError("more than one vCPU needs the in-kernel irqchip (drop "
-                             "--no-irqchip)")
+        check_options(vcpus, irqchip, dirty_log)
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
-        if self.kernel is not None:  # every boot error before any VM exists
-            regions = guest_memory.regions if guest_memory is not None else layout.plan_regions(memory)
-            if self.kernel.protocol == MULTIBOOT:
-                multiboot.check_modules(self.kernel, regions, cmdline, self.modules)
-            else:
-                pvh.check(self.kernel, regions, cmdline, self.modules)
+        self.cmdline, self.origin, self.irqchip = cmdline, dict(origin or {}), irqchip
+        self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
+        self._load_kernel_file(kernel, modules, layout.plan_regions(memory)
+                               if guest_memory is None else guest_memory.regions)
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
-        self.vm = None
+        self.platform = self.dirty = self.devices = None
         self.vcpus = VcpuSet()
-        fds: list = []
-        self.dirty = self.cmos = None
         self.memory = guest_memory
+        self.event: str | None = None        # "poweroff", "reset", "suspend" (S3) or "panic"
+        self._wake = threading.Event()
+        self.guest_requests: queue.Queue | None = None   # see listen_guest_requests()
+        self._msr_indices: list[int] | None = None
         try:
-            self.kvm.require(*REQUIRED_CAPS)
-            limit = max_vcpus(self.kvm)
-            if vcpus > limit:
-                raise UsageError(f"{vcpus} vCPUs: this host's KVM allows at most {limit}")
-            if irqchip:
-                try:
-                    self.kvm.require(*IRQCHIP_CAPS)
-                except KvmUnavailable as err:
-                    raise KvmUnavailable(f"{err} (run with --no-irqchip)") from None
-            self.vm = self.kvm.create_vm()
-            self.manual_protect = self.vm.check_extension(
-                Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0
-            if self.manual_protect:
-                caps = self.vm.check_extension(Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
-                self.vm.enable_cap(Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                                   caps & (abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-                                           | abi.KVM_DIRTY_LOG_INITIALLY_SET))
-            ring_cap, ring_max = ring_log.ring_cap(self.vm)
-            ram = guest_memory.size if guest_memory is not None else memory
-            if dirty_log == "ring" and not ring_cap:
-                raise KvmUnavailable("--dirty-log ring: this host's KVM has no dirty ring "
-                                     "(KVM_CAP_DIRTY_LOG_RING)")
-            use_ring = dirty_log == "ring" or (dirty_log == "auto" and ring_cap
-                                                and ram >= DIRTY_RING_FROM)
-            if use_ring:       # before any vCPU exists
-                ring_size = ring_log.ring_bytes(ring_max, ram // abi.PAGE_SIZE, vcpus,
-                                                ring_entries)
-                ring_log.enable(self.vm, ring_cap, ring_size)
-            if self.kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
-                self.vm.set_tss_addr(layout.TSS_ADDR)
+            self.platform = Platform(self.kvm, vcpus, memory if guest_memory is None
+                                     else guest_memory.size, irqchip, pit, dirty_log,
+                                     ring_entries)
+            self.vm, self.pit = self.platform.vm, self.platform.pit
             if self.memory is None:
                 self.memory = GuestMemory.anonymous(layout.plan_regions(memory))
-            # Memory slots before the irqchip: with an irqchip in place, each slot change
-            # waited ~6 ms here (measured on kvm_pvm) for KVM's SRCU readers.
-            for r in self.memory.regions:
-                self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr)
-            if irqchip:
-                # Before any vCPU exists: each vCPU then gets its in-kernel LAPIC.
-                self.vm.create_irqchip()
-                if pit:
-                    self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
-            self.pit = irqchip and pit
-            supported = self.kvm.get_supported_cpuid() if cpuids is None else None
-            for i in range(vcpus):
-                v = self.vm.create_vcpu(i)
-                thread = VcpuThread(v, self._handle_exit, None, self.memory.fault_was_flush)
-                self.vcpus.add(thread)
-                fds.append(v)
-                if cpuids is not None:
-                    thread.cpuid = cpuids[i]
-                else:
-                    thread.cpuid = cpuid.copy_cpuid(supported)
-                    cpuid.setup_cpuid(thread.cpuid, i, vcpus)
-                    if self.cpu_model is not None:
-                        self.cpu_model.apply(thread.cpuid, supported)
-                v.set_cpuid2(thread.cpuid)
-            backend = (RingLog(self.vm, self.memory, fds, ring_size) if use_ring
-                       else BitmapLog(self.vm, self.memory, self.manual_protect))
-            self.dirty = DirtyTracker(backend, self.memory)
+            self.platform.add_memory(self.memory)
+            self._add_vcpus(vcpus, cpuids)
+            fds = [t.vcpu for t in self.vcpus]
+            self.dirty = DirtyTracker(RingLog(self.vm, self.memory, fds, self.platform.ring_size)
+                                      if self.platform.ring_size else
+                                      BitmapLog(self.vm, self.memory,
+                                                self.platform.manual_protect), self.memory)
+            self.devices = Devices(self.memory, vcpus,
+                                   self.platform.irq_line if irqchip else None, stream,
+                                   console_capacity, self._power_event, self._rtc_alarm)
+            self.serial = self.console = self.devices.serial
+            self.completer = Completer(self.memory, self.translate, self._xsave_size)
+            if self.kernel is not None:
+                self._load_kernel()
         except BaseException:
             self.close()
             raise
 
-        self.serial = Serial(capacity=console_capacity, stream=stream,
-                             irq=self._serial_irq if irqchip else None)
-        self.console = self.serial
-        self.debug_exit = DebugExit()
-        # The devices of QEMU's PC that test kernels (kvm-unit-tests) expect.
-        isa_irq = self._isa_irq if irqchip else None
-        self.fw_cfg = FwCfg(self.memory.size, len(self.vcpus),
-                            max(r.gpa + r.size for r in self.memory.regions))
-        self.testdev = PcTestdev(self.memory, irq=isa_irq)
-        self.completer = Completer(self.memory, self.translate, self._xsave_size)
-        self.cmos = Cmos(self.memory.size, irq=isa_irq)
-        self.cmos.on_alarm = self._rtc_alarm
-        self.acpi_pm = AcpiPm(self._power_event)
-        self.event: str | None = None        # "poweroff", "reset" or "suspend" (S3)
-        self._wake = threading.Event()
-        self.bus = PortBus()
-        self.bus.register(layout.COM1_PORT, 8, self.serial)
-        self.bus.register(layout.DEBUG_EXIT_PORT, 4, self.debug_exit)
-        self.guest_port = GuestPort()
-        self.guest_requests: queue.Queue | None = None   # see listen_guest_requests()
-        self.bus.register(layout.GUEST_PORT, 4, self.guest_port)
-        self.bus.register(fw_cfg.SELECTOR_PORT, fw_cfg.PORTS, self.fw_cfg)
-        self.bus.register(cmos.PORT, cmos.PORTS, self.cmos)
-        for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
-            self.bus.register(base, count, handler)
-
-        self._msr_indices: list[int] | None = None
+    def _load_kernel_file(self, kernel, modules, regions) -> None:
+        """Parse and check the kernel and its modules: every boot error before any VM."""
+        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
+        if modules and self.kernel is None:
+            raise BootError("modules (--initrd) go with a kernel")
+        self.modules = [Module(path) for path in modules]   # sized, not read yet
         if self.kernel is not None:
-            try:
-                self._load_kernel()
-            except BaseException:
-                self.close()
-                raise
+            if self.kernel.protocol == MULTIBOOT:
+                multiboot.check_modules(self.kernel, regions, self.cmdline, self.modules)
+            else:
+                pvh.check(self.kernel, regions, self.cmdline, self.modules)
+
+    def _add_vcpus(self, count: int, cpuids) -> None:
+        """The vCPUs, each with its CPUID: the saved one (a restore), or the host's made
+        consistent for it, with the -cpu model applied."""
+        supported = self.kvm.get_supported_cpuid() if cpuids is None else None
+        for i in range(count):
+            v = self.vm.create_vcpu(i)
+            thread = VcpuThread(v, self._handle_exit, None, self.memory.fault_was_flush)
+            self.vcpus.add(thread)
+            if cpuids is not None:
+                thread.cpuid = cpuids[i]
+            else:
+                thread.cpuid = cpuid.copy_cpuid(supported)
+                cpuid.setup_cpuid(thread.cpuid, i, count)
+                if self.cpu_model is not None:
+                    self.cpu_model.apply(thread.cpuid, supported)
+            v.set_cpuid2(thread.cpuid)
 
     @classmethod
     def boot(cls, kernel: str, **kw) -> "Machine":
@@ -301,18 +216,12 @@ class Machine:
             self._msr_indices = self.kvm.get_msr_index_list()
         return self._msr_indices
 
-    def _serial_irq(self, level: int) -> None:
-        self.vm.irq_line(layout.COM1_IRQ, level)
-
-    def _isa_irq(self, line: int, level: int) -> None:
-        self.vm.irq_line(line, level)
-
     def _power_event(self, kind: str) -> None:
         """The guest asked to power off, reset or suspend (ACPI PM1 control, 0xcf9)."""
         self.event = kind
 
     def _rtc_alarm(self) -> None:
-        if self.acpi_pm.wake(acpi_pm.STS_RTC):
+        if self.devices.acpi_pm.wake(acpi_pm.STS_RTC):
             self._wake.set()
 
     def _suspend(self, thread: VcpuThread) -> None:
@@ -372,7 +281,7 @@ class Machine:
         self.vcpus.join(1.0)            # the others were told to stop: let them end
         if self.vcpus.error is not None:
             raise self.vcpus.error
-        return GuestResult(self.debug_exit.result, self.serial.text(),
+        return GuestResult(self.devices.debug_exit.result, self.serial.text(),
                            self.vcpus.finished_at - self.vcpus.started_at,
                            self.event, self.serial.panic_line or "")
 
@@ -402,7 +311,7 @@ class Machine:
         return self.guest_requests
 
     def _guest_request(self, thread: VcpuThread) -> None:
-        req = self.guest_port.take()
+        req = self.devices.guest_port.take()
         if self.guest_requests is None:
             return                             # nobody listens: the guest runs on
         thread.request_pause()                 # parks before it runs again
@@ -421,8 +330,8 @@ class Machine:
             self.dirty.backend.on_full(thread.index)
             return False
         if isinstance(ex, IoExit):
-            self.bus.handle_io(ex)
-            if self.guest_port.request is not None:
+            self.devices.bus.handle_io(ex)
+            if self.devices.guest_port.request is not None:
                 self._guest_request(thread)
             if self.serial.panic_line is not None and self.event is None:
                 self.event = "panic"          # a kernel that panicked: it would spin forever
@@ -431,8 +340,8 @@ class Machine:
                     self._suspend(thread)
                     return thread.stopping
                 return True                   # poweroff or reset: the run ends
-            return self.debug_exit.fired.is_set()
-        if isinstance(ex, MmioExit) and self.testdev.handle_mmio(ex):
+            return self.devices.debug_exit.fired.is_set()
+        if isinstance(ex, MmioExit) and self.devices.testdev.handle_mmio(ex):
             return False
         if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu, ex.insn):
             return False                      # an instruction this host's KVM could not do
@@ -474,8 +383,8 @@ class Machine:
 
     # --- teardown ---------------------------------------------------------------------
     def close(self) -> None:
-        if self.cmos is not None:
-            self.cmos.close()
+        if self.devices is not None:
+            self.devices.close()
         if any(t.started and not t.done.is_set() for t in self.vcpus):
             try:
                 self.stop()
@@ -484,9 +393,10 @@ class Machine:
                 return
         if self.dirty is not None:
             self.dirty.close()          # the rings are mapped from the vCPU fds
-        for obj in [*(t.vcpu for t in self.vcpus), self.vm]:
-            if obj is not None:
-                obj.close()
+        for t in self.vcpus:
+            t.vcpu.close()
+        if self.platform is not None:
+            self.platform.close()
         if self.memory is not None:
             self.memory.close()
         if self._own_kvm:

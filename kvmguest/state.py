@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import abi
 from .abi import Cap
 from .arch.x86.regs import EFER_LMA, X86_CR0_PE
-from .devices import DEVICE_TYPES, check_device_states
+from .devices import check_device_states
 from .errors import EXIT_BAD_INPUT, KvmguestError
 
 log = logging.getLogger(__name__)
@@ -298,9 +298,6 @@ class VmState:
 
 
 # --- the machine -----------------------------------------------------------------------------
-# Our devices, by their attribute on Machine and their key in the saved state.
-DEVICES = tuple(DEVICE_TYPES)     # each saved under its Machine attribute's name
-
 @dataclass
 class MachineState:
     """Everything but RAM: every vCPU, the VM, our devices (each device's own
@@ -326,8 +323,8 @@ class MachineState:
         cmdline = machine.cmdline if machine.kernel else machine.origin.get("cmdline", "")
         return cls(vcpus=[VcpuState.capture(t.vcpu, t.cpuid, indices, xsave_size,
                                             machine.irqchip) for t in machine.vcpus],
-                   vm=VmState.capture(machine.vm, machine.irqchip, machine.pit),
-                   devices={name: getattr(machine, name).save_state() for name in DEVICES},
+                   vm=machine.platform.capture_state(),
+                   devices=machine.devices.save_state(),
                    guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
 
     def check(self) -> None:
@@ -353,11 +350,8 @@ class MachineState:
         """This state decoded for ``machine`` once, to apply (again and again: a reset)."""
         if (len(self.vcpus), self.irqchip) != (len(machine.vcpus), machine.irqchip):
             raise StateError("the machine does not have the saved vCPUs and irqchip")
-        # A device missing from an older snapshot keeps its reset state.
-        devices = [(name, self.devices[name]) for name in DEVICES
-                   if isinstance(self.devices.get(name), dict)]
         return DecodedState([v.decoded(cpuid) for v in self.vcpus], self.vm.decoded(machine.vm),
-                            devices)
+                            self.devices)
 
     def to_json(self) -> dict:
         return {"format": STATE_FORMAT, "version": self.version,
@@ -419,11 +413,10 @@ class DecodedState:
     """A MachineState decoded for one machine (MachineState.decoded)."""
     vcpus: list[list[tuple[str, object]]]
     vm: list[tuple[str, object]]
-    devices: list[tuple[str, dict]]
+    devices: dict                  # each device's saved state, by name (checked)
 
     def apply(self, machine) -> None:
         for thread, calls in zip(machine.vcpus, self.vcpus):
             apply_calls(thread.vcpu, calls)
         apply_calls(machine.vm, self.vm)
-        for name, saved in self.devices:
-            getattr(machine, name).restore_state(saved)
+        machine.devices.restore_state(self.devices)

@@ -60,13 +60,13 @@ def test_a_guest_flushing_pages_survives_saves_checkpoints_resets_and_lazy_resto
                 advance(clone)
                 live_save(clone, str(tmp_path / "clone.snap"), downtime_ms=1, then="continue")
                 advance(clone)
-                assert clone.testdev.flushes > 0
+                assert clone.devices.testdev.flushes > 0
                 assert clone.running and "BAD" not in clone.serial.text()
             finally:
                 clone.close()
         wait_until(lambda: chain.generation >= 3, 60, "three checkpoints")
         assert m.running and m.error is None
-        assert m.testdev.flushes >= 256 * ROUNDS
+        assert m.devices.testdev.flushes >= 256 * ROUNDS
         assert "BAD" not in m.serial.text(), m.serial.text()[-2000:]
     finally:
         chain.close()

@@ -206,7 +206,7 @@ def test_port_io_flood_completes_and_logs_the_unknown_port_once(machine_factory,
     with caplog.at_level("INFO", logger="kvmguest.devices.bus"):
         result = m.run(timeout=60)
     assert result.exit_code == 0
-    assert m.bus.unknown_accesses == 50000
+    assert m.devices.bus.unknown_accesses == 50000
     assert sum("unknown port 0x80" in r.getMessage() for r in caplog.records) == 1
 
 

@@ -155,7 +155,7 @@ def test_a_vcpu_that_cannot_pause_rolls_the_pause_back_and_the_guest_runs_on(
         machine_factory):
     m = machine_factory(guest("ioloop"), cmdline="iters=2000")
     dev = Blocking()
-    m.bus.register(0x80, 1, dev)
+    m.devices.bus.register(0x80, 1, dev)
     m.start()
     assert dev.entered.wait(10)
     with pytest.raises(GuestError, match="did not pause within 0.3 s; the guest runs on"):

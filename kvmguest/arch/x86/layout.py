@@ -45,11 +45,7 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 E820_RAM = 1
 E820_RESERVED = 2
 
-# Ports of the devices every guest has, and COM1's ISA interrupt line.
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
-DEBUG_EXIT_PORT = 0xF4
-GUEST_PORT = 0xF8                # the kvmguest port (kvmguest/devices/guest_port.py)
+# (The devices' ports are kvmguest/devices' own: COM1_PORT, DEBUG_EXIT_PORT, ...)
 
 # ACPI tables, in the BIOS area [0xE0000, 0x100000) where an OS scans for the RSDP on a
 # 16-byte boundary (and also passed in hvm_start_info.rsdp_paddr). The memory map

@@ -1,0 +1,119 @@
+"""The VM and what is VM-wide on an x86 PC (Firecracker's ArchVm is the model): the KVM
+capabilities a machine needs, the dirty log's mode, the TSS, memory slots then the
+in-kernel irqchip and PIT (in that order: with an irqchip in place each slot change
+waited ~6 ms here, measured on kvm_pvm, for KVM's SRCU readers), ISA interrupt lines, and
+the VM-wide state (clock, irqchip, PIT) a snapshot carries."""
+
+from __future__ import annotations
+
+from ... import abi
+from ...abi import Cap
+from ...dirty import ring_log
+from ...errors import UsageError
+from ...kvm import Kvm, KvmUnavailable
+from ...state import VmState
+from . import layout
+
+REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
+IRQCHIP_CAPS = (Cap.KVM_CAP_IRQCHIP, Cap.KVM_CAP_PIT2)
+DIRTY_LOGS = ("auto", "bitmap", "ring")
+# "auto" picks the dirty ring from this much RAM up. A bitmap harvest grows with RAM, a
+# ring harvest with pages dirtied: `python -m bench --only dirty` measured a client's
+# take() at 0.36/0.41/0.46/1.10 ms (bitmap) against 0.85/1.10/1.01/0.80 ms (ring) at
+# 1/4/16/64 GiB, 2000 pages dirtied (2026-11-26, kvm_pvm): the lines cross between 16
+# and 64 GiB.
+DIRTY_RING_FROM = 32 << 30
+
+
+def open_kvm() -> Kvm:
+    """``/dev/kvm``, checked for every capability a Machine needs (KvmUnavailable if not)."""
+    kvm = Kvm()
+    try:
+        kvm.require(*REQUIRED_CAPS)
+    except BaseException:
+        kvm.close()
+        raise
+    return kvm
+
+
+def max_vcpus(kvm: Kvm) -> int:
+    return kvm.check_extension(Cap.KVM_CAP_MAX_VCPUS) or kvm.check_extension(
+        Cap.KVM_CAP_NR_VCPUS) or 1
+
+
+def check_options(vcpus, irqchip: bool, dirty_log: str) -> None:
+    """What the machine's options must be, before anything is created."""
+    if dirty_log not in DIRTY_LOGS:
+        raise UsageError(f"--dirty-log must be one of {', '.join(DIRTY_LOGS)}, "
+                         f"not {dirty_log!r}")
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
+        raise UsageError(f"--vcpus must be a whole number >= 1, not {vcpus!r}")
+    if vcpus > 1 and not irqchip:
+        raise UsageError("more than one vCPU needs the in-kernel irqchip (drop "
+                         "--no-irqchip)")
+
+
+class Platform:
+    """A new VM on ``kvm`` for ``vcpus`` vCPUs and ``ram`` bytes: capabilities checked,
+    the dirty log's mode chosen (``ring_size``: bytes per vCPU ring, 0 for the bitmap),
+    the TSS placed. :meth:`add_memory` then makes the slots and the irqchip and PIT."""
+
+    def __init__(self, kvm: Kvm, vcpus: int, ram: int, irqchip: bool = True,
+                 pit: bool = True, dirty_log: str = "auto", ring_entries: int | None = None):
+        self.kvm, self.irqchip, self.pit = kvm, irqchip, irqchip and pit
+        kvm.require(*REQUIRED_CAPS)
+        limit = max_vcpus(kvm)
+        if vcpus > limit:
+            raise UsageError(f"{vcpus} vCPUs: this host's KVM allows at most {limit}")
+        if irqchip:
+            try:
+                kvm.require(*IRQCHIP_CAPS)
+            except KvmUnavailable as err:
+                raise KvmUnavailable(f"{err} (run with --no-irqchip)") from None
+        self.vm = kvm.create_vm()
+        try:
+            self._dirty_log(vcpus, ram, dirty_log, ring_entries)
+            if kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
+                self.vm.set_tss_addr(layout.TSS_ADDR)
+        except BaseException:
+            self.close()
+            raise
+
+    def _dirty_log(self, vcpus: int, ram: int, dirty_log: str, ring_entries) -> None:
+        protect = self.vm.check_extension(Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        self.manual_protect = protect > 0
+        if self.manual_protect:
+            self.vm.enable_cap(Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                               protect & (abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+                                          | abi.KVM_DIRTY_LOG_INITIALLY_SET))
+        ring_cap, ring_max = ring_log.ring_cap(self.vm)
+        if dirty_log == "ring" and not ring_cap:
+            raise KvmUnavailable("--dirty-log ring: this host's KVM has no dirty ring "
+                                 "(KVM_CAP_DIRTY_LOG_RING)")
+        self.ring_size = 0
+        if dirty_log == "ring" or (dirty_log == "auto" and ring_cap and ram >= DIRTY_RING_FROM):
+            # Before any vCPU exists.
+            self.ring_size = ring_log.ring_bytes(ring_max, ram // abi.PAGE_SIZE, vcpus,
+                                                 ring_entries)
+            ring_log.enable(self.vm, ring_cap, self.ring_size)
+
+    def add_memory(self, memory) -> None:
+        """``memory``'s slots, then (before any vCPU exists, so that each gets its
+        in-kernel LAPIC) the irqchip and the PIT."""
+        for r in memory.regions:
+            self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr)
+        if self.irqchip:
+            self.vm.create_irqchip()
+            if self.pit:
+                self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+
+    def irq_line(self, line: int, level: int) -> None:
+        """Drive ISA interrupt line ``line`` of the in-kernel PIC/IOAPIC."""
+        self.vm.irq_line(line, level)
+
+    def capture_state(self):
+        """The VM-wide state (clock, irqchip, PIT) of a paused machine."""
+        return VmState.capture(self.vm, self.irqchip, self.pit)
+
+    def close(self) -> None:
+        self.vm.close()
