@@ -182,7 +182,7 @@ def _check_checkpoint(args) -> None:
     if args.every is not None and args.checkpoint is None:
         raise UsageError("--every goes with --checkpoint")
     if args.checkpoint is not None:
-        from migrate.writer import check_save_target
+        from migrate.errors import check_save_target
         check_save_target(args.checkpoint, what="checkpoint")
         for option, path in (("--save", args.save), ("--control", args.control)):
             if path and os.path.abspath(path) == os.path.abspath(args.checkpoint):
@@ -202,7 +202,7 @@ def cmd_run(args) -> int:
         from migrate.control import check_socket_path
         check_socket_path(args.control)
     if args.save is not None:
-        from migrate.writer import check_save_target
+        from migrate.errors import check_save_target
         target = check_save_target(args.save)
         if args.control and os.path.abspath(args.control) == target:
             raise UsageError("--save and --control name the same path")

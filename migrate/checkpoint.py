@@ -28,7 +28,7 @@ from .format import CHECKPOINT_MAGIC as MAGIC
 from .format import MAX_BLOCKS, MAX_SLOT, Block, SnapshotError, parse_json
 from .pageio import (FAULT_ENV, data_extents, fault_point, fsync_dir, pread_into, pwrite_all,
                      runs_of, temp_path_for)
-from .writer import SaveError, check_save_target, io_error
+from .errors import SaveError, check_save_target, io_error
 
 log = logging.getLogger(__name__)
 PAGE = PAGE_SIZE

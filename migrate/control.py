@@ -28,7 +28,7 @@ import threading
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError, printable
 
 from .precopy import live_save
-from .writer import SaveCancelled, SaveError
+from .errors import SaveCancelled, SaveError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from .format import SnapshotError
 from .pageio import data_extents, fsync_dir, open_excl, runs_of_mask, temp_path_for
 from .qemu import read_qemu
 from .reader import open_snapshot, read_magic, validated
-from .writer import check_save_target, io_error
+from .errors import check_save_target, io_error
 
 CHUNK = 1 << 20
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -23,7 +23,8 @@ from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.state import save_machine
 
 from .pageio import fault_point
-from .writer import MappedWriter, PassStats, SaveError, check_cancel
+from .errors import SaveError, check_cancel
+from .writer import MappedWriter, PassStats
 
 log = logging.getLogger(__name__)
 CONVERGED_PAGES = 256        # a final set this small is not worth another pass

@@ -29,7 +29,8 @@ from . import format as fmt
 from .format import MAX_SLOT, SnapshotError
 from .pageio import (IOV_MAX, fsync_dir, nonzero_pages, open_excl, pwrite_all, runs_of,
                      temp_path_for)
-from .writer import PassStats, SaveError, check_cancel, check_save_target, io_error
+from .errors import SaveError, check_cancel, check_save_target, io_error
+from .writer import PassStats
 
 MAGIC = fmt.STREAM_MAGIC
 VERSION = 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
-from kvmguest.files import file_kind
-
 from . import format as fmt
+from .errors import SaveCancelled, SaveError, check_save_target, io_error
 from .pageio import (MAX_IO, check_threads, fault_point, fsync_dir, nonzero_pages, open_excl, punch,
                      pwrite_all, runs_of, runs_of_mask, split_runs, start_writeback,
                      wait_writeback,
@@ -32,20 +29,6 @@ from .pageio import (MAX_IO, check_threads, fault_point, fsync_dir, nonzero_page
 PAGE = fmt.PAGE_SIZE
 SMALL_PASS = 1024          # pages; fewer are written without the thread pool
 JOB_PAGES = MAX_IO // PAGE # pages per job at most: progress and cancellation are per job
-
-
-class SaveError(KvmguestError):
-    """A save failed; the message says why. The previous snapshot at the path is intact."""
-
-
-class SavePathError(SaveError):
-    """The save's target path cannot hold a snapshot (bad input: nothing was written)."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
-class SaveCancelled(SaveError):
-    """The save was cancelled (a signal, or the client that asked for it went away)."""
 
 
 @dataclass
@@ -61,63 +44,6 @@ class PassStats:
     def throughput(self) -> float:
         """Bytes per second for this pass (0 when nothing was written)."""
         return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
-
-
-def check_save_target(path: str, what: str = "snapshot", probe: bool = True) -> str:
-    """The absolute path a snapshot (or ``what``) may be saved to, or SavePathError saying
-    why not.
-
-    A save replaces a regular file or a symbolic link (the link itself, never its
-    target), or creates a new file; anything else at the path (a device, a FIFO, a
-    socket, a directory) is refused, so a save never destroys what is not a snapshot."""
-    if not isinstance(path, str) or not path:
-        raise SavePathError(f"the {what} path is empty")
-    if "\0" in path:
-        raise SavePathError(f"the {what} path contains a NUL byte")
-    target = os.path.abspath(path)
-    directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
-        raise SavePathError(f"directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise SavePathError(f"cannot create files in {directory}: permission denied")
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        st = None
-    except OSError as err:
-        raise SavePathError(f"cannot check {target}: {err.strerror}") from err
-    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        raise SavePathError(f"{target} is {file_kind(st.st_mode)}; a {what} replaces only "
-                            "a regular file, refusing to touch it")
-    if probe:
-        _probe_directory(target, what)
-    return target
-
-
-def _probe_directory(target: str, what: str) -> None:
-    """Create and remove a file beside ``target``, as the save will: the one proof that
-    the save can happen there (/proc passes every permission check and refuses files)."""
-    probe = temp_path_for(target)
-    try:
-        os.close(open_excl(probe, False))
-        os.unlink(probe)
-    except OSError as err:
-        raise SavePathError(f"cannot create a {what} in {os.path.dirname(target)}: "
-                            f"{err.strerror}") from None
-
-
-def io_error(err: OSError, path: str, what: str) -> SaveError:
-    """A SaveError naming what failed (disk full and quota said plainly)."""
-    if err.errno == errno.ENOSPC:
-        return SaveError(f"no space left on device while {what} {path}")
-    if err.errno == errno.EDQUOT:
-        return SaveError(f"disk quota exceeded while {what} {path}")
-    return SaveError(f"{what} {path} failed: {err.strerror}")
-
-
-def check_cancel(cancel: threading.Event | None, path: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise SaveCancelled(f"save cancelled; nothing was written to {path}")
 
 
 class MappedWriter:

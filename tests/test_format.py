@@ -11,7 +11,8 @@ from kvmguest.memory import GuestMemory, Region, RegionSpec
 from kvmguest.arch.x86.layout import plan_regions
 from migrate import format as fmt
 from migrate.format import SnapshotError, read_snapshot
-from migrate.writer import MappedWriter, SaveError
+from migrate.errors import SaveError
+from migrate.writer import MappedWriter
 
 MiB = 1 << 20
 STATE = {"format": "kvmguest-state", "version": 1, "note": "synthetic"}

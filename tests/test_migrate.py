@@ -238,7 +238,7 @@ def test_failed_save_leaves_the_previous_snapshot_intact(machine_factory, tmp_pa
     path = tmp_path / "keep.snap"
     live_save(m, str(path), then="continue")
     before = (os.stat(path), fmt.read_snapshot(str(path)).state)
-    from migrate.writer import SaveError
+    from migrate.errors import SaveError
     with pytest.raises(SaveError, match="unknown format"):
         live_save(m, str(path), format="bogus", then="continue")
     assert m.running                               # the guest never noticed

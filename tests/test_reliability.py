@@ -15,7 +15,8 @@ from migrate import format as fmt
 from migrate.format import SnapshotError
 from migrate.pageio import open_excl
 from migrate.precopy import live_save
-from migrate.writer import MappedWriter, SaveError
+from migrate.errors import SaveError
+from migrate.writer import MappedWriter
 
 BASE = 3 * GiB - 100 * PAGE
 
