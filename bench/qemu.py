@@ -18,6 +18,7 @@ from migrate.reader import restore
 
 from .common import GUESTS, Figure, Report, run_cmd
 from .disk import drop_cache
+from .smp import parts_note
 
 CONFIGS = {
     "mapped-ram": ({"mapped-ram": True}, {}),
@@ -181,12 +182,13 @@ def side_by_side(report: Report, workdir: str, ram: int, ws_pages: int, runs: in
         m.start()
         wait_text(m.serial.text, "dirty: pass 1 ok")
         for direct in (False, True):
-            saves, downs, restores = [], [], []
+            saves, downs, restores, parts = [], [], [], []
             for i in range(runs):
                 path = os.path.join(workdir, f"ours-{i}.snap")
                 rep = live_save(m, path, threads=2, direct=direct, then="continue")
                 saves.append(rep.total_seconds * 1e3)
                 downs.append(rep.downtime_ms)
+                parts.append(rep.downtime_parts)
                 size = (rep.file_size, rep.allocated)
                 drop_cache(path)
                 t = time.perf_counter()
@@ -194,18 +196,19 @@ def side_by_side(report: Report, workdir: str, ram: int, ws_pages: int, runs: in
                 restores.append((time.perf_counter() - t) * 1e3)
                 r.close()
                 os.unlink(path)
-            ours["O_DIRECT" if direct else "buffered"] = (saves, downs, restores)
+            ours["O_DIRECT" if direct else "buffered"] = (saves, downs, restores, parts)
     finally:
         m.close()
     mine = min(ours, key=lambda k: sorted(ours[k][0])[len(ours[k][0]) // 2])
-    saves, downs, restores = ours[mine]
+    saves, downs, restores, parts = ours[mine]
     best = {k: min(out, key=lambda c: out[c][k].median) for k in ("save", "downtime", "restore")}
     for key, samples, target, factor in (("save", saves, "no slower than QEMU's best", 1.0),
                                          ("downtime", downs, "<= 1/5 of QEMU's best", 0.2),
                                          ("restore", restores, "<= 0.5x QEMU's best", 0.5)):
         base = out[best[key]][key]
         fig = Figure(f"kvmguest ({mine}, 2 threads): {key} {label}", "ms", samples,
-                     baseline=base.name, target=target)
+                     baseline=base.name, target=target,
+                     note=parts_note(parts) if key == "downtime" else "")
         fig.met = fig.median <= factor * base.median
         report.add(fig)
     report.add(Figure("file size: kvmguest vs QEMU best (apparent, allocated MiB)", "MiB",

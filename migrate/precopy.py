@@ -41,6 +41,10 @@ class SaveReport:
     allocated: int = 0
     stop_reason: str = ""
     then: str = "stop"
+    # Where the downtime went, in ms: pause (every vCPU parked), final harvest (the
+    # last dirty set), last pages (written), state (the wait for the vCPU/VM/device state
+    # read meanwhile); resume (--then continue: every vCPU running again) comes after.
+    downtime_parts: dict = field(default_factory=dict)
 
     @property
     def bytes_written(self) -> int:
@@ -66,6 +70,9 @@ class SaveReport:
         for p in self.passes:
             lines.append(f"  pass {p.index}: {p.pages_dirty} dirty, {p.pages_written} written, "
                          f"{p.pages_zero} zero, {p.seconds * 1e3:.1f} ms")
+        if self.downtime_parts:
+            lines.append("  downtime: " + ", ".join(f"{k} {v:.2f} ms"
+                                                     for k, v in self.downtime_parts.items()))
         return "\n".join(lines)
 
 
@@ -205,20 +212,24 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
         captured = helper.submit(save_machine, machine)
         # The set harvested last (not yet written) plus what came after it.
         final = client.take()
+        t_harvested = time.perf_counter()
         writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])
                            for slot in final})
         t_written = time.perf_counter()
         state = captured.result()
-        log.debug("stop-and-copy: pause %.2f ms, final pass %.2f ms, then state %.2f ms",
-                  (t_paused - t_pause) * 1e3, (t_written - t_paused) * 1e3,
-                  (time.perf_counter() - t_written) * 1e3)
-        report.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        t_state = time.perf_counter()
+        report.downtime_ms = (t_state - t_pause) * 1e3
+        report.downtime_parts = {"pause": (t_paused - t_pause) * 1e3,
+                                 "final harvest": (t_harvested - t_paused) * 1e3,
+                                 "last pages": (t_written - t_harvested) * 1e3,
+                                 "state": (t_state - t_written) * 1e3}
         sys.setswitchinterval(switch)
         if then == "continue":
             # The pages and state are in the file (page cache) already; the guest may run.
             client.close()
             machine.resume_all()
             paused = False
+            report.downtime_parts["resume"] = (time.perf_counter() - t_state) * 1e3
         writer.finish(state)
         helper.shutdown(wait=False)
         shown("done", 1.0)
