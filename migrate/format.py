@@ -145,10 +145,6 @@ class Block:
     def npages(self) -> int:
         return self.size // self.page_size
 
-    @property
-    def pages_length(self) -> int:
-        return self.size
-
     def page_offset(self, index: int) -> int:
         return self.pages_offset + index * self.page_size
 

@@ -42,7 +42,8 @@ BATCH = 256                     # pages per pwritev
 
 
 class StreamWriter:
-    format_name = "stream"
+    """One snapshot being written as an append-only stream (the baseline mapped-ram
+    is measured against)."""
 
     def __init__(self, path: str, memory, direct: bool = False,
                  cancel: threading.Event | None = None):

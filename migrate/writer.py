@@ -49,8 +49,6 @@ class PassStats:
 class MappedWriter:
     """One snapshot being written in the mapped-ram layout."""
 
-    format_name = "mapped"
-
     def __init__(self, path: str, memory, threads: int = 1, direct: bool = False,
                  cancel: threading.Event | None = None):
         self.path = check_save_target(path)

@@ -11,7 +11,6 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Boot GDT for the PVH start state (PVH wants flat 32-bit segments and a TSS), in the
 # first page, past the real-mode IVT and BIOS data area (0x0-0x4FF) a PC keeps there.
 BOOT_GDT = 0x500
-BOOT_GDT_ENTRIES = 4          # null, code32, data32, tss
 # hvm_start_info (56 bytes), then its memory map right behind it in the same page.
 START_INFO = 0x6000
 MEMMAP = 0x6040

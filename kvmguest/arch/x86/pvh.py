@@ -52,6 +52,7 @@ def load(memory, kernel: Kernel, cmdline: str = "", rsdp_paddr: int = 0, modules
 
     memory.write(layout.CMDLINE, blob + b"\0")
     memmap = memory_map(memory)
+    assert len(memmap) <= layout.MEMMAP_MAX_ENTRIES      # two RAM slots, holes: a handful
     table = (hvm_memmap_table_entry * len(memmap))(
         *[hvm_memmap_table_entry(a, n, t, 0) for a, n, t in memmap])
     memory.write(layout.MEMMAP, bytes(table))
