@@ -113,6 +113,7 @@ class Machine:
         self._wake = threading.Event()
         self.guest_requests: queue.Queue | None = None   # see listen_guest_requests()
         self._msr_indices: list[int] | None = None
+        self.save_lock = threading.Lock()      # held by the one live save it may have
         try:
             self.platform = Platform(self.kvm, vcpus, memory if guest_memory is None
                                      else guest_memory.size, irqchip, pit, dirty_log,

@@ -76,8 +76,17 @@ class SaveReport:
         return "\n".join(lines)
 
 
-_busy: set[int] = set()
-_busy_lock = threading.Lock()
+@dataclass(frozen=True)
+class SaveOptions:
+    """How a live save runs (live_save's keywords, checked there)."""
+    threads: int = 1
+    direct: bool = False
+    downtime_ms: float = 50.0
+    max_passes: int = 30
+    max_seconds: float = 60.0
+    min_passes: int = 1
+    then: str = "stop"
+    format: str = "mapped"
 
 
 def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
@@ -102,16 +111,14 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
         raise SaveError(f"--then must be stop or continue, not {then!r}")
     if not machine.running:
         raise SaveError("the guest is not running")
-    with _busy_lock:
-        if id(machine) in _busy:
-            raise SaveError("a save of this guest is already in progress")
-        _busy.add(id(machine))
+    options = SaveOptions(threads, direct, downtime_ms, max_passes, max_seconds, min_passes,
+                          then, format)
+    if not machine.save_lock.acquire(blocking=False):
+        raise SaveError("a save of this guest is already in progress")
     try:
-        return _live_save(machine, path, threads, direct, downtime_ms, max_passes,
-                          max_seconds, min_passes, then, format, progress, cancel)
+        return _live_save(machine, path, options, progress, cancel)
     finally:
-        with _busy_lock:
-            _busy.discard(id(machine))
+        machine.save_lock.release()
 
 
 def make_writer(format: str, path: str, memory, threads: int, direct: bool,
@@ -144,11 +151,11 @@ class _Progress:
         self(f"pass {index}", self.PASS0_SHARE + (1 - self.PASS0_SHARE) * (1 - left) * 0.9)
 
 
-def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seconds,
-               min_passes, then, format, progress, cancel) -> SaveReport:
+def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveReport:
     t0 = time.perf_counter()
-    writer = make_writer(format, path, machine.memory, threads, direct, cancel)
-    report = SaveReport(path=os.path.abspath(path), format=format, then=then)
+    downtime_ms, then = o.downtime_ms, o.then
+    writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel)
+    report = SaveReport(path=os.path.abspath(path), format=o.format, then=then)
     client = None
     paused = False
     total_pages = sum(r.npages for r in machine.memory.regions)
@@ -175,16 +182,17 @@ def _live_save(machine, path, threads, direct, downtime_ms, max_passes, max_seco
             # shrink it much (passes are cheap; every page left here is downtime).
             shrinking = n >= CONVERGED_PAGES and n < previous // 2
             if (estimate_ms <= downtime_ms and not shrinking
-                    and len(writer.passes) >= min_passes):
+                    and len(writer.passes) >= o.min_passes):
                 report.stop_reason = (f"{n} dirty pages fit the {downtime_ms:g} ms downtime "
                                       f"target (~{estimate_ms:.1f} ms)")
                 break
             previous = n
-            if len(writer.passes) >= max_passes:
-                report.stop_reason = f"pass limit {max_passes} reached with {n} dirty pages"
+            if len(writer.passes) >= o.max_passes:
+                report.stop_reason = f"pass limit {o.max_passes} reached with {n} dirty pages"
                 break
-            if time.perf_counter() - t0 > max_seconds:
-                report.stop_reason = f"time limit {max_seconds:g} s reached with {n} dirty pages"
+            if time.perf_counter() - t0 > o.max_seconds:
+                report.stop_reason = (f"time limit {o.max_seconds:g} s reached with {n} "
+                                      "dirty pages")
                 break
             if not machine.running:
                 raise SaveError("the guest finished during the save; nothing was saved")
