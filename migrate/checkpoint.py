@@ -29,6 +29,7 @@ from .format import MAX_BLOCKS, MAX_SLOT, Block, SnapshotError, parse_json
 from .pageio import (FAULT_ENV, data_extents, fault_point, fsync_dir, pread_into, pwrite_all,
                      runs_of, temp_path_for)
 from .errors import SaveError, check_save_target, io_error
+from .snapshot import decode_state, region_specs
 
 log = logging.getLogger(__name__)
 PAGE = PAGE_SIZE
@@ -514,7 +515,6 @@ def _journal_crc(fd: int, layout: Layout, record: Record, path: str, memory=None
 def validated(path: str, fd: int) -> Checkpoint:
     """Everything a restore checks before memory is allocated: superblock and layout,
     the latest record, its journal (size, page numbers, CRC) and state (CRC, decodes)."""
-    from .reader import decode_state, region_specs
     layout = read_layout(fd, path)
     size = os.fstat(fd).st_size
     if size < layout.file_size:
@@ -558,7 +558,6 @@ def _apply_journal(memory: GuestMemory, layout: Layout, numbers, data) -> None:
 
 def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
     """Guest memory holding the checkpoint: the page areas, then its journal over them."""
-    from .reader import region_specs
     specs = region_specs([_block(b) for b in ck.layout.blocks])
     memory = GuestMemory([Region(s) for s in specs])
     try:

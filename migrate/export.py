@@ -26,11 +26,11 @@ import numpy as np
 
 from kvmguest.errors import UsageError
 
-from . import format as fmt
 from .format import SnapshotError
 from .pageio import data_extents, fsync_dir, open_excl, runs_of_mask, temp_path_for
 from .qemu import read_qemu
-from .reader import open_snapshot, read_magic, validated
+from .reader import validated
+from .snapshot import CHECKPOINT, QEMU, STREAM, open_snapshot, sniff
 from .errors import check_save_target, io_error
 
 CHUNK = 1 << 20
@@ -49,14 +49,14 @@ class Source:
 
 def sources(path: str, fd: int) -> tuple[str, list[Source]]:
     """The kind of file and its blocks, after validating it fully."""
-    magic = read_magic(fd, path)
-    if magic[:4] == fmt.QEMU_MAGIC:
+    kind = sniff(fd, path)
+    if kind == QEMU:
         q = read_qemu(fd)
         kind = "QEMU " + ("mapped-ram" if q.mapped_ram else "stream") + " file"
         return kind, [Source(b.name, b.size, b.page_size, b.pages_present,
                              lambda b=b: b.segments(fd)) for b in q.blocks]
-    if magic in (fmt.STREAM_MAGIC, fmt.CHECKPOINT_MAGIC):
-        what = "streaming-format snapshot" if magic == fmt.STREAM_MAGIC else "checkpoint file"
+    if kind in (STREAM, CHECKPOINT):
+        what = "streaming-format snapshot" if kind == STREAM else "checkpoint file"
         raise SnapshotError(f"{path} is a {what}: export-ram reads mapped-ram snapshots "
                             "(kvmguest's and QEMU's); restore it and save it to get one")
     snap, _ = validated(path, fd)

@@ -12,9 +12,9 @@ from kvmguest.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from kvmguest.memory import PAGE_SIZE
 from kvmguest.state import vcpu_summary
 
-from . import format as fmt
 from .format import SnapshotError
-from .reader import open_snapshot, read_magic, validate
+from .reader import validate
+from .snapshot import CHECKPOINT, QEMU, STREAM, open_snapshot, sniff
 
 
 def _describe_mapped(info: dict, path: str, fd: int) -> None:
@@ -89,15 +89,8 @@ def describe(path: str) -> dict:
         st = os.fstat(fd)
         info["file_size"], info["allocated"] = st.st_size, st.st_blocks * 512
         try:
-            magic = read_magic(fd, path)
-            if magic == fmt.STREAM_MAGIC:
-                _describe_stream(info, path, fd)
-            elif magic == fmt.CHECKPOINT_MAGIC:
-                _describe_checkpoint(info, path, fd)
-            elif magic[:4] == fmt.QEMU_MAGIC:
-                _describe_qemu(info, path, fd)
-            else:
-                _describe_mapped(info, path, fd)
+            {STREAM: _describe_stream, CHECKPOINT: _describe_checkpoint, QEMU: _describe_qemu}.get(
+                sniff(fd, path), _describe_mapped)(info, path, fd)
         except OSError as err:
             info.update(verdict="UNREADABLE", error=f"cannot read: {err.strerror}",
                         exit_code=EXIT_BAD_INPUT)

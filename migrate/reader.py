@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvmguest.files import open_regular
 from kvmguest.machine import Machine, open_kvm
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import MAP_NORESERVE
-from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
+from kvmguest.memory import GuestMemory, Region
 from kvmguest.state import MachineState, StateError
 
 from . import format as fmt
-from .format import CHECKPOINT_MAGIC, SnapshotError
+from .format import SnapshotError
+from .snapshot import CHECKPOINT, STREAM, decode_state, open_snapshot, region_specs, sniff
 from .lease import SnapshotLease
 from .pageio import (MAX_IO, cached_fraction, check_threads, data_extents, direct_fd,
                      fault_point, pread_into, runs_of_mask, split_runs)
@@ -50,17 +50,6 @@ def meminfo(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def region_specs(blocks) -> list[RegionSpec]:
-    """The RAM layout a snapshot records, checked against the same policy as ``run``
-    (kvmguest.memory.check_layout): what boots on this host restores on it."""
-    specs = [RegionSpec(b.slot, b.gpa, b.size, b.name) for b in blocks]
-    try:
-        check_layout(specs)
-    except GuestMemoryError as err:
-        raise SnapshotError(f"snapshot cannot be restored on this host: {err}") from None
-    return specs
 
 
 def check_host_capacity(pages_present: int, lazy: bool) -> None:
@@ -174,14 +163,6 @@ def load_memory(snap: fmt.Snapshot, fd: int, lazy: bool, threads: int,
     return GuestMemory(regions), 0
 
 
-def decode_state(state: dict) -> MachineState:
-    """A snapshot's state, decoded and checked (SnapshotError if it is not usable)."""
-    try:
-        return MachineState.from_json(state)
-    except StateError as err:
-        raise SnapshotError(f"state: {err}") from None
-
-
 def validated(path: str, fd: int | None = None) -> tuple[fmt.Snapshot, MachineState]:
     """Everything restore checks before it allocates guest memory or creates a VM, in
     order: the file (format.read_snapshot), the RAM policy, the vCPU/device state (which
@@ -193,20 +174,6 @@ def validated(path: str, fd: int | None = None) -> tuple[fmt.Snapshot, MachineSt
 
 def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
     return validated(path, fd)[0]
-
-
-def read_magic(fd: int, path: str) -> bytes:
-    """The first bytes of a snapshot, which say its format."""
-    try:
-        return os.pread(fd, len(fmt.STREAM_MAGIC), 0)
-    except OSError as err:
-        raise SnapshotError(f"cannot read {path}: {err.strerror}") from None
-
-
-def open_snapshot(path: str) -> int:
-    """A read-only fd of ``path`` if it is a regular file (a FIFO, a device or a
-    directory is refused at once, never read)."""
-    return open_regular(path, "snapshot", SnapshotError)
 
 
 def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
@@ -222,20 +189,20 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
     try:
         fd = open_snapshot(path)
         try:
-            magic = read_magic(fd, path)
-            if magic == CHECKPOINT_MAGIC:
+            kind = sniff(fd, path)
+            if kind == CHECKPOINT:
                 from .checkpoint import load, validated as checkpoint_validated
                 ck = checkpoint_validated(path, fd)
                 saved = ck.decoded
                 memory, loaded = load(ck, fd)
                 lazy = False
-            elif magic == fmt.STREAM_MAGIC:
+            elif kind == STREAM:
                 from .stream import load_stream, validate_stream
                 info = validate_stream(path, fd)
                 check_host_capacity(info.pages, lazy=False)
                 memory, loaded = load_stream(info, fd)
                 saved, lazy = info.decoded, False
-            else:
+            else:             # mapped-ram (a QEMU file is refused there, in one line)
                 snap, saved = validated(path, fd)
                 log.debug("%s: valid (version %d): %d vCPU(s), %d pages present", path,
                           snap.version, len(saved.vcpus), snap.pages_present)

@@ -19,7 +19,8 @@ import numpy as np
 
 from kvmguest.memory import PAGE_SIZE, close_mapping
 
-from .reader import open_snapshot, paired, validated
+from .reader import paired, validated
+from .snapshot import open_snapshot
 
 
 class ResetPoint:
