@@ -273,7 +273,7 @@ def cmd_restore(args) -> int:
                             stream=None if args.quiet else _stream_stdout, progress=progress)
     finally:
         progress.done()
-        from migrate.guest_migrate import DIR_ENV, remove_inherited_snapshot
+        from .guest_migrate import DIR_ENV, remove_inherited_snapshot
         if DIR_ENV in os.environ:        # the file of a guest-requested migration
             remove_inherited_snapshot(args.path)
     session = Session(args, note=_err, show=_show)

@@ -1,6 +1,6 @@
 """Standard input to the guest's COM1 (`run`/`restore` on a terminal, or with
 --console-input); held back and handed on when the guest migrates to a new process
-(migrate/guest_migrate.py): the bytes read but not yet given to the guest travel in a
+(kvmguest/guest_migrate.py): the bytes read but not yet given to the guest travel in a
 memfd named by HELD_ENV, and standard input itself is inherited."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class Session:
             from .console import ConsoleInput
             console = ConsoleInput(m, args.console_input)
             if args.guest_migrate:
-                from migrate.guest_migrate import DEFAULT_MAX_MIGRATIONS, GuestMigrator
+                from .guest_migrate import DEFAULT_MAX_MIGRATIONS, GuestMigrator
                 tail = (["-q"] if args.quiet else []) + (["-v"] if args.verbose else [])
                 migrator = GuestMigrator(m, console, tail, DEFAULT_MAX_MIGRATIONS
                                          if args.max_migrations is None

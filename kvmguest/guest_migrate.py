@@ -25,10 +25,10 @@ import tempfile
 import threading
 import time
 
-from kvmguest.console import ConsoleInput
-from kvmguest.devices.guest_port import MIGRATE
-from kvmguest.errors import Handover
-from kvmguest.loglimit import LogLimit
+from .console import ConsoleInput
+from .devices.guest_port import MIGRATE
+from .errors import Handover
+from .loglimit import LogLimit
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GuestMigrator:
         self._thread.start()
 
     def _listen(self) -> None:
-        from .precopy import live_save
+        from migrate.precopy import live_save
         m = self.machine
         while m.running:
             try:
