@@ -215,8 +215,12 @@ def cmd_run(args) -> int:
         with Machine.boot(args.kernel, memory=args.memory, cmdline=args.cmdline,
                           vcpus=args.vcpus, irqchip=not args.no_irqchip,
                           modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
-                          dirty_log=args.dirty_log,
+                          dirty_log=args.dirty_log, host_workarounds=not args.exact_cmdline,
                           stream=None if args.quiet else _stream_stdout) as m:
+            if m.workarounds:
+                names = " ".join(w.split("=", 1)[0] for w in m.workarounds)
+                _err(f"this host's KVM emulates kernel code (kvm_pvm); Linux boots here with "
+                     f"{names} added (README, \"Linux kernels\"; --exact-cmdline: without)")
             result = session.run(m, control)
             return _finish(result, session.saved, m, args)
     finally:
@@ -453,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", action="append", default=[], metavar="FILE",
                      help="a module, as QEMU's -initrd: Linux's initrd (PVH module 0), or "
                           "a multiboot kernel's module (repeatable)")
+    run.add_argument("--exact-cmdline", action="store_true",
+                     help="boot a Linux kernel with --cmdline and --cpu exactly as given, "
+                          "even where the host needs more (kvm_pvm)")
     run.add_argument("--cpu", metavar="MODEL",
                      help="QEMU-style CPU model: host (default), max, qemu64, with "
                           "+feature/-feature and vendor=")

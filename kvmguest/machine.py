@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import abi
-from .arch.x86 import acpi, cpuid, cpumodel, firmware, image, layout, multiboot, pvh, regs
+from .arch.x86 import (acpi, cpuid, cpumodel, firmware, image, layout, linux, multiboot, pvh,
+                       regs)
 from .arch.x86.kernel import MULTIBOOT, BootError, Module
 from .arch.x86.platform import Platform, check_options, open_kvm
 from .complete import Completer
@@ -86,7 +87,7 @@ class Machine:
                  irqchip: bool = True, origin: dict | None = None,
                  modules: list[str] = (), cpu_model: str | None = None, pit: bool = True,
                  dirty_log: str = "auto", ring_entries: int | None = None,
-                 cpuids: list | None = None):
+                 cpuids: list | None = None, host_workarounds: bool = True):
         """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
@@ -95,15 +96,24 @@ class Machine:
         leaves out the PIT (QEMU's -machine pit=off). ``dirty_log``: "bitmap", "ring" or
         "auto" (the ring where KVM has it and RAM is large enough for the bitmap's full
         scan to cost more; see DIRTY_RING_FROM); ``ring_entries`` forces a ring size.
-        ``cpuids`` (a restore): each vCPU's CPUID as saved, instead of the host's."""
+        ``cpuids`` (a restore): each vCPU's CPUID as saved, instead of the host's.
+        ``host_workarounds``: a Linux kernel booted where KVM emulates kernel code
+        (kvm_pvm) gets the parameters and CPU model it needs there (arch.x86.linux;
+        ``workarounds`` lists what was added)."""
         check_options(vcpus, irqchip, dirty_log)
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
         self.cmdline, self.origin, self.irqchip = cmdline, dict(origin or {}), irqchip
+        self.workarounds: list[str] = []
+        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
+        if host_workarounds and self.kernel is not None and self.kernel.linux \
+                and linux.emulating_host():
+            self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
+                                                                              cpu_model)
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
-        self._load_kernel_file(kernel, modules, layout.plan_regions(memory)
-                               if guest_memory is None else guest_memory.regions)
+        self._check_kernel(modules, layout.plan_regions(memory)
+                           if guest_memory is None else guest_memory.regions)
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
         self.platform = self.dirty = self.devices = None
@@ -139,9 +149,8 @@ class Machine:
             self.close()
             raise
 
-    def _load_kernel_file(self, kernel, modules, regions) -> None:
-        """Parse and check the kernel and its modules: every boot error before any VM."""
-        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
+    def _check_kernel(self, modules, regions) -> None:
+        """Check the kernel and its modules: every boot error before any VM."""
         if modules and self.kernel is None:
             raise BootError("modules (--initrd) go with a kernel")
         self.modules = [Module(path) for path in modules]   # sized, not read yet

@@ -62,7 +62,7 @@ def _parse(path: str, raw: bytes) -> Kernel:
     else:
         segments, entry, pvh_entry = _elf(path, raw)
         if pvh_entry is not None:
-            kernel = Kernel(path, pvh_entry, segments, PVH)
+            kernel = Kernel(path, pvh_entry, segments, PVH, linux=_is_linux(raw))
         elif header is not None:
             kernel = multiboot.kernel_from_elf(path, segments, entry, header)
         elif _is_linux(raw):

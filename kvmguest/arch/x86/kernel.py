@@ -38,6 +38,7 @@ class Kernel:
     segments: tuple[Segment, ...]
     protocol: str = PVH
     header: dict = field(default_factory=dict)     # the multiboot header's fields
+    linux: bool = False                            # a Linux kernel (its "Linux version")
 
     @property
     def end(self) -> int:

@@ -34,6 +34,38 @@ FORMATS = [(b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lz
            (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x89LZO", "lzo")]
 
 
+# On a host whose KVM emulates guest kernel code (kvm_pvm: DEVELOPERS.md, "Linux guests")
+# Linux needs these to boot: each steps around an instruction that host cannot emulate
+# (SLUB's cmpxchg16b: -cx16; xrstor: noxsave; the rest: clearcpuid, which Linux 6.1 reads
+# only 127 characters of) or boot-time work that stalls there (ftrace's record check,
+# the crypto self-tests). kvmguest adds them itself there (Machine host_workarounds).
+EMULATING_HOST_CPU = "-cx16"
+EMULATING_HOST_CMDLINE = (
+    "noxsave clearcpuid=smap,smep,fsgsbase,avx,avx2,umip,popcnt,movbe,ssse3,sse4_1,sse4_2,"
+    "aes,pclmulqdq,rdrand,rdseed,erms,fsrm,bmi1,bmi2,sha_ni "
+    "initcall_blacklist=ftrace_check_for_weak_functions preempt=full cryptomgr.notests")
+
+
+def emulating_host() -> bool:
+    """Does this host's KVM emulate guest kernel code (kvm_pvm)?"""
+    from ...kvm import backend_module
+    return "kvm_pvm" in backend_module()
+
+
+def with_workarounds(cmdline: str, cpu_model: str | None) -> tuple[str, str, list[str]]:
+    """``cmdline`` and ``cpu_model`` with what an emulating host needs added, and what
+    was added. A parameter the user gave (by its name) is theirs and stays as given; so
+    is a CPU model that already says anything about cx16."""
+    given = {word.split("=", 1)[0] for word in cmdline.split()}
+    added = [w for w in EMULATING_HOST_CMDLINE.split() if w.split("=", 1)[0] not in given]
+    model = cpu_model or "host"
+    if "cx16" not in model:
+        model += "," + EMULATING_HOST_CPU
+        added.insert(0, f"--cpu {model}")
+    return " ".join([cmdline, *[w for w in added if not w.startswith("--")]]).strip(), \
+        model, added
+
+
 def is_bzimage(head: bytes) -> bool:
     return len(head) >= HDRS_AT + 4 and head[HDRS_AT:HDRS_AT + 4] == HDRS
 
