@@ -11,7 +11,7 @@ carries on, independent of the file, and the other process proceeds.
 
 Where no lease can be taken (another process already has the file open for writing,
 or the filesystem refuses leases), the restore logs a warning: the file must then not be
-changed while the guest runs (README, "Lazy restore").
+changed while the guest runs (docs/guarantees.md, "Against hostile input").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hostile files and paths: whatever a file declares, `inspect`, `export-ram` and
 `restore` use memory and disk in proportion to what it holds, answer in one line, and
-write nothing outside where they were told (README, "Against hostile input")."""
+write nothing outside where they were told (docs/guarantees.md, "Against hostile input")."""
 
 from __future__ import annotations
 
