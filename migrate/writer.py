@@ -61,7 +61,8 @@ class MappedWriter:
         self.layout = fmt.plan([(r.name, r.gpa, r.size, r.slot) for r in memory.regions])
         # Block i's region is the one of its slot (as the reader pairs them), never the
         # region that happens to sit at position i.
-        self.regions = [memory.region_of_slot(b.slot) for b in self.layout.blocks]
+        by_slot = {r.slot: r for r in memory.regions}
+        self.regions = [by_slot[b.slot] for b in self.layout.blocks]
         self.present = [np.zeros(r.npages, dtype=np.bool_) for r in self.regions]
         self.on_disk = [np.zeros(r.npages, dtype=np.bool_) for r in self.regions]
         self.passes: list[PassStats] = []

@@ -58,3 +58,26 @@ def vmlinuz() -> Path:
             pytest.fail(f"Debian's kernel could not be fetched: {why}", pytrace=False)
         pytest.skip(f"Debian's kernel could not be fetched: {why}")
     return path
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """A small, valid snapshot of a running dirty guest (passes=0: it never ends)."""
+    path = tmp_path_factory.mktemp("snap") / "g.snap"
+    from helpers import RAM, cli, run_dirty
+    p = cli(*run_dirty("--save", path, "--save-after", "0.3", "-q", memory=f"{RAM >> 20}M"))
+    assert p.returncode == 0, p.stderr
+    from migrate import format as fmt
+    assert len(fmt.read_snapshot(str(path)).layout.blocks) == 2
+    return path
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other users can reach (pytest's own are private to root)."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="kvmguest-test-", dir="/tmp")
+    os.chmod(d, 0o777)
+    yield __import__("pathlib").Path(d)
+    shutil.rmtree(d, ignore_errors=True)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,3 +210,62 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+# --- the hardening tests' guests, sockets and files -------------------------------------
+NOBODY = 65534
+STALL = "KVMGUEST_STALL_POINT"
+
+
+def needs_root():
+    if os.geteuid() != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI runs as root and must run this test")
+        pytest.skip("needs root (device nodes, other users)")
+
+
+def run_dirty(*extra, pages=300, passes=0, memory="256M"):
+    return ("run", guest("dirty"), "--memory", memory, "--cmdline",
+            f"pages={pages} passes={passes} quiet", *extra)
+
+
+def control_guest(sock, *extra, env=None):
+    """`run dirty --control SOCK` in the background, after its first pass report."""
+    run = cli_popen(*run_dirty("--control", sock, *extra), env=env)
+    read_until(run.stdout, "dirty: pass 16 ok")
+    return run
+
+
+def fake_server(path, reply: bytes | None = None) -> socket.socket:
+    """A socket of ours listening at ``path``; with ``reply``, it answers the first
+    request with those bytes (a guest that says something odd, or hostile)."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def answer():
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(reply)
+        c.close()
+
+    if reply is not None:
+        threading.Thread(target=answer, daemon=True).start()
+    return srv
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=30):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout)
+
+
+def patched_copy(src, dst, edit) -> None:
+    """A sparse copy of snapshot ``src`` whose first 8 KiB (header and block table) were
+    changed by ``edit(bytearray)``."""
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+    with open(dst, "r+b") as f:
+        head = bytearray(f.read(8192))
+        edit(head)
+        f.seek(0)
+        f.write(head)
