@@ -25,7 +25,6 @@ from .arch.x86.kernel import MULTIBOOT, BootError, Module
 from .arch.x86.platform import Platform, check_options, open_kvm
 from .complete import Completer
 from .devices import Devices, acpi_pm
-from .dirty import BitmapLog, DirtyTracker, RingLog
 from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
 from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
                     crash_message)
@@ -133,11 +132,7 @@ class Machine:
                 self.memory = GuestMemory.anonymous(layout.plan_regions(memory))
             self.platform.add_memory(self.memory)
             self._add_vcpus(vcpus, cpuids)
-            fds = [t.vcpu for t in self.vcpus]
-            self.dirty = DirtyTracker(RingLog(self.vm, self.memory, fds, self.platform.ring_size)
-                                      if self.platform.ring_size else
-                                      BitmapLog(self.vm, self.memory,
-                                                self.platform.manual_protect), self.memory)
+            self.dirty = self.platform.dirty_tracker(self.memory, [t.vcpu for t in self.vcpus])
             self.devices = Devices(self.memory, vcpus,
                                    self.platform.irq_line if irqchip else None, stream,
                                    console_capacity, self._power_event, self._rtc_alarm)
@@ -337,7 +332,7 @@ class Machine:
         """One exit of one vCPU: port I/O goes to the bus; anything else ends the guest
         (a crash, with the registers, or a reset/power-off). True when it is finished."""
         if isinstance(ex, DirtyRingFullExit):
-            self.dirty.backend.on_full(thread.index)
+            self.dirty.on_ring_full(thread.index)
             return False
         if isinstance(ex, IoExit):
             self.devices.bus.handle_io(ex)

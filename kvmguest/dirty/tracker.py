@@ -124,6 +124,11 @@ class DirtyTracker:
             for c in self.clients:
                 c.add(pages)
 
+    def on_ring_full(self, vcpu_index: int) -> None:
+        """KVM_EXIT_DIRTY_RING_FULL on that vCPU (in its own thread): the ring backend
+        empties its ring into what the next harvest returns (a bitmap never fills)."""
+        self.backend.on_full(vcpu_index)
+
     def close(self) -> None:
         with self.lock:
             self.clients.clear()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ... import abi
 from ...abi import Cap
-from ...dirty import ring_log
+from ...dirty import BitmapLog, DirtyTracker, RingLog, ring_log
 from ...errors import UsageError
 from ...kvm import Kvm, KvmUnavailable
 from ...state import VmState
@@ -106,6 +106,12 @@ class Platform:
             self.vm.create_irqchip()
             if self.pit:
                 self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+
+    def dirty_tracker(self, memory, vcpus) -> DirtyTracker:
+        """Dirty tracking of ``memory`` through the log chosen at creation (the ring
+        needs the vCPUs: each has its own)."""
+        return DirtyTracker(RingLog(self.vm, memory, vcpus, self.ring_size) if self.ring_size
+                            else BitmapLog(self.vm, memory, self.manual_protect), memory)
 
     def irq_line(self, line: int, level: int) -> None:
         """Drive ISA interrupt line ``line`` of the in-kernel PIC/IOAPIC."""
