@@ -290,11 +290,12 @@ class Machine:
                            self.vcpus.finished_at - self.vcpus.started_at,
                            self.event, self.serial.panic_line or "")
 
-    def pause_all(self, timeout: float = PAUSE_TIMEOUT) -> None:
-        """Park every vCPU at an instruction boundary (VcpuSet.pause_all: pauses nest);
+    def pause_all(self, timeout: float = PAUSE_TIMEOUT, on_park=None) -> list | None:
+        """Park every vCPU at an instruction boundary (VcpuSet.pause_all: pauses nest;
+        ``on_park`` runs in each vCPU's thread as it parks, its results returned);
         GuestError if one does not park within ``timeout`` (the guest runs on)."""
         try:
-            self.vcpus.pause_all(timeout)
+            return self.vcpus.pause_all(timeout, on_park)
         except PauseTimeout as err:
             raise GuestError(str(err)) from None
 

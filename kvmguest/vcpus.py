@@ -118,28 +118,34 @@ class VcpuSet:
     def paused(self) -> bool:
         return bool(self.threads) and all(t.started and t.parked for t in self.threads)
 
-    def pause_all(self, timeout: float = PAUSE_TIMEOUT) -> None:
+    def pause_all(self, timeout: float = PAUSE_TIMEOUT, on_park=None) -> list | None:
         """Park every vCPU at an instruction boundary, with its pending I/O completed;
         return only when all are parked (or the guest has finished). If one does not park
         within ``timeout``, every request is withdrawn (the guest runs on) and
         PauseTimeout says which.
+
+        ``on_park(thread)`` is run by each vCPU's own thread as it parks, all at once
+        (reading a vCPU's state there costs no time of the pause's: the others are still
+        parking); their results are returned in vCPU order, or None when the vCPUs were
+        parked already (a nested pause) or the guest finished: the caller does it then.
 
         Pauses nest (a checkpoint and a live save may both hold one): the guest runs
         again only when every pause_all has had its resume_all."""
         with self._pause_lock:
             self._pauses += 1
             if self._pauses > 1:
-                return
+                return None
             try:
-                self._park_all(timeout)
+                return self._park_all(timeout, on_park)
             except BaseException:
                 self._pauses -= 1
                 raise
 
-    def _park_all(self, timeout: float) -> None:
+    def _park_all(self, timeout: float, on_park) -> list | None:
         if self.done.is_set() or not self.running:
-            return
+            return None
         for t in self.threads:
+            t.on_park, t.parked_result = on_park, None
             t.request_pause()
         deadline = time.monotonic() + timeout
         for t in self.threads:
@@ -147,12 +153,22 @@ class VcpuSet:
             # (a signal can land just before KVM_RUN re-enters the guest).
             while not t.wait_parked(0.001):
                 if self.done.is_set():
-                    return
+                    return None
                 if time.monotonic() > deadline:
                     late = [t.index for t in self.threads if not t.parked]
                     self.release()
                     raise PauseTimeout(late, timeout)
                 t.kick()
+        if on_park is None or self.done.is_set():
+            return None
+        results = []
+        for t in self.threads:
+            t.on_park = None
+            if isinstance(t.parked_result, Exception):
+                self.release()                 # the pause failed: the guest runs on
+                raise t.parked_result
+            results.append(t.parked_result)
+        return results
 
     def resume_all(self) -> None:
         """Release every parked vCPU together (when this ends the last pause)."""
@@ -166,6 +182,7 @@ class VcpuSet:
     def release(self) -> None:
         """Resume every vCPU now, whatever pauses are held (S3 wake, a failed pause)."""
         for t in self.threads:
+            t.on_park = None
             t.resume()
 
     def park_others(self, thread: VcpuThread) -> list[VcpuThread]:

@@ -20,7 +20,7 @@ from typing import Callable
 
 from kvmguest.dirty import merge_pages
 from kvmguest.memory import PAGE_SIZE as PAGE
-from kvmguest.state import save_machine
+from kvmguest.state import save_machine, vcpu_reader
 
 from .pageio import fault_point
 from .errors import SaveError, check_cancel
@@ -165,7 +165,7 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
     writer.on_progress = shown.pass0
     first_dirty = None
     try:
-        machine.msr_indices()                   # fetched now, not during the downtime
+        read_vcpu = vcpu_reader(machine)        # the MSR list fetched now, not in the pause
         client = machine.dirty.open("live save")    # from here on, every write is logged
         stats = writer.write_pass(None)         # pass 0: all of RAM
         writer.on_progress = None
@@ -209,7 +209,8 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
         # with 4 vCPUs); 0.1 ms keeps the hand-offs short.
         sys.setswitchinterval(1e-4)
         t_pause = time.perf_counter()
-        machine.pause_all()
+        # Each vCPU reads its own state as it parks, all at once (vcpu_reader).
+        vcpu_states = machine.pause_all(on_park=read_vcpu)
         if not machine.running:
             raise SaveError("the guest finished during the save; nothing was saved")
         paused = True
@@ -217,7 +218,7 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
         fault_point("final-pass")
         # The vCPU/VM/device state is read in the helper thread while this one writes the
         # last pages: the ioctls and the writes overlap (ctypes and pwritev drop the GIL).
-        captured = helper.submit(save_machine, machine)
+        captured = helper.submit(save_machine, machine, vcpu_states)
         # The set harvested last (not yet written) plus what came after it.
         final = client.take()
         t_harvested = time.perf_counter()
