@@ -28,6 +28,7 @@ from kvmguest.testing.linux import CMDLINE, MACHINE, RUN_INIT, build_initramfs
 
 from .common import ROOT, Figure, Report
 from .qemu import qemu_version
+from .start import first_instruction
 
 BANNER, FPU = "Linux version", "x86/fpu: x87 FPU will use"
 LATE_BOOT = "Freeing unused kernel image (initmem)"
@@ -138,21 +139,11 @@ def _restores(report: Report, snap: Path, boot_s: float, runs: int) -> None:
     from migrate.reset import ResetPoint
     booted = report.add(Figure("kvmguest, bzImage: boot to the late-boot point", "ms",
                                [boot_s * 1e3]))
-
-    def first_instruction(lazy: bool) -> float:
-        t = time.perf_counter()
-        m, _ = restore(str(snap), lazy=lazy)
-        m.start()
-        while m.first_run_at is None and m.running:
-            time.sleep(0.0001)
-        ms = (m.first_run_at - t) * 1e3
-        m.close()
-        return ms
     for lazy in (False, True):
-        first_instruction(lazy)                                       # warm the cache
+        first_instruction(str(snap), lazy)                            # warm the cache
         fig = Figure(f"restore of the late-boot point ({'lazy' if lazy else 'eager'}, warm): "
                      "call to the kernel's first instruction", "ms",
-                     [first_instruction(lazy) for _ in range(max(runs, 5))],
+                     [first_instruction(str(snap), lazy) for _ in range(max(runs, 5))],
                      baseline=booted.name, target="<= 50 ms")
         fig.met = fig.median <= 50
         report.add(fig)
