@@ -258,6 +258,12 @@ class Machine:
     def first_run_at(self) -> float | None:
         return self.vcpus.first_run_at
 
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the guest when a vCPU failed (None while it runs or when it ended
+        as a guest does)."""
+        return self.vcpus.error
+
     def start(self) -> None:
         self.vcpus.start()
 

@@ -16,6 +16,7 @@ from .vcpu import VcpuThread, install_kick_handler
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 2.0
+NOT_RUN = object()           # a parked vCPU's on_park result before it has run
 
 
 class PauseTimeout(Exception):
@@ -145,7 +146,7 @@ class VcpuSet:
         if self.done.is_set() or not self.running:
             return None
         for t in self.threads:
-            t.on_park, t.parked_result = on_park, None
+            t.on_park, t.parked_result = on_park, NOT_RUN
             t.request_pause()
         deadline = time.monotonic() + timeout
         for t in self.threads:
@@ -162,12 +163,17 @@ class VcpuSet:
         if on_park is None or self.done.is_set():
             return None
         results = []
-        for t in self.threads:
-            t.on_park = None
-            if isinstance(t.parked_result, Exception):
-                self.release()                 # the pause failed: the guest runs on
-                raise t.parked_result
-            results.append(t.parked_result)
+        try:
+            for t in self.threads:
+                t.on_park = None
+                if t.parked_result is NOT_RUN:     # parked before (a guest's request)
+                    t.parked_result = on_park(t)
+                if isinstance(t.parked_result, Exception):
+                    raise t.parked_result
+                results.append(t.parked_result)
+        except BaseException:
+            self.release()                         # the pause failed: the guest runs on
+            raise
         return results
 
     def resume_all(self) -> None:
