@@ -57,7 +57,7 @@ def _align(n: int, a: int = ALIGN) -> int:
 
 
 @dataclass
-class Layout:
+class CheckpointLayout:
     blocks: list                 # dicts: name, gpa, size, slot, pages_offset
     journal_offset: int
     journal_size: int
@@ -77,12 +77,12 @@ class Layout:
         return self.__dict__.copy()
 
 
-def plan(memory: GuestMemory, vcpus: int) -> Layout:
+def plan_checkpoint(memory: GuestMemory, vcpus: int) -> CheckpointLayout:
     state_size = _align(max(1 << 20, vcpus * (64 << 10)), PAGE)
     return _place([(r.gpa, r.size, r.slot) for r in memory.regions], state_size)
 
 
-def _place(regions, state_size: int) -> Layout:
+def _place(regions, state_size: int) -> CheckpointLayout:
     """The layout of a file for ``regions`` ((gpa, size, slot), in gpa order): header,
     two state slots, a page area per block, the journal. A file's layout must be exactly
     this (read_layout), so that no section can overlap another or leave the file."""
@@ -95,11 +95,11 @@ def _place(regions, state_size: int) -> Layout:
                        "pages_offset": at})
         at = _align(at + size)
     pages = sum(size for _, size, _ in regions) // PAGE
-    return Layout(blocks, at, _align(pages * (8 + PAGE)), states, state_size)
+    return CheckpointLayout(blocks, at, _align(pages * (8 + PAGE)), states, state_size)
 
 
 @dataclass
-class Record:
+class CheckpointRecord:
     generation: int
     kind: int
     state_slot: int
@@ -117,7 +117,7 @@ class Record:
         return (body + struct.pack("<I", zlib.crc32(body))).ljust(512, b"\0")
 
     @classmethod
-    def parse(cls, raw: bytes) -> "Record | None":
+    def parse(cls, raw: bytes) -> "CheckpointRecord | None":
         if len(raw) < RECORD.size + 4 or raw[:8] != RECORD_MAGIC:
             return None
         body = raw[:RECORD.size]
@@ -134,10 +134,10 @@ class Record:
 
 def read_records(fd: int) -> list:
     """The record in each slot (None where a slot holds no valid record)."""
-    return [Record.parse(os.pread(fd, 512, off)) for off in SLOT_OFFSETS]
+    return [CheckpointRecord.parse(os.pread(fd, 512, off)) for off in SLOT_OFFSETS]
 
 
-def latest(records) -> tuple[int, "Record | None"]:
+def latest(records) -> tuple[int, "CheckpointRecord | None"]:
     """(slot, record) of the latest valid record; (-1, None) if there is none."""
     best = (-1, None)
     for i, r in enumerate(records):
@@ -172,7 +172,7 @@ class Checkpointer:
     def __init__(self, machine, path: str, every: float | None = None, on_checkpoint=None):
         self.machine, self.every, self.on_checkpoint = machine, every, on_checkpoint
         self.path = check_save_target(path)
-        self.layout = plan(machine.memory, len(machine.vcpus))
+        self.layout = plan_checkpoint(machine.memory, len(machine.vcpus))
         self.generation = 0
         self.history: list = []
         self.stats: list[CheckpointStats] = []
@@ -241,7 +241,7 @@ class Checkpointer:
         os.ftruncate(self._fd, self.layout.file_size)
         return tmp
 
-    def _write_record(self, record: Record) -> None:
+    def _write_record(self, record: CheckpointRecord) -> None:
         slot = 1 - self._latest_slot if self._latest_slot >= 0 else 0
         self._pwrite(record.pack(), SLOT_OFFSETS[slot], "writing a record to")
         self._fsync()
@@ -332,7 +332,7 @@ class Checkpointer:
             self._crash_point("ckpt-journal", gen)
             self._fsync()
             self._crash_point("ckpt-synced", gen)
-            rec = Record(gen, COMMITTED, state_slot, len(blob), zlib.crc32(blob),
+            rec = CheckpointRecord(gen, COMMITTED, state_slot, len(blob), zlib.crc32(blob),
                          journal_pages, journal_crc, time.time_ns(), journal_pages)
             self._write_record(rec)
             if first:
@@ -400,8 +400,8 @@ class Checkpointer:
 class Checkpoint:
     """A checkpoint file, checked: its layout, latest record and decoded state."""
     path: str
-    layout: Layout
-    record: Record
+    layout: CheckpointLayout
+    record: CheckpointRecord
     state: dict
     decoded: object               # the state as a checked MachineState
     history: list = field(default_factory=list)
@@ -419,7 +419,7 @@ def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
 
 
-def _check_layout(d, path: str) -> Layout:
+def _check_layout(d, path: str) -> CheckpointLayout:
     """The superblock's layout, every field type-checked, and exactly the layout
     kvmguest writes for those blocks (_place): SnapshotError otherwise."""
     def bad(why: str) -> SnapshotError:
@@ -448,7 +448,7 @@ def _check_layout(d, path: str) -> Layout:
     if not _whole(size) or not (1 << 20) <= size <= MAX_STATE_SIZE or size % PAGE:
         raise bad(f"has a state slot size of {size!r}")
     expected = _place([(b["gpa"], b["size"], b["slot"]) for b in blocks], size)
-    found = Layout(blocks, d.get("journal_offset"), d.get("journal_size"),
+    found = CheckpointLayout(blocks, d.get("journal_offset"), d.get("journal_size"),
                    d.get("state_offsets"), size)
     if found.to_json() != expected.to_json():
         raise bad("is not the layout kvmguest writes for its blocks (moved or resized "
@@ -456,7 +456,7 @@ def _check_layout(d, path: str) -> Layout:
     return expected
 
 
-def read_layout(fd: int, path: str) -> Layout:
+def read_layout(fd: int, path: str) -> CheckpointLayout:
     head = os.pread(fd, SLOT_OFFSETS[0], 0)
     if len(head) < SUPER.size or head[:8] != MAGIC:
         raise SnapshotError(f"{path}: not a kvmguest checkpoint file")
@@ -470,7 +470,7 @@ def read_layout(fd: int, path: str) -> Layout:
                                     f"{path}: checkpoint layout"), path)
 
 
-def _journal_numbers(fd: int, layout: Layout, record: Record, path: str):
+def _journal_numbers(fd: int, layout: CheckpointLayout, record: CheckpointRecord, path: str):
     """The journal's page numbers, a chunk at a time (memory does not follow what a
     record claims)."""
     n, at = record.journal_pages, layout.journal_offset
@@ -482,7 +482,7 @@ def _journal_numbers(fd: int, layout: Layout, record: Record, path: str):
         yield numbers
 
 
-def _journal_pages(fd: int, layout: Layout, record: Record, path: str):
+def _journal_pages(fd: int, layout: CheckpointLayout, record: CheckpointRecord, path: str):
     """(page numbers, page data) of the journal, a chunk at a time."""
     n, at = record.journal_pages, layout.journal_offset
     for first, numbers in zip(range(0, n, JOURNAL_CHUNK),
@@ -493,7 +493,7 @@ def _journal_pages(fd: int, layout: Layout, record: Record, path: str):
         yield numbers, data
 
 
-def _journal_crc(fd: int, layout: Layout, record: Record, path: str, memory=None) -> None:
+def _journal_crc(fd: int, layout: CheckpointLayout, record: CheckpointRecord, path: str, memory=None) -> None:
     """Check the journal (numbers within the guest's pages, then the CRC over numbers and
     data, as written); with ``memory``, its pages are applied on the way (the caller
     drops that memory if this raises)."""
@@ -512,7 +512,7 @@ def _journal_crc(fd: int, layout: Layout, record: Record, path: str, memory=None
         raise SnapshotError(f"{path}: journal of checkpoint {record.generation} is damaged")
 
 
-def validated(path: str, fd: int) -> Checkpoint:
+def validated_checkpoint(path: str, fd: int) -> Checkpoint:
     """Everything a restore checks before memory is allocated: superblock and layout,
     the latest record, its journal (size, page numbers, CRC) and state (CRC, decodes)."""
     layout = read_layout(fd, path)
@@ -545,7 +545,7 @@ def validated(path: str, fd: int) -> Checkpoint:
                       d.get("checkpoints", []))
 
 
-def _apply_journal(memory: GuestMemory, layout: Layout, numbers, data) -> None:
+def _apply_journal(memory: GuestMemory, layout: CheckpointLayout, numbers, data) -> None:
     base = 0
     for b in layout.blocks:
         npages = b["size"] // PAGE
@@ -556,7 +556,7 @@ def _apply_journal(memory: GuestMemory, layout: Layout, numbers, data) -> None:
         base += npages
 
 
-def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
+def load_checkpoint(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
     """Guest memory holding the checkpoint: the page areas, then its journal over them."""
     specs = region_specs([_block(b) for b in ck.layout.blocks])
     memory = GuestMemory([Region(s) for s in specs])
@@ -570,7 +570,7 @@ def load(ck: Checkpoint, fd: int) -> tuple[GuestMemory, int]:
                 pread_into(fd, region.array[s - start:e - start], s)
                 loaded += (e - s) // PAGE
         if ck.record.kind == COMMITTED and ck.record.journal_pages:
-            # Checked by validated(), and again as it is applied: a file changed since
+            # Checked by validated_checkpoint(), and again as it is applied: a file changed since
             # fails here, and the memory is dropped (the guest never starts from it).
             _journal_crc(fd, ck.layout, ck.record, ck.path, memory)
         return memory, loaded

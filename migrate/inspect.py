@@ -44,8 +44,8 @@ def _describe_stream(info: dict, path: str, fd: int) -> None:
 
 
 def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
-    from .checkpoint import COMMITTED, VERSION, validated
-    ck = validated(path, fd)
+    from .checkpoint import COMMITTED, VERSION, validated_checkpoint
+    ck = validated_checkpoint(path, fd)
     r = ck.record
     info.update(valid=True, format="checkpoint", version=VERSION,
                 ram_size=sum(b["size"] for b in ck.layout.blocks),

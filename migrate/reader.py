@@ -191,10 +191,10 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
         try:
             kind = sniff(fd, path)
             if kind == CHECKPOINT:
-                from .checkpoint import load, validated as checkpoint_validated
-                ck = checkpoint_validated(path, fd)
+                from .checkpoint import load_checkpoint, validated_checkpoint
+                ck = validated_checkpoint(path, fd)
                 saved = ck.decoded
-                memory, loaded = load(ck, fd)
+                memory, loaded = load_checkpoint(ck, fd)
                 lazy = False
             elif kind == STREAM:
                 from .stream import load_stream, validate_stream

@@ -61,11 +61,11 @@ def _check_file(path, record) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
-            c = ck.validated(str(path), fd)
+            c = ck.validated_checkpoint(str(path), fd)
         except ck.SnapshotError as err:
             assert "no complete checkpoint yet" in str(err)
             return 0
-        memory, _ = ck.load(c, fd)
+        memory, _ = ck.load_checkpoint(c, fd)
     finally:
         os.close(fd)
     try:
@@ -225,7 +225,7 @@ def test_a_file_with_no_complete_checkpoint_or_damaged_state_is_refused_in_one_l
     chain.close()
     raw = bytearray((tmp_path / "c.ckpt").read_bytes())
     damaged = bytearray(raw)
-    off = ck.plan(m.memory, 1).state_offsets[0]          # checkpoint 2's state slot
+    off = ck.plan_checkpoint(m.memory, 1).state_offsets[0]          # checkpoint 2's state slot
     damaged[off + 10] ^= 0xFF
     (tmp_path / "state.ckpt").write_bytes(damaged)
     one_line_error(cli("restore", tmp_path / "state.ckpt"), 2, "state of checkpoint 2 is damaged")

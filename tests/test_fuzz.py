@@ -475,7 +475,7 @@ def ckpt_base(tmp_path_factory):
         m.close()
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert ck.validated(str(path), fd).record.journal_pages > 0
+        assert ck.validated_checkpoint(str(path), fd).record.journal_pages > 0
     finally:
         os.close(fd)
     return Bytes(path.read_bytes())
@@ -502,7 +502,7 @@ def _ckpt_reseal_super(out: bytearray, layout) -> None:
 
 
 def _ckpt_latest(data: bytes):
-    recs = [ck.Record.parse(data[o:o + 512]) for o in ck.SLOT_OFFSETS]
+    recs = [ck.CheckpointRecord.parse(data[o:o + 512]) for o in ck.SLOT_OFFSETS]
     return ck.latest(recs)
 
 
@@ -616,7 +616,7 @@ def check_ckpt(tmp_path, data: bytes) -> str | None:
     try:
         tracemalloc.start()
         try:
-            c = ck.validated(str(path), fd)
+            c = ck.validated_checkpoint(str(path), fd)
         except SnapshotError as err:
             assert str(err) and "\n" not in str(err), repr(str(err))
             return str(err)
@@ -624,7 +624,7 @@ def check_ckpt(tmp_path, data: bytes) -> str | None:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
         assert peak < 16 * MiB, f"peak {peak} validating a checkpoint file"
-        memory, _ = ck.load(c, fd)          # valid: it must load as inspect says
+        memory, _ = ck.load_checkpoint(c, fd)          # valid: it must load as inspect says
         memory.close()
     finally:
         os.close(fd)
