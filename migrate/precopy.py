@@ -152,28 +152,68 @@ class _Progress:
 
 
 def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveReport:
-    t0 = time.perf_counter()
-    downtime_ms, then = o.downtime_ms, o.then
-    writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel)
-    report = SaveReport(path=os.path.abspath(path), format=o.format, then=then)
-    client = None
-    paused = False
-    total_pages = sum(r.npages for r in machine.memory.regions)
-    shown = _Progress(progress, total_pages)
-    helper = ThreadPoolExecutor(1, thread_name_prefix="save-state")
+    save = _Save(machine, path, o, progress, cancel)
     switch = sys.getswitchinterval()
-    writer.on_progress = shown.pass0
-    first_dirty = None
     try:
-        read_vcpu = vcpu_reader(machine)        # the MSR list fetched now, not in the pause
-        client = machine.dirty.open("live save")    # from here on, every write is logged
-        stats = writer.write_pass(None)         # pass 0: all of RAM
+        save.read_vcpu = vcpu_reader(machine)      # the MSR list fetched now, not in the pause
+        save.client = machine.dirty.open("live save")   # from here on, every write is logged
+        dirty = save.converge()
+        state = save.stop_and_copy(dirty)
+        save.writer.finish(state)
+        save.helper.shutdown(wait=False)
+        save.shown("done", 1.0)
+    except BaseException:
+        sys.setswitchinterval(switch)
+        save.writer.abort()
+        save.helper.shutdown(wait=True)
+        if save.paused:
+            machine.resume_all()   # nothing lost: the guest carries on as if no save happened
+        if save.client is not None:
+            save.client.close()
+        raise
+    finally:
+        sys.setswitchinterval(switch)
+    save.client.close()
+    if o.then == "stop":
+        machine.stop()
+    report = save.report
+    report.passes = save.writer.passes
+    st = os.stat(report.path)
+    report.file_size, report.allocated = st.st_size, st.st_blocks * 512
+    report.total_seconds = time.perf_counter() - save.t0
+    log.info("%s", report.summary())
+    return report
+
+
+class _Save:
+    """One live save in progress: pre-copy passes until the rest fits the downtime target
+    (:meth:`converge`), then the pause in which the last pages and the state are taken
+    (:meth:`stop_and_copy`)."""
+
+    def __init__(self, machine, path: str, o: SaveOptions, progress, cancel):
+        self.t0 = time.perf_counter()
+        self.machine, self.o, self.cancel = machine, o, cancel
+        self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel)
+        self.report = SaveReport(path=os.path.abspath(path), format=o.format, then=o.then)
+        self.total_pages = sum(r.npages for r in machine.memory.regions)
+        self.shown = _Progress(progress, self.total_pages)
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix="save-state")
+        self.client = self.read_vcpu = None
+        self.paused = False
+        self.switch = sys.getswitchinterval()
+
+    def converge(self) -> dict:
+        """Pass 0 (all of RAM), then passes of what the guest dirtied meanwhile, until the
+        rest fits the downtime target (or a limit): the last harvest, not yet written."""
+        o, writer, report, shown = self.o, self.writer, self.report, self.shown
+        writer.on_progress = shown.pass0
+        stats = writer.write_pass(None)
         writer.on_progress = None
-        previous = total_pages
-        shown.pass0(total_pages)
+        previous, first_dirty = self.total_pages, None
+        shown.pass0(self.total_pages)
         while True:
-            check_cancel(cancel, report.path)
-            dirty = client.take()
+            check_cancel(self.cancel, report.path)
+            dirty = self.client.take()
             n = sum(len(v) for v in dirty.values())
             first_dirty = n if first_dirty is None else first_dirty
             bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
@@ -181,28 +221,32 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
             # Converged: the rest fits the downtime target, and another pass would not
             # shrink it much (passes are cheap; every page left here is downtime).
             shrinking = n >= CONVERGED_PAGES and n < previous // 2
-            if (estimate_ms <= downtime_ms and not shrinking
+            if (estimate_ms <= o.downtime_ms and not shrinking
                     and len(writer.passes) >= o.min_passes):
-                report.stop_reason = (f"{n} dirty pages fit the {downtime_ms:g} ms downtime "
-                                      f"target (~{estimate_ms:.1f} ms)")
-                break
+                report.stop_reason = (f"{n} dirty pages fit the {o.downtime_ms:g} ms "
+                                      f"downtime target (~{estimate_ms:.1f} ms)")
+                return dirty
             previous = n
             if len(writer.passes) >= o.max_passes:
                 report.stop_reason = f"pass limit {o.max_passes} reached with {n} dirty pages"
-                break
-            if time.perf_counter() - t0 > o.max_seconds:
+                return dirty
+            if time.perf_counter() - self.t0 > o.max_seconds:
                 report.stop_reason = (f"time limit {o.max_seconds:g} s reached with {n} "
                                       "dirty pages")
-                break
-            if not machine.running:
+                return dirty
+            if not self.machine.running:
                 raise SaveError("the guest finished during the save; nothing was saved")
             stats = writer.write_pass(dirty)
             shown.later(stats.index, n, first_dirty)
-        # Stop-and-copy: what the guest dirtied since the last harvest, then state.
-        check_cancel(cancel, report.path)
-        shown("stop-and-copy", shown.shown)
+
+    def stop_and_copy(self, dirty: dict) -> dict:
+        """The downtime: pause, the pages dirtied since the last harvest, the state; the
+        guest resumes at once with --then continue. Returns the state to write."""
+        machine, writer, report = self.machine, self.writer, self.report
+        check_cancel(self.cancel, report.path)
+        self.shown("stop-and-copy", self.shown.shown)
         writer.settle()
-        helper.submit(lambda: None).result()    # its thread exists before the downtime
+        self.helper.submit(lambda: None).result()    # its thread exists before the downtime
         # Inside the downtime several threads hand the GIL around (this one, the state
         # helper, every vCPU thread parking): with the default 5 ms switch interval a
         # thread waiting for it stalled the stop-and-copy by up to 5 ms a time (seen
@@ -210,53 +254,33 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
         sys.setswitchinterval(1e-4)
         t_pause = time.perf_counter()
         # Each vCPU reads its own state as it parks, all at once (vcpu_reader).
-        vcpu_states = machine.pause_all(on_park=read_vcpu)
+        vcpu_states = machine.pause_all(on_park=self.read_vcpu)
         if not machine.running:
             raise SaveError("the guest finished during the save; nothing was saved")
-        paused = True
+        self.paused = True
         t_paused = time.perf_counter()
         fault_point("final-pass")
-        # The vCPU/VM/device state is read in the helper thread while this one writes the
+        # The VM/device state is read in the helper thread while this one writes the
         # last pages: the ioctls and the writes overlap (ctypes and pwritev drop the GIL).
-        captured = helper.submit(save_machine, machine, vcpu_states)
+        captured = self.helper.submit(save_machine, machine, vcpu_states)
         # The set harvested last (not yet written) plus what came after it.
-        final = client.take()
+        final = self.client.take()
         t_harvested = time.perf_counter()
         writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])
                            for slot in final})
         t_written = time.perf_counter()
         state = captured.result()
         t_state = time.perf_counter()
+        sys.setswitchinterval(self.switch)
         report.downtime_ms = (t_state - t_pause) * 1e3
         report.downtime_parts = {"pause": (t_paused - t_pause) * 1e3,
                                  "final harvest": (t_harvested - t_paused) * 1e3,
                                  "last pages": (t_written - t_harvested) * 1e3,
                                  "state": (t_state - t_written) * 1e3}
-        sys.setswitchinterval(switch)
-        if then == "continue":
+        if self.o.then == "continue":
             # The pages and state are in the file (page cache) already; the guest may run.
-            client.close()
+            self.client.close()
             machine.resume_all()
-            paused = False
+            self.paused = False
             report.downtime_parts["resume"] = (time.perf_counter() - t_state) * 1e3
-        writer.finish(state)
-        helper.shutdown(wait=False)
-        shown("done", 1.0)
-    except BaseException:
-        sys.setswitchinterval(switch)
-        writer.abort()
-        helper.shutdown(wait=True)
-        if paused:
-            machine.resume_all()   # nothing lost: the guest carries on as if no save happened
-        if client is not None:
-            client.close()
-        raise
-    client.close()
-    if then == "stop":
-        machine.stop()
-    report.passes = writer.passes
-    st = os.stat(report.path)
-    report.file_size, report.allocated = st.st_size, st.st_blocks * 512
-    report.total_seconds = time.perf_counter() - t0
-    log.info("%s", report.summary())
-    return report
+        return state
