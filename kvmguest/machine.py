@@ -296,12 +296,11 @@ class Machine:
                            self.vcpus.finished_at - self.vcpus.started_at,
                            self.event, self.serial.panic_line or "")
 
-    def pause_all(self, timeout: float = PAUSE_TIMEOUT, on_park=None) -> list | None:
-        """Park every vCPU at an instruction boundary (VcpuSet.pause_all: pauses nest;
-        ``on_park`` runs in each vCPU's thread as it parks, its results returned);
+    def pause_all(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """Park every vCPU at an instruction boundary (VcpuSet.pause_all: pauses nest);
         GuestError if one does not park within ``timeout`` (the guest runs on)."""
         try:
-            return self.vcpus.pause_all(timeout, on_park)
+            self.vcpus.pause_all(timeout)
         except PauseTimeout as err:
             raise GuestError(str(err)) from None
 

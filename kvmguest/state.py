@@ -313,17 +313,18 @@ class MachineState:
         return self.vm.irqchip is not None
 
     @classmethod
-    def capture(cls, machine, vcpus: list[VcpuState] | None = None) -> "MachineState":
-        """For a machine whose vCPUs are all parked (or never ran). ``vcpus``: their
-        states, read already as they parked (vcpu_reader)."""
+    def capture(cls, machine) -> "MachineState":
+        """For a machine whose vCPUs are all parked (or never ran): every vCPU is read
+        only once all are parked (a vCPU read while another still ran could miss the
+        IPI that one sends it next)."""
         if machine.running and not machine.paused:
             raise RuntimeError("machine must be paused to capture its state")
+        xsave_size = machine.kvm.check_extension(Cap.KVM_CAP_XSAVE2)   # 0: use KVM_GET_XSAVE
+        indices = machine.msr_indices()
         origin = machine.kernel.path if machine.kernel else machine.origin.get("kernel")
         cmdline = machine.cmdline if machine.kernel else machine.origin.get("cmdline", "")
-        if vcpus is None:
-            read = vcpu_reader(machine)
-            vcpus = [read(t) for t in machine.vcpus]
-        return cls(vcpus=vcpus,
+        return cls(vcpus=[VcpuState.capture(t.vcpu, t.cpuid, indices, xsave_size,
+                                            machine.irqchip) for t in machine.vcpus],
                    vm=machine.platform.capture_state(),
                    devices=machine.devices.save_state(),
                    guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
@@ -376,18 +377,10 @@ class MachineState:
         return state
 
 
-def vcpu_reader(machine):
-    """``read(thread)`` -> that vCPU's VcpuState: what each vCPU thread runs as it parks
-    (Machine.pause_all's on_park), or the pauser for each when they were parked already."""
-    xsave_size = machine.kvm.check_extension(Cap.KVM_CAP_XSAVE2)   # 0: use KVM_GET_XSAVE
-    indices, lapic = machine.msr_indices(), machine.irqchip
-    return lambda t: VcpuState.capture(t.vcpu, t.cpuid, indices, xsave_size, lapic)
-
-
 # What a save writes: a snapshot's state is MachineState.to_json().
-def save_machine(machine, vcpus: list[VcpuState] | None = None) -> dict:
+def save_machine(machine) -> dict:
     """Everything but RAM, for a machine whose vCPUs are all parked (or never ran)."""
-    return MachineState.capture(machine, vcpus).to_json()
+    return MachineState.capture(machine).to_json()
 
 
 # The paravirtual MSRs a Linux guest registers with KVM (Documentation/virt/kvm/x86/msr.rst),

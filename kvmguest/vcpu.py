@@ -59,10 +59,6 @@ class VcpuThread:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.finished = False            # the handler said the guest is finished
-        # Run by the thread itself as it parks (VcpuSet.pause_all's on_park): its result,
-        # or the exception it raised, in parked_result.
-        self.on_park: Callable[["VcpuThread"], object] | None = None
-        self.parked_result: object = None
         self.exits = 0
         self.first_run_at: float | None = None   # perf_counter() at the first KVM_RUN
         self.finished_at = 0.0
@@ -141,11 +137,6 @@ class VcpuThread:
                     # (the registers then hold what an IN returned), then park.
                     run.immediate_exit = 1
                     self.vcpu.run()
-                    if self.on_park is not None:
-                        try:
-                            self.parked_result = self.on_park(self)
-                        except Exception as err:  # noqa: BLE001 - handed to the pauser
-                            self.parked_result = err
                     self._paused.set()
                     self._resume.wait()
                     run.immediate_exit = 0

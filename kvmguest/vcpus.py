@@ -16,7 +16,6 @@ from .vcpu import VcpuThread, install_kick_handler
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 2.0
-NOT_RUN = object()           # a parked vCPU's on_park result before it has run
 
 
 class PauseTimeout(Exception):
@@ -119,34 +118,28 @@ class VcpuSet:
     def paused(self) -> bool:
         return bool(self.threads) and all(t.started and t.parked for t in self.threads)
 
-    def pause_all(self, timeout: float = PAUSE_TIMEOUT, on_park=None) -> list | None:
+    def pause_all(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """Park every vCPU at an instruction boundary, with its pending I/O completed;
         return only when all are parked (or the guest has finished). If one does not park
         within ``timeout``, every request is withdrawn (the guest runs on) and
         PauseTimeout says which.
-
-        ``on_park(thread)`` is run by each vCPU's own thread as it parks, all at once
-        (reading a vCPU's state there costs no time of the pause's: the others are still
-        parking); their results are returned in vCPU order, or None when the vCPUs were
-        parked already (a nested pause) or the guest finished: the caller does it then.
 
         Pauses nest (a checkpoint and a live save may both hold one): the guest runs
         again only when every pause_all has had its resume_all."""
         with self._pause_lock:
             self._pauses += 1
             if self._pauses > 1:
-                return None
+                return
             try:
-                return self._park_all(timeout, on_park)
+                self._park_all(timeout)
             except BaseException:
                 self._pauses -= 1
                 raise
 
-    def _park_all(self, timeout: float, on_park) -> list | None:
+    def _park_all(self, timeout: float) -> None:
         if self.done.is_set() or not self.running:
-            return None
+            return
         for t in self.threads:
-            t.on_park, t.parked_result = on_park, NOT_RUN
             t.request_pause()
         deadline = time.monotonic() + timeout
         for t in self.threads:
@@ -154,27 +147,12 @@ class VcpuSet:
             # (a signal can land just before KVM_RUN re-enters the guest).
             while not t.wait_parked(0.001):
                 if self.done.is_set():
-                    return None
+                    return
                 if time.monotonic() > deadline:
                     late = [t.index for t in self.threads if not t.parked]
                     self.release()
                     raise PauseTimeout(late, timeout)
                 t.kick()
-        if on_park is None or self.done.is_set():
-            return None
-        results = []
-        try:
-            for t in self.threads:
-                t.on_park = None
-                if t.parked_result is NOT_RUN:     # parked before (a guest's request)
-                    t.parked_result = on_park(t)
-                if isinstance(t.parked_result, Exception):
-                    raise t.parked_result
-                results.append(t.parked_result)
-        except BaseException:
-            self.release()                         # the pause failed: the guest runs on
-            raise
-        return results
 
     def resume_all(self) -> None:
         """Release every parked vCPU together (when this ends the last pause)."""
@@ -188,7 +166,6 @@ class VcpuSet:
     def release(self) -> None:
         """Resume every vCPU now, whatever pauses are held (S3 wake, a failed pause)."""
         for t in self.threads:
-            t.on_park = None
             t.resume()
 
     def park_others(self, thread: VcpuThread) -> list[VcpuThread]:

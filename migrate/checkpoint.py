@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
-from kvmguest.state import MachineState, vcpu_reader
+from kvmguest.state import MachineState
 
 from .format import CHECKPOINT_MAGIC as MAGIC
 from .format import MAX_BLOCKS, MAX_SLOT, Block, SnapshotError, parse_json
@@ -188,7 +188,7 @@ class Checkpointer:
             n += r.npages
         self._record_log = os.environ.get(RECORD_ENV)
         self._unsynced = [] if os.environ.get(POWERLOSS_ENV) else None
-        self._read_vcpu = vcpu_reader(machine)   # the MSR list read now, not in a pause
+        machine.msr_indices()            # read now, not inside the first pause
         self.client = machine.dirty.open("checkpoints")
 
     # --- the file ---
@@ -268,10 +268,10 @@ class Checkpointer:
         m = self.machine
         first = self.generation == 0
         t0 = time.perf_counter()
-        vcpu_states = m.pause_all(on_park=self._read_vcpu)   # each vCPU reads its own
+        m.pause_all()
         try:
             changed = self.client.take()     # checkpoint 1 takes all RAM instead
-            state = MachineState.capture(m, vcpu_states)   # encoded after the guest runs
+            state = MachineState.capture(m)     # encoded after the guest runs again
             data = {}
             for r in m.memory.regions:
                 if first:     # a new file: pages never written stay holes (zeros)

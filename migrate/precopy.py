@@ -20,7 +20,7 @@ from typing import Callable
 
 from kvmguest.dirty import merge_pages
 from kvmguest.memory import PAGE_SIZE as PAGE
-from kvmguest.state import save_machine, vcpu_reader
+from kvmguest.state import save_machine
 
 from .pageio import fault_point
 from .errors import SaveError, check_cancel
@@ -155,7 +155,7 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
     save = _Save(machine, path, o, progress, cancel)
     switch = sys.getswitchinterval()
     try:
-        save.read_vcpu = vcpu_reader(machine)      # the MSR list fetched now, not in the pause
+        machine.msr_indices()                      # fetched now, not during the downtime
         save.client = machine.dirty.open("live save")   # from here on, every write is logged
         dirty = save.converge()
         state = save.stop_and_copy(dirty)
@@ -198,7 +198,7 @@ class _Save:
         self.total_pages = sum(r.npages for r in machine.memory.regions)
         self.shown = _Progress(progress, self.total_pages)
         self.helper = ThreadPoolExecutor(1, thread_name_prefix="save-state")
-        self.client = self.read_vcpu = None
+        self.client = None
         self.paused = False
         self.switch = sys.getswitchinterval()
 
@@ -253,16 +253,15 @@ class _Save:
         # with 4 vCPUs); 0.1 ms keeps the hand-offs short.
         sys.setswitchinterval(1e-4)
         t_pause = time.perf_counter()
-        # Each vCPU reads its own state as it parks, all at once (vcpu_reader).
-        vcpu_states = machine.pause_all(on_park=self.read_vcpu)
+        machine.pause_all()
         if not machine.running:
             raise SaveError("the guest finished during the save; nothing was saved")
         self.paused = True
         t_paused = time.perf_counter()
         fault_point("final-pass")
-        # The VM/device state is read in the helper thread while this one writes the
+        # The vCPU/VM/device state is read in the helper thread while this one writes the
         # last pages: the ioctls and the writes overlap (ctypes and pwritev drop the GIL).
-        captured = self.helper.submit(save_machine, machine, vcpu_states)
+        captured = self.helper.submit(save_machine, machine)
         # The set harvested last (not yet written) plus what came after it.
         final = self.client.take()
         t_harvested = time.perf_counter()
