@@ -33,7 +33,7 @@ class Session:
         return ControlServer(self.args.control, on_saved=self.on_saved)
 
     def run(self, m, control):
-        """Start the guest and run it to its end; returns the machine's RunResult. Raises
+        """Start the guest and run it to its end; returns its GuestResult. Raises
         errors.Handover when the guest asked to migrate and was saved for it."""
         args = self.args
         migrator = checkpoints = None
