@@ -92,16 +92,22 @@ def run(report: Report, work: str, runs: int) -> None:
         print("QEMU 10 is not installed (scripts/setup-qemu installs it as root): "
               "kvmguest alone")
         qemu = None
-    rows = []
+    rows = []            # (who, {mark: seconds}, how it ended), QEMU's (the baselines) first
+
+    def measured(who: str, seen: dict, note: str = "") -> dict:
+        rows.append((who, seen, note))
+        print(f"  {who}: " + ", ".join(f"{m!r} at {t:.1f} s" for m, t in seen.items())
+              + (f"; {note}" if note else ""), flush=True)     # raw, as it comes
+        return seen
     for name, kernel in (("bzImage", vmlinuz), ("PVH vmlinux", vmlinux)):
         if qemu:
             seen, tail = _timeline(_qemu(qemu, kernel, initrd), [BANNER, FPU],
                                    stop_at="emulation failure")
-            rows.append((f"QEMU 10, {name}", seen, "stopped: emulation failure" if
-                         "emulation failure" in tail else tail[-200:]))
+            measured(f"QEMU 10, {name}", seen, "stopped: emulation failure" if
+                     "emulation failure" in tail else tail[-200:])
     # kvmguest: the vmlinux to QEMU's last line; the bzImage all the way, live-saved late.
-    seen, _ = _timeline(_kvmguest(vmlinux, initrd), [BANNER, FPU], stop_at=FPU)
-    rows.insert(1 if qemu else 0, ("kvmguest, PVH vmlinux", seen, ""))
+    measured("kvmguest, PVH vmlinux",
+             _timeline(_kvmguest(vmlinux, initrd), [BANNER, FPU], stop_at=FPU)[0])
     snap, sock = w / "late-boot.snap", w / "ctl.sock"
     saving: list[subprocess.Popen] = []
 
@@ -110,9 +116,9 @@ def run(report: Report, work: str, runs: int) -> None:
             saving.append(subprocess.Popen(
                 [sys.executable, "-m", "kvmguest.cli", "save", "--control", str(sock),
                  str(snap), "--then", "continue"], cwd=ROOT, stdout=subprocess.DEVNULL))
-    seen, tail = _timeline(_kvmguest(vmlinuz, initrd, "--control", sock),
-                           [BANNER, FPU, LATE_BOOT, RUN_INIT], on_line=save_late)
-    rows.insert(0, ("kvmguest, bzImage", seen, ""))
+    seen = measured("kvmguest, bzImage",
+                    _timeline(_kvmguest(vmlinuz, initrd, "--control", sock),
+                              [BANNER, FPU, LATE_BOOT, RUN_INIT], on_line=save_late)[0])
     assert saving and saving[0].wait(600) == 0, "the late-boot save failed"
     labels = {BANNER: "start_kernel", FPU: "x86/fpu (QEMU's last line here)",
               RUN_INIT: "Run /init"}
