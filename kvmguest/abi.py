@@ -163,6 +163,14 @@ class kvm_debugregs(ctypes.Structure):
                 ("reserved", u64 * 9)]
 
 
+class kvm_guest_debug_arch(ctypes.Structure):
+    _fields_ = [("debugreg", u64 * 8)]
+
+
+class kvm_guest_debug(ctypes.Structure):
+    _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
+
+
 class kvm_xsave(ctypes.Structure):
     """The legacy 4 KiB area; KVM_GET_XSAVE2 may need more (KVM_CAP_XSAVE2 says how much)."""
     _fields_ = [("region", u32 * 1024)]
@@ -232,6 +240,14 @@ class _run_emulation_failure(ctypes.Structure):
                 ("insn_bytes", u8 * 15)]
 
 
+class kvm_debug_exit_arch(ctypes.Structure):
+    _fields_ = [("exception", u32), ("pad", u32), ("pc", u64), ("dr6", u64), ("dr7", u64)]
+
+
+class _run_debug(ctypes.Structure):
+    _fields_ = [("arch", kvm_debug_exit_arch)]
+
+
 class _run_hw(ctypes.Structure):
     _fields_ = [("hardware_exit_reason", u64)]
 
@@ -242,7 +258,7 @@ class _run_system_event(ctypes.Structure):
 
 class _run_exit(ctypes.Union):
     _fields_ = [("hw", _run_hw), ("fail_entry", _run_fail_entry), ("io", _run_io),
-                ("mmio", _run_mmio), ("internal", _run_internal),
+                ("mmio", _run_mmio), ("debug", _run_debug), ("internal", _run_internal),
                 ("emulation_failure", _run_emulation_failure),
                 ("system_event", _run_system_event), ("padding", ctypes.c_char * 256)]
 
@@ -302,6 +318,7 @@ class VcpuIoctl(enum.IntEnum):
     KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
     KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9f, kvm_vcpu_events)
     KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xa0, kvm_vcpu_events)
+    KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9b, kvm_guest_debug)
     KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xa1, kvm_debugregs)
     KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xa2, kvm_debugregs)
     KVM_GET_XSAVE = _IOR(KVMIO, 0xa4, kvm_xsave)
@@ -323,7 +340,9 @@ class Cap(enum.IntEnum):
     KVM_CAP_PIT2 = 33
     KVM_CAP_ADJUST_CLOCK = 39
     KVM_CAP_VCPU_EVENTS = 41
+    KVM_CAP_SET_GUEST_DEBUG = 23
     KVM_CAP_DEBUGREGS = 50
+    KVM_CAP_READONLY_MEM = 81
     KVM_CAP_XSAVE = 55
     KVM_CAP_XCRS = 56
     KVM_CAP_MAX_VCPUS = 66
@@ -332,6 +351,7 @@ class Cap(enum.IntEnum):
     KVM_CAP_DIRTY_LOG_RING = 192
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
     KVM_CAP_XSAVE2 = 208
+    KVM_CAP_SET_GUEST_DEBUG2 = 195
 
 
 class ExitReason(enum.IntEnum):
@@ -390,6 +410,18 @@ class IrqChip(enum.IntEnum):
 
 
 KVM_PIT_SPEAKER_DUMMY = 1
+
+
+class GuestDebug(enum.IntFlag):
+    """KVM_SET_GUEST_DEBUG's control word (x86)."""
+    KVM_GUESTDBG_ENABLE = 0x1
+    KVM_GUESTDBG_SINGLESTEP = 0x2
+    KVM_GUESTDBG_USE_SW_BP = 0x10000
+    KVM_GUESTDBG_USE_HW_BP = 0x20000
+    KVM_GUESTDBG_INJECT_DB = 0x40000
+    KVM_GUESTDBG_INJECT_BP = 0x80000
+    KVM_GUESTDBG_BLOCKIRQ = 0x100000
+
 KVM_MAX_CPUID_ENTRIES = 256
 
 # Every struct, for the ABI test (name in the C headers -> ctypes type).
@@ -397,12 +429,14 @@ STRUCTS = {c.__name__: c for c in (
     kvm_userspace_memory_region, kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu,
     kvm_msr_entry, kvm_msrs, kvm_msr_list, kvm_cpuid_entry2, kvm_cpuid2, kvm_dirty_log,
     kvm_clear_dirty_log, kvm_dirty_gfn, kvm_enable_cap, kvm_mp_state, kvm_vcpu_events, kvm_debugregs,
+    kvm_guest_debug, kvm_guest_debug_arch, kvm_debug_exit_arch,
     kvm_xsave, kvm_xcr, kvm_xcrs, kvm_lapic_state, kvm_pit_channel_state, kvm_pit_state2,
     kvm_pit_config, kvm_clock_data, kvm_irqchip, kvm_irq_level, kvm_run)}
 
 IOCTLS = {m.name: int(m) for group in (SysIoctl, VmIoctl, VcpuIoctl) for m in group}
 
-CONSTANTS = {m.name: int(m) for group in (Cap, ExitReason, InternalError, IrqChip)
+CONSTANTS = {m.name: int(m) for group in (Cap, ExitReason, InternalError, IrqChip,
+                                                             GuestDebug)
              for m in group}
 CONSTANTS.update({
     "KVM_API_VERSION": KVM_API_VERSION,

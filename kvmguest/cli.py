@@ -207,6 +207,7 @@ def cmd_run(args) -> int:
         if args.control and os.path.abspath(args.control) == target:
             raise UsageError("--save and --control name the same path")
     _check_checkpoint(args)
+    _check_gdb(args)
     session = Session(args, note=_err, show=_show)
     # The socket exists before the guest boots; it is closed (saves in progress cancelled,
     # our socket removed) before the machine goes away, and also if the boot fails.
@@ -270,6 +271,7 @@ def cmd_restore(args) -> int:
         from migrate.control import check_socket_path
         check_socket_path(args.control)
     _check_checkpoint(args)
+    _check_gdb(args)
     progress = Progress("restoring")
     progress("reading", 0.0)
     try:
@@ -428,6 +430,29 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="with --checkpoint: how often (e.g. 500ms, 2s; default 1s)")
 
 
+def _gdb_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gdb", metavar="[HOST:]PORT|SOCK",
+                   help="serve gdb (`target remote`) on a localhost port or a private Unix "
+                        "socket; the guest waits for it, stopped at its first instruction")
+    p.add_argument("--gdb-wait", choices=("yes", "no"), default="yes",
+                   help="with --gdb: wait for gdb before running (default yes), or run and "
+                        "let gdb attach later")
+
+
+def _check_gdb(args) -> None:
+    if args.gdb is None:
+        if args.gdb_wait != "yes":
+            raise UsageError("--gdb-wait goes with --gdb")
+        return
+    from .gdb import parse_address
+    parse_address(args.gdb)
+    if args.guest_migrate:
+        raise UsageError("--gdb and --guest-migrate do not go together (gdb would lose the "
+                         "guest when it moves to a new process)")
+    if args.control and os.path.abspath(args.control) == os.path.abspath(args.gdb):
+        raise UsageError("--gdb and --control name the same path")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -479,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--control", metavar="SOCK",
                      help="listen on a Unix socket for `kvmguest save --control SOCK PATH`")
     _save_args(run)
+    _gdb_args(run)
     run.set_defaults(func=cmd_run)
 
     save = sub.add_parser("save", parents=[common],
@@ -514,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--control", metavar="SOCK",
                          help="listen on a Unix socket for `kvmguest save` of the restored guest")
     _checkpoint_args(restore)
+    _gdb_args(restore)
     restore.set_defaults(func=cmd_restore, save=None)
 
     inspect = sub.add_parser("inspect", parents=[common],

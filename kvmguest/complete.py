@@ -65,7 +65,7 @@ class Completer:
         if not insn:
             return False
         if insn[0] == 0xCC:
-            kind = self._int3(vcpu)
+            kind = self.deliver_bp(vcpu)
         elif insn[0] == 0x9B:
             kind = self._skip(vcpu, 1, "fwait")
         else:
@@ -91,7 +91,8 @@ class Completer:
         return kind
 
     @staticmethod
-    def _int3(vcpu) -> str:
+    def deliver_bp(vcpu) -> str:
+        """The int3 at the vCPU's RIP, carried out: #BP delivered to the guest."""
         regs = vcpu.get_regs()
         regs.rip += 1                 # #BP is a trap: it reports the next instruction
         vcpu.set_regs(regs)

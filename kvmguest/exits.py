@@ -53,6 +53,12 @@ class MmioExit(_Record):
     _defaults = {"data_addr": 0}
 
 
+class DebugExit(_Record):
+    """KVM_SET_GUEST_DEBUG stopped the guest: exception 1 (#DB: a step or a hardware
+    breakpoint, ``dr6`` says which) or 3 (#BP: an int3), at ``pc`` (linear)."""
+    __slots__ = ("exception", "pc", "dr6", "dr7")
+
+
 class HaltExit(_Record):
     __slots__ = ()
 
@@ -81,7 +87,7 @@ class OtherExit(_Record):
     __slots__ = ("reason",)
 
 
-Exit = (IoExit | MmioExit | HaltExit | ShutdownExit | FailEntryExit | InternalErrorExit
+Exit = (IoExit | MmioExit | DebugExit | HaltExit | ShutdownExit | FailEntryExit | InternalErrorExit
         | SystemEventExit | DirtyRingFullExit | OtherExit)
 
 
@@ -95,6 +101,9 @@ def decode_exit(run: abi.kvm_run) -> Exit:
     if reason == ExitReason.KVM_EXIT_MMIO:
         m = run.exit.mmio
         return MmioExit(m.phys_addr, m.len, bool(m.is_write), ctypes.addressof(m.data))
+    if reason == ExitReason.KVM_EXIT_DEBUG:
+        d = run.exit.debug.arch
+        return DebugExit(d.exception, d.pc, d.dr6, d.dr7)
     if reason == ExitReason.KVM_EXIT_HLT:
         return HaltExit()
     if reason == ExitReason.KVM_EXIT_SHUTDOWN:
@@ -122,6 +131,9 @@ def crash_message(ex: Exit) -> str | None:
     if isinstance(ex, MmioExit):
         what = "write to" if ex.is_write else "read from"
         return f"guest {what} unmapped guest-physical address {ex.gpa:#x} ({ex.length} bytes)"
+    if isinstance(ex, DebugExit):
+        return (f"debug exit (exception {ex.exception} at {ex.pc:#x}) with no debugger "
+                "attached")
     if isinstance(ex, HaltExit):
         return "guest halted with no way to wake it (no interrupt source)"
     if isinstance(ex, ShutdownExit):

@@ -341,6 +341,14 @@ class Vcpu(_Fd):
     def set_debugregs(self, regs: abi.kvm_debugregs) -> None:
         ioctl(self.fd, VcpuIoctl.KVM_SET_DEBUGREGS, regs)
 
+    def set_guest_debug(self, control: int, debugreg=(0,) * 8) -> None:
+        """KVM_SET_GUEST_DEBUG: ``control`` (abi.GuestDebug flags) and, with USE_HW_BP,
+        DR0-3 and DR7 in ``debugreg``."""
+        arg = abi.kvm_guest_debug(control=control)
+        for i, v in enumerate(debugreg):
+            arg.arch.debugreg[i] = v
+        ioctl(self.fd, VcpuIoctl.KVM_SET_GUEST_DEBUG, arg)
+
     def get_xcrs(self) -> abi.kvm_xcrs:
         return self._get(VcpuIoctl.KVM_GET_XCRS, abi.kvm_xcrs)
 

@@ -79,6 +79,8 @@ class Machine:
     """One VM: its RAM, ``vcpus`` vCPUs (each in a VcpuThread), a COM1 console, a
     debug-exit port and, by default, the in-kernel irqchip and PIT."""
 
+    debugger = None     # a gdb stub (kvmguest.gdb.GdbStub) sees the exits it may own first
+
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,
                  cmdline: str = "", stream: Callable[[bytes], None] | None = None,
                  console_capacity: int = 1 << 20, guest_memory: GuestMemory | None = None,
@@ -264,8 +266,10 @@ class Machine:
         as a guest does)."""
         return self.vcpus.error
 
-    def start(self) -> None:
-        self.vcpus.start()
+    def start(self, paused: bool = False) -> None:
+        """Start the vCPUs; ``paused``: stopped before their first instruction, held by
+        one pause (``resume_all`` lets them run)."""
+        self.vcpus.start(paused)
 
     def run(self, timeout: float | None = None) -> GuestResult:
         self.start()
@@ -352,6 +356,8 @@ class Machine:
                     return thread.stopping
                 return True                   # poweroff or reset: the run ends
             return self.devices.debug_exit.fired.is_set()
+        if self.debugger is not None and self.debugger.on_exit(thread, ex):
+            return False                      # a breakpoint or watchpoint: it parks
         if isinstance(ex, MmioExit) and self.devices.testdev.handle_mmio(ex):
             return False
         if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu, ex.insn):

@@ -189,6 +189,9 @@ class GuestMemory:
         # fault_was_flush() whether to run again. protect_seq counts the windows.
         self.protect_lock = threading.Lock()
         self.protect_seq = 0
+        # Some slots are split around read-only pages (a gdb write watchpoint, see
+        # Platform.protect_pages): dirty logging, which works per region slot, waits.
+        self.split_slots = False
 
     @classmethod
     def anonymous(cls, specs: list[RegionSpec]) -> "GuestMemory":

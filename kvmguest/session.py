@@ -36,7 +36,7 @@ class Session:
         """Start the guest and run it to its end; returns its GuestResult. Raises
         errors.Handover when the guest asked to migrate and was saved for it."""
         args = self.args
-        migrator = checkpoints = None
+        migrator = checkpoints = stub = None
         try:
             if control:
                 control.attach(m)
@@ -49,7 +49,10 @@ class Session:
                                          if args.max_migrations is None
                                          else args.max_migrations)
             deadline = time.monotonic() + args.timeout if args.timeout is not None else None
-            m.start()
+            stub = self._gdb(m)
+            m.start(paused=stub is not None and stub.holding)
+            if stub:
+                stub.start()
             console.start()
             if migrator:
                 migrator.start()
@@ -59,6 +62,8 @@ class Session:
                 checkpoints.start()
                 if control:
                     control.attach(m, checkpoints)
+                if stub:
+                    stub.attach_checkpoints(checkpoints)
             if args.save and not self._live_save(m):
                 return m.wait()
             result = m.wait(args.timeout)
@@ -72,12 +77,25 @@ class Session:
             return result
         finally:
             sys.stdout.flush()
+            if stub:
+                stub.linger()             # gdb may still be looking at the ended guest
+                stub.close()
             if checkpoints is not None:
                 checkpoints.stop()
             if control:
                 control.close()           # cancels a save in progress, removes the socket
             if migrator:
                 migrator.close()
+
+    def _gdb(self, m):
+        """The gdb stub, listening, when --gdb asked for it (not yet serving)."""
+        if not getattr(self.args, "gdb", None):
+            return None
+        from .gdb import GdbStub
+        stub = GdbStub(m, self.args.gdb, wait=self.args.gdb_wait == "yes", note=self.note)
+        self.note(f"gdb: {'the guest waits for gdb' if stub.holding else 'gdb can attach'} "
+                  f"at {stub.where} (gdb -ex 'target remote {stub.where}')")
+        return stub
 
     def _live_save(self, m) -> bool:
         """run's --save after --save-after seconds; False when the guest ended first."""

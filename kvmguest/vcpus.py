@@ -36,6 +36,11 @@ class VcpuSet:
         self._done_lock = threading.Lock()
         self._pause_lock = threading.RLock()
         self._pauses = 0
+        # Called with every vCPU parked when the first pause starts (on_parked), and
+        # before they are released when the last one ends (on_release): a debugger lifts
+        # its breakpoints out of guest memory there, so no save or checkpoint holds them.
+        self.on_parked: list = []
+        self.on_release: list = []
 
     # --- the list ---
     def add(self, thread: VcpuThread) -> None:
@@ -72,13 +77,25 @@ class VcpuSet:
     def running(self) -> bool:
         return bool(self.threads) and self.threads[0].started and not self.done.is_set()
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Start every vCPU thread; ``paused``: each parks before its first instruction
+        and this returns holding one pause (as pause_all would), for resume_all to end."""
         if self.started:
             raise RuntimeError("machine already started")
         if not install_kick_handler():
             log.warning("kick signal handler not installed (not in the main thread): "
                         "pause waits for the guest's next exit")
         self.started_at = time.monotonic()
+        if paused:
+            with self._pause_lock:
+                for t in self.threads:
+                    t.request_pause()
+                for t in self.threads:
+                    t.start()
+                self._pauses += 1
+                self._wait_parked(self.threads, PAUSE_TIMEOUT)
+                self._parked()
+            return
         for t in self.threads:
             t.start()
 
@@ -135,14 +152,22 @@ class VcpuSet:
             except BaseException:
                 self._pauses -= 1
                 raise
+            self._parked()
+
+    def _parked(self) -> None:
+        for fn in self.on_parked:
+            fn()
 
     def _park_all(self, timeout: float) -> None:
         if self.done.is_set() or not self.running:
             return
         for t in self.threads:
             t.request_pause()
+        self._wait_parked(self.threads, timeout)
+
+    def _wait_parked(self, threads, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for t in self.threads:
+        for t in threads:
             # Woken the moment the vCPU parks; kicked again every millisecond until then
             # (a signal can land just before KVM_RUN re-enters the guest).
             while not t.wait_parked(0.001):
@@ -161,7 +186,27 @@ class VcpuSet:
                 self._pauses -= 1
                 if self._pauses > 0:
                     return
+            for fn in self.on_release:
+                fn()
             self.release()
+
+    def run_one(self, thread: VcpuThread, timeout: float) -> bool:
+        """While every vCPU is held parked (a debugger's single step), let ``thread``
+        alone run until its exit handler parks it again (``request_pause``); no other
+        pause or resume happens meanwhile. False when it had not parked within
+        ``timeout`` (it is then parked by force, at its next exit or kick)."""
+        with self._pause_lock:
+            if self._pauses == 0:
+                raise RuntimeError("run_one needs the vCPUs held by a pause")
+            thread.resume()
+            parked = thread.wait_parked(timeout)
+            if not parked:
+                thread.request_pause()
+                while not thread.wait_parked(0.001):
+                    if thread.done.is_set():
+                        break
+                    thread.kick()
+            return parked
 
     def release(self) -> None:
         """Resume every vCPU now, whatever pauses are held (S3 wake, a failed pause)."""

@@ -186,6 +186,9 @@ class Checkpointer:
         for r in machine.memory.regions:
             self._base[r.slot] = n
             n += r.npages
+        # While set, the timer takes none: a debugger holds the guest stopped, and a
+        # checkpoint of that moment would leave nothing earlier to go back to.
+        self.held = threading.Event()
         self._record_log = os.environ.get(RECORD_ENV)
         self._unsynced = [] if os.environ.get(POWERLOSS_ENV) else None
         machine.msr_indices()            # read now, not inside the first pause
@@ -365,6 +368,34 @@ class Checkpointer:
                 f.write(json.dumps({"generation": taken.generation, "slot": b["slot"],
                                     "pages": pages.tolist(), "crcs": crcs}) + "\n")
 
+    def rewind(self) -> int:
+        """Put the guest (paused by the caller) back to the newest committed checkpoint,
+        in place: the pages it changed since, then the whole vCPU/VM/device state; that
+        checkpoint's generation. Nothing between it and now is replayed."""
+        m = self.machine
+        with self._lock:
+            if not self.generation:
+                raise SaveError("no checkpoint has been taken yet")
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ck = validated_checkpoint(self.path, fd)
+                saved, _ = load_checkpoint(ck, fd)
+            finally:
+                os.close(fd)
+            m.pause_all()
+            try:
+                changed = self.client.take()
+                for r in m.memory.regions:
+                    idx = changed.get(r.slot)
+                    if idx is not None and len(idx):
+                        r.pages()[idx] = saved.region_of_slot(r.slot).pages()[idx]
+                m.dirty.note_written(changed, exclude=self.client)
+                ck.decoded.apply(m)
+            finally:
+                m.resume_all()
+                saved.close()
+            return ck.record.generation
+
     # --- the thread ---
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="checkpoints", daemon=True)
@@ -373,7 +404,8 @@ class Checkpointer:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set() and self.machine.running:
-                self.take()
+                if not self.held.is_set():
+                    self.take()
                 self._stop.wait(self.every)
         except BaseException as err:   # noqa: BLE001 - reported by stop()
             if self.machine.running:

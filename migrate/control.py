@@ -51,14 +51,14 @@ class SaveFailed(KvmguestError):
     """A save asked for over the control socket failed; the guest said why."""
 
 
-def check_socket_path(path: str) -> str:
+def check_socket_path(path: str, what: str = "control socket") -> str:
     """The absolute socket path, or ControlError if it cannot be a Unix socket's."""
     if not path:
-        raise ControlError("the control socket path is empty")
+        raise ControlError(f"the {what} path is empty")
     full = os.path.abspath(path)
     n = len(os.fsencode(full))
     if n > MAX_PATH:
-        raise ControlError(f"control socket path {printable(full)} is {n} bytes; Unix sockets "
+        raise ControlError(f"{what} path {printable(full)} is {n} bytes; Unix sockets "
                            f"allow at most {MAX_PATH} (use a shorter one, e.g. under "
                            "$XDG_RUNTIME_DIR)")
     return full
@@ -89,25 +89,62 @@ def _process_name(pid: int) -> str:
         return "?"
 
 
+def _claim_path(path: str, what: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    where = printable(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{where} exists and is not a socket; not replacing it")
+    if st.st_uid != os.geteuid():
+        raise ControlError(f"{where} is a socket owned by another user (uid {st.st_uid}); "
+                           "not touching it: choose another path, e.g. under "
+                           "$XDG_RUNTIME_DIR")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)   # a stale socket left by a guest that died
+        return
+    except OSError as err:
+        raise ControlError(f"cannot check {what} {where}: {err.strerror}") from None
+    else:
+        pid, _, _ = peer_credentials(probe)
+        who = "another running guest" if _answers_status(probe) else "another program"
+        raise ControlError(f"{where} is in use by {who} (pid {pid}, "
+                           f"{printable(_process_name(pid))})")
+    finally:
+        probe.close()
+
+
+def bind_private_socket(path: str, what: str = "control socket",
+                        backlog: int = 1) -> tuple[socket.socket, str]:
+    """A listening Unix socket at ``path`` that only this user can reach (mode 0600),
+    and its absolute path. A stale socket of ours is replaced; one another process
+    answers on, a file that is not a socket, or another user's socket is not."""
+    path = check_socket_path(path, what)
+    _claim_path(path, what)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise ControlError(f"cannot create {what} {printable(path)}: {err.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock, path
+
+
 class ControlServer:
     """Listens at ``path`` for requests about ``machine`` (attach it once it exists)."""
 
     def __init__(self, path: str, machine=None, on_saved=None, on_progress=None):
-        self.path = check_socket_path(path)
         self.machine, self.on_saved = machine, on_saved
-        self._claim_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(self.path)
-            self.inode = os.lstat(self.path).st_ino
-        except OSError as err:
-            self.sock.close()
-            raise ControlError(f"cannot create control socket {printable(self.path)}: "
-                               f"{err.strerror}") from None
-        finally:
-            os.umask(old)
-        self.sock.listen(MAX_CONNECTIONS)
+        self.sock, self.path = bind_private_socket(path, "control socket", MAX_CONNECTIONS)
+        self.inode = os.lstat(self.path).st_ino
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._drains = threading.BoundedSemaphore(MAX_DRAINS)
         self._saves: list[threading.Event] = []     # cancel events of saves in progress
@@ -122,34 +159,6 @@ class ControlServer:
         self.machine = machine
         if checkpoints is not None:
             self.checkpoints = checkpoints
-
-    def _claim_path(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        where = printable(self.path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"{where} exists and is not a socket; not replacing it")
-        if st.st_uid != os.geteuid():
-            raise ControlError(f"{where} is a socket owned by another user (uid {st.st_uid}); "
-                               "not touching it: choose another path, e.g. under "
-                               "$XDG_RUNTIME_DIR")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.path)
-        except ConnectionRefusedError:
-            os.unlink(self.path)   # a stale socket left by a guest that died
-            return
-        except OSError as err:
-            raise ControlError(f"cannot check control socket {where}: {err.strerror}") from None
-        else:
-            pid, _, _ = peer_credentials(probe)
-            who = "another running guest" if _answers_status(probe) else "another program"
-            raise ControlError(f"{where} is in use by {who} (pid {pid}, "
-                               f"{printable(_process_name(pid))})")
-        finally:
-            probe.close()
 
     # --- serving -------------------------------------------------------------------------
     def _serve(self) -> None:

@@ -20,7 +20,8 @@ NESTED = {
                 "fail_entry.hardware_entry_failure_reason", "fail_entry.cpu",
                 "internal.suberror", "internal.ndata", "internal.data",
                 "emulation_failure.flags", "emulation_failure.insn_size",
-                "emulation_failure.insn_bytes", "system_event.type"],
+                "emulation_failure.insn_bytes", "system_event.type", "debug.arch.exception",
+                "debug.arch.pc", "debug.arch.dr6", "debug.arch.dr7"],
     "kvm_sregs": ["cs.selector", "tr.type", "gdt.limit", "efer", "apic_base"],
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 
+from ..errors import KvmguestError
 from ..lazy import lazy_numpy
 from ..memory import GuestMemory
 
@@ -84,6 +85,10 @@ class DirtyTracker:
         """A new client: it will see every page written from now on."""
         with self.lock:
             if not self.clients:
+                if self.memory.split_slots:
+                    raise KvmguestError("a gdb write watchpoint holds guest pages read-only: "
+                                        "delete it (or detach gdb) before saving or "
+                                        "checkpointing")
                 self.backend.start()
             # What was written before this point belongs to the clients already open
             # (and, when logging just started, is the INITIALLY_SET baseline: dropped).

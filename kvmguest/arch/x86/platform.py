@@ -23,6 +23,9 @@ DIRTY_LOGS = ("auto", "bitmap", "ring")
 # 1/4/16/64 GiB, 2000 pages dirtied (2026-11-26, kvm_pvm): the lines cross between 16
 # and 64 GiB.
 DIRTY_RING_FROM = 32 << 30
+# Slot ids for the pieces of a RAM region split around read-only (watched) pages; the
+# region's own slot keeps its first piece.
+PIECE_SLOTS = 0x1000
 
 
 def open_kvm() -> Kvm:
@@ -71,6 +74,8 @@ class Platform:
             except KvmUnavailable as err:
                 raise KvmUnavailable(f"{err} (run with --no-irqchip)") from None
         self.vm = kvm.create_vm()
+        self.protected: frozenset[int] = frozenset()    # read-only RAM pages (protect_pages)
+        self._pieces: dict[int, list] = {}               # region slot -> its slots when split
         try:
             self._dirty_log(vcpus, ram, dirty_log, ring_entries)
             if kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
@@ -106,6 +111,44 @@ class Platform:
             self.vm.create_irqchip()
             if self.pit:
                 self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+
+    def protect_pages(self, memory, pages) -> None:
+        """Make the RAM pages at guest-physical ``pages`` (page-aligned) read-only to the
+        guest and every other page writable again: each region whose set changed gets
+        its memory slots laid out anew (call with the vCPUs parked). A guest write to a
+        read-only page becomes an MMIO exit carrying the data, at any CPL. Refused while
+        dirty logging runs (its bitmaps are per slot)."""
+        pages = frozenset(pages)
+        if pages == self.protected:
+            return
+        if pages and not self.kvm.check_extension(Cap.KVM_CAP_READONLY_MEM):
+            raise UsageError("this host's KVM has no read-only memory slots "
+                             "(KVM_CAP_READONLY_MEM)")
+        for r in memory.regions:
+            want = sorted(p for p in pages if r.contains(p, abi.PAGE_SIZE))
+            if want == sorted(p for p in self.protected if r.contains(p, abi.PAGE_SIZE)):
+                continue
+            for slot, gpa, _, _ in self._pieces.pop(r.slot, [(r.slot, r.gpa, r.size, 0)]):
+                self.vm.set_user_memory_region(slot, gpa, 0, r.host_addr + gpa - r.gpa)
+            pieces, cursor = [], r.gpa
+            for p in want + [r.end]:
+                if cursor < p:
+                    pieces.append((cursor, p - cursor, 0))
+                if p < r.end:
+                    pieces.append((p, abi.PAGE_SIZE, abi.MemFlag.KVM_MEM_READONLY))
+                cursor = p + abi.PAGE_SIZE
+            placed = [(r.slot if i == 0 else PIECE_SLOTS + (r.slot << 8) + i, gpa, size, flags)
+                      for i, (gpa, size, flags) in enumerate(pieces)]
+            for slot, gpa, size, flags in placed:
+                self.vm.set_user_memory_region(slot, gpa, size, r.host_addr + gpa - r.gpa,
+                                               flags)
+            if want:
+                self._pieces[r.slot] = placed
+        self.protected = pages
+        memory.split_slots = bool(pages)
+
+    def is_protected(self, gpa: int) -> bool:
+        return gpa & ~(abi.PAGE_SIZE - 1) in self.protected
 
     def dirty_tracker(self, memory, vcpus) -> DirtyTracker:
         """Dirty tracking of ``memory`` through the log chosen at creation (the ring

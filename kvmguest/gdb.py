@@ -1,0 +1,899 @@
+"""A GDB remote stub for a running (or restored) machine: all-stop, each vCPU a thread.
+
+    kvmguest run guests/build/debug.elf --gdb 1234      # waits for gdb
+    gdb guests/build/debug.elf -ex 'target remote :1234'
+
+What a stop is: every vCPU parked (``Machine.pause_all``), the stub holding that pause
+until gdb resumes. Breakpoints and watchpoints, by packet:
+
+- ``Z0`` software: an ``int3`` written into guest RAM while the guest runs, and lifted
+  out whenever the vCPUs are parked (``VcpuSet.on_parked``), so a save, a checkpoint or a
+  gdb memory read never sees it. A hit arrives as KVM's debug exit (#BP, with
+  ``KVM_GUESTDBG_USE_SW_BP``) or, where KVM cannot emulate ``int3`` in kernel code
+  (kvm_pvm), as an emulation failure at it; an ``int3`` that is not ours goes to the
+  guest as #BP.
+- ``Z1`` hardware: DR0-3 through ``KVM_SET_GUEST_DEBUG``.
+- ``Z2`` write watchpoints: the watched pages are made read-only to the guest (their
+  memory slot split around them, arch.x86.platform); a guest write to them comes back as
+  an MMIO exit, which the stub carries out and, when it touched the watched bytes,
+  reports. Exact on every host and at every CPL.
+- ``Z3``/``Z4`` read and access watchpoints: debug registers, where the host fires them
+  (not kvm_pvm: refused there, with the reason).
+
+A single step (``vCont;s``) runs one vCPU alone (``VcpuSet.run_one``) with
+SINGLESTEP|BLOCKIRQ, so it never lands in an interrupt handler. Memory is read and
+written by guest-virtual address through the selected vCPU's page tables, or physical
+after ``monitor phys on``. ``monitor snapshot PATH`` saves the stopped guest; with
+continuous checkpoints, ``reverse-continue``/``reverse-stepi`` go back to the newest
+checkpoint (the start of the recorded history: nothing is replayed in between).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import socket
+import threading
+from collections import deque
+
+from . import abi
+from .abi import GuestDebug
+from .arch.x86 import gdbregs, linux, regs
+from .errors import KvmguestError, UsageError
+from .exits import DebugExit, InternalErrorExit, MmioExit
+
+log = logging.getLogger(__name__)
+
+PAGE = abi.PAGE_SIZE
+STEP_TIMEOUT = 1.0              # a step that has not completed by then is reported anyway
+SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
+DR6_BS = 1 << 14                # single step
+DR7_GE = 1 << 9
+DR7_RW_ACCESS = 3               # break on data reads or writes
+MAX_PACKET = 0x4000
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
+MONITOR_HELP = """kvmguest monitor commands:
+  snapshot PATH    save the stopped guest (kvmguest restore PATH --gdb ... carries on)
+  phys on|off      memory packets address guest-physical (on) or -virtual memory (off)
+  checkpoints      the checkpoint reverse execution goes back to
+  goto N           go to checkpoint generation N (the newest is the only one kept)
+  help             this text
+"""
+
+
+class GdbError(KvmguestError):
+    """The gdb socket could not be set up."""
+
+
+def parse_address(spec: str):
+    """``[HOST:]PORT`` (HOST a loopback name) -> ("tcp", host, port); anything with a
+    slash, or not a port, -> ("unix", path)."""
+    host, _, port = spec.rpartition(":")
+    if port.isdigit() and "/" not in spec:
+        n = int(port)
+        if not 0 < n < 65536:
+            raise UsageError(f"--gdb port {n} is out of range (1-65535)")
+        host = host.strip("[]") or "127.0.0.1"
+        if host not in LOOPBACK:
+            raise UsageError(f"--gdb listens on this machine only (localhost, 127.0.0.1 or "
+                             f"::1), not {host!r}: the stub gives full control of the guest")
+        return "tcp", host, n
+    return "unix", spec
+
+
+def listen(spec: str) -> tuple[socket.socket, str, str | None]:
+    """The listening socket for ``spec``, how to reach it (as gdb's ``target remote``
+    takes it) and its path when it is a Unix socket. A Unix socket is private to this user (mode 0600; the control socket's
+    rules: a stale one is replaced, one in use is not)."""
+    kind, *where = parse_address(spec)
+    if kind == "unix":
+        from migrate.control import bind_private_socket
+        sock, path = bind_private_socket(where[0], "gdb socket")
+        return sock, path, path
+    host, port = where
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise GdbError(f"cannot listen for gdb on {host}:{port}: {err.strerror}") from None
+    sock.listen(1)
+    return sock, f"{host}:{sock.getsockname()[1]}", None
+
+
+# --- the wire ---------------------------------------------------------------------------
+def checksum(data: bytes) -> int:
+    return sum(data) & 0xFF
+
+
+def escape(data: bytes) -> bytes:
+    """Binary data in a packet: '#', '$', '}' and '*' escaped as '}' + byte ^ 0x20."""
+    out = bytearray()
+    for b in data:
+        if b in b"#$}*":
+            out += bytes((0x7D, b ^ 0x20))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape(data: bytes) -> bytes:
+    out, it = bytearray(), iter(data)
+    for b in it:
+        out.append(next(it) ^ 0x20 if b == 0x7D else b)
+    return bytes(out)
+
+
+class Connection:
+    """One gdb client: packets in and out, acks until gdb turns them off."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf, self.acks = sock, bytearray(), True
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _fill(self) -> bool:
+        try:
+            data = self.sock.recv(65536)
+        except OSError:
+            data = b""
+        self.buf += data
+        return bool(data)
+
+    def read(self, block: bool = True):
+        """The next packet's payload (bytes), "interrupt" for Ctrl-C, None when gdb has
+        gone; with ``block`` False, "" when nothing complete has arrived yet."""
+        while True:
+            while self.buf and self.buf[0] in b"+-":
+                if self.buf[0] == ord("-") and self._last:
+                    self.sock.sendall(self._last)
+                del self.buf[0]
+            if self.buf[:1] == b"\x03":
+                del self.buf[0]
+                return "interrupt"
+            start = self.buf.find(b"$")
+            end = self.buf.find(b"#", start)
+            if start >= 0 and end >= 0 and len(self.buf) >= end + 3:
+                payload = bytes(self.buf[start + 1:end])
+                try:
+                    good = int(self.buf[end + 1:end + 3], 16) == checksum(payload)
+                except ValueError:
+                    good = False
+                del self.buf[:end + 3]
+                if self.acks:
+                    self.sock.sendall(b"+" if good else b"-")
+                if good:
+                    return payload
+                continue
+            if start > 0:
+                del self.buf[:start]
+            elif start < 0 and self.buf and self.buf[0] not in b"+-\x03":
+                self.buf.clear()
+            if not block and not select.select([self.sock], [], [], 0)[0]:
+                return ""
+            if not self._fill():
+                return None
+
+    def send(self, payload: bytes | str) -> None:
+        if isinstance(payload, str):
+            payload = payload.encode()
+        packet = b"$" + payload + b"#%02x" % checksum(payload)
+        self._last = packet if self.acks else b""
+        try:
+            self.sock.sendall(packet)
+        except OSError:
+            pass
+
+    def console(self, text: str) -> None:
+        """Text for gdb's console (an 'O' packet: while the target runs, or in a monitor
+        command's answer)."""
+        self.send(b"O" + text.encode().hex().encode())
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --- breakpoints and watchpoints ------------------------------------------------------
+class SoftBreakpoints:
+    """int3 bytes, in guest RAM only while the vCPUs run (see the module docstring)."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.at: dict[int, int] = {}          # linear address -> guest-physical
+        self.saved: dict[int, bytes] = {}     # guest-physical -> original byte, inserted
+        self.lock = threading.Lock()
+
+    def insert(self) -> None:
+        with self.lock:
+            for gpa in set(self.at.values()) - set(self.saved):
+                self.saved[gpa] = self.memory.read(gpa, 1)
+                self.memory.write(gpa, b"\xcc")
+
+    def lift(self) -> None:
+        with self.lock:
+            for gpa, byte in self.saved.items():
+                self.memory.write(gpa, byte)
+            self.saved.clear()
+
+    def inserted_at(self, linear: int) -> bool:
+        with self.lock:
+            return self.at.get(linear) in self.saved
+
+
+class Stop:
+    """Why the guest stopped: the signal, the vCPU, and what gdb is told of the reason."""
+
+    def __init__(self, thread: int, signal: int = SIGTRAP, reason: str = ""):
+        self.thread, self.signal, self.reason = thread, signal, reason
+
+    def reply(self) -> str:
+        return f"T{self.signal:02x}thread:{self.thread + 1:x};{self.reason}"
+
+
+class GdbStub:
+    """Serves gdb for ``machine``. ``wait``: the machine was started paused (``start(
+    paused=True)``) and the stub holds that pause until gdb resumes the guest.
+    ``checkpoints``: the guest's Checkpointer, for reverse execution. ``note`` tells the
+    user one line (stderr, through the CLI)."""
+
+    def __init__(self, machine, spec: str, wait: bool = True, checkpoints=None,
+                 note=lambda text: None):
+        self.m, self.checkpoints, self.note = machine, checkpoints, note
+        self.sock, self.where, self.unix_path = listen(spec)
+        self.holding = wait                   # the stub holds a pause: the guest is stopped
+        self.conn: Connection | None = None
+        self.stop = Stop(0)
+        self.current = 0                      # Hg: the vCPU registers and memory refer to
+        self.phys = False
+        self.soft = SoftBreakpoints(machine.memory)
+        self.hard: dict[int, int] = {}        # linear address -> DR index (execution)
+        self.data: dict[tuple[int, int], int] = {}   # access watchpoints: (addr, len) -> DR
+        self.watches: dict[tuple[int, int], list[tuple[int, int]]] = {}  # -> gpa pieces
+        self.events: deque[Stop] = deque()
+        self._events_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = threading.Event()
+        self._said: set[str] = set()
+        self.ended_reported = False
+        self.attached = threading.Event()
+        machine.debugger = self
+        machine.vcpus.on_parked.append(self.soft.lift)
+        machine.vcpus.on_release.append(self.soft.insert)
+        self._thread = threading.Thread(target=self._serve, name="gdb", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def attach_checkpoints(self, checkpoints) -> None:
+        """The guest's Checkpointer: reverse execution goes back to its newest checkpoint;
+        it takes none while gdb holds the guest stopped."""
+        self.checkpoints = checkpoints
+        if self.holding:
+            checkpoints.held.set()
+
+    # --- called from vCPU threads ----------------------------------------------------
+    def on_exit(self, thread, ex) -> bool:
+        """A vCPU exit the debugger may own; True when it did (the vCPU parks)."""
+        if isinstance(ex, DebugExit):
+            stop = self._debug_stop(thread, ex)
+            if stop is None:
+                return True
+        elif isinstance(ex, InternalErrorExit) and ex.insn[:1] == b"\xcc":
+            if not self.soft.inserted_at(self._linear_pc(thread.vcpu)):
+                return False                  # the guest's own int3: the completer's
+            stop = Stop(thread.index, SIGTRAP, "swbreak:;")
+        elif isinstance(ex, MmioExit) and ex.is_write and self.watches:
+            stop = self._watched_write(thread, ex)
+            if stop is False:
+                return False
+        else:
+            return False
+        if stop is not None:
+            thread.request_pause()
+            with self._events_lock:
+                self.events.append(stop)
+            os.write(self._wake_w, b"!")
+        return True
+
+    def _debug_stop(self, thread, ex: DebugExit) -> Stop | None:
+        if ex.exception == 3:
+            if self.soft.inserted_at(ex.pc):
+                return Stop(thread.index, SIGTRAP, "swbreak:;")
+            from .complete import Completer
+            Completer.deliver_bp(thread.vcpu)   # the guest's own int3
+            return None
+        hit = [i for i in range(4) if ex.dr6 & (1 << i)]
+        for (addr, _), dr in self.data.items():
+            if dr in hit:
+                return Stop(thread.index, SIGTRAP, f"awatch:{addr:x};")
+        if hit:
+            return Stop(thread.index, SIGTRAP, "hwbreak:;")
+        return Stop(thread.index, SIGTRAP)
+
+    def _watched_write(self, thread, ex: MmioExit):
+        """A guest write to a read-only (watched) page: carry it out; a Stop when it
+        touched watched bytes, None when not, False when the page is not watched."""
+        if not self.m.platform.is_protected(ex.gpa):
+            return False
+        data = ctypes.string_at(ex.data_addr, ex.length)
+        self.m.memory.write(ex.gpa, data)
+        for (addr, _), pieces in self.watches.items():
+            if any(g < ex.gpa + ex.length and ex.gpa < g + n for g, n in pieces):
+                return Stop(thread.index, SIGTRAP, f"watch:{addr:x};")
+        return None
+
+    @staticmethod
+    def _linear_pc(vcpu) -> int:
+        r, s = vcpu.get_regs(), vcpu.get_sregs()
+        return r.rip if s.efer & regs.EFER_LMA else (s.cs.base + r.rip) & 0xFFFFFFFF
+
+    # --- the server --------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                r, _, _ = select.select([self.sock], [], [], 0.2)
+                if not r:
+                    continue
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conn = Connection(client)
+            self.attached.set()
+            try:
+                self._session()
+            except Exception as err:      # noqa: BLE001 - a stub bug must not kill the guest
+                log.error("gdb stub: %s; gdb is disconnected, the guest runs on", err,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+            finally:
+                self._detach()
+                self.conn.close()
+                self.conn = None
+                self.attached.clear()
+
+    def _session(self) -> None:
+        if not self.holding and not self.m.vcpus.done.is_set():
+            self._halt()
+            self.stop = Stop(self.current, SIGINT)
+        while True:
+            pkt = self.conn.read()
+            if pkt is None:
+                return
+            if pkt == "interrupt":
+                continue                       # already stopped
+            answer = self._packet(pkt)
+            if answer is _GONE:
+                return
+            if answer is not None:
+                self.conn.send(answer)
+
+    def _halt(self) -> None:
+        """Stop the guest (all vCPUs parked) and hold it so."""
+        if not self.holding and not self.m.vcpus.done.is_set():
+            self.m.pause_all()
+            self.holding = True
+            if self.checkpoints is not None:
+                self.checkpoints.held.set()
+
+    def _release(self) -> None:
+        if self.holding:
+            self.holding = False
+            if self.checkpoints is not None:
+                self.checkpoints.held.clear()
+            self.m.resume_all()
+
+    def _detach(self) -> None:
+        """gdb left: no breakpoint or watchpoint stays, KVM debugging is off, the guest
+        runs on."""
+        self.soft.at.clear()
+        self.hard.clear()
+        self.data.clear()
+        try:
+            if self.watches:
+                self.watches.clear()
+                self._protect()
+            if not self.m.vcpus.done.is_set():
+                for t in self.m.vcpus:
+                    t.vcpu.set_guest_debug(0)
+        except KvmguestError as err:
+            log.error("gdb stub: after gdb left: %s", err)
+        finally:
+            self._release()
+
+    # --- packets -----------------------------------------------------------------------
+    def _packet(self, pkt: bytes):
+        head = pkt[:1]
+        text = pkt.decode("latin-1")
+        try:
+            if text.startswith("q") or text.startswith("Q"):
+                return self._query(text)
+            if text.startswith("v"):
+                return self._v(text)
+            handler = {
+                "?": lambda: self.stop.reply() if not self.m.vcpus.done.is_set()
+                else self._ended(),
+                "g": self._read_registers, "G": lambda: self._write_registers(text[1:]),
+                "p": lambda: self._read_register(int(text[1:], 16)),
+                "P": lambda: self._write_register(text[1:]),
+                "m": lambda: self._read_memory(text[1:]),
+                "M": lambda: self._write_memory_hex(text[1:]),
+                "X": lambda: self._write_memory_binary(pkt[1:]),
+                "H": lambda: self._select_thread(text[1:]),
+                "T": lambda: "OK" if self._thread_of(text[1:]) is not None else "E01",
+                "Z": lambda: self._breakpoint(text[1:], True),
+                "z": lambda: self._breakpoint(text[1:], False),
+                "c": lambda: self._resume(None),
+                "s": lambda: self._resume(self.current),
+                "D": self._detach_packet, "k": self._kill,
+                "b": lambda: self._reverse(text[1:2]),
+            }.get(chr(head[0]) if head else "")
+            return handler() if handler else ""
+        except (ValueError, IndexError):
+            return "E01"
+        except KvmguestError as err:
+            log.warning("gdb: %s", err)
+            return "E02"
+
+    def _query(self, text: str):
+        name, _, arg = text.partition(":")
+        if name == "qSupported":
+            features = ["PacketSize=%x" % MAX_PACKET, "qXfer:features:read+",
+                        "QStartNoAckMode+", "swbreak+", "hwbreak+", "vContSupported+"]
+            if self.checkpoints is not None:
+                features += ["ReverseContinue+", "ReverseStep+"]
+            return ";".join(features)
+        if name == "QStartNoAckMode":
+            self.conn.send("OK")
+            self.conn.acks = False
+            return None
+        if name == "qXfer" and arg.startswith("features:read:target.xml:"):
+            off, length = (int(x, 16) for x in arg.rsplit(":", 1)[1].split(","))
+            xml = gdbregs.target_xml()
+            chunk = xml[off:off + length]
+            return (b"l" if off + length >= len(xml) else b"m") + escape(chunk)
+        if text == "qfThreadInfo":
+            return "m" + ",".join(f"{t.index + 1:x}" for t in self.m.vcpus)
+        if text == "qsThreadInfo":
+            return "l"
+        if text == "qC":
+            return f"QC{self.current + 1:x}"
+        if text == "qAttached":
+            return "1"
+        if name.startswith("qThreadExtraInfo"):
+            t = self._thread_of(text.split(",", 1)[1])
+            return self._describe_vcpu(t).encode().hex() if t is not None else "E01"
+        if name == "qRcmd":
+            return self._monitor(bytes.fromhex(text.split(",", 1)[1]).decode())
+        if text == "qSymbol::":
+            return "OK"
+        return ""
+
+    def _v(self, text: str):
+        if text == "vCont?":
+            return "vCont;c;C;s;S"
+        if text.startswith("vCont;"):
+            step = None
+            for action in text[6:].split(";"):
+                verb, _, tid = action.partition(":")
+                if verb[:1] in ("s", "S"):
+                    t = self._thread_of(tid) if tid else self.m.vcpus[self.current]
+                    step = t.index if t is not None else self.current
+            return self._resume(step)
+        if text.startswith("vKill"):
+            return self._kill()
+        if text == "vMustReplyEmpty":
+            return ""
+        return ""
+
+    # --- threads and registers --------------------------------------------------------
+    def _thread_of(self, tid: str):
+        """The VcpuThread for a gdb thread id (1-based; -1 and 0: any), or None."""
+        tid = tid.split(".")[-1] if tid.startswith("p") else tid
+        n = int(tid, 16) if tid not in ("-1", "") else 0
+        if n <= 0:
+            return self.m.vcpus[self.current]
+        return self.m.vcpus[n - 1] if n <= len(self.m.vcpus) else None
+
+    def _select_thread(self, arg: str) -> str:
+        t = self._thread_of(arg[1:])
+        if t is None:
+            return "E01"
+        if arg[:1] == "g":
+            self.current = t.index
+        return "OK"
+
+    def _describe_vcpu(self, t) -> str:
+        try:
+            s = t.vcpu.get_sregs()
+            mp = t.vcpu.get_mp_state().mp_state
+        except KvmguestError:
+            return f"vCPU {t.index}"
+        mode = ("long mode" if s.efer & regs.EFER_LMA else
+                "protected mode" if s.cr0 & regs.X86_CR0_PE else "real mode")
+        state = {abi.KVM_MP_STATE_UNINITIALIZED: ", waiting for INIT/SIPI",
+                 abi.KVM_MP_STATE_HALTED: ", halted"}.get(mp, "")
+        return f"vCPU {t.index}, {mode}, CPL{s.cs.selector & 3}{state}"
+
+    def _state(self):
+        v = self.m.vcpus[self.current].vcpu
+        return v, v.get_regs(), v.get_sregs(), v.get_fpu()
+
+    def _read_registers(self) -> str:
+        _, r, s, f = self._state()
+        return b"".join(gdbregs.values(r, s, f)).hex()
+
+    def _read_register(self, n: int) -> str:
+        if n >= len(gdbregs.REGISTERS):
+            return "E01"
+        _, r, s, f = self._state()
+        return gdbregs.values(r, s, f)[n].hex()
+
+    def _write_register(self, arg: str) -> str:
+        n, _, value = arg.partition("=")
+        return self._apply_registers({int(n, 16): bytes.fromhex(value)})
+
+    def _write_registers(self, data: str) -> str:
+        raw = bytes.fromhex(data)
+        _, r, s, f = self._state()
+        now = gdbregs.values(r, s, f)
+        changed = {}
+        for i, off in enumerate(gdbregs.OFFSETS):
+            new = raw[off:off + len(now[i])]
+            if len(new) == len(now[i]) and new != now[i]:
+                changed[i] = new
+        return self._apply_registers(changed)
+
+    def _apply_registers(self, changed: dict) -> str:
+        v, r, s, f = self._state()
+        touched = {gdbregs.write(n, raw, r, s, f) for n, raw in changed.items()}
+        if "regs" in touched:
+            v.set_regs(r)
+        if "sregs" in touched:
+            v.set_sregs(s)
+        if "fpu" in touched:
+            v.set_fpu(f)
+        return "OK"
+
+    # --- memory ---------------------------------------------------------------------------
+    def _pieces(self, addr: int, length: int):
+        """(guest-physical, length) runs for ``length`` bytes at ``addr``, stopping at the
+        first byte that is not mapped or not RAM."""
+        sregs = None if self.phys else self.m.vcpus[self.current].vcpu.get_sregs()
+        out = []
+        while length > 0:
+            n = min(length, PAGE - (addr & (PAGE - 1)))
+            gpa = addr if sregs is None else regs.translate(self.m.memory, addr, sregs)
+            if gpa is None or not self.m.memory.is_ram(gpa, n):
+                break
+            out.append((gpa, n))
+            addr, length = addr + n, length - n
+        return out
+
+    def _read_memory(self, arg: str) -> str:
+        addr, length = (int(x, 16) for x in arg.split(","))
+        data = b"".join(self.m.memory.read(g, n) for g, n in self._pieces(addr, length))
+        return data.hex() if data or not length else "E14"
+
+    def _write_memory(self, addr: int, data: bytes) -> str:
+        pieces = self._pieces(addr, len(data))
+        if sum(n for _, n in pieces) != len(data):
+            return "E14"
+        for gpa, n in pieces:
+            self.m.memory.write(gpa, data[:n])
+            data = data[n:]
+        return "OK"
+
+    def _write_memory_hex(self, arg: str) -> str:
+        where, _, hexdata = arg.partition(":")
+        addr, _ = (int(x, 16) for x in where.split(","))
+        return self._write_memory(addr, bytes.fromhex(hexdata))
+
+    def _write_memory_binary(self, arg: bytes) -> str:
+        where, _, data = arg.partition(b":")
+        addr, _ = (int(x, 16) for x in where.split(b","))
+        return self._write_memory(addr, unescape(data))
+
+    # --- breakpoints ---------------------------------------------------------------------
+    def _breakpoint(self, arg: str, insert: bool) -> str:
+        kind, addr, size = arg.split(",")[:3]
+        addr, size = int(addr, 16), int(size.split(";")[0], 16)
+        if kind == "0":
+            if not insert:
+                self.soft.at.pop(addr, None)
+                return "OK"
+            pieces = self._pieces(addr, 1)
+            if not pieces:
+                return "E14"
+            self.soft.at[addr] = pieces[0][0]
+            return "OK"
+        if kind == "1":
+            if not insert:
+                self.hard.pop(addr, None)
+                return "OK"
+            if addr not in self.hard:
+                dr = self._free_debug_register()
+                if dr is None:
+                    return "E28"            # all four in use: gdb says so
+                self.hard[addr] = dr
+            return "OK"
+        if kind == "2":
+            return self._watch(addr, size, insert)
+        if kind == "4":
+            return self._access_watch(addr, size, insert)
+        return ""
+
+    def _free_debug_register(self) -> int | None:
+        used = set(self.hard.values()) | set(self.data.values())
+        return next((i for i in range(4) if i not in used), None)
+
+    def _access_watch(self, addr: int, size: int, insert: bool) -> str:
+        """An access watchpoint in a debug register (x86 has none for reads alone: gdb's
+        ``rwatch`` is refused, as on native x86)."""
+        if not insert:
+            self.data.pop((addr, size), None)
+            return "OK"
+        if linux.emulating_host():
+            self._say_once("data-dr", "kvmguest: this host's KVM (kvm_pvm) never fires "
+                           "debug-register data watchpoints: access watchpoints are refused "
+                           "(write watchpoints work: `watch`)\n")
+            return ""
+        if size not in (1, 2, 4, 8) or addr % size:
+            return "E22"
+        dr = self._free_debug_register()
+        if dr is None:
+            return "E28"
+        self.data[(addr, size)] = dr
+        return "OK"
+
+    def _watch(self, addr: int, size: int, insert: bool) -> str:
+        key = (addr, size)
+        if not insert:
+            if self.watches.pop(key, None) is not None:
+                self._protect()
+            return "OK"
+        if self.m.dirty.enabled:
+            self._say_once("watch-dirty", "kvmguest: a write watchpoint cannot be set while "
+                           "the guest's pages are being tracked (checkpoints or a save)\n")
+            return "E16"
+        pieces = self._pieces(addr, size)
+        if sum(n for _, n in pieces) != size:
+            return "E14"
+        self.watches[key] = pieces
+        try:
+            self._protect()
+        except KvmguestError:
+            del self.watches[key]
+            self._protect()
+            raise
+        return "OK"
+
+    def _protect(self) -> None:
+        pages = {g & ~(PAGE - 1) for pieces in self.watches.values() for g, n in pieces}
+        pages |= {(g + n - 1) & ~(PAGE - 1) for pieces in self.watches.values()
+                  for g, n in pieces}
+        self.m.platform.protect_pages(self.m.memory, pages)
+
+    def _arm(self, thread, step: bool) -> None:
+        """KVM_SET_GUEST_DEBUG for ``thread``: the breakpoints, and a single step."""
+        control = GuestDebug.KVM_GUESTDBG_ENABLE | GuestDebug.KVM_GUESTDBG_USE_SW_BP
+        if step:
+            control |= GuestDebug.KVM_GUESTDBG_SINGLESTEP | GuestDebug.KVM_GUESTDBG_BLOCKIRQ
+        dr = [0] * 8
+        dr7 = 0
+        for addr, i in self.hard.items():
+            dr[i] = addr
+            dr7 |= 1 << (2 * i)
+        for (addr, size), i in self.data.items():
+            dr[i] = addr
+            length = {1: 0, 2: 1, 4: 3, 8: 2}[size]
+            dr7 |= 1 << (2 * i) | (DR7_RW_ACCESS | length << 2) << (16 + 4 * i)
+        if dr7:
+            control |= GuestDebug.KVM_GUESTDBG_USE_HW_BP
+            dr[7] = dr7 | DR7_GE
+        thread.vcpu.set_guest_debug(int(control), dr)
+
+    # --- running -----------------------------------------------------------------------
+    def _resume(self, step: int | None):
+        """Continue every vCPU (``step`` None) or single-step vCPU ``step`` alone; the
+        stop reply once the guest has stopped again (or ended)."""
+        if self.m.vcpus.done.is_set():
+            return self._ended()
+        with self._events_lock:
+            pending = self.events.popleft() if self.events else None
+        if pending is not None and step is None:
+            self.stop = pending
+            return pending.reply()
+        if step is not None:
+            return self._step(self.m.vcpus[step])
+        for t in self.m.vcpus:
+            self._arm(t, False)
+        self._drain_wake()
+        self._release()
+        return self._wait_for_stop()
+
+    def _step(self, thread):
+        self._arm(thread, True)
+        self._drain_wake()
+        before = thread.vcpu.get_regs().rip
+        completed = self.m.vcpus.run_one(thread, STEP_TIMEOUT)
+        self._arm(thread, False)
+        with self._events_lock:
+            mine = [e for e in self.events if e.thread == thread.index]
+            self.events.clear()
+        if self.m.vcpus.done.is_set():
+            return self._ended()
+        if not completed and thread.vcpu.get_regs().rip == before:
+            self._cannot_stop_here(thread)
+        self.stop = mine[0] if mine and mine[0].reason else Stop(thread.index)
+        return self.stop.reply()
+
+    def _cannot_stop_here(self, thread) -> None:
+        if thread.vcpu.get_sregs().cs.selector & 3 == 3 and linux.emulating_host():
+            self._say_once("cpl3", "kvmguest: this host's KVM (kvm_pvm) runs CPL3 code "
+                           "natively: single steps and breakpoints there do not stop it\n")
+
+    def _wait_for_stop(self):
+        """Wait while the guest runs: a breakpoint, a watchpoint, Ctrl-C or its end."""
+        while True:
+            ready, _, _ = select.select([self.conn, self._wake_r], [], [], 0.1)
+            if self._wake_r in ready:
+                self._drain_wake()
+                with self._events_lock:
+                    stop = self.events.popleft() if self.events else None
+                if stop is not None:
+                    self._halt()
+                    self._keep_watch_events()
+                    self.stop = stop
+                    return stop.reply()
+            if self.conn in ready:
+                pkt = self.conn.read(block=False)
+                if pkt is None:
+                    return _GONE
+                if pkt == "interrupt":
+                    self._halt()
+                    self.stop = Stop(self.current, SIGINT)
+                    return self.stop.reply()
+            if self.m.vcpus.done.is_set():
+                return self._ended()
+
+    def _keep_watch_events(self) -> None:
+        """After a stop, other vCPUs' breakpoint hits are dropped (they hit again when the
+        guest resumes); a watched write has happened and is kept for the next resume."""
+        with self._events_lock:
+            kept = [e for e in self.events if e.reason.startswith("watch")]
+            self.events.clear()
+            self.events.extend(kept)
+
+    def _drain_wake(self) -> None:
+        while select.select([self._wake_r], [], [], 0)[0]:
+            os.read(self._wake_r, 4096)
+
+    def _ended(self) -> str:
+        """The reply once the guest has ended: its exit status, or SIGSEGV at the crash
+        (the registers stay readable until gdb detaches)."""
+        self.holding = False
+        if self.m.vcpus.error is not None and not self.ended_reported:
+            self.ended_reported = True
+            failed = next((t.index for t in self.m.vcpus if t.error is not None), 0)
+            self.stop = Stop(failed, SIGSEGV)
+            return self.stop.reply()
+        if self.m.vcpus.error is not None:
+            return f"X{SIGSEGV:02x}"
+        code = self.m.devices.debug_exit.result
+        return f"W{(code if code is not None else 0) & 0xFF:02x}"
+
+    def _detach_packet(self):
+        self.conn.send("OK")
+        return _GONE
+
+    def _kill(self):
+        self.m.vcpus.stop()
+        self.holding = False
+        return _GONE
+
+    # --- monitor and time ----------------------------------------------------------------
+    def _monitor(self, command: str) -> str:
+        words = command.split()
+        verb = words[0] if words else "help"
+        try:
+            if verb == "snapshot" and len(words) == 2:
+                text = self._snapshot(words[1])
+            elif verb == "phys" and len(words) == 2 and words[1] in ("on", "off"):
+                self.phys = words[1] == "on"
+                text = f"memory packets now address guest-{'physical' if self.phys else 'virtual'} memory\n"
+            elif verb == "checkpoints":
+                text = self._checkpoints_text()
+            elif verb == "goto" and len(words) == 2:
+                text = self._goto(int(words[1], 0))
+            else:
+                text = MONITOR_HELP
+        except (KvmguestError, ValueError) as err:
+            text = f"kvmguest: {err}\n"
+        self.conn.console(text)
+        return "OK"
+
+    def _snapshot(self, path: str) -> str:
+        from migrate.precopy import live_save
+        report = live_save(self.m, path, then="continue")
+        return f"saved the stopped guest to {path} ({report.summary()})\n"
+
+    def _checkpoints_text(self) -> str:
+        if self.checkpoints is None:
+            return "no checkpoints: run or restore with --checkpoint PATH --every SECONDS\n"
+        gen = self.checkpoints.generation
+        if not gen:
+            return "no checkpoint taken yet\n"
+        return (f"checkpoint {gen} in {self.checkpoints.path} (the newest; reverse "
+                "execution goes back to it)\n")
+
+    def _goto(self, generation: int) -> str:
+        if self.checkpoints is None or self.checkpoints.generation != generation:
+            raise ValueError(f"checkpoint {generation} is not kept (the newest is "
+                             f"{getattr(self.checkpoints, 'generation', 0)})")
+        self._go_back()
+        return f"the guest is at checkpoint {generation}\n"
+
+    def _reverse(self, kind: str):
+        if self.checkpoints is None or not self.checkpoints.generation:
+            return "E01"
+        self._go_back()
+        self.stop = Stop(self.current, SIGTRAP, "replaylog:begin;")
+        return self.stop.reply()
+
+    def _go_back(self) -> None:
+        """Put the stopped guest back to the newest committed checkpoint, in place."""
+        self.checkpoints.rewind()
+
+    def _say_once(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.note(text.strip().removeprefix("kvmguest: "))
+            if self.conn is not None:
+                self.conn.console(text)
+
+    # --- the end -------------------------------------------------------------------------
+    def linger(self) -> None:
+        """After the guest ended: wait while a gdb client is still looking at it."""
+        if self.attached.is_set():
+            self.note("the guest has ended; gdb can still read its registers and memory "
+                      "(detach or quit gdb to finish)")
+            while self.attached.is_set() and not self._closed.is_set():
+                self.attached.wait(0.2)
+                if not self._thread.is_alive():
+                    break
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.conn is not None:
+            self.conn.close()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.m.debugger is self:
+            self.m.debugger = None
+
+
+_GONE = object()          # the client detached or killed the guest: end its session
