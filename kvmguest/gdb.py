@@ -241,6 +241,7 @@ class Stop:
         return f"T{self.signal:02x}thread:{self.thread + 1:x};{self.reason}"
 
 
+
 class GdbStub:
     """Serves gdb for ``machine``. ``wait``: the machine was started paused (``start(
     paused=True)``) and the stub holds that pause until gdb resumes the guest.
@@ -472,7 +473,7 @@ class GdbStub:
         if name.startswith("qThreadExtraInfo"):
             t = self._thread_of(text.split(",", 1)[1])
             return self._describe_vcpu(t).encode().hex() if t is not None else "E01"
-        if name == "qRcmd":
+        if text.startswith("qRcmd,"):
             return self._monitor(bytes.fromhex(text.split(",", 1)[1]).decode())
         if text == "qSymbol::":
             return "OK"
@@ -711,8 +712,7 @@ class GdbStub:
         with self._events_lock:
             pending = self.events.popleft() if self.events else None
         if pending is not None and step is None:
-            self.stop = pending
-            return pending.reply()
+            return self._report(pending)
         if step is not None:
             return self._step(self.m.vcpus[step])
         for t in self.m.vcpus:
@@ -734,8 +734,7 @@ class GdbStub:
             return self._ended()
         if not completed and thread.vcpu.get_regs().rip == before:
             self._cannot_stop_here(thread)
-        self.stop = mine[0] if mine and mine[0].reason else Stop(thread.index)
-        return self.stop.reply()
+        return self._report(mine[0] if mine and mine[0].reason else Stop(thread.index))
 
     def _cannot_stop_here(self, thread) -> None:
         if thread.vcpu.get_sregs().cs.selector & 3 == 3 and linux.emulating_host():
@@ -748,23 +747,31 @@ class GdbStub:
             ready, _, _ = select.select([self.conn, self._wake_r], [], [], 0.1)
             if self._wake_r in ready:
                 self._drain_wake()
-                with self._events_lock:
-                    stop = self.events.popleft() if self.events else None
+                stop = self._next_event()
                 if stop is not None:
                     self._halt()
                     self._keep_watch_events()
-                    self.stop = stop
-                    return stop.reply()
+                    return self._report(stop)
             if self.conn in ready:
                 pkt = self.conn.read(block=False)
                 if pkt is None:
                     return _GONE
                 if pkt == "interrupt":
                     self._halt()
-                    self.stop = Stop(self.current, SIGINT)
-                    return self.stop.reply()
+                    return self._report(Stop(self.current, SIGINT))
             if self.m.vcpus.done.is_set():
                 return self._ended()
+
+    def _next_event(self) -> Stop | None:
+        """The event to report: another vCPU's before the one reported last, so that
+        every vCPU's breakpoint hits get their turn."""
+        with self._events_lock:
+            if not self.events:
+                return None
+            stop = next((e for e in self.events if e.thread != self.stop.thread),
+                        self.events[0])
+            self.events.remove(stop)
+            return stop
 
     def _keep_watch_events(self) -> None:
         """After a stop, other vCPUs' breakpoint hits are dropped (they hit again when the
@@ -773,6 +780,12 @@ class GdbStub:
             kept = [e for e in self.events if e.reason.startswith("watch")]
             self.events.clear()
             self.events.extend(kept)
+
+    def _report(self, stop: Stop) -> str:
+        """Make ``stop`` the last stop; gdb takes its vCPU as the one that registers and
+        memory now refer to (as if it had sent Hg)."""
+        self.stop, self.current = stop, stop.thread
+        return stop.reply()
 
     def _drain_wake(self) -> None:
         while select.select([self._wake_r], [], [], 0)[0]:
@@ -785,8 +798,7 @@ class GdbStub:
         if self.m.vcpus.error is not None and not self.ended_reported:
             self.ended_reported = True
             failed = next((t.index for t in self.m.vcpus if t.error is not None), 0)
-            self.stop = Stop(failed, SIGSEGV)
-            return self.stop.reply()
+            return self._report(Stop(failed, SIGSEGV))
         if self.m.vcpus.error is not None:
             return f"X{SIGSEGV:02x}"
         code = self.m.devices.debug_exit.result
@@ -825,7 +837,7 @@ class GdbStub:
     def _snapshot(self, path: str) -> str:
         from migrate.precopy import live_save
         report = live_save(self.m, path, then="continue")
-        return f"saved the stopped guest to {path} ({report.summary()})\n"
+        return f"saved the stopped guest: {report.summary().splitlines()[0]}\n"
 
     def _checkpoints_text(self) -> str:
         if self.checkpoints is None:
@@ -847,8 +859,7 @@ class GdbStub:
         if self.checkpoints is None or not self.checkpoints.generation:
             return "E01"
         self._go_back()
-        self.stop = Stop(self.current, SIGTRAP, "replaylog:begin;")
-        return self.stop.reply()
+        return self._report(Stop(self.current, SIGTRAP, "replaylog:begin;"))
 
     def _go_back(self) -> None:
         """Put the stopped guest back to the newest committed checkpoint, in place."""
