@@ -2,7 +2,8 @@
  * debug: a guest to drive from gdb (built with debug info). Every CPU calls tick()
  * rounds=N times (default 10) with the round number; tick() adds it to the CPU's
  * own slot of per_cpu[] and, on the boot CPU, stores it in last_round. The boot CPU
- * then checks every slot (1 + 2 + ... + N) and exits 0, or 1 if one is wrong.
+ * then checks every slot (1 + 2 + ... + N), calls finish() with the sum and exits 0, or
+ * 1 if one is wrong.
  */
 #include "runtime/smp.h"
 
@@ -17,6 +18,11 @@ __attribute__((noinline)) void tick(u32 cpu, u64 round)
     per_cpu[cpu] += round;
     if (cpu == 0)
         last_round = round;
+}
+
+__attribute__((noinline)) void finish(u64 sum)
+{
+    __asm__ volatile("" :: "r"(sum) : "memory");
 }
 
 static void work(u32 id)
@@ -42,6 +48,7 @@ int main(void)
             printf("debug: cpu %d counted %lu, want %lu\n", i, per_cpu[i], want);
             return 1;
         }
+    finish(want);
     printf("debug: every cpu counted %lu\n", want);
     return 0;
 }

@@ -158,6 +158,9 @@ def _finish(result, saved, m, args) -> int:
         if result.event == "reset":
             _err("the guest rebooted (reset the machine); kvmguest does not reboot")
             return EXIT_REBOOT
+        if result.event == "killed":
+            _err("gdb killed the guest")
+            return EXIT_FAILED
         if result.event == "panic":
             _err(f"the guest kernel panicked: {printable(result.panic)}")
             return EXIT_PANIC

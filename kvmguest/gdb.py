@@ -73,8 +73,8 @@ def parse_address(spec: str):
     host, _, port = spec.rpartition(":")
     if port.isdigit() and "/" not in spec:
         n = int(port)
-        if not 0 < n < 65536:
-            raise UsageError(f"--gdb port {n} is out of range (1-65535)")
+        if not 0 <= n < 65536:
+            raise UsageError(f"--gdb port {n} is out of range (0-65535; 0: any free port)")
         host = host.strip("[]") or "127.0.0.1"
         if host not in LOOPBACK:
             raise UsageError(f"--gdb listens on this machine only (localhost, 127.0.0.1 or "
@@ -491,7 +491,7 @@ class GdbStub:
                     step = t.index if t is not None else self.current
             return self._resume(step)
         if text.startswith("vKill"):
-            return self._kill()
+            return self._kill(vkill=True)
         if text == "vMustReplyEmpty":
             return ""
         return ""
@@ -808,10 +808,13 @@ class GdbStub:
         self.conn.send("OK")
         return _GONE
 
-    def _kill(self):
+    def _kill(self, vkill: bool = False):
+        """End the guest (no reply to ``k``; gdb closes the connection itself)."""
+        if not self.m.vcpus.done.is_set():
+            self.m.event = "killed"
         self.m.vcpus.stop()
         self.holding = False
-        return _GONE
+        return "OK" if vkill else None
 
     # --- monitor and time ----------------------------------------------------------------
     def _monitor(self, command: str) -> str:
@@ -875,7 +878,7 @@ class GdbStub:
     # --- the end -------------------------------------------------------------------------
     def linger(self) -> None:
         """After the guest ended: wait while a gdb client is still looking at it."""
-        if self.attached.is_set():
+        if self.attached.is_set() and self.m.event != "killed":
             self.note("the guest has ended; gdb can still read its registers and memory "
                       "(detach or quit gdb to finish)")
             while self.attached.is_set() and not self._closed.is_set():

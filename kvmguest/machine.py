@@ -120,7 +120,7 @@ class Machine:
         self.platform = self.dirty = self.devices = None
         self.vcpus = VcpuSet()
         self.memory = guest_memory
-        self.event: str | None = None        # "poweroff", "reset", "suspend" (S3) or "panic"
+        self.event: str | None = None    # "poweroff", "reset", "suspend" (S3), "panic", "killed"
         self._wake = threading.Event()
         self.guest_requests: queue.Queue | None = None   # see listen_guest_requests()
         self._msr_indices: list[int] | None = None

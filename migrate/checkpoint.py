@@ -384,13 +384,14 @@ class Checkpointer:
                 os.close(fd)
             m.pause_all()
             try:
+                state = ck.decoded.decoded(m, cpuid=False)    # checked before any change
                 changed = self.client.take()
                 for r in m.memory.regions:
                     idx = changed.get(r.slot)
                     if idx is not None and len(idx):
                         r.pages()[idx] = saved.region_of_slot(r.slot).pages()[idx]
                 m.dirty.note_written(changed, exclude=self.client)
-                ck.decoded.apply(m)
+                state.apply(m)
             finally:
                 m.resume_all()
                 saved.close()
