@@ -1,0 +1,359 @@
+"""The gdb stub driven by real gdb (Debian's, batch mode) on real KVM: breakpoints of both
+kinds, single steps, write watchpoints, two vCPUs as two threads, detach and kill, a
+crash, snapshots and checkpoints opened in gdb, and QEMU's gdbstub on the same guest."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from helpers import cli, cli_popen, guest, one_line_error, read_until, stop, wait_until
+
+pytestmark = pytest.mark.kvm
+
+GDB = shutil.which("gdb")
+QEMU = shutil.which("qemu-system-x86_64")
+DEBUG = guest("debug")
+WAITING = "the guest waits for gdb at "
+
+
+@pytest.fixture
+def gdb():
+    if GDB is None:
+        pytest.fail("gdb is missing: `make test` installs it (scripts/bootstrap)")
+    return GDB
+
+
+def serve(*args, command="run", target=None):
+    """`kvmguest run debug.elf ARGS` (or restore), waiting for gdb: (process, address)."""
+    p = cli_popen(command, target or DEBUG, *args)
+    seen = read_until(p.stderr, "gdb can attach at" if "no" in args else WAITING)
+    address = re.search(r" at (\S+) \(gdb", seen).group(1)
+    return p, address
+
+
+def gdb_batch(gdb, address, commands, tmp_path, elf=DEBUG, name="script") -> str:
+    """gdb -batch on ``elf``, connected to ``address``, running ``commands``; its output."""
+    script = tmp_path / f"{name}.gdb"
+    script.write_text("\n".join(["set pagination off", "set confirm off",
+                                 f"target remote {address}", *commands]) + "\n")
+    r = subprocess.run([gdb, "-batch", "-nx", "-x", str(script), str(elf)],
+                       capture_output=True, text=True, timeout=300)
+    return r.stdout + r.stderr
+
+
+def values(output: str) -> dict[str, list[str]]:
+    """Every ``@name=value`` the script printed, by name, in order."""
+    out: dict[str, list[str]] = {}
+    for name, value in re.findall(r"^@(\w+)=(\S+)$", output, re.M):
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def finish(p, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def show(*names: str) -> list[str]:
+    return [f'printf "@{n}=%#lx\\n", {e}' for n, e in (x.split(":", 1) for x in names)]
+
+
+# --- breakpoints, registers, memory --------------------------------------------------
+def test_hbreak_continue_registers_and_memory_over_tcp(gdb, tmp_path):
+    p, address = serve("--gdb", "127.0.0.1:0")
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    out = gdb_batch(gdb, address, [
+        *show("start:$pc", "cr0:$cr0"),
+        "hbreak tick", "continue",
+        *show("pc:$pc", "tick:&tick", "cpu:$rdi", "round:$rsi", "cr0:$cr0", "efer:$efer",
+              "cs:$cs", "code:*(unsigned char *)$pc", "count:per_cpu[0]"),
+        "set var per_cpu[0] = 100",               # a memory write the guest will notice
+        *show("count:per_cpu[0]"),
+        "delete", "continue"], tmp_path)
+    v = values(out)
+    assert v["start"] == ["0x100000"], out       # PVH entry: 32-bit, paging off
+    assert v["cr0"][0] == "0x11" and int(v["cr0"][1], 16) & 0x80000001 == 0x80000001, out
+    assert v["pc"] == v["tick"] and v["cpu"] == ["0"] and v["round"] == ["0x1"], out
+    assert int(v["efer"][0], 16) & 0x500 == 0x500 and v["cs"] == ["0x8"], out   # long mode
+    assert v["code"] == ["0x89"], out            # mov %edi,%edx: the original byte
+    assert v["count"] == ["0", "0x64"], out
+    assert "exited with code 01" in out, out
+    rc, console, _ = finish(p)
+    assert rc == 1 and "cpu 0 counted 155, want 55" in console
+
+
+def test_software_breakpoint_in_a_loop_is_hit_every_round(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    rounds = 6
+    out = gdb_batch(gdb, address, ["break tick"] + [
+        line for _ in range(rounds)
+        for line in ["continue", *show("round:$rsi", "count:per_cpu[0]", "pc:$pc")]]
+        + ["delete", "continue"], tmp_path)
+    v = values(out)
+    assert "Hardware assisted" not in out and "Breakpoint 1 at" in out, out
+    assert [int(x, 16) for x in v["round"]] == list(range(1, rounds + 1)), out
+    assert [int(x, 16) for x in v["count"]] == [r * (r - 1) // 2 for r in range(1, rounds + 1)]
+    assert len(set(v["pc"])) == 1 and "exited normally" in out, out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+
+
+STEPS = """python
+import gdb
+def pc():
+    return int(gdb.parse_and_eval("$pc")) & (2**64 - 1)
+arch = gdb.selected_frame().architecture()
+for i in range({n}):
+    here = pc()
+    insn = arch.disassemble(here)[0]
+    text = insn["asm"].split()
+    nxt = [here + insn["length"]]
+    if text[0].startswith("ret"):
+        nxt = [int(gdb.parse_and_eval("*(unsigned long *)$rsp")) & (2**64 - 1)]
+    elif text[0].startswith(("j", "call")) and text[1].startswith("0x"):
+        target = int(text[1], 16)
+        nxt = [target] if text[0].startswith(("jmp", "call")) else nxt + [target]
+    gdb.execute("stepi", to_string=True)
+    print("@step=%s" % ("ok" if pc() in nxt else "BAD:%x->%x(%s)" % (here, pc(), insn["asm"])))
+end"""
+
+
+def test_stepi_advances_exactly_one_instruction_each_time(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    out = gdb_batch(gdb, address, ["hbreak work", "continue", "delete",
+                                   STEPS.format(n=40), "detach"], tmp_path)
+    assert values(out).get("step") == ["ok"] * 40, out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+
+
+def test_write_watchpoint_reports_old_and_new_values(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    out = gdb_batch(gdb, address, ["watch last_round", "continue", *show("pc:$pc"),
+                                   "continue", "continue", "delete", "continue"], tmp_path)
+    assert "Hardware watchpoint 1: last_round" in out, out
+    changes = re.findall(r"Old value = (\d+)\s+New value = (\d+)", out)
+    assert changes == [("0", "1"), ("1", "2"), ("2", "3")], out
+    assert "in tick" in out and "exited normally" in out, out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+
+
+def test_two_vcpus_are_two_threads(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock", "--vcpus", "2")
+    out = gdb_batch(gdb, address, [
+        "break tick if cpu == 1", "continue", "info threads",
+        *show("thread:$_thread", "cpu:$rdi", "round:$rsi"),
+        "thread 1", *show("thread:$_thread", "pc1:$pc"),
+        "delete", "break tick if cpu == 0 && round == 4", "continue",
+        *show("thread:$_thread", "cpu:$rdi", "round:$rsi"), "delete", "continue"], tmp_path)
+    v = values(out)
+    assert "Thread 2 hit Breakpoint 1" in out, out
+    assert re.search(r"1 +Thread 1 \(vCPU 0, long mode, CPL0\)", out), out
+    assert re.search(r"2 +Thread 2 \(vCPU 1, long mode, CPL0\)", out), out
+    assert v["thread"] == ["0x2", "0x1", "0x1"] and v["cpu"] == ["0x1", "0"], out
+    assert v["round"] == ["0x1", "0x4"] and "exited normally" in out, out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+
+
+def test_after_detach_the_guest_finishes_with_its_exit_code(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock", "--cmdline", "rounds=12")
+    out = gdb_batch(gdb, address, ["break tick", "watch last_round", "continue",
+                                   "continue", "detach"], tmp_path)
+    assert "Detaching from program" in out or "detached" in out, out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 78" in console
+
+
+def test_kill_ends_the_guest_and_says_so(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    out = gdb_batch(gdb, address, ["hbreak tick", "continue", "kill"], tmp_path)
+    assert "killed" in out, out
+    rc, console, err = finish(p)
+    assert rc == 1 and "gdb killed the guest" in err and "counted" not in console
+
+
+def test_a_crash_stops_in_gdb_at_the_faulting_instruction(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock", target=guest("fault"))
+    out = gdb_batch(gdb, address, ["continue", *show("pc:$pc"), "x/i $pc", "continue"],
+                    tmp_path, elf=guest("fault"))
+    assert "Program received signal SIGSEGV" in out and "ud2" in out, out
+    assert "Program terminated with signal SIGSEGV" in out, out
+    rc, _, err = finish(p)
+    assert rc == 123 and "triple-faulted" in err
+
+
+def test_ctrl_c_interrupts_a_guest_gdb_attached_to_while_it_ran(tmp_path):
+    """The protocol by hand: attach to a running guest (--gdb-wait no), continue, Ctrl-C."""
+    p, address = serve("--gdb", tmp_path / "g.sock", "--gdb-wait", "no", "--cmdline",
+                       "rounds=100000000")
+    read_until(p.stdout, "debug: 1 cpus")           # it runs before gdb comes
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(address)
+    f = s.makefile("rb")
+
+    def exchange(payload: bytes | None, raw: bytes = b"") -> bytes:
+        if payload is not None:
+            s.sendall(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF))
+        s.sendall(raw)
+        while True:
+            c = f.read(1)
+            if c == b"$":
+                break
+            assert c in (b"+", b"-"), c
+        body = b""
+        while (c := f.read(1)) != b"#":
+            body += c
+        f.read(2)
+        s.sendall(b"+")
+        return body
+
+    try:
+        assert exchange(b"?").startswith(b"T02thread:1;")       # stopped on attach
+        rip1 = exchange(b"p10")
+        s.sendall(b"$vCont;c#a8")
+        assert f.read(1) == b"+"
+        assert exchange(None, b"\x03").startswith(b"T02thread:1;")
+        rip2 = exchange(b"p10")
+        assert len(rip1) == len(rip2) == 16
+        assert exchange(b"qRcmd," + b"phys on".hex().encode()).startswith(b"O")
+        s.sendall(b"$k#6b")
+    finally:
+        s.close()
+    rc, _, err = finish(p)
+    assert rc == 1 and "gdb killed the guest" in err
+
+
+def test_a_guests_own_int3_still_reaches_it_while_gdb_has_breakpoints(gdb, tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock", target=guest("insns"))
+    out = gdb_batch(gdb, address, ["break main", "continue", "break exit", "continue",
+                                   *show("code:$rdi"), "delete", "continue"],
+                    tmp_path, elf=guest("insns"))
+    assert values(out)["code"] == ["0"], out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "all ok" in console
+
+
+# --- snapshots and time ------------------------------------------------------------------
+DUMP = show(*[f"{r}:${r}" for r in ("pc", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi",
+                                    "rdi", "r8", "r12", "eflags", "cr3", "fs_base")],
+            "count:per_cpu[0]", "last:last_round", "code:*(unsigned long *)tick")
+
+
+def test_a_snapshot_opened_in_gdb_equals_the_live_guest_at_the_same_stop(gdb, tmp_path):
+    snap = tmp_path / "stop.kvm"
+    p, address = serve("--gdb", tmp_path / "g.sock", "--vcpus", "2")
+    live = gdb_batch(gdb, address, ["break tick", "continue", "continue", "continue",
+                                    "delete", "thread 1", *DUMP, "thread 2", *DUMP,
+                                    f"monitor snapshot {snap}", "detach"], tmp_path)
+    assert "saved the stopped guest" in live, live
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+    p, address = serve("--gdb", tmp_path / "g2.sock", command="restore", target=snap)
+    restored = gdb_batch(gdb, address, ["thread 1", *DUMP, "thread 2", *DUMP, "continue"],
+                         tmp_path,
+                         name="restored")
+    assert values(live) == values(restored) and len(values(live)["pc"]) == 2, (live, restored)
+    assert "exited normally" in restored
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+
+
+def test_reverse_continue_goes_back_to_the_newest_checkpoint(gdb, tmp_path):
+    ck = tmp_path / "ck.kvm"
+    p, address = serve("--gdb", tmp_path / "g.sock", "--cmdline", "rounds=200000",
+                       "--checkpoint", ck, "--every", "0.05")
+    out = gdb_batch(gdb, address, [
+        "break finish", "continue", *show("last:last_round"), "monitor checkpoints",
+        "reverse-continue", *show("last:last_round", "pc:$pc"),
+        "continue", *show("last:last_round", "sum:$rdi"),
+        "reverse-stepi", "monitor goto 1", "delete", "continue"], tmp_path)
+    v = values(out)
+    assert v["last"][0] == "0x30d40" and v["last"][2] == "0x30d40", out     # 200000
+    back = int(v["last"][1], 16)
+    assert 0 <= back < 200000, out
+    assert out.count("No more reverse-execution history.") == 2, out
+    assert re.search(r"checkpoint (\d+) in .*the newest", out), out
+    assert v["sum"] == [hex(200000 * 200001 // 2)] and "exited normally" in out, out
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 20000100000" in console
+    # The breakpoint at finish() was in guest RAM while checkpoints were taken: none holds it.
+    from migrate.checkpoint import load_checkpoint, validated_checkpoint
+    nm = subprocess.run(["nm", str(DEBUG)], capture_output=True, text=True).stdout
+    at = int(re.search(r"^([0-9a-f]+) T finish$", nm, re.M).group(1), 16)
+    fd = os.open(ck, os.O_RDONLY)
+    try:
+        memory, _ = load_checkpoint(validated_checkpoint(str(ck), fd), fd)
+    finally:
+        os.close(fd)
+    try:
+        assert memory.read(at, 1) != b"\xcc"
+        assert memory.read(at, 4) == DEBUG.read_bytes()[_file_offset(at):_file_offset(at) + 4]
+    finally:
+        memory.close()
+
+
+def _file_offset(vaddr: int) -> int:
+    """Where the code at ``vaddr`` sits in debug.elf (its one executable PT_LOAD)."""
+    import struct
+    data = DEBUG.read_bytes()
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phnum, = struct.unpack_from("<H", data, 0x38)
+    for i in range(phnum):
+        typ, _, off, va, _, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * 56)
+        if typ == 1 and va <= vaddr < va + filesz:
+            return off + vaddr - va
+    raise AssertionError(f"{vaddr:#x} is in no PT_LOAD")
+
+
+# --- the same script against QEMU's gdbstub ------------------------------------------
+def test_qemu_gdbstub_stops_at_the_same_place_with_the_same_state(gdb, tmp_path):
+    if QEMU is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("qemu-system-x86_64 missing: `make test` installs it")
+        pytest.skip("qemu-system-x86_64 not installed")
+    script = ["hbreak tick", "continue", "continue", "continue", *show(
+        "pc:$pc", "rsp:$rsp", "rdi:$rdi", "rsi:$rsi", "count:per_cpu[0]", "last:last_round",
+        "code:*(unsigned long *)tick"), "delete", "kill"]
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    ours = gdb_batch(gdb, address, script, tmp_path)
+    finish(p)
+    sock = tmp_path / "qemu.sock"
+    q = subprocess.Popen(
+        [QEMU, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "64M", "-display",
+         "none", "-nodefaults", "-no-reboot", "-kernel", str(DEBUG),
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "none",
+         "-chardev", f"socket,id=g,path={sock},server=on,wait=off", "-gdb", "chardev:g",
+         "-S"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: sock.exists() or q.poll() is not None, 60, "QEMU's gdb socket")
+        assert q.poll() is None, q.stderr.read()
+        theirs = gdb_batch(gdb, str(sock), script, tmp_path, name="qemu")
+    finally:
+        stop(q)
+    assert values(ours) == values(theirs) and values(ours)["rsi"] == ["0x3"], (ours, theirs)
+
+
+# --- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize("args,fragment", [
+    (["--gdb", "0.0.0.0:1234"], "listens on this machine only"),
+    (["--gdb", "70000"], "out of range"),
+    (["--gdb-wait", "no"], "--gdb-wait goes with --gdb"),
+    (["--gdb", "1234", "--guest-migrate"], "do not go together"),
+])
+def test_gdb_option_errors_are_one_line(args, fragment):
+    one_line_error(cli("run", DEBUG, *args), 2, fragment)
+
+
+def test_a_gdb_socket_path_that_is_not_a_socket_is_left_alone(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    one_line_error(cli("run", DEBUG, "--gdb", f), 2, "not a socket")
+    assert f.read_text() == "keep me"
