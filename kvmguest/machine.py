@@ -80,6 +80,7 @@ class Machine:
     debug-exit port and, by default, the in-kernel irqchip and PIT."""
 
     debugger = None     # a gdb stub (kvmguest.gdb.GdbStub) sees the exits it may own first
+    closed = False
 
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,
                  cmdline: str = "", stream: Callable[[bytes], None] | None = None,
@@ -400,6 +401,7 @@ class Machine:
 
     # --- teardown ---------------------------------------------------------------------
     def close(self) -> None:
+        self.closed = True
         if self.devices is not None:
             self.devices.close()
         if any(t.started and not t.done.is_set() for t in self.vcpus):

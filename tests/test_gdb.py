@@ -357,3 +357,38 @@ def test_a_gdb_socket_path_that_is_not_a_socket_is_left_alone(tmp_path):
     f.write_text("keep me")
     one_line_error(cli("run", DEBUG, "--gdb", f), 2, "not a socket")
     assert f.read_text() == "keep me"
+
+
+# --- a failed test leaves its guest for gdb ---------------------------------------------
+FAILING = """
+import pytest
+
+@pytest.mark.kvm
+def test_that_fails(machine_factory):
+    m = machine_factory({kernel!r}, cmdline="rounds=100000000")
+    m.start()
+    assert m.serial.wait_for("debug: 1 cpus", 30)
+    assert m.serial.text() == "something else"
+"""
+
+
+def test_a_failed_kvm_test_leaves_its_guest_and_the_command_to_open_it(gdb, pytester,
+                                                                        tmp_path):
+    pytester.makepyfile(test_fails=FAILING.format(kernel=str(DEBUG)))
+    pytester._monkeypatch.setenv("KVMGUEST_FAILED_SNAPSHOTS", str(tmp_path / "failed"))
+    r = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
+    r.assert_outcomes(failed=1)
+    text = r.stdout.str()
+    command = re.search(r"^  (kvmguest restore .*)$", text, re.M).group(1)
+    snap = tmp_path / "failed" / "test_fails.py_test_that_fails.kvm"
+    assert snap.exists() and f"kvmguest restore {snap} --gdb" in command, text
+    assert oct(os.stat(tmp_path / "failed").st_mode & 0o777) == "0o700"
+    # The printed command, as a user runs it: the guest waits in gdb where the test failed.
+    restore_part, gdb_part = command.split(" & ")
+    sock = restore_part.split("--gdb ")[1].split()[0]
+    p = cli_popen("restore", snap, "--gdb", sock, "-q")
+    read_until(p.stderr, WAITING)
+    out = gdb_batch(gdb, sock, [*show("rounds:rounds"), "kill"], tmp_path)
+    assert values(out)["rounds"] == [hex(100000000)], out
+    assert "gdb " in gdb_part and str(DEBUG) in gdb_part
+    finish(p)

@@ -283,9 +283,12 @@ def guest_fixture(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcp
         request.getfixturevalue("kvm_available")
         pool = request.getfixturevalue("kvmguest_pool")
         try:
-            return pool.take(spec)
+            m = pool.take(spec)
         except KvmguestError as err:
             pytest.fail(f"kvmguest fixture for {kernel}: {err}", pytrace=False)
+        from .plugin import remember
+        remember(request, m)
+        return m
 
     return fixture
 

@@ -8,6 +8,10 @@
 Snapshots as fixtures (boot once to a ready point, reset per test):
 ``kvmguest.testing.guest_fixture`` and docs/fixtures.md.
 
+When a test fails, each machine it had from these fixtures is saved where it stood
+(``$KVMGUEST_FAILED_SNAPSHOTS``, default ``$TMPDIR/kvmguest-failed-UID``) and the report
+shows the one command that opens it in gdb (``kvmguest restore SNAPSHOT --gdb ...``).
+
 Where /dev/kvm is unusable, tests marked ``kvm`` (and tests using these fixtures) are
 skipped with the reason, except under ``CI=true`` or ``KVMGUEST_REQUIRE_KVM=1``, where
 that is an error: CI must never go green by skipping its hardware tests.
@@ -16,6 +20,9 @@ that is an error: CI must never go green by skipping its hardware tests.
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import tempfile
 
 import pytest
 
@@ -58,6 +65,54 @@ def pytest_runtest_setup(item):
         ensure_kvm()
 
 
+FAILED_DIR_ENV = "KVMGUEST_FAILED_SNAPSHOTS"
+
+
+def remember(request, machine) -> None:
+    """Note ``machine`` as the running test's, to be saved if the test fails."""
+    request.node.__dict__.setdefault("kvmguest_machines", []).append(machine)
+
+
+def failed_dir() -> str:
+    """Where failed tests' guests are saved: private to this user."""
+    d = os.environ.get(FAILED_DIR_ENV) or os.path.join(tempfile.gettempdir(),
+                                                       f"kvmguest-failed-{os.getuid()}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise OSError(f"{d} is not private to this user; not saving guest memory there")
+    return d
+
+
+def leave_snapshot(nodeid: str, machine, n: int = 0) -> str:
+    """Save ``machine`` as it stands (it runs on) for a failed test; what to tell the user."""
+    from migrate.precopy import live_save
+    name = re.sub(r"[^\w.-]+", "_", nodeid)[-120:] + (f"-{n}" if n else "")
+    try:
+        path = os.path.join(failed_dir(), name + ".kvm")
+        live_save(machine, path, then="continue")
+    except Exception as err:       # noqa: BLE001 - the test's own failure comes first
+        return f"the guest could not be saved for gdb: {err}"
+    kernel = machine.kernel.path if machine.kernel is not None else \
+        machine.origin.get("kernel", "KERNEL")
+    sock = path[:-4] + ".gdb"
+    return (f"the guest is saved where the test failed: {path}\nopen it in gdb:\n"
+            f"  kvmguest restore {shlex.quote(path)} --gdb {shlex.quote(sock)} -q & "
+            f"gdb {shlex.quote(str(kernel))} -ex {shlex.quote('target remote ' + sock)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    live = [m for m in item.__dict__.get("kvmguest_machines", ()) if not m.closed]
+    for n, m in enumerate(live):
+        report.sections.append(("kvmguest: the failed test's guest",
+                                leave_snapshot(item.nodeid, m, n)))
+
+
 @pytest.fixture
 def kvm_available():
     """Skips (or fails under CI) when KVM is unusable."""
@@ -75,7 +130,7 @@ def kvmguest_pool():
 
 
 @pytest.fixture
-def boot_guest(kvm_available):
+def boot_guest(kvm_available, request):
     """Boot a PVH ELF and return its GuestResult: ``boot_guest(path, cmdline=, memory=,
     timeout=, vcpus=)``. Machines are closed at teardown."""
     from ..machine import Machine
@@ -86,6 +141,7 @@ def boot_guest(kvm_available):
              vcpus: int = 1):
         m = Machine(str(kernel), memory=memory, cmdline=cmdline, vcpus=vcpus)
         machines.append(m)
+        remember(request, m)
         return m.run(timeout=timeout)
 
     yield boot
@@ -94,7 +150,7 @@ def boot_guest(kvm_available):
 
 
 @pytest.fixture
-def machine_factory(kvm_available):
+def machine_factory(kvm_available, request):
     """Create Machines that are closed at teardown: ``machine_factory(path, **kw)``."""
     from ..machine import Machine
 
@@ -103,6 +159,7 @@ def machine_factory(kvm_available):
     def make(kernel=None, **kw):
         m = Machine(str(kernel) if kernel is not None else None, **kw)
         machines.append(m)
+        remember(request, m)
         return m
 
     yield make
