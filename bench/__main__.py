@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 
-from . import boot, dirty, disk, linux, migration, plots, qemu, smp, start
+from . import boot, dirty, disk, gdb, linux, migration, plots, qemu, smp, start
 from .common import RESULTS, ROOT, Report
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -21,7 +21,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU side by side")
-    p.add_argument("--only", choices=("boot", "smp", "dirty", "start", "qemu", "linux"),
+    p.add_argument("--only", choices=("boot", "smp", "dirty", "start", "qemu", "linux", "gdb"),
                    help="only these figures")
     args = p.parse_args()
     runs = args.runs or 3
@@ -56,6 +56,10 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         print(f"\nwrote {report.write('kvmguest benchmark results: Linux', 'linux')}")
         return 0
+    if args.only == "gdb":
+        gdb.run(report)
+        print(f"\nwrote {report.write('kvmguest benchmark results: gdb', 'gdb')}")
+        return 0
     if args.only == "start":
         try:
             start.run(report, work, runs, args.quick)
@@ -81,6 +85,7 @@ def main() -> int:
         curves = migration.size_curve(work, GiB, 8 if args.quick else 16)
         if not args.no_qemu:
             qemu.side_by_side(report, work, GiB, 16384 if args.quick else 65536, runs)
+        gdb.run(report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     md = report.write("kvmguest benchmark results")

@@ -53,6 +53,7 @@ DR6_BS = 1 << 14                # single step
 DR7_GE = 1 << 9
 DR7_RW_ACCESS = 3               # break on data reads or writes
 MAX_PACKET = 0x4000
+EXPEDITED = ("rbp", "rsp", "rip")   # sent with every stop reply
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
 MONITOR_HELP = """kvmguest monitor commands:
   snapshot PATH    save the stopped guest (kvmguest restore PATH --gdb ... carries on)
@@ -268,6 +269,7 @@ class GdbStub:
         self._said: set[str] = set()
         self.ended_reported = False
         self.attached = threading.Event()
+        self._handlers = self._dispatch()
         machine.debugger = self
         machine.vcpus.on_parked.append(self.soft.lift)
         machine.vcpus.on_release.append(self.soft.insert)
@@ -301,7 +303,7 @@ class GdbStub:
         else:
             return False
         if stop is not None:
-            thread.request_pause()
+            thread.park_after_exit()
             with self._events_lock:
                 self.events.append(stop)
             os.write(self._wake_w, b"!")
@@ -413,37 +415,41 @@ class GdbStub:
 
     # --- packets -----------------------------------------------------------------------
     def _packet(self, pkt: bytes):
-        head = pkt[:1]
+        """The answer to one packet (None: none is sent; _GONE: the session ends)."""
         text = pkt.decode("latin-1")
+        handler = self._handlers.get(text[:1])
         try:
-            if text.startswith("q") or text.startswith("Q"):
-                return self._query(text)
-            if text.startswith("v"):
-                return self._v(text)
-            handler = {
-                "?": lambda: self.stop.reply() if not self.m.vcpus.done.is_set()
-                else self._ended(),
-                "g": self._read_registers, "G": lambda: self._write_registers(text[1:]),
-                "p": lambda: self._read_register(int(text[1:], 16)),
-                "P": lambda: self._write_register(text[1:]),
-                "m": lambda: self._read_memory(text[1:]),
-                "M": lambda: self._write_memory_hex(text[1:]),
-                "X": lambda: self._write_memory_binary(pkt[1:]),
-                "H": lambda: self._select_thread(text[1:]),
-                "T": lambda: "OK" if self._thread_of(text[1:]) is not None else "E01",
-                "Z": lambda: self._breakpoint(text[1:], True),
-                "z": lambda: self._breakpoint(text[1:], False),
-                "c": lambda: self._resume(None),
-                "s": lambda: self._resume(self.current),
-                "D": self._detach_packet, "k": self._kill,
-                "b": lambda: self._reverse(text[1:2]),
-            }.get(chr(head[0]) if head else "")
-            return handler() if handler else ""
+            return handler(text[1:], pkt[1:]) if handler else ""
         except (ValueError, IndexError):
             return "E01"
         except KvmguestError as err:
             log.warning("gdb: %s", err)
             return "E02"
+
+    def _dispatch(self) -> dict:
+        """Packet handlers by first letter: f(the rest as text, the rest as bytes)."""
+        return {
+            "q": lambda t, _: self._query("q" + t), "Q": lambda t, _: self._query("Q" + t),
+            "v": lambda t, _: self._v("v" + t),
+            "?": lambda t, _: self.stop.reply() if not self.m.vcpus.done.is_set()
+            else self._ended(),
+            "g": lambda t, _: self._read_registers(),
+            "G": lambda t, _: self._write_registers(t),
+            "p": lambda t, _: self._read_register(int(t, 16)),
+            "P": lambda t, _: self._write_register(t),
+            "m": lambda t, _: self._read_memory(t),
+            "M": lambda t, _: self._write_memory_hex(t),
+            "X": lambda _, raw: self._write_memory_binary(raw),
+            "H": lambda t, _: self._select_thread(t),
+            "T": lambda t, _: "OK" if self._thread_of(t) is not None else "E01",
+            "Z": lambda t, _: self._breakpoint(t, True),
+            "z": lambda t, _: self._breakpoint(t, False),
+            "c": lambda t, _: self._resume(None),
+            "s": lambda t, _: self._resume(self.current),
+            "D": lambda t, _: self._detach_packet(),
+            "k": lambda t, _: self._kill(),
+            "b": lambda t, _: self._reverse(t[:1]),
+        }
 
     def _query(self, text: str):
         name, _, arg = text.partition(":")
@@ -722,17 +728,15 @@ class GdbStub:
         return self._wait_for_stop()
 
     def _step(self, thread):
-        self._arm(thread, True)
+        self._arm(thread, True)          # left armed: every resume arms each vCPU afresh
         self._drain_wake()
-        before = thread.vcpu.get_regs().rip
         completed = self.m.vcpus.run_one(thread, STEP_TIMEOUT)
-        self._arm(thread, False)
         with self._events_lock:
             mine = [e for e in self.events if e.thread == thread.index]
             self.events.clear()
         if self.m.vcpus.done.is_set():
             return self._ended()
-        if not completed and thread.vcpu.get_regs().rip == before:
+        if not completed:
             self._cannot_stop_here(thread)
         return self._report(mine[0] if mine and mine[0].reason else Stop(thread.index))
 
@@ -783,9 +787,16 @@ class GdbStub:
 
     def _report(self, stop: Stop) -> str:
         """Make ``stop`` the last stop; gdb takes its vCPU as the one that registers and
-        memory now refer to (as if it had sent Hg)."""
+        memory now refer to (as if it had sent Hg). The reply carries rbp, rsp and rip
+        ("expedited", as gdbserver does), so gdb need not read them all to step on."""
         self.stop, self.current = stop, stop.thread
-        return stop.reply()
+        try:
+            r = self.m.vcpus[stop.thread].vcpu.get_regs()
+        except KvmguestError:
+            return stop.reply()
+        return stop.reply() + "".join(
+            f"{gdbregs.NUMBER[n]:02x}:{getattr(r, n).to_bytes(8, 'little').hex()};"
+            for n in EXPEDITED)
 
     def _drain_wake(self) -> None:
         while select.select([self._wake_r], [], [], 0)[0]:

@@ -330,7 +330,7 @@ class Machine:
         req = self.devices.guest_port.take()
         if self.guest_requests is None:
             return                             # nobody listens: the guest runs on
-        thread.request_pause()                 # parks before it runs again
+        thread.park_after_exit()               # parks before it runs again
         self.guest_requests.put((req, thread.index))
 
     def stop(self, timeout: float = 5.0) -> None:

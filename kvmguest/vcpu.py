@@ -97,9 +97,18 @@ class VcpuThread:
                 pass
 
     def request_pause(self) -> None:
+        asked = self._pause_req.is_set()      # asked already (and kicked, or by itself)
         self._resume.clear()
         self._pause_req.set()
-        self.kick()
+        if not asked:
+            self.kick()
+
+    def park_after_exit(self) -> None:
+        """From the exit handler (this vCPU's own thread): park before running again. No
+        kick: the loop sees the request before its next KVM_RUN (a signal to oneself
+        would only cost a trip through the main thread's Python signal handler)."""
+        self._resume.clear()
+        self._pause_req.set()
 
     def wait_parked(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until the vCPU is parked or its loop has ended."""
