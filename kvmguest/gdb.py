@@ -155,7 +155,7 @@ class Connection:
         while True:
             while self.buf and self.buf[0] in b"+-":
                 if self.buf[0] == ord("-") and self._last:
-                    self.sock.sendall(self._last)
+                    self.send(self._last, raw=True)
                 del self.buf[0]
             if self.buf[:1] == b"\x03":
                 del self.buf[0]
@@ -170,7 +170,10 @@ class Connection:
                     good = False
                 del self.buf[:end + 3]
                 if self.acks:
-                    self.sock.sendall(b"+" if good else b"-")
+                    try:
+                        self.sock.sendall(b"+" if good else b"-")
+                    except OSError:
+                        pass            # gdb has gone; what it sent last still counts (k)
                 if good:
                     return payload
                 continue
@@ -183,10 +186,10 @@ class Connection:
             if not self._fill():
                 return None
 
-    def send(self, payload: bytes | str) -> None:
+    def send(self, payload: bytes | str, raw: bool = False) -> None:
         if isinstance(payload, str):
             payload = payload.encode()
-        packet = b"$" + payload + b"#%02x" % checksum(payload)
+        packet = payload if raw else b"$" + payload + b"#%02x" % checksum(payload)
         self._last = packet if self.acks else b""
         try:
             self.sock.sendall(packet)
@@ -269,6 +272,8 @@ class GdbStub:
         self._said: set[str] = set()
         self.ended_reported = False
         self.attached = threading.Event()
+        self.detached = threading.Event()       # no client (set), or the last one left
+        self.detached.set()
         self._handlers = self._dispatch()
         machine.debugger = self
         machine.vcpus.on_parked.append(self.soft.lift)
@@ -343,6 +348,7 @@ class GdbStub:
 
     # --- the server --------------------------------------------------------------------
     def _serve(self) -> None:
+        """Accept gdb clients, one at a time: another one meanwhile is turned away."""
         while not self._closed.is_set():
             try:
                 r, _, _ = select.select([self.sock], [], [], 0.2)
@@ -351,18 +357,27 @@ class GdbStub:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            if self.attached.is_set():
+                client.close()
+                self.note("gdb: another gdb tried to attach; one at a time (turned away)")
+                continue
             self.conn = Connection(client)
             self.attached.set()
-            try:
-                self._session()
-            except Exception as err:      # noqa: BLE001 - a stub bug must not kill the guest
-                log.error("gdb stub: %s; gdb is disconnected, the guest runs on", err,
-                          exc_info=log.isEnabledFor(logging.DEBUG))
-            finally:
-                self._detach()
-                self.conn.close()
-                self.conn = None
-                self.attached.clear()
+            self.detached.clear()
+            threading.Thread(target=self._client, name="gdb-client", daemon=True).start()
+
+    def _client(self) -> None:
+        try:
+            self._session()
+        except Exception as err:      # noqa: BLE001 - a stub bug must not kill the guest
+            log.error("gdb stub: %s; gdb is disconnected, the guest runs on", err,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            self._detach()
+            self.conn.close()
+            self.conn = None
+            self.attached.clear()
+            self.detached.set()
 
     def _session(self) -> None:
         if not self.holding and not self.m.vcpus.done.is_set():
@@ -888,14 +903,13 @@ class GdbStub:
 
     # --- the end -------------------------------------------------------------------------
     def linger(self) -> None:
-        """After the guest ended: wait while a gdb client is still looking at it."""
-        if self.attached.is_set() and self.m.event != "killed":
-            self.note("the guest has ended; gdb can still read its registers and memory "
-                      "(detach or quit gdb to finish)")
-            while self.attached.is_set() and not self._closed.is_set():
-                self.attached.wait(0.2)
-                if not self._thread.is_alive():
-                    break
+        """After the guest ended: wait while a gdb client is still looking at it (not
+        when gdb killed it)."""
+        if self.m.event == "killed" or self.detached.is_set():
+            return
+        self.note("the guest has ended; gdb can still read its registers and memory "
+                  "(detach or quit gdb to finish)")
+        self.detached.wait()
 
     def close(self) -> None:
         self._closed.set()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .errors import KvmguestError
+
 
 class Session:
     """``args`` is the command's parsed options (run's or restore's: console_input,
@@ -66,7 +68,14 @@ class Session:
                     stub.attach_checkpoints(checkpoints)
             if args.save and not self._live_save(m):
                 return m.wait()
-            result = m.wait(args.timeout)
+            try:
+                result = m.wait(args.timeout)
+            except KvmguestError:
+                if stub:
+                    stub.linger()         # gdb may be looking at the crash
+                raise
+            if stub:
+                stub.linger()             # gdb may still be looking at the ended guest
             if checkpoints is not None:
                 checkpoints, running = None, checkpoints
                 running.stop()            # raises what a checkpoint failed with
@@ -78,7 +87,6 @@ class Session:
         finally:
             sys.stdout.flush()
             if stub:
-                stub.linger()             # gdb may still be looking at the ended guest
                 stub.close()
             if checkpoints is not None:
                 checkpoints.stop()

@@ -226,9 +226,29 @@ def test_ctrl_c_interrupts_a_guest_gdb_attached_to_while_it_ran(tmp_path):
         assert exchange(b"qRcmd," + b"phys on".hex().encode()).startswith(b"O")
         s.sendall(b"$k#6b")
     finally:
+        f.close()
         s.close()
     rc, _, err = finish(p)
     assert rc == 1 and "gdb killed the guest" in err
+
+
+def test_one_gdb_at_a_time_and_the_socket_goes_with_the_guest(tmp_path):
+    sock = tmp_path / "g.sock"
+    p, address = serve("--gdb", sock)
+    first = socket.socket(socket.AF_UNIX)
+    first.connect(address)
+    first.sendall(b"+$?#3f")
+    assert first.recv(64).startswith(b"+$T05thread:1;")   # attached, stopped at the start
+    second = socket.socket(socket.AF_UNIX)
+    second.connect(address)
+    assert second.recv(64) == b""                           # turned away
+    read_until(p.stderr, "another gdb tried to attach; one at a time")
+    first.sendall(b"$D#44")                                 # detach: the guest runs on
+    assert b"OK" in first.recv(64)
+    first.close()
+    rc, console, _ = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+    assert not sock.exists()
 
 
 def test_a_guests_own_int3_still_reaches_it_while_gdb_has_breakpoints(gdb, tmp_path):
