@@ -129,3 +129,31 @@ def test_debians_kernel_reset_in_place_to_a_mid_boot_point_boots_on(mid_boot):
         point.close()
     finally:
         m.close()
+
+
+def test_debians_kernel_saved_while_it_boots_opens_in_gdb(mid_boot, tmp_path):
+    """The mid-boot snapshot restored stopped for gdb: both vCPUs are threads in the
+    kernel's half of the address space, memory reads through the kernel's page tables,
+    stepi steps kernel code; killed from gdb."""
+    import re
+    import shutil
+    import subprocess
+    from helpers import read_until
+    gdb = shutil.which("gdb")
+    assert gdb, "gdb is missing: `make test` installs it (scripts/bootstrap)"
+    sock = tmp_path / "gdb.sock"
+    p = cli_popen("restore", mid_boot, "--lazy", "-q", "--gdb", sock)
+    read_until(p.stderr, "the guest waits for gdb")
+    script = tmp_path / "linux.gdb"
+    script.write_text("\n".join([
+        "set pagination off", "set confirm off", f"target remote {sock}", "info threads",
+        'printf "@pc=%#lx\\n", $pc', "x/1xb $pc", "stepi", 'printf "@pc=%#lx\\n", $pc',
+        "thread 2", 'printf "@pc=%#lx\\n", $pc', "kill"]) + "\n")
+    out = subprocess.run([gdb, "-batch", "-nx", "-x", str(script)], capture_output=True,
+                         text=True, timeout=300).stdout
+    pcs = [int(x, 16) for x in re.findall(r"^@pc=(\S+)$", out, re.M)]
+    assert len(pcs) == 3 and all(pc >= 0xffffffff80000000 for pc in pcs), out
+    assert re.search(r"1 +Thread 1 \(vCPU 0, long mode, CPL0", out), out
+    assert re.search(r"2 +Thread 2 \(vCPU 1, long mode, CPL0", out), out
+    assert re.search(r"0xffffffff[0-9a-f]+:\s+0x[0-9a-f]{2}", out), out    # kernel memory
+    assert p.wait(timeout=120) == 1 and "gdb killed the guest" in p.stderr.read()
