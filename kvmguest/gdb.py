@@ -47,6 +47,7 @@ from .exits import DebugExit, InternalErrorExit, MmioExit
 log = logging.getLogger(__name__)
 
 PAGE = abi.PAGE_SIZE
+KILL_GRACE = 5.0                # after a kill: how long gdb may take to hang up
 STEP_TIMEOUT = 1.0              # a step that has not completed by then is reported anyway
 SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
 DR6_BS = 1 << 14                # single step
@@ -270,6 +271,7 @@ class GdbStub:
         self._wake_r, self._wake_w = os.pipe()
         self._closed = threading.Event()
         self._said: set[str] = set()
+        self._to_console: list[str] = []
         self.ended_reported = False
         self.attached = threading.Event()
         self.detached = threading.Event()       # no client (set), or the last one left
@@ -301,7 +303,7 @@ class GdbStub:
             if not self.soft.inserted_at(self._linear_pc(thread.vcpu)):
                 return False                  # the guest's own int3: the completer's
             stop = Stop(thread.index, SIGTRAP, "swbreak:;")
-        elif isinstance(ex, MmioExit) and ex.is_write and self.watches:
+        elif isinstance(ex, MmioExit) and ex.is_write and self.m.platform.protected:
             stop = self._watched_write(thread, ex)
             if stop is False:
                 return False
@@ -418,6 +420,7 @@ class GdbStub:
         self.data.clear()
         try:
             if self.watches:
+                self._halt()       # no vCPU is between a watched write's exit and its handler
                 self.watches.clear()
                 self._protect()
             if not self.m.vcpus.done.is_set():
@@ -652,6 +655,12 @@ class GdbStub:
             return self._watch(addr, size, insert)
         if kind == "4":
             return self._access_watch(addr, size, insert)
+        if kind == "3":
+            if insert:
+                self._say_once("rwatch", "kvmguest: x86 debug registers cannot watch reads "
+                               "alone: read watchpoints are refused (awatch watches reads "
+                               "and writes where the host fires it; watch, writes)\n")
+            return "" if insert else "OK"
         return ""
 
     def _free_debug_register(self) -> int | None:
@@ -728,6 +737,7 @@ class GdbStub:
     def _resume(self, step: int | None):
         """Continue every vCPU (``step`` None) or single-step vCPU ``step`` alone; the
         stop reply once the guest has stopped again (or ended)."""
+        self._flush_console()
         if self.m.vcpus.done.is_set():
             return self._ended()
         with self._events_lock:
@@ -753,6 +763,7 @@ class GdbStub:
             return self._ended()
         if not completed:
             self._cannot_stop_here(thread)
+            self._flush_console()
         return self._report(mine[0] if mine and mine[0].reason else Stop(thread.index))
 
     def _cannot_stop_here(self, thread) -> None:
@@ -860,6 +871,7 @@ class GdbStub:
                 text = MONITOR_HELP
         except (KvmguestError, ValueError) as err:
             text = f"kvmguest: {err}\n"
+        self._flush_console()
         self.conn.console(text)
         return "OK"
 
@@ -895,17 +907,26 @@ class GdbStub:
         self.checkpoints.rewind()
 
     def _say_once(self, key: str, text: str) -> None:
+        """Tell the user once, on stderr and in gdb's console. gdb takes console output
+        only while the target runs (or in a monitor command's answer): it waits there."""
         if key not in self._said:
             self._said.add(key)
             self.note(text.strip().removeprefix("kvmguest: "))
-            if self.conn is not None:
-                self.conn.console(text)
+            self._to_console.append(text)
+
+    def _flush_console(self) -> None:
+        while self._to_console and self.conn is not None:
+            self.conn.console(self._to_console.pop(0))
 
     # --- the end -------------------------------------------------------------------------
     def linger(self) -> None:
         """After the guest ended: wait while a gdb client is still looking at it (not
-        when gdb killed it)."""
-        if self.m.event == "killed" or self.detached.is_set():
+        when gdb killed it: then only until gdb closes the connection, as it does at
+        once, or KILL_GRACE seconds)."""
+        if self.detached.is_set():
+            return
+        if self.m.event == "killed":
+            self.detached.wait(KILL_GRACE)
             return
         self.note("the guest has ended; gdb can still read its registers and memory "
                   "(detach or quit gdb to finish)")

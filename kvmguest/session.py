@@ -53,8 +53,6 @@ class Session:
             deadline = time.monotonic() + args.timeout if args.timeout is not None else None
             stub = self._gdb(m)
             m.start(paused=stub is not None and stub.holding)
-            if stub:
-                stub.start()
             console.start()
             if migrator:
                 migrator.start()
@@ -66,6 +64,8 @@ class Session:
                     control.attach(m, checkpoints)
                 if stub:
                     stub.attach_checkpoints(checkpoints)
+            if stub:
+                stub.start()              # serves gdb once everything it may meet is in place
             if args.save and not self._live_save(m):
                 return m.wait()
             try:
