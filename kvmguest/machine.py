@@ -106,16 +106,10 @@ class Machine:
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
-        self.cmdline, self.origin, self.irqchip = cmdline, dict(origin or {}), irqchip
-        self.workarounds: list[str] = []
-        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
-        if host_workarounds and self.kernel is not None and self.kernel.linux \
-                and linux.emulating_host():
-            self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
-                                                                              cpu_model)
-        self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
-        self._check_kernel(modules, layout.plan_regions(memory)
-                           if guest_memory is None else guest_memory.regions)
+        self.origin, self.irqchip = dict(origin or {}), irqchip
+        self._plan_boot(kernel, cmdline, cpu_model, modules, host_workarounds,
+                        layout.plan_regions(memory) if guest_memory is None
+                        else guest_memory.regions)
         self._own_kvm = kvm is None or own_kvm
         self.kvm = kvm or open_kvm()
         self.platform = self.dirty = self.devices = None
@@ -147,8 +141,22 @@ class Machine:
             self.close()
             raise
 
+    def _plan_boot(self, kernel, cmdline, cpu_model, modules, host_workarounds,
+                   regions) -> None:
+        """The kernel, its command line (with what this host needs for Linux, unless
+        ``host_workarounds`` is off), the CPU model and the modules, all checked: every
+        boot error before any VM."""
+        self.cmdline, self.workarounds = cmdline, []
+        self.kernel = image.parse_kernel(kernel) if kernel is not None else None
+        if host_workarounds and self.kernel is not None and self.kernel.linux \
+                and linux.emulating_host():
+            self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
+                                                                              cpu_model)
+        self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
+        self._check_kernel(modules, regions)
+
     def _check_kernel(self, modules, regions) -> None:
-        """Check the kernel and its modules: every boot error before any VM."""
+        """Check the kernel and its modules against the RAM ``regions``."""
         if modules and self.kernel is None:
             raise BootError("modules (--initrd) go with a kernel")
         self.modules = [Module(path) for path in modules]   # sized, not read yet

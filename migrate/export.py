@@ -30,7 +30,7 @@ from .format import SnapshotError
 from .pageio import data_extents, fsync_dir, open_excl, runs_of_mask, temp_path_for
 from .qemu import read_qemu
 from .reader import validated
-from .snapshot import CHECKPOINT, QEMU, STREAM, open_snapshot, sniff
+from .snapshot import open_snapshot, reader_for
 from .errors import check_save_target, io_error
 
 CHUNK = 1 << 20
@@ -49,16 +49,17 @@ class Source:
 
 def sources(path: str, fd: int) -> tuple[str, list[Source]]:
     """The kind of file and its blocks, after validating it fully."""
-    kind = sniff(fd, path)
-    if kind == QEMU:
-        q = read_qemu(fd)
-        kind = "QEMU " + ("mapped-ram" if q.mapped_ram else "stream") + " file"
-        return kind, [Source(b.name, b.size, b.page_size, b.pages_present,
-                             lambda b=b: b.segments(fd)) for b in q.blocks]
-    if kind in (STREAM, CHECKPOINT):
-        what = "streaming-format snapshot" if kind == STREAM else "checkpoint file"
-        raise SnapshotError(f"{path} is a {what}: export-ram reads mapped-ram snapshots "
-                            "(kvmguest's and QEMU's); restore it and save it to get one")
+    return reader_for(path, fd).export_sources()
+
+
+def qemu_sources(fd: int) -> tuple[str, list[Source]]:
+    q = read_qemu(fd)
+    kind = "QEMU " + ("mapped-ram" if q.mapped_ram else "stream") + " file"
+    return kind, [Source(b.name, b.size, b.page_size, b.pages_present,
+                         lambda b=b: b.segments(fd)) for b in q.blocks]
+
+
+def mapped_sources(path: str, fd: int) -> tuple[str, list[Source]]:
     snap, _ = validated(path, fd)
 
     def runs(block, present):

@@ -14,10 +14,10 @@ from kvmguest.state import vcpu_summary
 
 from .format import SnapshotError
 from .reader import validate
-from .snapshot import CHECKPOINT, QEMU, STREAM, open_snapshot, sniff
+from .snapshot import open_snapshot, reader_for
 
 
-def _describe_mapped(info: dict, path: str, fd: int) -> None:
+def describe_mapped(info: dict, path: str, fd: int) -> None:
     snap = validate(path, fd)
     info.update(valid=True, format="mapped-ram", version=snap.version, ram_size=snap.ram_size,
                 pages_present=snap.pages_present,
@@ -29,7 +29,7 @@ def _describe_mapped(info: dict, path: str, fd: int) -> None:
                 vcpus=len(snap.state["vcpus"]), irqchip="irqchip" in snap.state.get("vm", {}))
 
 
-def _describe_stream(info: dict, path: str, fd: int) -> None:
+def describe_stream(info: dict, path: str, fd: int) -> None:
     from .stream import VERSION, page_census, validate_stream
     s = validate_stream(path, fd)
     present, records = page_census(s, fd)
@@ -43,7 +43,7 @@ def _describe_stream(info: dict, path: str, fd: int) -> None:
                 irqchip="irqchip" in s.state.get("vm", {}))
 
 
-def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
+def describe_checkpoint(info: dict, path: str, fd: int) -> None:
     from .checkpoint import COMMITTED, VERSION, validated_checkpoint
     ck = validated_checkpoint(path, fd)
     r = ck.record
@@ -58,7 +58,7 @@ def _describe_checkpoint(info: dict, path: str, fd: int) -> None:
                 vcpus=len(ck.state["vcpus"]), irqchip="irqchip" in ck.state.get("vm", {}))
 
 
-def _describe_qemu(info: dict, path: str, fd: int) -> None:
+def describe_qemu(info: dict, path: str, fd: int) -> None:
     from .qemu import read_qemu
     q = read_qemu(fd)
     blocks = []
@@ -89,8 +89,7 @@ def describe(path: str) -> dict:
         st = os.fstat(fd)
         info["file_size"], info["allocated"] = st.st_size, st.st_blocks * 512
         try:
-            {STREAM: _describe_stream, CHECKPOINT: _describe_checkpoint, QEMU: _describe_qemu}.get(
-                sniff(fd, path), _describe_mapped)(info, path, fd)
+            reader_for(path, fd).describe(info)
         except OSError as err:
             info.update(verdict="UNREADABLE", error=f"cannot read: {err.strerror}",
                         exit_code=EXIT_BAD_INPUT)

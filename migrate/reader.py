@@ -22,7 +22,7 @@ from kvmguest.state import MachineState, StateError
 
 from . import format as fmt
 from .format import SnapshotError
-from .snapshot import CHECKPOINT, STREAM, decode_state, open_snapshot, region_specs, sniff
+from .snapshot import Loaded, decode_state, open_snapshot, reader_for, region_specs
 from .lease import SnapshotLease
 from .pageio import (MAX_IO, cached_fraction, check_threads, data_extents, direct_fd,
                      fault_point, pread_into, runs_of_mask, split_runs)
@@ -176,6 +176,15 @@ def validate(path: str, fd: int | None = None) -> fmt.Snapshot:
     return validated(path, fd)[0]
 
 
+def load_mapped(path: str, fd: int, lazy: bool, threads: int, progress) -> Loaded:
+    """A mapped-ram snapshot validated whole, then its memory read (or mapped: lazy)."""
+    snap, saved = validated(path, fd)
+    log.debug("%s: valid (version %d): %d vCPU(s), %d pages present", path,
+              snap.version, len(saved.vcpus), snap.pages_present)
+    memory, loaded = load_memory(snap, fd, lazy, threads, progress)
+    return Loaded(saved, memory, loaded, lazy, snap)
+
+
 def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
             console_capacity: int = 1 << 20, progress=None) -> tuple[Machine, RestoreReport]:
     """A paused-at-start Machine rebuilt from ``path``; call ``start()`` to resume the guest.
@@ -189,27 +198,11 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
     try:
         fd = open_snapshot(path)
         try:
-            kind = sniff(fd, path)
-            if kind == CHECKPOINT:
-                from .checkpoint import load_checkpoint, validated_checkpoint
-                ck = validated_checkpoint(path, fd)
-                saved = ck.decoded
-                memory, loaded = load_checkpoint(ck, fd)
-                lazy = False
-            elif kind == STREAM:
-                from .stream import load_stream, validate_stream
-                info = validate_stream(path, fd)
-                check_host_capacity(info.pages, lazy=False)
-                memory, loaded = load_stream(info, fd)
-                saved, lazy = info.decoded, False
-            else:             # mapped-ram (a QEMU file is refused there, in one line)
-                snap, saved = validated(path, fd)
-                log.debug("%s: valid (version %d): %d vCPU(s), %d pages present", path,
-                          snap.version, len(saved.vcpus), snap.pages_present)
-                memory, loaded = load_memory(snap, fd, lazy, threads, progress)
-                if lazy:
-                    lease = SnapshotLease(path, memory, snap)
-                    memory.on_close(lease.close)
+            got = reader_for(path, fd).load(lazy, threads, progress)
+            memory, saved, loaded, lazy = got.memory, got.saved, got.pages, got.lazy
+            if lazy:
+                lease = SnapshotLease(path, memory, got.snapshot)
+                memory.on_close(lease.close)
         finally:
             os.close(fd)
         try:
