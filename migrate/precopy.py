@@ -263,7 +263,7 @@ class _Save:
         # last pages: the ioctls and the writes overlap (ctypes and pwritev drop the GIL).
         captured = self.helper.submit(save_machine, machine)
         # The set harvested last (not yet written) plus what came after it.
-        final = self.client.take()
+        final = self.client.take(protect=False)    # no need to write-protect them again
         t_harvested = time.perf_counter()
         writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])
                            for slot in final})

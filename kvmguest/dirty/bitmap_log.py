@@ -55,26 +55,28 @@ class BitmapLog(SlotLogging):
         self._bitmaps: dict = {}         # made at the first harvest (numpy loads lazily)
         self._addrs: dict = {}
 
-    def harvest_kvm(self, r: Region) -> np.ndarray:
-        """KVM's dirty bitmap for one slot (uint64 words, bit i = page i), reset in KVM."""
+    def harvest_kvm(self, r: Region, protect: bool = True) -> np.ndarray:
+        """KVM's dirty bitmap for one slot (uint64 words, bit i = page i), reset in KVM
+        (``protect`` False, with manual protection: left set, the pages left writable;
+        the next harvest reports them again, so no client misses one)."""
         bitmap = self._bitmaps.get(r.slot)
         if bitmap is None:
             bitmap = self._bitmaps[r.slot] = np.zeros(-(-r.npages // 64), dtype=np.uint64)
             self._addrs[r.slot] = bitmap.ctypes.data
         addr = self._addrs[r.slot]
         self.vm.get_dirty_log(r.slot, addr)
-        if self.manual_protect:
+        if self.manual_protect and protect:
             # Clearing exactly what was read re-protects those pages; bits set by the
             # guest in between stay for the next harvest.
             self.vm.clear_dirty_log(r.slot, 0, r.npages, addr)
         return bitmap
 
-    def harvest_pages(self, r: Region) -> np.ndarray:
+    def harvest_pages(self, r: Region, protect: bool = True) -> np.ndarray:
         """Guest-written page indices of one region since the last harvest (sorted).
 
         Only the non-zero 64-bit words of KVM's bitmap are expanded, so the cost follows
         the number of dirty pages, not the size of the slot."""
-        words = self.harvest_kvm(r)
+        words = self.harvest_kvm(r, protect)
         nz = (words != 0).nonzero()[0]       # ~6x faster than words.nonzero() on uint64
         if nz.size:
             bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
@@ -84,9 +86,10 @@ class BitmapLog(SlotLogging):
             pages = nz
         return pages
 
-    def harvest(self) -> dict[int, np.ndarray]:
-        """Guest-written page indices per slot since the last harvest."""
-        return {r.slot: self.harvest_pages(r) for r in self.memory.regions}
+    def harvest(self, protect: bool = True) -> dict[int, np.ndarray]:
+        """Guest-written page indices per slot since the last harvest (``protect``: see
+        harvest_kvm)."""
+        return {r.slot: self.harvest_pages(r, protect) for r in self.memory.regions}
 
     def close(self) -> None:
         pass

@@ -126,8 +126,9 @@ class RingLog(SlotLogging):
             self._collect(index)
             self._reset()
 
-    def harvest(self) -> dict[int, np.ndarray]:
-        """Guest-written page indices per slot since the last harvest (sorted, unique)."""
+    def harvest(self, protect: bool = True) -> dict[int, np.ndarray]:
+        """Guest-written page indices per slot since the last harvest (sorted, unique).
+        The rings are always reset (``protect`` is the bitmap's option)."""
         with self._lock:
             for i in range(len(self._rings)):
                 self._collect(i)

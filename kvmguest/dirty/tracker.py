@@ -43,10 +43,13 @@ class DirtyClient:
             if len(p):
                 self._parts[slot].append(p)
 
-    def take(self) -> dict[int, np.ndarray]:
+    def take(self, protect: bool = True) -> dict[int, np.ndarray]:
         """Pages written (by the guest or the VMM) since this client opened or last took
-        them, per slot, sorted."""
-        self.tracker.harvest()
+        them, per slot, sorted. ``protect`` False, for a last take with the guest paused
+        (a save's downtime): KVM's bits are read but not cleared, which saves
+        write-protecting those pages again; a later harvest reports them once more, so
+        another client gets a superset, never less."""
+        self.tracker.harvest(protect)
         with self.tracker.lock:
             parts, self._parts = self._parts, {slot: [] for slot in self._parts}
         return {slot: merge_pages(*p) for slot, p in parts.items()}
@@ -113,10 +116,10 @@ class DirtyTracker:
                 if c is not exclude:
                     c.add(pages)
 
-    def harvest(self) -> None:
+    def harvest(self, protect: bool = True) -> None:
         """Read the backend and the VMM's writes once; give the pages to every client."""
         with self.lock:
-            pages = self.backend.harvest()
+            pages = self.backend.harvest(protect)
             if self.backend.take_overflow():
                 # The ring lost entries: every page may be dirty. Correct, not cheap.
                 pages = {r.slot: np.arange(r.npages, dtype=np.int64)
