@@ -740,10 +740,11 @@ class GdbStub:
         self._flush_console()
         if self.m.vcpus.done.is_set():
             return self._ended()
-        with self._events_lock:
-            pending = self.events.popleft() if self.events else None
-        if pending is not None and step is None:
-            return self._report(pending)
+        if step is None:
+            with self._events_lock:
+                pending = self.events.popleft() if self.events else None
+            if pending is not None:
+                return self._report(pending)
         if step is not None:
             return self._step(self.m.vcpus[step])
         for t in self.m.vcpus:
@@ -758,7 +759,8 @@ class GdbStub:
         completed = self.m.vcpus.run_one(thread, STEP_TIMEOUT)
         with self._events_lock:
             mine = [e for e in self.events if e.thread == thread.index]
-            self.events.clear()
+            for e in mine:
+                self.events.remove(e)
         if self.m.vcpus.done.is_set():
             return self._ended()
         if not completed:
