@@ -273,8 +273,7 @@ class GdbStub:
         self._said: set[str] = set()
         self._to_console: list[str] = []
         self.ended_reported = False
-        self.attached = threading.Event()
-        self.detached = threading.Event()       # no client (set), or the last one left
+        self.detached = threading.Event()       # no gdb client (set), or the last one left
         self.detached.set()
         self._handlers = self._dispatch()
         machine.debugger = self
@@ -359,12 +358,11 @@ class GdbStub:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            if self.attached.is_set():
+            if not self.detached.is_set():
                 client.close()
                 self.note("gdb: another gdb tried to attach; one at a time (turned away)")
                 continue
             self.conn = Connection(client)
-            self.attached.set()
             self.detached.clear()
             threading.Thread(target=self._client, name="gdb-client", daemon=True).start()
 
@@ -378,7 +376,6 @@ class GdbStub:
             self._detach()
             self.conn.close()
             self.conn = None
-            self.attached.clear()
             self.detached.set()
 
     def _session(self) -> None:
@@ -956,6 +953,8 @@ class GdbStub:
                 pass
         if self.m.debugger is self:
             self.m.debugger = None
+            self.m.vcpus.on_parked.remove(self.soft.lift)
+            self.m.vcpus.on_release.remove(self.soft.insert)
 
 
 _GONE = object()          # the client detached or killed the guest: end its session
