@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import grp
 import mmap
 import os
 import stat
+import struct
 from pathlib import Path
 
 from . import abi
@@ -123,6 +125,25 @@ class _Fd:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+_MSR_ENTRY = struct.Struct("<IIQ")          # struct kvm_msr_entry: index, reserved, data
+
+
+@functools.lru_cache(maxsize=8)
+def _msr_template(indices: tuple[int, ...]) -> bytes:
+    """A KVM_GET_MSRS request for ``indices``, as bytes (built once per list)."""
+    msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(indices))()
+    msrs.hdr.nmsrs = len(indices)
+    for e, index in zip(msrs.entries, indices):
+        e.index = index
+    return bytes(msrs)
+
+
+def _msr_request(indices: tuple[int, ...]):
+    """A fresh request (each caller its own buffer: two threads may read one vCPU)."""
+    typ = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(indices))
+    return typ.from_buffer_copy(_msr_template(indices))
 
 
 class Kvm(_Fd):
@@ -376,14 +397,14 @@ class Vcpu(_Fd):
     def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
         """KVM_GET_MSRS: (index, value) for the MSRs KVM read. KVM stops at the first MSR
         it cannot read, so the list may be shorter than ``indices``."""
-        msrs = abi.flexible(abi.kvm_msrs, abi.kvm_msr_entry, len(indices))()
-        msrs.hdr.nmsrs = len(indices)
-        for e, index in zip(msrs.entries, indices):
-            e.index = index
+        msrs = _msr_request(tuple(indices))
         got = ioctl(self.fd, VcpuIoctl.KVM_GET_MSRS, msrs)
         if got > len(indices):
             raise KvmError(f"KVM_GET_MSRS (returned {got} of {len(indices)})", errno.EINVAL)
-        return [(e.index, e.data) for e in msrs.entries[:got]]
+        # Unpacked from the bytes at once: ~2x faster than reading each ctypes entry,
+        # and a save reads every vCPU's MSRs inside its downtime.
+        return [(i, d) for i, _, d in _MSR_ENTRY.iter_unpack(
+            ctypes.string_at(ctypes.addressof(msrs) + 8, 16 * got))]
 
     def set_msrs(self, items: list[tuple[int, int]]) -> int:
         """KVM_SET_MSRS: how many of ``items`` KVM wrote (it stops at the first it refuses)."""
