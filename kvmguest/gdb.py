@@ -246,16 +246,15 @@ class Stop:
         return f"T{self.signal:02x}thread:{self.thread + 1:x};{self.reason}"
 
 
-
 class GdbStub:
     """Serves gdb for ``machine``. ``wait``: the machine was started paused (``start(
     paused=True)``) and the stub holds that pause until gdb resumes the guest.
-    ``checkpoints``: the guest's Checkpointer, for reverse execution. ``note`` tells the
-    user one line (stderr, through the CLI)."""
+    ``note`` tells the user one line (stderr, through the CLI); the guest's
+    Checkpointer, for reverse execution, comes with :meth:`attach_checkpoints`."""
 
-    def __init__(self, machine, spec: str, wait: bool = True, checkpoints=None,
-                 note=lambda text: None):
-        self.m, self.checkpoints, self.note = machine, checkpoints, note
+    def __init__(self, machine, spec: str, wait: bool = True, note=lambda text: None):
+        self.m, self.note = machine, note
+        self.checkpoints = None               # attach_checkpoints()
         self.sock, self.where, self.unix_path = listen(spec)
         self.holding = wait                   # the stub holds a pause: the guest is stopped
         self.conn: Connection | None = None
@@ -463,7 +462,7 @@ class GdbStub:
             "s": lambda t, _: self._resume(self.current),
             "D": lambda t, _: self._detach_packet(),
             "k": lambda t, _: self._kill(),
-            "b": lambda t, _: self._reverse(t[:1]),
+            "b": lambda t, _: self._reverse(),
         }
 
     def _query(self, text: str):
@@ -706,9 +705,8 @@ class GdbStub:
         return "OK"
 
     def _protect(self) -> None:
-        pages = {g & ~(PAGE - 1) for pieces in self.watches.values() for g, n in pieces}
-        pages |= {(g + n - 1) & ~(PAGE - 1) for pieces in self.watches.values()
-                  for g, n in pieces}
+        # Each piece lies within one page (_pieces splits at page boundaries).
+        pages = {g & ~(PAGE - 1) for pieces in self.watches.values() for g, _ in pieces}
         self.m.platform.protect_pages(self.m.memory, pages)
 
     def _arm(self, thread, step: bool) -> None:
@@ -892,18 +890,16 @@ class GdbStub:
         if self.checkpoints is None or self.checkpoints.generation != generation:
             raise ValueError(f"checkpoint {generation} is not kept (the newest is "
                              f"{getattr(self.checkpoints, 'generation', 0)})")
-        self._go_back()
+        self.checkpoints.rewind()
         return f"the guest is at checkpoint {generation}\n"
 
-    def _reverse(self, kind: str):
+    def _reverse(self):
+        """``bc`` and ``bs`` alike: the stopped guest back to the newest committed
+        checkpoint, in place, reported as the start of the recorded history."""
         if self.checkpoints is None or not self.checkpoints.generation:
             return "E01"
-        self._go_back()
-        return self._report(Stop(self.current, SIGTRAP, "replaylog:begin;"))
-
-    def _go_back(self) -> None:
-        """Put the stopped guest back to the newest committed checkpoint, in place."""
         self.checkpoints.rewind()
+        return self._report(Stop(self.current, SIGTRAP, "replaylog:begin;"))
 
     def _say_once(self, key: str, text: str) -> None:
         """Tell the user once, on stderr and in gdb's console. gdb takes console output
