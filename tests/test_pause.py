@@ -10,8 +10,14 @@ from helpers import guest, wait_console, wait_until
 from kvmguest import GuestTimeout
 
 
+_ADDRESS = re.compile(r"counter at (0x[0-9a-f]+)\r?\n")
+
+
 def _counter(m) -> int:
-    addr = int(re.search(r"counter at (0x[0-9a-f]+)", m.serial.text()).group(1), 16)
+    """The spin guest's counter, at the address its whole first line gave (the line is
+    read once it has ended: the console is seen byte by byte, mid-line too)."""
+    wait_until(lambda: _ADDRESS.search(m.serial.text()), 30, "the spin guest's address line")
+    addr = int(_ADDRESS.search(m.serial.text()).group(1), 16)
     return struct.unpack("<Q", m.memory.read(addr, 8))[0]
 
 
