@@ -171,7 +171,12 @@ class Kvm(_Fd):
         return ioctl(self.fd, SysIoctl.KVM_GET_API_VERSION)
 
     def check_extension(self, cap: int) -> int:
-        return ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
+        """What /dev/kvm offers does not change while it is open: asked once per cap (a
+        save asks inside its downtime)."""
+        known = self.__dict__.setdefault("_caps", {})
+        if cap not in known:
+            known[cap] = ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
+        return known[cap]
 
     def require(self, *caps: Cap) -> None:
         missing = [Cap(c).name for c in caps if self.check_extension(c) <= 0]
@@ -221,7 +226,11 @@ class Vm(_Fd):
         self.kvm, self.fd = kvm, fd
 
     def check_extension(self, cap: int) -> int:
-        return ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
+        """Asked once per cap for this VM (its answers are fixed for its life)."""
+        known = self.__dict__.setdefault("_caps", {})
+        if cap not in known:
+            known[cap] = ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
+        return known[cap]
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
                                flags: int = 0) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from . import abi
 from .abi import Cap
@@ -205,9 +205,11 @@ class VcpuState:
         apply_calls(vcpu, self.decoded(cpuid))
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        if self.lapic is None:
-            del d["lapic"]
+        """Field by field (dataclasses.asdict deep-copies: ~0.1 ms a save, in the downtime)."""
+        d = {f: getattr(self, f) for f in _VCPU_FIELDS}
+        d["msrs"] = [[i, v] for i, v in self.msrs]
+        if self.lapic is not None:
+            d["lapic"] = self.lapic
         return d
 
     @classmethod
@@ -225,6 +227,9 @@ class VcpuState:
                 raise StateError(f"state field {f.name} is not hex")
         v.check()
         return v
+
+
+_VCPU_FIELDS = [f.name for f in fields(VcpuState) if f.name not in ("msrs", "lapic")]
 
 
 # --- the VM --------------------------------------------------------------------------------
@@ -286,7 +291,9 @@ class VmState:
         apply_calls(vm, self.decoded(vm))
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in (("clock", self.clock),
+                                  ("irqchip", self.irqchip and list(self.irqchip)),
+                                  ("pit2", self.pit2)) if v is not None}
 
     @classmethod
     def from_json(cls, d) -> "VmState":

@@ -97,7 +97,7 @@ class PcTestdev:
 
     def save_state(self) -> dict:
         state = {"scratch": self.scratch}
-        if self.iomem.count(0) != IOMEM_SIZE:      # C speed: this runs inside a pause
+        if self.iomem != _ZEROS:      # a memcmp (~2 us, not count()'s 30): inside a pause
             state["iomem"] = self.iomem.hex()
         return state
 
