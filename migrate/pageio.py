@@ -77,12 +77,13 @@ def nonzero_pages(data: np.ndarray) -> np.ndarray:
     return nonzero
 
 
-def runs_of(indices: np.ndarray) -> np.ndarray:
-    """Sorted page indices -> (start, end) rows of consecutive runs."""
+def runs_of(indices: np.ndarray, max_gap: int = 0) -> np.ndarray:
+    """Sorted page indices -> (start, end) rows of consecutive runs; runs apart by at most
+    ``max_gap`` pages are joined (the pages between them are then in the run too)."""
     if len(indices) == 0:
         return np.empty((0, 2), dtype=np.int64)
     idx = np.asarray(indices, dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    breaks = np.flatnonzero(np.diff(idx) > max_gap + 1) + 1
     starts = np.concatenate(([idx[0]], idx[breaks]))
     ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
     return np.stack([starts, ends], axis=1)

@@ -28,6 +28,11 @@ from .pageio import (MAX_IO, check_threads, fault_point, fsync_dir, nonzero_page
 
 PAGE = fmt.PAGE_SIZE
 SMALL_PASS = 1024          # pages; fewer are written without the thread pool
+# Dirty runs at most this many pages apart are written as one, the clean pages between
+# them too (rewritten as they already are on disk: the guest has not written them since).
+# A run costs ~10 us here (the zero check, a pwritev), a page ~1 us: a guest whose vCPUs
+# each stamp every 4th page left 85 runs of 3 pages in a final pass, 1 ms of downtime.
+GAP_PAGES = 8
 JOB_PAGES = MAX_IO // PAGE # pages per job at most: progress and cancellation are per job
 
 
@@ -165,9 +170,11 @@ class MappedWriter:
                 runs = runs_of_mask(candidates)
             else:
                 idx = dirty.get(r.slot, np.empty(0, dtype=np.int64))
-                runs = runs_of(idx)
+                runs = runs_of(idx, GAP_PAGES)
+                stats.pages_dirty += len(idx)
             n = int((runs[:, 1] - runs[:, 0]).sum()) if len(runs) else 0
-            stats.pages_dirty += n
+            if dirty is None:
+                stats.pages_dirty += n
             if n:
                 parts = max(self.threads, -(-n // JOB_PAGES))
                 jobs += [(bi, g) for g in split_runs(runs, parts)]
