@@ -73,6 +73,7 @@ class MappedWriter:
         self.passes: list[PassStats] = []
         self.tmp = temp_path_for(self.path)
         self.fds: list[int] = []
+        self._final_fd: int | None = None   # buffered, for an O_DIRECT save's final pass
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads > 1 else None
         self._open()
 
@@ -148,9 +149,19 @@ class MappedWriter:
     def settle(self) -> None:
         """Before the stop-and-copy: wait for the writeback started by earlier passes.
         A page under writeback cannot be rewritten until its I/O ends (stable pages), so
-        without this the final pass, inside the downtime, waits for the disk."""
+        without this the final pass, inside the downtime, waits for the disk.
+
+        With O_DIRECT the final pass, small and inside the downtime, goes through the page
+        cache instead (finish() fsyncs it): a direct write waits for the disk (~0.6 ms for
+        1 MiB here, against ~0.15 ms into the cache)."""
         if not self.direct:
             wait_writeback(self.fds[0])
+        elif self._final_fd is None:
+            try:
+                self._final_fd = os.open(self.tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as err:
+                raise io_error(err, self.tmp, "opening") from None
+            self.fds.append(self._final_fd)          # closed with the others
         self.final = True
 
     def _cancelled(self) -> bool:
@@ -184,7 +195,8 @@ class MappedWriter:
             done = stats.pages_zero
             results = []
             if self._pool is None or stats.pages_dirty - stats.pages_zero <= SMALL_PASS:
-                outcomes = (self._write_runs(self.fds[0], bi, g) for bi, g in jobs)
+                fd = self.fds[0] if self._final_fd is None else self._final_fd
+                outcomes = (self._write_runs(fd, bi, g) for bi, g in jobs)
             else:
                 futures = [self._pool.submit(self._write_runs, self.fds[i % self.threads], bi, g)
                            for i, (bi, g) in enumerate(jobs)]
