@@ -1,6 +1,6 @@
 """Several vCPUs: boot to exit with 1/2/4 vCPUs, IPI round trip, timer ticks delivered per
-tick asked for, and the live save's downtime with 1/2/4 vCPUs (each with the 1-vCPU
-figure of the same run as its baseline)."""
+tick asked for, and the live save's downtime and a reset in place with 1/2/4 vCPUs (each
+with the 1-vCPU figure of the same run as its baseline)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,33 @@ def downtime(n: int, work: str) -> tuple[float, dict]:
         m.close()
 
 
+def resets(n: int, work: str, runs: int) -> tuple[list[float], list[int]]:
+    """Resets in place of the running smp guest to a snapshot of it (ms, pages each)."""
+    from migrate.reader import restore
+    from migrate.reset import ResetPoint
+    path = f"{work}/reset-{n}.snap"
+    m = Machine(SMP, vcpus=n, cmdline="pages=256 passes=0 quiet")
+    try:
+        m.start()
+        assert m.serial.wait_for("smp: pass 16 ok", 60)
+        live_save(m, path, then="stop")
+    finally:
+        m.close()
+    m, _ = restore(path)
+    try:
+        point = ResetPoint(m, path)
+        m.start()
+        samples, pages = [], []
+        for _ in range(max(runs, 15)):
+            time.sleep(0.02)                    # the guest rewrites its working set
+            pages.append(point.reset())
+            samples.append(point.last_ms)
+        point.close()
+        return samples, pages
+    finally:
+        m.close()
+
+
 def parts_note(parts: list[dict]) -> str:
     """The median of each part of the downtime, for the figure's note."""
     return "median " + ", ".join(
@@ -102,5 +129,15 @@ def run(report: Report, runs: int) -> None:
                 med = sorted(samples)[len(samples) // 2]
                 fig.target = "<= 2 ms and <= 2x 1 vCPU"
                 fig.met = med <= 2.0 and med <= 2 * report.get(one).median
+            report.add(fig)
+            one = one or fig.name
+        one = None
+        for n in (1, 2, 4):
+            samples, pages = resets(n, work, runs)
+            fig = Figure(f"reset in place, smp guest, {n} vCPU(s), "
+                         f"~{statistics.median(pages):.0f} pages", "ms", samples, baseline=one)
+            if n == 4:
+                fig.target = "<= 2x 1 vCPU"
+                fig.met = fig.median <= 2 * report.get(one).median
             report.add(fig)
             one = one or fig.name
