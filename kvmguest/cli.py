@@ -224,7 +224,7 @@ def cmd_run(args) -> int:
             if m.workarounds:
                 names = " ".join(w.split("=", 1)[0] for w in m.workarounds)
                 _err(f"this host's KVM emulates kernel code (kvm_pvm); Linux boots here with "
-                     f"{names} added (README, \"Linux kernels\"; --exact-cmdline: without)")
+                     f"{names} added (docs/linux.md; --exact-cmdline: without)")
             result = session.run(m, control)
             return _finish(result, session.saved, m, args)
     finally:

@@ -35,7 +35,7 @@ XFEATURE_FP, XFEATURE_SSE = 1 << 0, 1 << 1
 _REGS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
-# What keeps a Linux guest from an instruction a host cannot emulate (README, "Linux kernels").
+# What keeps a Linux guest from an instruction a host cannot emulate (docs/linux.md).
 AVOID = {
     "cmpxchg16b": "--cpu host,-cx16",
     "xsave": "the kernel parameter noxsave", "xrstor": "the kernel parameter noxsave",

@@ -5,7 +5,7 @@ line and exits with ``err.exit_code``. Layers raise their own subclass and chain
 cause with ``raise ... from err``. Anything else reaching the CLI is a bug (``-v`` shows
 its traceback).
 
-Exit codes (the README's table): the guest's own result when it writes one, 1 when the
+Exit codes (docs/cli.md's table): the guest's own result when it writes one, 1 when the
 guest crashes or an operation fails, 2 for bad input (options, files, snapshots, a host
 that cannot run KVM), 121 when the guest reboots, 122 when its kernel panics, 123 when it
 triple-faults, 124 on timeout, 130 (128 + signal) when interrupted.

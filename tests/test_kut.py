@@ -22,7 +22,7 @@ from kvmguest import kut
 from kvmguest.arch.x86 import cpumodel, multiboot
 
 # Every test of unittests.cfg that passes on kvmguest on this host (kvm_pvm, AMD); the
-# README's table gives the rest with the reason. Keep in step with it.
+# table in docs/kvm-unit-tests.md gives the rest with the reason. Keep in step with it.
 PASSING = [
     "smptest", "smptest3", "vmexit_cpuid", "vmexit_mov_from_cr8", "vmexit_mov_to_cr8",
     "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_ipi_halt", "vmexit_ple_round_robin",
