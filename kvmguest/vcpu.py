@@ -3,9 +3,9 @@
 Each vCPU of a Machine runs in its own :class:`VcpuThread`. ``Vcpu.run()`` returns each
 exit as a typed record (kvmguest.exits); the thread hands it to the machine's handler,
 which says whether the guest is finished. Pausing is a handshake: the requester sets a flag
-and kicks the thread (immediate_exit plus a real-time signal of our own); the thread
-enters KVM_RUN once more with immediate_exit so that KVM completes a pending I/O (an
-IN's value lands in the registers), then parks until it is resumed.
+and kicks the thread (immediate_exit plus a real-time signal of our own); after an exit
+it handled, the thread enters KVM_RUN once more with immediate_exit so that KVM completes
+the pending I/O (an IN's value lands in the registers); then it parks until resumed.
 """
 
 from __future__ import annotations
@@ -139,13 +139,20 @@ class VcpuThread:
     def _loop(self) -> None:
         run = self.vcpu.run_struct
         self.first_run_at = time.perf_counter()
+        # Whether an exit was handled since KVM_RUN last returned without one: KVM
+        # completes that exit's I/O only when it is entered again.
+        unsettled = True
         try:
             while not self._stop.is_set():
                 if self._pause_req.is_set():
-                    # Enter once with immediate_exit so KVM completes any pending I/O
-                    # (the registers then hold what an IN returned), then park.
-                    run.immediate_exit = 1
-                    self.vcpu.run()
+                    if unsettled:
+                        # Enter once with immediate_exit so KVM completes the pending I/O
+                        # (the registers then hold what an IN returned). Not after a run
+                        # that a kick ended: nothing is pending then, and a KVM_RUN more
+                        # per vCPU is time inside every pause.
+                        run.immediate_exit = 1
+                        self.vcpu.run()
+                        unsettled = False
                     self._paused.set()
                     self._resume.wait()
                     run.immediate_exit = 0
@@ -161,9 +168,11 @@ class VcpuThread:
                     self._fault_seq = seq
                     continue
                 if ex is None:
+                    unsettled = False
                     if not (self._pause_req.is_set() or self._stop.is_set()):
                         run.immediate_exit = 0
                     continue
+                unsettled = True
                 self.exits += 1
                 if self.handler(self, ex):
                     self.finished = True
