@@ -428,6 +428,18 @@ def test_a_failed_kvm_test_leaves_its_guest_and_the_command_to_open_it(gdb, pyte
     finish(p)
 
 
+def test_the_printed_gdb_socket_fits_a_unix_socket_path_however_long_the_test_name(
+        tmp_path, monkeypatch):
+    from kvmguest.testing.plugin import gdb_socket_for
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    short = str(tmp_path / "t.kvm")
+    assert gdb_socket_for(short) == str(tmp_path / "t.gdb")
+    long = str(tmp_path / ("tests_test_x.py_" + "a_very_long_test_name_" * 6 + ".kvm"))
+    sock = gdb_socket_for(long)
+    assert len(os.fsencode(sock)) <= 107 and sock.endswith(".sock"), sock
+    assert gdb_socket_for(long) == sock and gdb_socket_for(long + "2.kvm") != sock
+
+
 def test_a_write_watchpoint_is_refused_while_checkpoints_track_pages(gdb, tmp_path):
     """Watched pages live in memory slots of their own; dirty logging works per slot, so
     the two do not mix: the watchpoint is refused, said once, and nothing is lost."""

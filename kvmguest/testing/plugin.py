@@ -19,6 +19,7 @@ that is an error: CI must never go green by skipping its hardware tests.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -84,6 +85,21 @@ def failed_dir() -> str:
     return d
 
 
+def gdb_socket_for(path: str) -> str:
+    """A gdb socket path beside the saved guest, or, where that is longer than a Unix
+    socket path may be (a long test name, pytest-xdist's temporary directories), a short
+    one in $XDG_RUNTIME_DIR, the failed-guest directory or the temporary directory."""
+    from migrate.control import MAX_PATH
+    sock = path[:-4] + ".gdb"
+    if len(os.fsencode(sock)) <= MAX_PATH:
+        return sock
+    short = f"kvmguest-gdb-{hashlib.sha1(os.fsencode(path)).hexdigest()[:12]}.sock"
+    for d in (os.environ.get("XDG_RUNTIME_DIR"), os.path.dirname(path), tempfile.gettempdir()):
+        if d and len(os.fsencode(os.path.join(d, short))) <= MAX_PATH:
+            return os.path.join(d, short)
+    return sock          # `kvmguest restore` then says why it cannot use it, in one line
+
+
 def leave_snapshot(nodeid: str, machine, n: int = 0) -> str:
     """Save ``machine`` as it stands (it runs on) for a failed test; what to tell the user."""
     from migrate.precopy import live_save
@@ -95,7 +111,7 @@ def leave_snapshot(nodeid: str, machine, n: int = 0) -> str:
         return f"the guest could not be saved for gdb: {err}"
     kernel = machine.kernel.path if machine.kernel is not None else \
         machine.origin.get("kernel", "KERNEL")
-    sock = path[:-4] + ".gdb"
+    sock = gdb_socket_for(path)
     return (f"the guest is saved where the test failed: {path}\nopen it in gdb:\n"
             f"  kvmguest restore {shlex.quote(path)} --gdb {shlex.quote(sock)} -q & "
             f"gdb {shlex.quote(str(kernel))} -ex {shlex.quote('target remote ' + sock)}")
