@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
-from kvmguest.state import MachineState
+from kvmguest.state import read_machine
 
 from .format import CHECKPOINT_MAGIC as MAGIC
 from .format import MAX_BLOCKS, MAX_SLOT, Block, SnapshotError, parse_json
@@ -274,7 +274,7 @@ class Checkpointer:
         m.pause_all()
         try:
             changed = self.client.take()     # checkpoint 1 takes all RAM instead
-            state = MachineState.capture(m)     # encoded after the guest runs again
+            state = read_machine(m)     # encoded after the guest runs again
             data = {}
             for r in m.memory.regions:
                 if first:     # a new file: pages never written stay holes (zeros)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from kvmguest.dirty import merge_pages
 from kvmguest.memory import PAGE_SIZE as PAGE
-from kvmguest.state import save_machine
+from kvmguest.state import read_machine
 
 from .pageio import fault_point
 from .errors import SaveError, check_cancel
@@ -262,7 +262,7 @@ class _Save:
         # Read here, after the writes, not beside them in a thread: on 2 cores the GIL
         # hand-offs cost more than the overlap gained (1/4 vCPUs 0.91/1.64 ms with a
         # thread, 0.77/1.41 ms without, alternating rounds in one run).
-        state = save_machine(machine)
+        state = read_machine(machine)          # encoded once the downtime is over
         t_state = time.perf_counter()
         sys.setswitchinterval(self.switch)
         report.downtime_ms = (t_state - t_pause) * 1e3
@@ -276,4 +276,4 @@ class _Save:
             machine.resume_all()
             self.paused = False
             report.downtime_parts["resume"] = (time.perf_counter() - t_state) * 1e3
-        return state
+        return state.to_json()
