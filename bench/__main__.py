@@ -39,8 +39,8 @@ def main() -> int:
     print("| figure | median | min | max | runs | vs baseline (same run) | target |")
     if args.only == "dirty":
         curves = dirty.run(report, runs, args.quick)
-        plots.harvest_curve(curves, RESULTS / "harvest-vs-ram.png")
         print(f"\nwrote {report.write('kvmguest benchmark results: dirty', 'dirty')}")
+        plots.harvest_curve(curves, RESULTS / "harvest-vs-ram.png")
         return 0
     if args.only == "qemu":
         try:

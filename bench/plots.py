@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+
+_said = []
+
+
+def _optional(plot):
+    """A plot is skipped, said once, where matplotlib is not installed (`make bench`
+    installs it; `python -m bench` run from a plain `make` venv has no plots)."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kw):
+        try:
+            return plot(*args, **kw)
+        except ModuleNotFoundError as err:
+            if err.name != "matplotlib":
+                raise
+            if not _said:
+                _said.append(True)
+                print("plots skipped: matplotlib is not installed "
+                      "(make bench installs it: pip install -e '.[bench]')")
+            return None
+    return wrapper
 
 
 def _plt():
@@ -12,6 +33,7 @@ def _plt():
     return plt
 
 
+@_optional
 def size_curve(curves: dict, ram: int, out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -36,6 +58,7 @@ def size_curve(curves: dict, ram: int, out: Path) -> Path:
     return path
 
 
+@_optional
 def bars(report, names: list[str], title: str, unit: str, path: Path) -> Path | None:
     figs = [f for f in report.figures if f.name in names]
     if not figs:
@@ -56,6 +79,7 @@ def bars(report, names: list[str], title: str, unit: str, path: Path) -> Path | 
     return path
 
 
+@_optional
 def harvest_curve(curves: dict, path: Path) -> Path:
     """Harvest cost against RAM size, one line per backend."""
     plt = _plt()
