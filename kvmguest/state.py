@@ -122,12 +122,6 @@ class VcpuState:
     vcpu_events: str
     lapic: str | None = None          # with the in-kernel irqchip
 
-    @classmethod
-    def capture(cls, vcpu, cpuid, msr_indices: list[int], xsave2_size: int,
-                lapic: bool = False) -> "VcpuState":
-        """The parked vCPU's state (read_vcpu), encoded."""
-        return encode_vcpu(read_vcpu(vcpu, cpuid, msr_indices, xsave2_size, lapic))
-
     def check(self) -> None:
         """Decode every field without touching KVM: StateError if anything is malformed."""
         try:
@@ -193,7 +187,7 @@ class VcpuState:
         apply_calls(vcpu, self.decoded(cpuid))
 
     def to_json(self) -> dict:
-        """Field by field (dataclasses.asdict deep-copies: ~0.1 ms a save, in the downtime)."""
+        """Field by field (dataclasses.asdict deep-copies: ~0.1 ms a save)."""
         d = {f: getattr(self, f) for f in _VCPU_FIELDS}
         d["msrs"] = [[i, v] for i, v in self.msrs]
         if self.lapic is not None:
@@ -258,10 +252,6 @@ class VmState:
     clock: str | None = None
     irqchip: list | None = None
     pit2: str | None = None
-
-    @classmethod
-    def capture(cls, vm, irqchip: bool, pit: bool = True) -> "VmState":
-        return cls.encode(cls.read(vm, irqchip, pit))
 
     @staticmethod
     def read(vm, irqchip: bool, pit: bool = True) -> tuple:
@@ -344,11 +334,6 @@ class MachineState:
     def irqchip(self) -> bool:
         return self.vm.irqchip is not None
 
-    @classmethod
-    def capture(cls, machine) -> "MachineState":
-        """For a machine whose vCPUs are all parked (or never ran)."""
-        return read_machine(machine).encoded()
-
     def check(self) -> None:
         if not 1 <= len(self.vcpus) <= MAX_VCPUS:
             raise StateError(f"state must hold 1 to {MAX_VCPUS} vCPUs")
@@ -397,7 +382,6 @@ class MachineState:
         return state
 
 
-# What a save writes: a snapshot's state is MachineState.to_json().
 @dataclass
 class ReadState:
     """A paused machine's state as read (read_machine), encoded later: a save's downtime
@@ -433,6 +417,7 @@ def read_machine(machine) -> ReadState:
                      guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
 
 
+# What a save writes: a snapshot's state is MachineState.to_json().
 def save_machine(machine) -> dict:
     """Everything but RAM, for a machine whose vCPUs are all parked (or never ran)."""
     return read_machine(machine).to_json()

@@ -160,12 +160,9 @@ class Platform:
         """Drive ISA interrupt line ``line`` of the in-kernel PIC/IOAPIC."""
         self.vm.irq_line(line, level)
 
-    def capture_state(self):
-        """The VM-wide state (clock, irqchip, PIT) of a paused machine."""
-        return VmState.capture(self.vm, self.irqchip, self.pit)
-
     def read_state(self) -> tuple:
-        """The same, as read (VmState.encode encodes it)."""
+        """The VM-wide state (clock, irqchip, PIT) of a paused machine, as read
+        (VmState.encode encodes it)."""
         return VmState.read(self.vm, self.irqchip, self.pit)
 
     def close(self) -> None:
