@@ -146,7 +146,19 @@ def _msr_request(indices: tuple[int, ...]):
     return typ.from_buffer_copy(_msr_template(indices))
 
 
-class Kvm(_Fd):
+class _CapsFd(_Fd):
+    """An fd that answers KVM_CHECK_EXTENSION (/dev/kvm, a VM)."""
+
+    def check_extension(self, cap: int) -> int:
+        """Asked once per cap: what /dev/kvm or a VM offers is fixed while its fd is
+        open (a save asks inside its downtime)."""
+        known = self.__dict__.setdefault("_caps", {})
+        if cap not in known:
+            known[cap] = ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
+        return known[cap]
+
+
+class Kvm(_CapsFd):
     """The ``/dev/kvm`` system fd."""
 
     def __init__(self, path: str | None = None):
@@ -169,14 +181,6 @@ class Kvm(_Fd):
 
     def get_api_version(self) -> int:
         return ioctl(self.fd, SysIoctl.KVM_GET_API_VERSION)
-
-    def check_extension(self, cap: int) -> int:
-        """What /dev/kvm offers does not change while it is open: asked once per cap (a
-        save asks inside its downtime)."""
-        known = self.__dict__.setdefault("_caps", {})
-        if cap not in known:
-            known[cap] = ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
-        return known[cap]
 
     def require(self, *caps: Cap) -> None:
         missing = [Cap(c).name for c in caps if self.check_extension(c) <= 0]
@@ -219,18 +223,11 @@ class Kvm(_Fd):
         return Vm(self, ioctl(self.fd, SysIoctl.KVM_CREATE_VM, 0))
 
 
-class Vm(_Fd):
+class Vm(_CapsFd):
     """A VM fd."""
 
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm, self.fd = kvm, fd
-
-    def check_extension(self, cap: int) -> int:
-        """Asked once per cap for this VM (its answers are fixed for its life)."""
-        known = self.__dict__.setdefault("_caps", {})
-        if cap not in known:
-            known[cap] = ioctl(self.fd, SysIoctl.KVM_CHECK_EXTENSION, int(cap))
-        return known[cap]
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
                                flags: int = 0) -> None:
