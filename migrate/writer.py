@@ -176,7 +176,7 @@ class MappedWriter:
             if dirty is None:
                 # Every page; those the host never backed are zeros: no need to read them.
                 candidates = r.maybe_nonzero()
-                stats.pages_dirty += r.npages - int(candidates.sum())
+                stats.pages_dirty += r.npages
                 stats.pages_zero += r.npages - int(candidates.sum())
                 runs = runs_of_mask(candidates)
             else:
@@ -184,8 +184,6 @@ class MappedWriter:
                 runs = runs_of(idx, GAP_PAGES)
                 stats.pages_dirty += len(idx)
             n = int((runs[:, 1] - runs[:, 0]).sum()) if len(runs) else 0
-            if dirty is None:
-                stats.pages_dirty += n
             if n:
                 parts = max(self.threads, -(-n // JOB_PAGES))
                 jobs += [(bi, g) for g in split_runs(runs, parts)]
