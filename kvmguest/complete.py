@@ -23,11 +23,15 @@ import logging
 import struct
 import threading
 
-from .arch.x86.regs import EFER_LMA
+from .abi import PAGE_SIZE
+from .arch.x86.regs import EFER_LMA, PageFault, canonical, translate_access
+from .errors import KvmguestError
 
 log = logging.getLogger(__name__)
 
-BP_VECTOR = 3
+BP_VECTOR, SS_VECTOR, GP_VECTOR, PF_VECTOR = 3, 12, 13, 14
+VECTOR_NAMES = {BP_VECTOR: "#BP", SS_VECTOR: "#SS", GP_VECTOR: "#GP", PF_VECTOR: "#PF"}
+RFLAGS_AC = 1 << 18
 MXCSR_RESERVED = 0xFFFF0000                # setting these raises #GP: not ours to complete
 MXCSR_AT = 24                              # in the XSAVE image's legacy (FXSAVE) area
 XSTATE_BV_AT = 512                         # the XSAVE header's component bitmap
@@ -49,19 +53,24 @@ AVOID = {
 }
 
 
+class Refused(KvmguestError):
+    """An instruction kvmguest completes, in a form it does not (the reason said)."""
+
+
 class Completer:
     """Completes the instructions above for one machine; ``counts`` by kind."""
 
-    def __init__(self, memory, translate, xsave_size):
-        """``translate(vaddr, sregs)``: guest-virtual to -physical; ``xsave_size()``:
-        KVM_CAP_XSAVE2's size (0: the 4 KiB KVM_GET_XSAVE)."""
-        self.memory, self.translate, self.xsave_size = memory, translate, xsave_size
+    def __init__(self, memory, xsave_size):
+        """``xsave_size()``: KVM_CAP_XSAVE2's size (0: the 4 KiB KVM_GET_XSAVE)."""
+        self.memory, self.xsave_size = memory, xsave_size
         self.counts: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
     def complete(self, vcpu, insn: bytes) -> bool:
-        """Carry out the instruction at the vCPU's RIP (``insn``: the bytes KVM reported);
-        False when it is not one kvmguest completes (the guest then stops)."""
+        """Carry out the instruction at the vCPU's RIP (``insn``: the bytes KVM reported),
+        or deliver the exception the CPU would raise instead; False when it is not one
+        kvmguest completes (the guest then stops), Refused when it is, in a form it does
+        not complete."""
         if not insn:
             return False
         if insn[0] == 0xCC:
@@ -96,32 +105,45 @@ class Completer:
         regs = vcpu.get_regs()
         regs.rip += 1                 # #BP is a trap: it reports the next instruction
         vcpu.set_regs(regs)
-        events = vcpu.get_vcpu_events()
-        events.exception.injected = 1
-        events.exception.nr = BP_VECTOR
-        events.exception.has_error_code = 0
-        events.exception.pending = 0
-        events.exception.error_code = 0
-        vcpu.set_vcpu_events(events)
+        inject_exception(vcpu, BP_VECTOR)
         return "int3"
 
     def _mxcsr(self, vcpu, insn: bytes) -> str | None:
+        """ldmxcsr/stmxcsr with the CPU's checks: #GP(0) (#SS(0) through rsp or rbp) for
+        a non-canonical operand or reserved MXCSR bits, #PF (CR2, error code) where the
+        page walk faults, an operand crossing a page carried out on both; an operand in
+        MMIO is refused by name (Refused)."""
         op = decode_mxcsr(insn)
         if op is None:
             return None
-        kind, length, operand = op
+        kind, length, operand, stack = op
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         if not (sregs.efer & EFER_LMA and sregs.cs.l):
             return None                        # 64-bit code only
         vaddr = operand(regs, sregs, regs.rip + length)
-        gpas = [self.translate(vaddr, sregs), self.translate(vaddr + 3, sregs)]
-        if None in gpas or gpas[1] - gpas[0] != 3 or not self.memory.is_ram(gpas[0], 4):
-            return None                        # unmapped or split across pages: a fault
+        if not canonical(vaddr, sregs):
+            return self._fault(vcpu, kind, SS_VECTOR if stack else GP_VECTOR, 0)
+        write = kind == "stmxcsr"
+        pieces = []                            # (guest-physical, bytes) per page touched
+        try:
+            for at, n in _split(vaddr, 4):
+                gpa = translate_access(self.memory, at, sregs, write, sregs.cs.selector & 3,
+                                       bool(regs.rflags & RFLAGS_AC))
+                if gpa is None:
+                    return None                # no 4-level walk: not ours to decide
+                pieces.append((gpa, n))
+        except PageFault as pf:
+            return self._fault(vcpu, kind, PF_VECTOR, pf.code, cr2=pf.cr2)
+        for gpa, n in pieces:
+            if not self.memory.is_ram(gpa, n):
+                raise Refused(f"the guest's {kind} has its operand at {vaddr:#x}, which is "
+                              f"MMIO (guest-physical {gpa:#x}), not RAM: kvmguest completes "
+                              f"{kind} for RAM operands only")
         image = bytearray(vcpu.get_xsave(self.xsave_size()))
         if kind == "ldmxcsr":
-            value = struct.unpack("<I", self.memory.read(gpas[0], 4))[0]
+            value = struct.unpack("<I", b"".join(self.memory.read(g, n) for g, n in pieces))[0]
             if value & MXCSR_RESERVED:
-                return None
+                return self._fault(vcpu, kind, GP_VECTOR, 0)
             struct.pack_into("<I", image, MXCSR_AT, value)
             bv = struct.unpack_from("<Q", image, XSTATE_BV_AT)[0]
             if not bv & (XFEATURE_FP | XFEATURE_SSE):
@@ -130,16 +152,51 @@ class Completer:
                 struct.pack_into("<Q", image, XSTATE_BV_AT, bv | XFEATURE_SSE)
             vcpu.set_xsave(bytes(image))
         else:
-            value = struct.unpack_from("<I", image, MXCSR_AT)[0]
-            self.memory.write(gpas[0], struct.pack("<I", value))
+            value = struct.pack("<I", struct.unpack_from("<I", image, MXCSR_AT)[0])
+            for gpa, n in pieces:
+                self.memory.write(gpa, value[:n])
+                value = value[n:]
         regs.rip += length
         vcpu.set_regs(regs)
         return kind
 
+    @staticmethod
+    def _fault(vcpu, kind: str, vector: int, code: int, cr2: int | None = None) -> str:
+        """Deliver the exception the CPU raises instead (a fault: RIP stays at the
+        instruction); the completion's kind names it."""
+        if cr2 is not None:
+            sregs = vcpu.get_sregs()
+            sregs.cr2 = cr2
+            vcpu.set_sregs(sregs)
+        inject_exception(vcpu, vector, code)
+        return f"{kind} ({VECTOR_NAMES[vector]})"
+
+
+def inject_exception(vcpu, vector: int, code: int | None = None) -> None:
+    """Exception ``vector`` delivered to the guest at its next entry (with ``code``, for
+    the exceptions that push one)."""
+    events = vcpu.get_vcpu_events()
+    events.exception.injected = 1
+    events.exception.nr = vector
+    events.exception.has_error_code = int(code is not None)
+    events.exception.pending = 0
+    events.exception.error_code = code or 0
+    vcpu.set_vcpu_events(events)
+
+
+def _split(vaddr: int, length: int) -> list[tuple[int, int]]:
+    """(address, bytes) of each page an access of ``length`` bytes at ``vaddr`` touches."""
+    first = min(length, PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)))
+    out = [(vaddr, first)]
+    if first < length:
+        out.append(((vaddr + first) & (1 << 64) - 1, length - first))
+    return out
+
 
 def decode_mxcsr(insn: bytes):
-    """(kind, length, operand(regs, sregs, next_rip) -> address) of ``ldmxcsr`` or
-    ``stmxcsr`` with a memory operand in 64-bit mode, or None."""
+    """(kind, length, operand(regs, sregs, next_rip) -> address, through the stack
+    segment) of ``ldmxcsr`` or ``stmxcsr`` with a memory operand in 64-bit mode, or
+    None."""
     pos, rex, seg = 0, 0, None
     while pos < len(insn) and insn[pos] in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65):
         seg = insn[pos] if insn[pos] in (0x64, 0x65) else seg
@@ -190,7 +247,8 @@ def decode_mxcsr(insn: bytes):
             addr += sregs.gs.base
         return addr & (1 << 64) - 1
 
-    return ("ldmxcsr" if reg == 2 else "stmxcsr"), length, operand
+    stack = base in (4, 5)                         # rsp or rbp: the stack segment's #SS
+    return ("ldmxcsr" if reg == 2 else "stmxcsr"), length, operand, stack
 
 
 def describe(insn: bytes) -> str:

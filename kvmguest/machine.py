@@ -23,7 +23,7 @@ from .arch.x86 import (acpi, cpuid, cpumodel, firmware, image, layout, linux, mu
                        regs)
 from .arch.x86.kernel import MULTIBOOT, BootError, Module
 from .arch.x86.platform import Platform, check_options, open_kvm
-from .complete import Completer
+from .complete import Completer, Refused
 from .devices import Devices, acpi_pm
 from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
 from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
@@ -134,7 +134,7 @@ class Machine:
                                    self.platform.irq_line if irqchip else None, stream,
                                    console_capacity, self._power_event, self._rtc_alarm)
             self.serial = self.console = self.devices.serial
-            self.completer = Completer(self.memory, self.translate, self._xsave_size)
+            self.completer = Completer(self.memory, self._xsave_size)
             if self.kernel is not None:
                 self._load_kernel()
         except BaseException:
@@ -369,9 +369,13 @@ class Machine:
             return False                      # a breakpoint or watchpoint: it parks
         if isinstance(ex, MmioExit) and self.devices.testdev.handle_mmio(ex):
             return False
-        if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu, ex.insn):
-            return False                      # an instruction this host's KVM could not do
-        crash = crash_message(ex)
+        try:
+            if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu,
+                                                                             ex.insn):
+                return False                  # an instruction this host's KVM could not do
+            crash = crash_message(ex)
+        except Refused as err:
+            crash = str(err)
         if crash is None:
             return True
         kind = GuestTripleFault if isinstance(ex, ShutdownExit) else GuestCrashed

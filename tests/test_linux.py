@@ -156,16 +156,30 @@ def test_a_triple_fault_has_its_code_too():
 
 def test_instructions_this_host_cannot_emulate_are_completed_or_named():
     """int3 (#BP must report the next instruction), fwait, ldmxcsr/stmxcsr with three
-    addressing forms: the insns guest checks the results itself. Where KVM cannot do
-    them (this kvm_pvm host), kvmguest did, and -v counts them; on hardware that can,
-    it never has to."""
+    addressing forms, and the CPU's checks for the last two: #GP for a non-canonical
+    operand (#SS through rbp), #PF with CR2 and the error code where the walk faults
+    (not present; read-only under CR0.WP), operands across pages mapped apart: the insns
+    guest checks the results itself. Where KVM cannot do them (this kvm_pvm host),
+    kvmguest did, and -v counts them; on hardware that can, it never has to."""
     p = cli("run", guest("insns"), "-v")
     assert p.returncode == 0 and "insns: int3 x5 (#BP at the next instruction), fwait, " \
         "ldmxcsr/stmxcsr x3: all ok" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
-    info = cli("info")
-    if "kvm_pvm" in info.stdout:
-        assert "kvmguest: completed for the guest: fwait x1, int3 x5, ldmxcsr x3, " \
-            "stmxcsr x3" in p.stderr, p.stderr[-1500:]
+    assert "insns: #GP, #SS, #PF (not present, read-only under WP), operands across " \
+        "pages: all ok" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
+    if linux.emulating_host():
+        assert "kvmguest: completed for the guest: fwait x1, int3 x5, ldmxcsr x5, " \
+            "ldmxcsr (#GP) x1, ldmxcsr (#PF) x1, stmxcsr x7, stmxcsr (#GP) x1, " \
+            "stmxcsr (#PF) x3, stmxcsr (#SS) x1" in p.stderr, p.stderr[-1500:]
+
+
+def test_a_completed_instruction_with_its_operand_in_mmio_is_named_so():
+    p = cli("run", guest("insns"), "--cmdline", "mmio")
+    assert "insns: stmxcsr into MMIO next" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
+    if linux.emulating_host():      # elsewhere the CPU runs it, and KVM carries out the MMIO
+        assert p.returncode == 1 and "kvmguest: the guest's stmxcsr has its operand at " \
+            "0x3001000, which is MMIO (guest-physical 0xfec01000), not RAM" in p.stderr, \
+            p.stderr[-1500:]
+        assert "cannot emulate" not in p.stderr
 
 
 def test_an_instruction_nobody_completes_is_named_with_what_avoids_it():

@@ -13,12 +13,19 @@ from . import layout
 CODE_SEL, DATA_SEL, TSS_SEL = 0x08, 0x10, 0x18
 X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4
+X86_CR0_WP = 1 << 16           # write protect: kernel writes honour read-only pages
 X86_CR0_PG = 1 << 31
+X86_CR4_SMAP = 1 << 21
+X86_CR4_LA57 = 1 << 12         # 5-level paging
 EFER_LMA = 1 << 10             # long mode active
 # Page-table entries (4-level paging).
 PTE_PRESENT = 1 << 0
+PTE_WRITABLE = 1 << 1
+PTE_USER = 1 << 2
 PTE_LARGE = 1 << 7             # a 1 GiB (PDPTE) or 2 MiB (PDE) page
 PHYS_MASK = (1 << 52) - 1
+# #PF error code bits.
+PF_PRESENT, PF_WRITE, PF_USER = 1 << 0, 1 << 1, 1 << 2
 
 
 def gdt_entry(flags: int, base: int, limit: int) -> int:
@@ -88,22 +95,61 @@ def reset_to_real_mode(vcpu, vector: int) -> None:
     vcpu.set_regs(abi.kvm_regs(rip=vector & 0xF, rflags=0x2))
 
 
+def canonical(vaddr: int, sregs: abi.kvm_sregs) -> bool:
+    """Is ``vaddr`` canonical in long mode (its top bits copies of bit 47, or of bit 56
+    with 5-level paging)? A CPU raises #GP for a memory access at any other."""
+    bits = 57 if sregs.cr4 & X86_CR4_LA57 else 48
+    top = (vaddr & (1 << 64) - 1) >> (bits - 1)
+    return top == 0 or top == (1 << (65 - bits)) - 1
+
+
+class PageFault(Exception):
+    """The access raises #PF: ``cr2`` the faulting linear address, ``code`` the error
+    code a CPU pushes (PF_* bits)."""
+
+    def __init__(self, cr2: int, code: int):
+        super().__init__(f"#PF at {cr2:#x} (error code {code:#x})")
+        self.cr2, self.code = cr2, code
+
+
 def translate(memory, vaddr: int, sregs: abi.kvm_sregs) -> int | None:
-    """Guest-virtual to guest-physical through the guest's page tables (None: unmapped;
-    or not long mode with paging, which our guests do not use)."""
+    """Guest-virtual to guest-physical through the guest's page tables (None: unmapped,
+    not canonical; or not long mode with paging, which our guests do not use)."""
+    try:
+        return translate_access(memory, vaddr, sregs)
+    except PageFault:
+        return None
+
+
+def translate_access(memory, vaddr: int, sregs: abi.kvm_sregs, write: bool = False,
+                     cpl: int = 0, ac: bool = False) -> int | None:
+    """Guest-virtual to guest-physical as an access by the CPU: PageFault where a CPU
+    would raise #PF (not present; a write to a read-only page at CPL3 or with CR0.WP; a
+    user page at CPL3 only; SMAP), None outside 4-level long mode paging or where the
+    address is not canonical (the CPU's #GP, which the caller raises)."""
     if not sregs.cr0 & X86_CR0_PG:
         return vaddr & 0xFFFFFFFF
-    if not sregs.efer & EFER_LMA:
+    if not sregs.efer & EFER_LMA or sregs.cr4 & X86_CR4_LA57 or not canonical(vaddr, sregs):
         return None
+    user = cpl == 3
+    code = (PF_WRITE if write else 0) | (PF_USER if user else 0)
     table = sregs.cr3 & ~0xFFF & PHYS_MASK
+    writable = everyone = True
     for level, shift in enumerate((39, 30, 21, 12)):
         try:
             entry = struct.unpack("<Q", memory.read(table + ((vaddr >> shift) & 511) * 8, 8))[0]
         except ValueError:
-            return None
+            return None                # page tables outside RAM: not a walk a CPU finishes
         if not entry & PTE_PRESENT:
-            return None
+            raise PageFault(vaddr, code)
+        writable &= bool(entry & PTE_WRITABLE)
+        everyone &= bool(entry & PTE_USER)
         if level in (1, 2) and entry & PTE_LARGE or level == 3:
+            denied = (user and not everyone) or \
+                (write and not writable and (user or sregs.cr0 & X86_CR0_WP)) or \
+                (not user and everyone and sregs.cr4 & X86_CR4_SMAP and not ac)
+            if denied:
+                raise PageFault(vaddr, code | PF_PRESENT)
             mask = (1 << shift) - 1
             return (entry & PHYS_MASK & ~mask) | (vaddr & mask)
         table = entry & PHYS_MASK & ~0xFFF
