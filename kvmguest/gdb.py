@@ -34,30 +34,40 @@ import ctypes
 import logging
 import os
 import select
+import shlex
 import socket
+import struct
 import threading
+import time
 from collections import deque
 
-from . import abi
+from . import abi, gdbwire
 from .abi import GuestDebug
+from .gdbwire import hexnum
 from .arch.x86 import gdbregs, linux, regs
+from .arch.x86.platform import MAX_PROTECTED_PAGES
 from .errors import KvmguestError, UsageError
 from .exits import DebugExit, InternalErrorExit, MmioExit
+from .loglimit import LogLimit
 
 log = logging.getLogger(__name__)
 
 PAGE = abi.PAGE_SIZE
 KILL_GRACE = 5.0                # after a kill: how long gdb may take to hang up
+END_GRACE = 1.0                 # end(): how long a waiting gdb has to take its answer
 STEP_TIMEOUT = 1.0              # a step that has not completed by then is reported anyway
-SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
+SIGINT, SIGTRAP, SIGKILL, SIGSEGV = 2, 5, 9, 11
 DR6_BS = 1 << 14                # single step
 DR7_GE = 1 << 9
 DR7_RW_ACCESS = 3               # break on data reads or writes
-MAX_PACKET = 0x4000
+MAX_PACKET = gdbwire.PACKET_SIZE
+MAX_READ = (MAX_PACKET - 8) // 2      # bytes of memory one hex reply holds
+SEND_TIMEOUT = 10.0             # a gdb that takes no reply for this long is dropped
 EXPEDITED = ("rbp", "rsp", "rip")   # sent with every stop reply
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
 MONITOR_HELP = """kvmguest monitor commands:
-  snapshot PATH    save the stopped guest (kvmguest restore PATH --gdb ... carries on)
+  snapshot PATH    save the stopped guest (kvmguest restore PATH --gdb ... carries on);
+                   PATH runs to the end of the line, or is one quoted word
   phys on|off      memory packets address guest-physical (on) or -virtual memory (off)
   checkpoints      the checkpoint reverse execution goes back to
   goto N           go to checkpoint generation N (the newest is the only one kept)
@@ -67,6 +77,18 @@ MONITOR_HELP = """kvmguest monitor commands:
 
 class GdbError(KvmguestError):
     """The gdb socket could not be set up."""
+
+
+def monitor_path(command: str) -> str:
+    """The path a monitor command names: everything after the verb (spaces and all), or
+    one shell-quoted word ('my dir/a.snap')."""
+    rest = command.strip().split(None, 1)[1].strip()
+    if rest[:1] in ("'", '"'):
+        words = shlex.split(rest)
+        if len(words) != 1:
+            raise ValueError("quote the whole path, and only the path")
+        return words[0]
+    return rest
 
 
 def parse_address(spec: str):
@@ -107,37 +129,53 @@ def listen(spec: str) -> tuple[socket.socket, str, str | None]:
     return sock, f"{host}:{sock.getsockname()[1]}", None
 
 
-# --- the wire ---------------------------------------------------------------------------
-def checksum(data: bytes) -> int:
-    return sum(data) & 0xFF
+# --- the connection ------------------------------------------------------------------
+def peer_uid(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of an accepted connection: the
+    kernel's word for a Unix socket (SO_PEERCRED); for loopback TCP, the owner of the
+    peer's socket in /proc/net/tcp (or tcp6). None when it cannot be told."""
+    if sock.family == socket.AF_UNIX:
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", cred)[1]
+    try:
+        peer, local = sock.getpeername(), sock.getsockname()
+    except OSError:
+        return None
+    table = "/proc/net/tcp6" if sock.family == socket.AF_INET6 else "/proc/net/tcp"
+    want = (_proc_address(sock.family, peer), _proc_address(sock.family, local))
+    try:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if (fields[1].upper(), fields[2].upper()) == want:
+                    return int(fields[7])
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return None
 
 
-def escape(data: bytes) -> bytes:
-    """Binary data in a packet: '#', '$', '}' and '*' escaped as '}' + byte ^ 0x20."""
-    out = bytearray()
-    for b in data:
-        if b in b"#$}*":
-            out += bytes((0x7D, b ^ 0x20))
-        else:
-            out.append(b)
-    return bytes(out)
-
-
-def unescape(data: bytes) -> bytes:
-    out, it = bytearray(), iter(data)
-    for b in it:
-        out.append(next(it) ^ 0x20 if b == 0x7D else b)
-    return bytes(out)
+def _proc_address(family: int, address) -> str:
+    """``(host, port)`` as /proc/net/tcp writes it: the address's 32-bit words each in
+    host byte order, in hex, then the port."""
+    raw = socket.inet_pton(family, address[0])
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
+    return "".join(f"{w:08X}" for w in words) + f":{address[1]:04X}"
 
 
 class Connection:
-    """One gdb client: packets in and out, acks until gdb turns them off."""
+    """One gdb client: packets in and out, acks until gdb turns them off. A client that
+    sends a packet longer than PacketSize, or takes no reply for SEND_TIMEOUT seconds, is
+    dropped (``why`` says which)."""
 
     def __init__(self, sock: socket.socket):
-        self.sock, self.buf, self.acks = sock, bytearray(), True
+        self.sock, self.acks = sock, True
+        self.decoder, self.events = gdbwire.Decoder(), deque()
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(SEND_TIMEOUT)      # bounds sends; reads wait in select first
         self._last = b""
+        self.why: str | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -145,62 +183,73 @@ class Connection:
     def _fill(self) -> bool:
         try:
             data = self.sock.recv(65536)
+        except TimeoutError:
+            return self.why is None        # an idle gdb: wait on
         except OSError:
             data = b""
-        self.buf += data
-        return bool(data)
+        if not data:
+            return False
+        try:
+            self.events.extend(self.decoder.feed(data))
+        except gdbwire.PacketTooLong as err:
+            self.drop(f"gdb sent {err}")
+            return False
+        return True
 
     def read(self, block: bool = True):
         """The next packet's payload (bytes), "interrupt" for Ctrl-C, None when gdb has
-        gone; with ``block`` False, "" when nothing complete has arrived yet."""
+        gone (or was dropped); with ``block`` False, "" when nothing complete has
+        arrived yet."""
         while True:
-            while self.buf and self.buf[0] in b"+-":
-                if self.buf[0] == ord("-") and self._last:
-                    self.send(self._last, raw=True)
-                del self.buf[0]
-            if self.buf[:1] == b"\x03":
-                del self.buf[0]
-                return "interrupt"
-            start = self.buf.find(b"$")
-            end = self.buf.find(b"#", start)
-            if start >= 0 and end >= 0 and len(self.buf) >= end + 3:
-                payload = bytes(self.buf[start + 1:end])
-                try:
-                    good = int(self.buf[end + 1:end + 3], 16) == checksum(payload)
-                except ValueError:
-                    good = False
-                del self.buf[:end + 3]
+            while self.events:
+                ev = self.events.popleft()
+                if ev == gdbwire.INTERRUPT:
+                    return "interrupt"
+                if ev == gdbwire.RESEND:
+                    if self._last:
+                        self._sendall(self._last)
+                    continue
                 if self.acks:
-                    try:
-                        self.sock.sendall(b"+" if good else b"-")
-                    except OSError:
-                        pass            # gdb has gone; what it sent last still counts (k)
-                if good:
-                    return payload
-                continue
-            if start > 0:
-                del self.buf[:start]
-            elif start < 0 and self.buf and self.buf[0] not in b"+-\x03":
-                self.buf.clear()
+                    self._sendall(b"+" if ev.good else b"-")
+                if ev.good:
+                    return ev.payload
+            if self.why is not None:
+                return None
             if not block and not select.select([self.sock], [], [], 0)[0]:
                 return ""
             if not self._fill():
                 return None
 
-    def send(self, payload: bytes | str, raw: bool = False) -> None:
+    def send(self, payload: bytes | str) -> None:
         if isinstance(payload, str):
             payload = payload.encode()
-        packet = payload if raw else b"$" + payload + b"#%02x" % checksum(payload)
+        packet = gdbwire.frame(payload)
         self._last = packet if self.acks else b""
+        self._sendall(packet)
+
+    def _sendall(self, data: bytes) -> None:
+        if self.why is not None:
+            return
         try:
-            self.sock.sendall(packet)
+            self.sock.sendall(data)
+        except TimeoutError:
+            self.drop(f"gdb took no reply for {SEND_TIMEOUT:g} s")
         except OSError:
-            pass
+            pass            # gdb has gone; what it sent last still counts (k)
 
     def console(self, text: str) -> None:
         """Text for gdb's console (an 'O' packet: while the target runs, or in a monitor
         command's answer)."""
         self.send(b"O" + text.encode().hex().encode())
+
+    def drop(self, why: str) -> None:
+        """End the connection from any thread: a read waiting on it returns None."""
+        if self.why is None:
+            self.why = why
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:
@@ -270,8 +319,10 @@ class GdbStub:
         self._wake_r, self._wake_w = os.pipe()
         self._closed = threading.Event()
         self._said: set[str] = set()
+        self._turned_away = LogLimit(first=3, say=note)    # refused connections
         self._to_console: list[str] = []
         self.ended_reported = False
+        self._ending: str | None = None         # end(): why the run ends whatever gdb does
         self.detached = threading.Event()       # no gdb client (set), or the last one left
         self.detached.set()
         self._handlers = self._dispatch()
@@ -348,7 +399,9 @@ class GdbStub:
 
     # --- the server --------------------------------------------------------------------
     def _serve(self) -> None:
-        """Accept gdb clients, one at a time: another one meanwhile is turned away."""
+        """Accept gdb clients, one at a time: another one meanwhile is turned away, and so
+        is any connection from another user (the stub reads and writes the guest and
+        writes files as this user)."""
         while not self._closed.is_set():
             try:
                 r, _, _ = select.select([self.sock], [], [], 0.2)
@@ -357,9 +410,18 @@ class GdbStub:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            uid = peer_uid(client)
+            if uid != os.geteuid():
+                client.close()
+                self._turned_away(logging.WARNING, "gdb: refused a connection from %s: only "
+                                  "this user (uid %d) may drive the stub",
+                                  "a peer whose user cannot be told" if uid is None
+                                  else f"uid {uid}", os.geteuid())
+                continue
             if not self.detached.is_set():
                 client.close()
-                self.note("gdb: another gdb tried to attach; one at a time (turned away)")
+                self._turned_away(logging.WARNING, "gdb: another gdb tried to attach; one "
+                                  "at a time (turned away)")
                 continue
             self.conn = Connection(client)
             self.detached.clear()
@@ -372,6 +434,8 @@ class GdbStub:
             log.error("gdb stub: %s; gdb is disconnected, the guest runs on", err,
                       exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
+            if self.conn.why is not None and not self._closed.is_set():
+                self.note(f"gdb: {self.conn.why}: disconnected")
             self._detach()
             self.conn.close()
             self.conn = None
@@ -392,6 +456,8 @@ class GdbStub:
                 return
             if answer is not None:
                 self.conn.send(answer)
+            if self._ending:
+                return
 
     def _halt(self) -> None:
         """Stop the guest (all vCPUs parked) and hold it so."""
@@ -434,8 +500,8 @@ class GdbStub:
         handler = self._handlers.get(text[:1])
         try:
             return handler(text[1:], pkt[1:]) if handler else ""
-        except (ValueError, IndexError):
-            return "E01"
+        except (ValueError, IndexError, KeyError):
+            return "E01"        # a malformed packet (bad number, escape, field count)
         except KvmguestError as err:
             log.warning("gdb: %s", err)
             return "E02"
@@ -449,7 +515,7 @@ class GdbStub:
             else self._ended(),
             "g": lambda t, _: self._read_registers(),
             "G": lambda t, _: self._write_registers(t),
-            "p": lambda t, _: self._read_register(int(t, 16)),
+            "p": lambda t, _: self._read_register(hexnum(t)),
             "P": lambda t, _: self._write_register(t),
             "m": lambda t, _: self._read_memory(t),
             "M": lambda t, _: self._write_memory_hex(t),
@@ -478,10 +544,11 @@ class GdbStub:
             self.conn.acks = False
             return None
         if name == "qXfer" and arg.startswith("features:read:target.xml:"):
-            off, length = (int(x, 16) for x in arg.rsplit(":", 1)[1].split(","))
+            off, length = (hexnum(x) for x in arg.rsplit(":", 1)[1].split(","))
             xml = gdbregs.target_xml()
-            chunk = xml[off:off + length]
-            return (b"l" if off + length >= len(xml) else b"m") + escape(chunk)
+            chunk = xml[off:off + min(length, MAX_READ)]       # escaped, at most twice as long
+            last = off + len(chunk) >= len(xml)
+            return (b"l" if last else b"m") + gdbwire.escape(chunk)
         if text == "qfThreadInfo":
             return "m" + ",".join(f"{t.index + 1:x}" for t in self.m.vcpus)
         if text == "qsThreadInfo":
@@ -520,7 +587,7 @@ class GdbStub:
     def _thread_of(self, tid: str):
         """The VcpuThread for a gdb thread id (1-based; -1 and 0: any), or None."""
         tid = tid.split(".")[-1] if tid.startswith("p") else tid
-        n = int(tid, 16) if tid not in ("-1", "") else 0
+        n = hexnum(tid) if tid not in ("-1", "") else 0
         if n <= 0:
             return self.m.vcpus[self.current]
         return self.m.vcpus[n - 1] if n <= len(self.m.vcpus) else None
@@ -561,7 +628,10 @@ class GdbStub:
 
     def _write_register(self, arg: str) -> str:
         n, _, value = arg.partition("=")
-        return self._apply_registers({int(n, 16): bytes.fromhex(value)})
+        n = hexnum(n)
+        if n >= len(gdbregs.REGISTERS):
+            return "E01"
+        return self._apply_registers({n: bytes.fromhex(value)})
 
     def _write_registers(self, data: str) -> str:
         raw = bytes.fromhex(data)
@@ -601,7 +671,10 @@ class GdbStub:
         return out
 
     def _read_memory(self, arg: str) -> str:
-        addr, length = (int(x, 16) for x in arg.split(","))
+        """``m``: at most what fits one reply (gdb splits its reads by PacketSize and takes
+        a shorter answer as the part that could be read)."""
+        addr, length = (hexnum(x) for x in arg.split(","))
+        length = min(length, MAX_READ)
         data = b"".join(self.m.memory.read(g, n) for g, n in self._pieces(addr, length))
         return data.hex() if data or not length else "E14"
 
@@ -616,18 +689,20 @@ class GdbStub:
 
     def _write_memory_hex(self, arg: str) -> str:
         where, _, hexdata = arg.partition(":")
-        addr, _ = (int(x, 16) for x in where.split(","))
-        return self._write_memory(addr, bytes.fromhex(hexdata))
+        addr, length = (hexnum(x) for x in where.split(","))
+        data = bytes.fromhex(hexdata)
+        return self._write_memory(addr, data) if len(data) == length else "E01"
 
     def _write_memory_binary(self, arg: bytes) -> str:
         where, _, data = arg.partition(b":")
-        addr, _ = (int(x, 16) for x in where.split(b","))
-        return self._write_memory(addr, unescape(data))
+        addr, length = (hexnum(x) for x in where.split(b","))
+        data = gdbwire.unescape(data)
+        return self._write_memory(addr, data) if len(data) == length else "E01"
 
     # --- breakpoints ---------------------------------------------------------------------
     def _breakpoint(self, arg: str, insert: bool) -> str:
         kind, addr, size = arg.split(",")[:3]
-        addr, size = int(addr, 16), int(size.split(";")[0], 16)
+        addr, size = hexnum(addr), hexnum(size.split(";")[0])
         if kind == "0":
             if not insert:
                 self.soft.at.pop(addr, None)
@@ -695,6 +770,12 @@ class GdbStub:
         pieces = self._pieces(addr, size)
         if sum(n for _, n in pieces) != size:
             return "E14"
+        if len(self._watched_pages() | {g & ~(PAGE - 1) for g, _ in pieces}) \
+                > MAX_PROTECTED_PAGES:
+            self._say_once("watch-cap", f"kvmguest: write watchpoints hold at most "
+                           f"{MAX_PROTECTED_PAGES} pages read-only at once (each page is a "
+                           "memory slot of its own); this one is refused\n")
+            return "E28"
         self.watches[key] = pieces
         try:
             self._protect()
@@ -704,10 +785,12 @@ class GdbStub:
             raise
         return "OK"
 
-    def _protect(self) -> None:
+    def _watched_pages(self) -> set[int]:
         # Each piece lies within one page (_pieces splits at page boundaries).
-        pages = {g & ~(PAGE - 1) for pieces in self.watches.values() for g, _ in pieces}
-        self.m.platform.protect_pages(self.m.memory, pages)
+        return {g & ~(PAGE - 1) for pieces in self.watches.values() for g, _ in pieces}
+
+    def _protect(self) -> None:
+        self.m.platform.protect_pages(self.m.memory, self._watched_pages())
 
     def _arm(self, thread, step: bool) -> None:
         """KVM_SET_GUEST_DEBUG for ``thread``: the breakpoints, and a single step."""
@@ -770,7 +853,7 @@ class GdbStub:
 
     def _wait_for_stop(self):
         """Wait while the guest runs: a breakpoint, a watchpoint, Ctrl-C or its end."""
-        while True:
+        while not self._ending:
             ready, _, _ = select.select([self.conn, self._wake_r], [], [], 0.1)
             if self._wake_r in ready:
                 self._drain_wake()
@@ -788,6 +871,7 @@ class GdbStub:
                     return self._report(Stop(self.current, SIGINT))
             if self.m.vcpus.done.is_set():
                 return self._ended()
+        return self._ended()
 
     def _next_event(self) -> Stop | None:
         """The event to report: another vCPU's before the one reported last, so that
@@ -829,6 +913,8 @@ class GdbStub:
         """The reply once the guest has ended: its exit status, or SIGSEGV at the crash
         (the registers stay readable until gdb detaches)."""
         self.holding = False
+        if self._ending:
+            return f"X{SIGKILL:02x}"
         if self.m.vcpus.error is not None and not self.ended_reported:
             self.ended_reported = True
             failed = next((t.index for t in self.m.vcpus if t.error is not None), 0)
@@ -855,8 +941,8 @@ class GdbStub:
         words = command.split()
         verb = words[0] if words else "help"
         try:
-            if verb == "snapshot" and len(words) == 2:
-                text = self._snapshot(words[1])
+            if verb == "snapshot" and len(words) >= 2:
+                text = self._snapshot(monitor_path(command))
             elif verb == "phys" and len(words) == 2 and words[1] in ("on", "off"):
                 self.phys = words[1] == "on"
                 text = f"memory packets now address guest-{'physical' if self.phys else 'virtual'} memory\n"
@@ -914,10 +1000,11 @@ class GdbStub:
             self.conn.console(self._to_console.pop(0))
 
     # --- the end -------------------------------------------------------------------------
-    def linger(self) -> None:
+    def linger(self, deadline: float | None = None) -> None:
         """After the guest ended: wait while a gdb client is still looking at it (not
         when gdb killed it: then only until gdb closes the connection, as it does at
-        once, or KILL_GRACE seconds)."""
+        once, or KILL_GRACE seconds), and never past ``deadline`` (time.monotonic(): the
+        run's --timeout), when gdb is disconnected."""
         if self.detached.is_set():
             return
         if self.m.event == "killed":
@@ -925,7 +1012,21 @@ class GdbStub:
             return
         self.note("the guest has ended; gdb can still read its registers and memory "
                   "(detach or quit gdb to finish)")
-        self.detached.wait()
+        if not self.detached.wait(None if deadline is None
+                                  else max(0.0, deadline - time.monotonic())):
+            self.end("the run's --timeout has passed")
+
+    def end(self, why: str) -> None:
+        """The run ends whatever gdb does (the guest is stopped for good): a gdb waiting
+        for the guest is told it was killed (X09), then any client is disconnected."""
+        self._ending = why
+        conn = self.conn
+        if conn is None:
+            return
+        os.write(self._wake_w, b"!")
+        if not self.detached.wait(END_GRACE):       # a waiting gdb is answered, then goes
+            conn.drop(why)
+            self.detached.wait(END_GRACE)
 
     def close(self) -> None:
         self._closed.set()
@@ -933,10 +1034,12 @@ class GdbStub:
             self.sock.close()
         except OSError:
             pass
-        if self.conn is not None:
-            self.conn.close()
+        conn = self.conn
+        if conn is not None:
+            conn.drop("the stub is closing")
         if self._thread.is_alive():
             self._thread.join(2.0)
+        self._turned_away.close()
         if self.unix_path:
             try:
                 os.unlink(self.unix_path)

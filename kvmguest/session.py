@@ -12,6 +12,7 @@ import sys
 import time
 
 from .errors import KvmguestError
+from .machine import GuestTimeout
 
 
 class Session:
@@ -70,12 +71,16 @@ class Session:
                 return m.wait()
             try:
                 result = m.wait(args.timeout)
+            except GuestTimeout:
+                if stub:
+                    stub.end("the run's --timeout has passed")   # whatever gdb does
+                raise
             except KvmguestError:
                 if stub:
-                    stub.linger()         # gdb may be looking at the crash
+                    stub.linger(deadline)     # gdb may be looking at the crash
                 raise
             if stub:
-                stub.linger()             # gdb may still be looking at the ended guest
+                stub.linger(deadline)         # gdb may still be looking at the ended guest
             if checkpoints is not None:
                 checkpoints, running = None, checkpoints
                 running.stop()            # raises what a checkpoint failed with

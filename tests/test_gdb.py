@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -59,8 +60,12 @@ class RawGdb:
     """The remote protocol by hand (acks on), for what gdb's CLI cannot do on cue."""
 
     def __init__(self, address: str):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(address)
+        host, _, port = address.rpartition(":")
+        if port.isdigit() and "/" not in address:
+            self.s = socket.create_connection((host, int(port)))
+        else:
+            self.s = socket.socket(socket.AF_UNIX)
+            self.s.connect(address)
         self.f = self.s.makefile("rb")
 
     def send(self, payload: bytes, raw: bytes = b"") -> None:
@@ -455,3 +460,232 @@ def test_a_write_watchpoint_is_refused_while_checkpoints_track_pages(gdb, tmp_pa
     rc, console, err = finish(p)
     assert "read watchpoints are refused" in err and "cannot be set while" in err, err
     assert rc == 0 and "every cpu counted 55" in console
+
+
+# --- what a client cannot do to the stub (docs/guarantees.md) ------------------------------
+def monitor(g: RawGdb, command: str) -> bytes:
+    """A monitor command by hand: its console text (the O packet), then OK."""
+    text = g.exchange(b"qRcmd," + command.encode().hex().encode())
+    assert g.reply() == b"OK"
+    return bytes.fromhex(text[1:].decode()) if text.startswith(b"O") else text
+
+
+def closed(s: socket.socket, timeout: float = 60) -> bool:
+    """The stub hung up on ``s`` (nothing more comes but the acks of what was sent)."""
+    s.settimeout(timeout)
+    try:
+        while (data := s.recv(65536)) and not data.strip(b"+-"):
+            pass
+        return not data
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+def test_another_user_can_neither_read_the_guest_nor_write_a_file_through_tcp(tmp_path):
+    p, address = serve("--gdb", "127.0.0.1:0")
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    target.chmod(0o666)          # writable by the other user too: only the stub may stop it
+    host, port = address.rsplit(":", 1)
+    snapshot = b"qRcmd," + f"snapshot {target}".encode().hex().encode()
+    attacker = subprocess.run(
+        ["/usr/bin/python3", "-c", f"""
+import socket, sys
+s = socket.create_connection(({host!r}, {port}))
+for payload in (b"m100000,40", {snapshot!r}):
+    s.sendall(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF))
+got = b""
+try:
+    while (data := s.recv(4096)):
+        got += data
+except ConnectionResetError:
+    pass
+sys.stdout.write(got.hex())
+"""], user=65534, cwd="/", capture_output=True, text=True, timeout=60)
+    assert attacker.returncode == 0 and attacker.stdout == "", attacker
+    assert target.read_bytes() == b"precious"
+    read_until(p.stderr, "gdb: refused a connection from uid 65534: only this user (uid 0)")
+    g = RawGdb(address)                      # the owner is served
+    try:
+        assert g.exchange(b"?").startswith(b"T05thread:1;")
+        g.send(b"k")
+    finally:
+        g.close()
+    rc, _, err = finish(p)
+    assert rc == 1 and "gdb killed the guest" in err
+
+
+def test_a_huge_memory_read_gets_the_part_that_fits_one_packet(tmp_path):
+    from kvmguest.gdb import MAX_READ
+    p, address = serve("--gdb", tmp_path / "g.sock", "--memory", "512M")
+    g = RawGdb(address)
+    try:
+        assert b"PacketSize=4000" in g.exchange(b"qSupported")
+        assert b"guest-physical" in monitor(g, "phys on")
+        data = g.exchange(b"m0,ffffffffffff")
+        assert len(data) == 2 * MAX_READ and len(data) + 4 <= 0x4000
+        xml = g.exchange(b"qXfer:features:read:target.xml:0,fffffff")
+        assert xml[:1] in (b"m", b"l") and len(xml) <= 0x4000
+        g.send(b"k")
+    finally:
+        g.close()
+    assert finish(p)[0] == 1
+
+
+def test_a_packet_that_never_ends_drops_that_client_and_the_guest_runs_on(tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    g = RawGdb(address)
+    assert g.exchange(b"?").startswith(b"T05")
+    try:
+        g.s.sendall(b"$" + b"a" * (1 << 20))     # no '#': gdb never sends more than 16 KiB
+    except (BrokenPipeError, ConnectionResetError):
+        pass                                     # dropped before all of it was sent
+    assert closed(g.s)
+    g.close()
+    rc, console, err = finish(p)
+    assert rc == 0 and "every cpu counted 55" in console
+    assert "gdb: gdb sent " in err and "bytes of a packet without its end" in err
+
+
+def test_malformed_packets_are_error_replies_and_the_held_guest_stays_held(tmp_path):
+    """A bad escape, a negative register, a non-canonical address, a length that does
+    not match: each an error reply; the connection and the stop go on."""
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    g = RawGdb(address)
+    try:
+        assert g.exchange(b"?").startswith(b"T05")
+        assert g.exchange(b"hbreak") == b""          # unknown: the empty reply
+        for bad in (b"X100000,2:}", b"X100000,5:ab", b"p-1", b"p+10", b"P-1=00", b"m 10,4",
+                    b"m0x10,4", b"M100000,2:zz", b"M100000,4:00", b"Z2,1_0,4", b"Hg-2"):
+            assert g.exchange(bad).startswith(b"E"), bad
+        assert g.exchange(b"?").startswith(b"T05")   # still attached, still stopped
+        g.send(b"k")
+    finally:
+        g.close()
+    rc, console, err = finish(p)
+    assert rc == 1 and "gdb killed the guest" in err and "debug: " not in console, err
+
+
+def symbol(name: str, elf=DEBUG) -> int:
+    out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    return int(re.search(rf"^([0-9a-f]+) \w {name}$", out, re.M).group(1), 16)
+
+
+def test_memory_beyond_canonical_addresses_is_not_read(tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    g = RawGdb(address)
+    try:
+        assert g.exchange(b"?").startswith(b"T05")
+        assert g.exchange(b"Z1,%x,1" % symbol("tick")) == b"OK"   # long mode, paging on
+        assert g.exchange(b"vCont;c").startswith(b"T05")
+        assert len(g.exchange(b"m100000,4")) == 8        # identity-mapped
+        assert g.exchange(b"m1000000100000,4") == b"E14"   # bits 48+: not canonical
+        assert g.exchange(b"m0000800000100000,4") == b"E14"
+        g.send(b"k")
+    finally:
+        g.close()
+    finish(p)
+
+
+def test_a_monitor_snapshot_path_may_hold_spaces(tmp_path):
+    where = tmp_path / "my snapshots"
+    where.mkdir()
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    g = RawGdb(address)
+    try:
+        assert b"saved the stopped guest" in monitor(g, f"snapshot {where}/a b.snap")
+        assert b"saved the stopped guest" in monitor(g, f"snapshot '{where}/c  d.snap'")
+        g.send(b"k")
+    finally:
+        g.close()
+    finish(p)
+    assert sorted(f.name for f in where.iterdir()) == ["a b.snap", "c  d.snap"]
+
+
+def test_turned_away_gdbs_are_told_a_few_times_then_counted(tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock")
+    first = RawGdb(address)
+    assert first.exchange(b"?").startswith(b"T05")
+    for _ in range(12):
+        other = socket.socket(socket.AF_UNIX)
+        other.connect(address)
+        assert other.recv(64) == b""
+        other.close()
+    assert first.exchange(b"D") == b"OK"
+    first.close()
+    rc, _, err = finish(p)
+    assert rc == 0
+    assert err.count("another gdb tried to attach") == 3, err
+    assert "9 more messages like the above were not shown" in err, err
+
+
+def test_the_timeout_ends_a_run_that_gdb_holds_stopped(tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock", "--timeout", "3")
+    g = RawGdb(address)
+    assert g.exchange(b"?").startswith(b"T05")       # attached, and then idle
+    rc, _, err = finish(p)
+    assert rc == 124 and "did not finish within 3 s" in err, err
+    assert closed(g.s, 10)
+    g.close()
+
+
+def test_the_timeout_tells_a_waiting_gdb_the_guest_was_killed(tmp_path):
+    p, address = serve("--gdb", tmp_path / "g.sock", "--timeout", "3", "--cmdline",
+                       "rounds=100000000")
+    g = RawGdb(address)
+    assert g.exchange(b"?").startswith(b"T05")
+    assert g.exchange(b"vCont;c") == b"X09"          # it ran on until the timeout
+    rc, _, err = finish(p)
+    assert rc == 124, err
+    g.close()
+
+
+def test_a_gdb_that_stops_reading_is_dropped_and_the_guest_runs_on(tmp_path):
+    from kvmguest.gdb import SEND_TIMEOUT
+    p, address = serve("--gdb", tmp_path / "g.sock", "--memory", "512M")
+    g = RawGdb(address)
+    assert g.exchange(b"?").startswith(b"T05")
+    g.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    burst = b"".join(b"$m100000,2000#%02x" % (sum(b"m100000,2000") & 0xFF) for _ in range(400))
+    g.s.sendall(burst)                               # 400 replies of 16 KiB, none read
+    rc, console, err = finish(p, timeout=SEND_TIMEOUT + 120)
+    assert rc == 0 and "every cpu counted 55" in console
+    assert f"gdb: gdb took no reply for {SEND_TIMEOUT:g} s: disconnected" in err, err
+    g.close()
+
+
+def test_a_write_watchpoint_changes_a_few_slots_and_they_are_capped(tmp_path):
+    """Each watched page costs at most four memory-slot changes however many are
+    watched; past MAX_PROTECTED_PAGES the stub refuses with E28 and says why."""
+    from kvmguest.arch.x86.platform import MAX_PROTECTED_PAGES
+    from kvmguest.gdb import GdbStub
+    from kvmguest.machine import Machine
+    m = Machine(str(DEBUG), memory=64 << 20)
+    notes: list[str] = []
+    stub = GdbStub(m, str(tmp_path / "g.sock"), wait=True, note=notes.append)
+    calls = []
+    set_region = m.vm.set_user_memory_region
+    m.vm.set_user_memory_region = lambda *a, **k: (calls.append(a), set_region(*a, **k))[1]
+    try:
+        m.start(paused=True)
+        stub.start()
+        g = RawGdb(stub.where)
+        assert b"guest-physical" in monitor(g, "phys on")
+        pages = [0x800000 + i * 0x3000 for i in range(MAX_PROTECTED_PAGES + 1)]
+        for verb, order in ((b"Z2", pages[:-1]), (b"z2", pages[-2::-1])):
+            for addr in order:
+                before = len(calls)
+                assert g.exchange(b"%s,%x,4" % (verb, addr)) == b"OK"
+                assert len(calls) - before <= 4, (verb, addr, calls[before:])
+            if verb == b"Z2":
+                assert g.exchange(b"Z2,%x,4" % pages[-1]) == b"E28"
+                assert any(f"at most {MAX_PROTECTED_PAGES} pages" in n for n in notes)
+                assert len(m.platform.protected) == MAX_PROTECTED_PAGES
+        assert not m.platform.protected and not m.platform._pieces
+        assert g.exchange(b"D") == b"OK"
+        g.close()
+        assert m.wait(120).exit_code == 0
+    finally:
+        stub.close()
+        m.close()

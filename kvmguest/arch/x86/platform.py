@@ -26,6 +26,8 @@ DIRTY_RING_FROM = 32 << 30
 # Slot ids for the pieces of a RAM region split around read-only (watched) pages; the
 # region's own slot keeps its first piece.
 PIECE_SLOTS = 0x1000
+# Read-only pages at once (a gdb's write watchpoints): each costs up to two memory slots.
+MAX_PROTECTED_PAGES = 64
 
 
 def open_kvm() -> Kvm:
@@ -75,7 +77,9 @@ class Platform:
                 raise KvmUnavailable(f"{err} (run with --no-irqchip)") from None
         self.vm = kvm.create_vm()
         self.protected: frozenset[int] = frozenset()    # read-only RAM pages (protect_pages)
-        self._pieces: dict[int, list] = {}               # region slot -> its slots when split
+        self._pieces: dict[int, list] = {}               # region slot -> its pieces when split
+        self._free_slots: list[int] = []                 # piece slot ids to use again
+        self._slots_used = 0
         try:
             self._dirty_log(vcpus, ram, dirty_log, ring_entries)
             if kvm.check_extension(Cap.KVM_CAP_SET_TSS_ADDR) > 0:
@@ -113,39 +117,84 @@ class Platform:
                 self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
 
     def protect_pages(self, memory, pages) -> None:
-        """Make the RAM pages at guest-physical ``pages`` (page-aligned) read-only to the
-        guest and every other page writable again: each region whose set changed gets
-        its memory slots laid out anew (call with the vCPUs parked). A guest write to a
-        read-only page becomes an MMIO exit carrying the data, at any CPL. Refused while
-        dirty logging runs (its bitmaps are per slot)."""
+        """Make the RAM pages at guest-physical ``pages`` (page-aligned, at most
+        MAX_PROTECTED_PAGES) read-only to the guest and every other page writable again
+        (call with the vCPUs parked). A guest write to a read-only page becomes an MMIO
+        exit carrying the data, at any CPL. Each page protected or released changes at
+        most four memory slots (the piece around it split or merged), whatever else is
+        protected. Refused while dirty logging runs (its bitmaps are per slot)."""
         pages = frozenset(pages)
         if pages == self.protected:
             return
+        if len(pages) > MAX_PROTECTED_PAGES:
+            raise UsageError(f"{len(pages)} read-only pages: at most {MAX_PROTECTED_PAGES}")
         if pages and not self.kvm.check_extension(Cap.KVM_CAP_READONLY_MEM):
             raise UsageError("this host's KVM has no read-only memory slots "
                              "(KVM_CAP_READONLY_MEM)")
-        for r in memory.regions:
-            want = sorted(p for p in pages if r.contains(p, abi.PAGE_SIZE))
-            if want == sorted(p for p in self.protected if r.contains(p, abi.PAGE_SIZE)):
-                continue
-            for slot, gpa, _, _ in self._pieces.pop(r.slot, [(r.slot, r.gpa, r.size, 0)]):
-                self.vm.set_user_memory_region(slot, gpa, 0, r.host_addr + gpa - r.gpa)
-            pieces, cursor = [], r.gpa
-            for p in want + [r.end]:
-                if cursor < p:
-                    pieces.append((cursor, p - cursor, 0))
-                if p < r.end:
-                    pieces.append((p, abi.PAGE_SIZE, abi.MemFlag.KVM_MEM_READONLY))
-                cursor = p + abi.PAGE_SIZE
-            placed = [(r.slot if i == 0 else PIECE_SLOTS + (r.slot << 8) + i, gpa, size, flags)
-                      for i, (gpa, size, flags) in enumerate(pieces)]
-            for slot, gpa, size, flags in placed:
-                self.vm.set_user_memory_region(slot, gpa, size, r.host_addr + gpa - r.gpa,
-                                               flags)
-            if want:
-                self._pieces[r.slot] = placed
-        self.protected = pages
+        for page in sorted(self.protected - pages):
+            self._release_page(memory.region_at(page, abi.PAGE_SIZE), page)
+            self.protected = self.protected - {page}
+        for page in sorted(pages - self.protected):
+            self._protect_page(memory.region_at(page, abi.PAGE_SIZE), page)
+            self.protected = self.protected | {page}
         memory.split_slots = bool(pages)
+
+    def _region_pieces(self, r) -> list[list]:
+        """The pieces ``r`` is mapped as: [gpa, size, read-only, slot], by address."""
+        return self._pieces.setdefault(r.slot, [[r.gpa, r.size, False, r.slot]])
+
+    def _place(self, r, piece) -> None:
+        gpa, size, readonly, slot = piece
+        self.vm.set_user_memory_region(slot, gpa, size, r.host_addr + gpa - r.gpa,
+                                       abi.MemFlag.KVM_MEM_READONLY if readonly else 0)
+
+    def _unplace(self, r, piece) -> None:
+        self.vm.set_user_memory_region(piece[3], piece[0], 0, r.host_addr + piece[0] - r.gpa)
+
+    def _slot_id(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        slot = PIECE_SLOTS + self._slots_used
+        if slot >= self.kvm.check_extension(Cap.KVM_CAP_NR_MEMSLOTS):
+            raise UsageError("this host's KVM has no memory slot left for another "
+                             "read-only page")
+        self._slots_used += 1
+        return slot
+
+    def _protect_page(self, r, page: int) -> None:
+        """Split the writable piece holding ``page`` around it (1 slot out, up to 3 in)."""
+        pieces = self._region_pieces(r)
+        i = next(i for i, p in enumerate(pieces) if p[0] <= page < p[0] + p[1])
+        old = pieces[i]
+        new = [[old[0], page - old[0], False, None],
+               [page, abi.PAGE_SIZE, True, None],
+               [page + abi.PAGE_SIZE, old[0] + old[1] - page - abi.PAGE_SIZE, False, None]]
+        new = [p for p in new if p[1]]
+        self._unplace(r, old)
+        for n, p in enumerate(new):
+            p[3] = old[3] if n == 0 else self._slot_id()
+            self._place(r, p)
+        pieces[i:i + 1] = new
+
+    def _release_page(self, r, page: int) -> None:
+        """Merge the read-only piece at ``page`` with its writable neighbours (up to 3
+        slots out, 1 in); a region whole again gets its own slot back."""
+        pieces = self._region_pieces(r)
+        i = next(i for i, p in enumerate(pieces) if p[0] == page)
+        lo = i - 1 if i > 0 and not pieces[i - 1][2] else i
+        hi = i + 1 if i + 1 < len(pieces) and not pieces[i + 1][2] else i
+        merged = [pieces[lo][0], pieces[hi][0] + pieces[hi][1] - pieces[lo][0], False, None]
+        for p in pieces[lo:hi + 1]:
+            self._unplace(r, p)
+        ids = [p[3] for p in pieces[lo:hi + 1]]
+        whole = merged[1] == r.size
+        keep = r.slot if whole else ids[0]
+        merged[3] = keep
+        self._free_slots.extend(s for s in ids if s != keep and s != r.slot)
+        self._place(r, merged)
+        pieces[lo:hi + 1] = [merged]
+        if whole:
+            del self._pieces[r.slot]
 
     def is_protected(self, gpa: int) -> bool:
         return gpa & ~(abi.PAGE_SIZE - 1) in self.protected
