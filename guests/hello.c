@@ -2,6 +2,7 @@
  * hello: prints a greeting, its command line and its PVH modules, exits 0.
  *   reboot   then resets the machine through port 0xcf9, as Linux's reboot does
  *   panic    then prints Linux's panic line and spins, as a panicked kernel does
+ *   panicline  prints Linux's panic line too, then exits 0 (only Linux's line ends a run)
  *   cpuid    prints CPUID leaves 1, 7 and 0xd as the guest sees them
  */
 #include "runtime/rt.h"
@@ -29,6 +30,8 @@ int main(void)
         outb(0xcf9, 0x06);                       /* hard reset */
         for (;;) __asm__ volatile("cli; hlt");
     }
+    if (cmdline_has("panicline"))
+        printf("Kernel panic - not syncing: hello only says so\n");
     if (cmdline_has("panic")) {
         printf("Kernel panic - not syncing: hello was asked to panic\n");
         for (;;) __asm__ volatile("pause");

@@ -134,6 +134,8 @@ class Machine:
                                    self.platform.irq_line if irqchip else None, stream,
                                    console_capacity, self._power_event, self._rtc_alarm)
             self.serial = self.console = self.devices.serial
+            self.serial.watch_panics = bool(self.kernel.linux if self.kernel is not None
+                                            else self.origin.get("linux"))
             self.completer = Completer(self.memory, self._xsave_size)
             if self.kernel is not None:
                 self._load_kernel()
@@ -152,6 +154,8 @@ class Machine:
                 and linux.emulating_host():
             self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
                                                                               cpu_model)
+        if self.kernel is not None and self.kernel.linux:
+            linux.check_cmdline(self.kernel.path, self.cmdline, self.workarounds)
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
         self._check_kernel(modules, regions)
 

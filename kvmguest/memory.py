@@ -233,15 +233,15 @@ class GuestMemory:
 
     def write(self, gpa: int, data) -> None:
         """Copy ``data`` into guest RAM and mark the pages dirty for the VMM's bitmap."""
-        buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        buf = data if isinstance(data, (bytes, bytearray, memoryview)) else bytes(data)
         r = self.region_at(gpa, len(buf))
         off = gpa - r.gpa
         with self.protect_lock:
             r.map[off:off + len(buf)] = buf
         self._mark(r, off, len(buf))
 
-    def fill_from(self, gpa: int, fd: int, length: int) -> int:
-        """Read ``length`` bytes of ``fd`` (from its start) straight into guest RAM at
+    def fill_from(self, gpa: int, fd: int, length: int, offset: int = 0) -> int:
+        """Read ``length`` bytes of ``fd`` (from ``offset``) straight into guest RAM at
         ``gpa`` (no copy held in the VMM); the bytes read (fewer at end of file)."""
         r = self.region_at(gpa, length)
         off = gpa - r.gpa
@@ -250,7 +250,7 @@ class GuestMemory:
         try:
             with self.protect_lock:
                 while done < length:
-                    n = os.preadv(fd, [view[done:]], done)
+                    n = os.preadv(fd, [view[done:]], offset + done)
                     if n == 0:
                         break
                     done += n

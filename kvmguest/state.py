@@ -410,11 +410,13 @@ def read_machine(machine) -> ReadState:
     indices = machine.msr_indices()
     origin = machine.kernel.path if machine.kernel else machine.origin.get("kernel")
     cmdline = machine.cmdline if machine.kernel else machine.origin.get("cmdline", "")
+    linux = machine.kernel.linux if machine.kernel else machine.origin.get("linux", False)
     return ReadState(vcpus=[read_vcpu(t.vcpu, t.cpuid, indices, xsave_size, machine.irqchip)
                             for t in machine.vcpus],
                      vm=machine.platform.read_state(),
                      devices=machine.devices.save_state(),
-                     guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size})
+                     guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size,
+                            "linux": linux})
 
 
 # What a save writes: a snapshot's state is MachineState.to_json().

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, cli, guest, one_line_error
-from kvmguest.arch.x86 import multiboot
+from kvmguest.arch.x86 import linux, multiboot
+from kvmguest.arch.x86.kernel import BootError
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,82 @@ def test_a_checkpoint_path_that_cannot_take_files_is_refused_before_boot():
         assert p.stdout == ""                     # the guest never booted
     one_line_error(cli("run", guest("dirty"), "--save", "/proc/version", "--save-after", "1"),
                    2, "cannot create a snapshot in /proc")
+
+
+def _pvh_elf(path: Path, loads: list[tuple[int, int, int]], size: int) -> Path:
+    """An ELF64 with a PVH note and ``loads`` (paddr, file offset, bytes) as PT_LOAD
+    segments over a sparse file of ``size`` bytes: headers only, the rest zeros."""
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x100000)
+    phdrs = [(4, 0, 0xF00, 0, 0, len(note), len(note))]           # PT_NOTE
+    phdrs += [(1, 7, off, paddr, paddr, n, n) for paddr, off, n in loads]
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1,
+                       0x100000, 64, 0, 0, 64, 56, len(phdrs), 0, 0, 0)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(ehdr + b"".join(struct.pack("<IIQQQQQQ", *p, 0x1000) for p in phdrs))
+        f.seek(0xF00)
+        f.write(note)
+    return path
+
+
+def test_elf_segments_are_checked_before_a_byte_of_them_is_read(tmp_path):
+    """40 PT_LOAD headers over one 64 MiB area of the file took 2.77 GB before a refusal;
+    now the headers are checked first (overlaps, RAM) and nothing more is read."""
+    area = 64 << 20
+    p, base = _peak_rss_mib("run", guest("hello"), "--cpu", "Opteron_G1")
+    one_line_error(p, 2, "'Opteron_G1' is not modelled")
+    spread = _pvh_elf(tmp_path / "spread.elf",
+                      [(0x100000 + i * area, 0x1000, area) for i in range(40)], 0x1000 + area)
+    p, rss = _peak_rss_mib("run", spread, "--memory", "512M")
+    one_line_error(p, 2, "is outside guest RAM (512 MiB)")
+    assert rss < base + 20, (rss, base)
+    stacked = _pvh_elf(tmp_path / "stacked.elf", [(0x100000, 0x1000, area)] * 40, 0x1000 + area)
+    p, rss = _peak_rss_mib("run", stacked, "--memory", "512M")
+    one_line_error(p, 2, "overlap")
+    assert rss < base + 20, (rss, base)
+
+
+def _bzimage(path: Path, kind: str, content: bytes, claimed: int) -> Path:
+    """A bzImage whose payload is ``content`` compressed as ``kind``, its trailer
+    claiming ``claimed`` bytes."""
+    import bz2
+    import gzip
+    import lzma
+    packed = {"gzip": lambda d: gzip.compress(d, 1),
+              "xz": lambda d: lzma.compress(d, lzma.FORMAT_XZ, preset=0),
+              "lzma": lambda d: lzma.compress(d, lzma.FORMAT_ALONE, preset=0),
+              "bzip2": lambda d: bz2.compress(d, 1)}[kind](content)
+    setup = bytearray(5 * 512)                 # setup_sects 4
+    setup[linux.SETUP_HEADER] = 4
+    struct.pack_into("<H", setup, linux.BOOT_FLAG_AT, linux.BOOT_FLAG)
+    setup[linux.HDRS_AT:linux.HDRS_AT + 4] = linux.HDRS
+    struct.pack_into("<H", setup, linux.VERSION_AT, 0x20F)
+    payload = packed + struct.pack("<I", claimed)
+    struct.pack_into("<II", setup, linux.PAYLOAD_AT, 16, len(payload))   # after 16 bytes of
+    path.write_bytes(bytes(setup) + bytes(16) + payload)                 # "decompressor"
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "lzma", "bzip2"])
+def test_a_decompression_bomb_costs_its_claimed_size_plus_a_chunk_at_most(tmp_path, kind):
+    """A payload that inflates past what its trailer says is cut off there: peak memory is
+    the claimed size plus one chunk (it was twice the 512 MiB cap)."""
+    import tracemalloc
+    bomb = _bzimage(tmp_path / "bomb", kind, bytes(64 << 20), 8 << 20)
+    raw = bomb.read_bytes()
+    tracemalloc.start()
+    try:
+        with pytest.raises(BootError, match="decompresses past 8388608 bytes, where its "
+                                            "trailer says 8388608"):
+            linux.vmlinux_from_bzimage(str(bomb), raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (8 << 20) + (4 << 20), peak      # the whole bomb inflates to 64 MiB
+
+
+def test_a_payload_claiming_more_than_the_cap_is_refused_before_decompressing(tmp_path):
+    bomb = _bzimage(tmp_path / "claims", "gzip", bytes(1 << 20), 600 << 20)
+    p, rss = _peak_rss_mib("run", bomb)
+    one_line_error(p, 2, "says it decompresses to 600 MiB (limit 512 MiB)")
+    assert rss < 200, rss

@@ -97,6 +97,8 @@ def test_damaged_bzimages_are_one_line_errors(tmp_path, vmlinuz):
                             "does not decompress"),
         "payload-trailer": (h["payload_offset"] + h["payload_length"] - 4, b"\x01\x00\x00\x00",
                             "where its trailer says 1"),
+        "payload-huge": (h["payload_offset"] + h["payload_length"] - 4, b"\x00\x00\x00\x40",
+                         "says it decompresses to 1024 MiB (limit 512 MiB)"),
     }
     for name, (at, data, fragment) in cases.items():
         one_line_error(cli("run", _patched(tmp_path, vmlinuz, name, at, data)), 2, fragment)
@@ -142,11 +144,54 @@ def test_pvh_modules_are_handed_to_the_guest_in_its_start_info(tmp_path):
     ("reboot", 121, "the guest rebooted (reset the machine); kvmguest does not reboot"),
 ])
 def test_a_panic_and_a_reboot_end_the_run_with_their_own_code(how, code, line):
-    """Never a hang: a kernel that panicked spins forever, so its panic line on the
-    console ends the run; a reset ends it too (kvmguest does not reboot)."""
-    p = cli("run", guest("hello"), "--cmdline", how, timeout=120)
+    """Never a hang: a Linux kernel that panicked spins forever, so its panic line on the
+    console ends the run; a reset ends it too (kvmguest does not reboot). hello-linux is
+    hello with Linux's ELF note: kvmguest takes it for Linux."""
+    p = cli("run", guest("hello-linux"), "--exact-cmdline", "--cmdline", how, timeout=120)
     assert p.returncode == code, (p.returncode, p.stderr)
     assert p.stderr == f"kvmguest: {line}\n", p.stderr
+
+
+def test_only_a_linux_kernel_ends_its_run_with_the_panic_line():
+    p = cli("run", guest("hello"), "--cmdline", "panicline")
+    assert p.returncode == 0 and "Kernel panic - not syncing: hello only says so" in p.stdout
+    assert p.stderr == "", p.stderr
+    p = cli("run", guest("hello-linux"), "--exact-cmdline", "--cmdline", "panicline")
+    assert p.returncode == 122 and "the guest kernel panicked" in p.stderr, p.stderr
+
+
+def test_linux_is_told_by_its_structure_not_by_a_string_in_the_file(tmp_path):
+    """hello with "Linux version " appended is not Linux: no parameters or CPU model are
+    added for it; hello-linux (Linux's ELF note) gets them where this host needs them."""
+    fake = tmp_path / "hello-says-linux.elf"
+    fake.write_bytes(guest("hello").read_bytes() + b"Linux version 6.1.0 (fake)\0" * 4)
+    p = cli("run", fake, "--cmdline", "mine")
+    assert p.returncode == 0 and "cmdline: mine\n" in p.stdout and p.stderr == "", p
+    p = cli("run", guest("hello-linux"), "--cmdline", "mine")
+    assert p.returncode == 0, p.stderr
+    if linux.emulating_host():
+        assert "cmdline: mine noxsave clearcpuid=" in p.stdout, p.stdout
+        assert "Linux boots here with --cpu host,-cx16 noxsave" in p.stderr, p.stderr
+    else:
+        assert "cmdline: mine\n" in p.stdout and p.stderr == "", p
+
+
+def test_a_linux_command_line_that_linux_would_cut_is_refused():
+    """x86 Linux keeps 2047 bytes of its command line: a longer one is refused before
+    boot, naming the limit and, where kvmguest adds parameters, how many bytes they are."""
+    mine = "a" * 2000
+    p = cli("run", guest("hello-linux"), "--cmdline", mine)
+    if linux.emulating_host():
+        one_line_error(p, 2, "the command line is ", " bytes and Linux keeps 2047; "
+                       "kvmguest adds ", "--exact-cmdline: without")
+    else:
+        assert p.returncode == 0, p.stderr
+    one_line_error(cli("run", guest("hello-linux"), "--exact-cmdline", "--cmdline",
+                       "b" * 2048), 2, "the command line is 2048 bytes and Linux keeps 2047")
+    p = cli("run", guest("hello-linux"), "--exact-cmdline", "--cmdline", "c" * 2047)
+    assert p.returncode == 0 and f"cmdline: {'c' * 2047}\n" in p.stdout, p.stderr
+    p = cli("run", guest("hello"), "--cmdline", "d" * 3000)     # not Linux: its own limit
+    assert p.returncode == 0 and f"cmdline: {'d' * 3000}\n" in p.stdout, p.stderr
 
 
 def test_a_triple_fault_has_its_code_too():

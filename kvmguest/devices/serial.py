@@ -45,6 +45,7 @@ class Serial:
         self._out = bytearray()
         self.dropped = 0
         self.panic_line: str | None = None   # Linux's "Kernel panic - not syncing" line
+        self.watch_panics = False            # a Linux kernel's console (Machine sets it)
         self._in: collections.deque[int] = collections.deque()
         self._lock = threading.Lock()
         self._line = threading.Condition(self._lock)    # notified at every newline
@@ -109,7 +110,7 @@ class Serial:
                 self.dropped += excess
             if byte == 0x0A:
                 self._line.notify_all()
-                if self.panic_line is None:
+                if self.watch_panics and self.panic_line is None:
                     self._watch_panic()
         if self.stream is not None:
             self.stream(bytes((byte,)))

@@ -25,8 +25,12 @@ class BootError(KvmguestError, ValueError):
 
 @dataclass(frozen=True)
 class Segment:
+    """A loadable segment: ``filesz`` bytes at ``offset`` of the kernel's bytes (its file,
+    or the image a bzImage decompressed to) go to ``paddr``; the rest of ``memsz`` is
+    zeroed. Nothing is read until the kernel is loaded, after every check."""
     paddr: int
-    data: bytes
+    offset: int
+    filesz: int
     memsz: int
 
 
@@ -38,7 +42,9 @@ class Kernel:
     segments: tuple[Segment, ...]
     protocol: str = PVH
     header: dict = field(default_factory=dict)     # the multiboot header's fields
-    linux: bool = False                            # a Linux kernel (its "Linux version")
+    linux: bool = False               # a Linux kernel: a bzImage, or an ELF with Linux's notes
+    image: bytes | bytearray | None = field(default=None, repr=False)  # a bzImage's vmlinux
+    identity: tuple = ()              # the file's (inode, size, mtime) when it was checked
 
     @property
     def end(self) -> int:
@@ -115,15 +121,20 @@ def place_modules(kernel: Kernel, regions, modules) -> list[int]:
 
 def read_file(fd: int, path: str, size: int, what: str) -> bytes:
     """A kernel's (or module's) bytes, read whole, its size capped at MAX_KERNEL."""
+    if size > MAX_KERNEL:
+        raise BootError(f"{path}: {size >> 20} MiB is too large for a {what} "
+                        f"(limit {MAX_KERNEL >> 20} MiB)")
+    return read_at(fd, path, 0, size, what)
+
+
+def read_at(fd: int, path: str, offset: int, size: int, what: str) -> bytes:
+    """``size`` bytes of ``fd`` at ``offset`` (BootError when the file is shorter)."""
     try:
-        if size > MAX_KERNEL:
-            raise BootError(f"{path}: {size >> 20} MiB is too large for a {what} "
-                            f"(limit {MAX_KERNEL >> 20} MiB)")
-        raw = os.pread(fd, size, 0)
+        raw = os.pread(fd, size, offset)
         while len(raw) < size:
-            more = os.pread(fd, size - len(raw), len(raw))
+            more = os.pread(fd, size - len(raw), offset + len(raw))
             if not more:
-                break
+                raise BootError(f"{path}: the {what} ends before byte {offset + size}")
             raw += more
         return raw
     except OSError as err:
@@ -194,11 +205,33 @@ def memory_map(memory) -> list[tuple[int, int, int]]:
 
 
 def write_segments(memory, kernel: Kernel) -> None:
-    """Copy the segments into guest memory and zero what the file does not hold (BSS)."""
+    """Each segment read once, straight into guest memory (from the image a bzImage
+    decompressed to, or from the file, which must be the one that was checked), and what
+    the file does not hold (BSS) zeroed."""
+    if kernel.image is not None:
+        view = memoryview(kernel.image)
+        for s in kernel.segments:
+            memory.write(s.paddr, view[s.offset:s.offset + s.filesz])
+    else:
+        fd = open_regular(kernel.path, "kernel", BootError)
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != kernel.identity:
+                raise BootError(f"{kernel.path}: the kernel file changed after it was checked")
+            for s in kernel.segments:
+                try:
+                    got = memory.fill_from(s.paddr, fd, s.filesz, s.offset)
+                except OSError as err:
+                    raise BootError(f"{kernel.path}: cannot read kernel: {err.strerror}") \
+                        from err
+                if got != s.filesz:
+                    raise BootError(f"{kernel.path}: the kernel file became shorter while "
+                                    "it was read")
+        finally:
+            os.close(fd)
     for s in kernel.segments:
-        memory.write(s.paddr, s.data)
-        if s.memsz > len(s.data):
-            memory.zero(s.paddr + len(s.data), s.memsz - len(s.data))
+        if s.memsz > s.filesz:
+            memory.zero(s.paddr + s.filesz, s.memsz - s.filesz)
 
 
 def page_up(n: int) -> int:

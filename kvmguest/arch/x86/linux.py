@@ -46,6 +46,23 @@ EMULATING_HOST_CMDLINE = (
     "initcall_blacklist=ftrace_check_for_weak_functions preempt=full cryptomgr.notests")
 
 
+COMMAND_LINE_SIZE = 2048            # x86 Linux keeps 2047 bytes of its command line
+
+
+def check_cmdline(path: str, cmdline: str, added: list[str]) -> None:
+    """BootError when Linux would cut ``cmdline`` (``added``: what kvmguest put after the
+    user's words, which are what it would lose)."""
+    size = len(cmdline.encode())
+    if size < COMMAND_LINE_SIZE:
+        return
+    extra = [w for w in added if not w.startswith("--")]
+    ours = f"; kvmguest adds {len(' '.join(extra)) + 1} bytes of it on this host " \
+        f"({' '.join(w.split('=', 1)[0] for w in extra)}; --exact-cmdline: without)" \
+        if extra else ""
+    raise BootError(f"{path}: the command line is {size} bytes and Linux keeps "
+                    f"{COMMAND_LINE_SIZE - 1}{ours}")
+
+
 def emulating_host() -> bool:
     """Does this host's KVM emulate guest kernel code (kvm_pvm)?"""
     from ...kvm import backend_module
@@ -99,64 +116,89 @@ def payload_format(data: bytes) -> str | None:
     return None
 
 
-def vmlinux_from_bzimage(path: str, raw: bytes) -> bytes:
-    """The vmlinux ELF inside a bzImage, decompressed (at most MAX_KERNEL bytes)."""
+def vmlinux_from_bzimage(path: str, raw: bytes) -> bytearray:
+    """The vmlinux ELF inside a bzImage, decompressed into a buffer of the size its
+    trailer gives (at most MAX_KERNEL): memory never exceeds that plus one chunk."""
     h = setup_header(path, raw)
-    data = raw[h["payload_offset"]:h["payload_offset"] + h["payload_length"]]
-    kind = payload_format(data)
+    data = memoryview(raw)[h["payload_offset"]:h["payload_offset"] + h["payload_length"]]
+    kind = payload_format(bytes(data[:6]))
     if kind is None:
-        raise BootError(f"{path}: bzImage payload starts {data[:6].hex()}: not a compression "
-                        "format Linux uses")
+        raise BootError(f"{path}: bzImage payload starts {bytes(data[:6]).hex()}: not a "
+                        "compression format Linux uses")
+    size = struct.unpack_from("<I", data, len(data) - 4)[0]   # the build appends it
+    if size > MAX_KERNEL:
+        raise BootError(f"{path}: the bzImage's payload says it decompresses to "
+                        f"{size >> 20} MiB (limit {MAX_KERNEL >> 20} MiB)")
+    out = _Output(size)
     try:
-        elf = _DECOMPRESS[kind](data)
+        _DECOMPRESS[kind](data, out)
     except BootError as err:
         raise BootError(f"{path}: the bzImage's {kind} payload: {err}") from None
     except Exception as err:   # noqa: BLE001 - each library raises its own error types
         raise BootError(f"{path}: the bzImage's {kind} payload does not decompress: "
                         f"{err}") from None
-    size = struct.unpack_from("<I", data, len(data) - 4)[0]   # the build appends it
-    if len(elf) != size:
-        raise BootError(f"{path}: the bzImage's {kind} payload decompresses to {len(elf)} "
+    if out.pos != size:
+        raise BootError(f"{path}: the bzImage's {kind} payload decompresses to {out.pos} "
                         f"bytes where its trailer says {size}: damaged?")
-    if not elf.startswith(b"\x7fELF"):
+    if not out.buf.startswith(b"\x7fELF"):
         raise BootError(f"{path}: the bzImage's payload is not an ELF vmlinux")
-    return elf
+    return out.buf
 
 
-def _too_big() -> BootError:
-    return BootError(f"the payload decompresses to more than {MAX_KERNEL >> 20} MiB")
+CHUNK = 1 << 20              # bytes decompressed at a time
 
 
-def _stream(decompressor, data: bytes) -> bytes:
-    """A zlib/lzma/bz2-style decompressor, its output capped at MAX_KERNEL."""
-    out = decompressor.decompress(data, MAX_KERNEL + 1)
-    if len(out) > MAX_KERNEL:
-        raise _too_big()
-    return out
+class _Output:
+    """The decompressed vmlinux: exactly the size the payload's trailer gives."""
+
+    def __init__(self, size: int):
+        self.buf, self.pos = bytearray(size), 0
+
+    def add(self, piece: bytes) -> None:
+        end = self.pos + len(piece)
+        if end > len(self.buf):
+            raise BootError(f"it decompresses past {len(self.buf)} bytes, where its trailer "
+                            f"says {len(self.buf)}")
+        self.buf[self.pos:end] = piece
+        self.pos = end
 
 
-def _gzip(data: bytes) -> bytes:
-    return _stream(zlib.decompressobj(16 + zlib.MAX_WBITS), data)
+def _zlib(data, out: _Output) -> None:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pending = data
+    while True:
+        piece = d.decompress(pending, CHUNK)
+        out.add(piece)
+        pending = d.unconsumed_tail
+        if d.eof or not piece and not pending:
+            return
 
 
-def _xz(data: bytes) -> bytes:
-    return _stream(lzma.LZMADecompressor(lzma.FORMAT_XZ), data)
+def _stream(decompressor, data, out: _Output) -> None:
+    """An lzma/bz2-style decompressor, CHUNK bytes at a time."""
+    out.add(decompressor.decompress(data, CHUNK))
+    while not decompressor.eof and not decompressor.needs_input:
+        out.add(decompressor.decompress(b"", CHUNK))
 
 
-def _lzma(data: bytes) -> bytes:
-    return _stream(lzma.LZMADecompressor(lzma.FORMAT_ALONE), data)
+def _xz(data, out: _Output) -> None:
+    _stream(lzma.LZMADecompressor(lzma.FORMAT_XZ), data, out)
 
 
-def _bzip2(data: bytes) -> bytes:
-    return _stream(bz2.BZ2Decompressor(), data)
+def _lzma(data, out: _Output) -> None:
+    _stream(lzma.LZMADecompressor(lzma.FORMAT_ALONE), data, out)
 
 
-def _lz4(data: bytes) -> bytes:
+def _bzip2(data, out: _Output) -> None:
+    _stream(bz2.BZ2Decompressor(), data, out)
+
+
+def _lz4(data, out: _Output) -> None:
     """LZ4's legacy frame, as the kernel writes it: the magic, then blocks of (u32
     compressed size, block), each at most 8 MiB uncompressed; then the uncompressed size
     (4 bytes), which the kernel's build appends to every payload."""
     block = _library("lz4.block", "lz4", "lz4")
-    out, pos, total, end = [], 4, 0, len(data) - 4      # the size trailer is not a block
+    pos, end = 4, len(data) - 4      # the size trailer is not a block
     while pos < end:
         n = struct.unpack_from("<I", data, pos)[0]
         if n == LZ4_LEGACY_MAGIC:                 # concatenated streams
@@ -164,25 +206,19 @@ def _lz4(data: bytes) -> bytes:
             continue
         if pos + 4 + n > end:
             raise BootError(f"an lz4 block at payload offset {pos} runs past the payload")
-        chunk = block.decompress(data[pos + 4:pos + 4 + n], uncompressed_size=LZ4_BLOCK)
-        total += len(chunk)
-        if total > MAX_KERNEL:
-            raise _too_big()
-        out.append(chunk)
+        out.add(block.decompress(bytes(data[pos + 4:pos + 4 + n]),
+                                 uncompressed_size=LZ4_BLOCK))
         pos += 4 + n
-    return b"".join(out)
 
 
-def _zstd(data: bytes) -> bytes:
+def _zstd(data, out: _Output) -> None:
     zstandard = _library("zstandard", "zstd", "zstandard")
-    reader = zstandard.ZstdDecompressor().stream_reader(data)
-    out = reader.read(MAX_KERNEL + 1)
-    if len(out) > MAX_KERNEL:
-        raise _too_big()
-    return out
+    reader = zstandard.ZstdDecompressor().stream_reader(bytes(data))
+    while piece := reader.read(CHUNK):
+        out.add(piece)
 
 
-def _lzo(data: bytes) -> bytes:
+def _lzo(data, out: _Output) -> None:
     raise BootError("an LZO-compressed kernel: kvmguest reads gzip, xz, lzma, bzip2, lz4 "
                     "and zstd payloads (boot its vmlinux instead)")
 
@@ -196,5 +232,5 @@ def _library(module: str, kind: str, package: str):
                         f"package {package} (pip install 'kvmguest[linux]')") from None
 
 
-_DECOMPRESS = {"gzip": _gzip, "xz": _xz, "lzma": _lzma, "bzip2": _bzip2, "lz4": _lz4,
+_DECOMPRESS = {"gzip": _zlib, "xz": _xz, "lzma": _lzma, "bzip2": _bzip2, "lz4": _lz4,
                "zstd": _zstd, "lzo": _lzo}

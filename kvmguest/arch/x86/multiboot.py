@@ -77,8 +77,9 @@ def kernel_from_elf(path: str, segments, entry: int | None, header: dict) -> Ker
     return Kernel(path, entry, segments, MULTIBOOT, header)
 
 
-def kernel_from_header(path: str, raw: bytes, header: dict) -> Kernel:
-    """A multiboot image that is not ELF: the header's address fields place it."""
+def kernel_from_header(path: str, size: int, header: dict) -> Kernel:
+    """A multiboot image (``size`` bytes) that is not ELF: the header's address fields
+    place it."""
     _check_flags(path, header["flags"])
     if not header["flags"] & FLAG_ADDRESSES:
         raise BootError(f"{path}: not an ELF file, and its multiboot header gives no load "
@@ -88,15 +89,14 @@ def kernel_from_header(path: str, raw: bytes, header: dict) -> Kernel:
     if h["header_addr"] < h["load_addr"] or start < 0:
         raise BootError(f"{path}: multiboot header_addr {h['header_addr']:#x} is below "
                         f"load_addr {h['load_addr']:#x} or before the file's start")
-    end = len(raw) - start + h["load_addr"] if h["load_end_addr"] == 0 else h["load_end_addr"]
+    end = size - start + h["load_addr"] if h["load_end_addr"] == 0 else h["load_end_addr"]
     if end < h["load_addr"]:
         raise BootError(f"{path}: multiboot load_end_addr {end:#x} is below load_addr "
                         f"{h['load_addr']:#x}")
-    if start + end - h["load_addr"] > len(raw):
+    if start + end - h["load_addr"] > size:
         raise BootError(f"{path}: multiboot load_end_addr {end:#x} runs past the file")
     memend = max(end, h["bss_end_addr"])
-    data = raw[start:start + end - h["load_addr"]]
-    return Kernel(path, h["entry_addr"], (Segment(h["load_addr"], data,
+    return Kernel(path, h["entry_addr"], (Segment(h["load_addr"], start, end - h["load_addr"],
                                                   memend - h["load_addr"]),),
                   MULTIBOOT, header)
 
