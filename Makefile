@@ -43,7 +43,7 @@ linux: all
 fuzz: all
 	KVMGUEST_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PY) -m pytest -q tests/test_fuzz.py
 
-# kvm-unit-tests' x86 suite on kvmguest: the pinned copy in ../shared/third_party, built
+# kvm-unit-tests' x86 suite on kvmguest: the pinned copy in third_party/, built
 # outside the tree (scripts/build-kut), then every test and our migration-protocol test.
 # KUT_ARGS adds options, e.g. KUT_ARGS=--compare-qemu or KUT_ARGS="smptest realmode".
 KUT_ARGS ?=
