@@ -27,7 +27,7 @@ test: all
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: all
-	$(PY) -m kvmguest.demo
+	$(PY) -m kvmguest.front.demo
 
 # Long modes, not part of `make test`.
 soak: all

@@ -77,7 +77,7 @@ def run(report: Report, runs: int) -> None:
         per_exit.append((ioloop(kvm, n) - ioloop(kvm, 0)) * 1e3 / n)
     report.add(Figure("port-I/O exit round trip (guest out -> Python -> guest)", "us",
                       per_exit))
-    cli = [sys.executable, "-m", "kvmguest.cli", "run", "-q", HELLO]
+    cli = [sys.executable, "-m", "kvmguest", "run", "-q", HELLO]
     report.add(Figure("process: kvmguest run hello", "ms",
                       timed(lambda: run_cmd(cli, check=True), runs)))
     qemu = shutil.which("qemu-system-x86_64")

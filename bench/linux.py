@@ -2,7 +2,7 @@
 (`python -m bench --only linux`, ~20 minutes here: one whole boot).
 
 Same kernel (Debian's cloud bzImage; also the PVH vmlinux inside it), same initramfs,
-same command line (kvmguest.testing.linux's, with what an emulating host needs, which
+same command line (kvmguest.front.testing.linux's, with what an emulating host needs, which
 kvmguest adds itself and QEMU is given), 2 vCPUs, 512 MiB:
 - boot, from process start to each milestone the console shows: `Linux version`
   (start_kernel), the `x86/fpu:` line (the last QEMU reaches on this host: the next
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kvmguest.arch.x86.linux import (EMULATING_HOST_CMDLINE, EMULATING_HOST_CPU,
                                      emulating_host)
-from kvmguest.testing.linux import CMDLINE, MACHINE, RUN_INIT, build_initramfs
+from kvmguest.front.testing.linux import CMDLINE, MACHINE, RUN_INIT, build_initramfs
 
 from .common import ROOT, Figure, Report
 from .qemu import qemu_version
@@ -72,7 +72,7 @@ def _qemu(qemu: str, kernel: Path, initrd: Path) -> list[str]:
 
 
 def _kvmguest(kernel: Path, initrd: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "kvmguest.cli", "run", str(kernel), *MACHINE, "--initrd",
+    return [sys.executable, "-m", "kvmguest", "run", str(kernel), *MACHINE, "--initrd",
             str(initrd), "--cmdline", CMDLINE, "--timeout", str(TIMEOUT), *map(str, extra)]
 
 
@@ -114,7 +114,7 @@ def run(report: Report, work: str, runs: int) -> None:
     def save_late(line: str) -> None:
         if LATE_BOOT in line and not saving:
             saving.append(subprocess.Popen(
-                [sys.executable, "-m", "kvmguest.cli", "save", "--control", str(sock),
+                [sys.executable, "-m", "kvmguest", "save", "--control", str(sock),
                  str(snap), "--then", "continue"], cwd=ROOT, stdout=subprocess.DEVNULL))
     seen = measured("kvmguest, bzImage",
                     _timeline(_kvmguest(vmlinuz, initrd, "--control", sock),

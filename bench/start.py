@@ -21,7 +21,7 @@ import sys
 import time
 
 from kvmguest.kvm import Kvm
-from kvmguest.testing.fixtures import CACHE_ENV
+from kvmguest.front.testing.fixtures import CACHE_ENV
 
 from . import boot
 from .common import GUESTS, Figure, Report, run_cmd, timed
@@ -82,7 +82,7 @@ def process(report: Report, runs: int) -> None:
     bare = report.add(Figure("process: python -c pass (the interpreter alone)", "ms",
                              timed(lambda: run_cmd([sys.executable, "-c", "pass"]),
                                    max(runs, 5))))
-    cli = [sys.executable, "-m", "kvmguest.cli", "run", "-q", boot.HELLO]
+    cli = [sys.executable, "-m", "kvmguest", "run", "-q", boot.HELLO]
     fig = Figure("process: kvmguest run hello", "ms",
                  timed(lambda: run_cmd(cli, check=True), max(runs, 5)), baseline=bare.name,
                  target="<= 150 ms")
@@ -100,7 +100,7 @@ def _pss_kib(pid: int) -> int:
 
 def _ready_snapshot(work: str) -> str:
     """A 1 GiB fixture guest with a 64 MiB working set, saved at its ready point."""
-    from kvmguest.testing.fixtures import GuestSpec, snapshot_for
+    from kvmguest.front.testing.fixtures import GuestSpec, snapshot_for
     os.environ[CACHE_ENV] = os.path.join(work, "cache")
     return snapshot_for(GuestSpec(str(GUESTS / "fixture.elf"), f"pages={WS_PAGES}", GiB,
                                   timeout=300))
@@ -124,7 +124,7 @@ def clones(report: Report, work: str, counts: list[int]) -> None:
                                   "process, started per second", "restores/s", rate))
     base_mem = report.add(Figure("baseline: memory of one eager restore (PSS growth)", "MiB",
                                  grown))
-    argv = [sys.executable, "-m", "kvmguest.cli", "restore", "--console-input", path]
+    argv = [sys.executable, "-m", "kvmguest", "restore", "--console-input", path]
     t = time.perf_counter()
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL)
@@ -165,7 +165,7 @@ def clones(report: Report, work: str, counts: list[int]) -> None:
                           "its working set (PSS growth / n)", "MiB", [per],
                           baseline=base_mem.name))
         # As processes: n `kvmguest restore --lazy`, started at once.
-        argv = [sys.executable, "-m", "kvmguest.cli", "restore", "--lazy", "--console-input",
+        argv = [sys.executable, "-m", "kvmguest", "restore", "--lazy", "--console-input",
                 path]
         t = time.perf_counter()
         procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -79,7 +79,7 @@ class Machine:
     """One VM: its RAM, ``vcpus`` vCPUs (each in a VcpuThread), a COM1 console, a
     debug-exit port and, by default, the in-kernel irqchip and PIT."""
 
-    debugger = None     # a gdb stub (kvmguest.gdb.GdbStub) sees the exits it may own first
+    debugger = None     # a debugger (front.gdb.target.DebugTarget) sees the exits it may own first
     closed = False
 
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,

@@ -39,14 +39,14 @@ def dirty_cmdline(pages: int = 900, passes: int = 0, base: int = WS_BASE,
 # --- the CLI in a child process -----------------------------------------------------------
 def cli(*args, env=None, timeout=120, input=None, cwd=ROOT) -> subprocess.CompletedProcess:
     """`kvmguest ARGS` in a new process: (returncode, stdout, stderr)."""
-    return subprocess.run([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "kvmguest", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, input=input,
                           env=dict(os.environ, **(env or {})))
 
 
 def cli_popen(*args, env=None, **kw) -> subprocess.Popen:
     """`kvmguest ARGS` started in the background, stdout and stderr piped (text)."""
-    return subprocess.Popen([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "kvmguest", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})), **kw)
 

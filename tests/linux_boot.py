@@ -18,7 +18,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-from kvmguest.testing.linux import CMDLINE, MACHINE, build_initramfs
+from kvmguest.front.testing.linux import CMDLINE, MACHINE, build_initramfs
 
 # ~140 s of guest time before /init: late initcalls (certificates, keys, IMA/EVM), two
 # vCPUs up, kvm-clock, timers and IPIs flowing.
@@ -39,7 +39,7 @@ def fetch_linux() -> tuple[Path | None, str]:
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "kvmguest.cli", *map(str, args)]
+    return [sys.executable, "-m", "kvmguest", *map(str, args)]
 
 
 class Boot:

@@ -29,7 +29,7 @@ DIRTY = "pages=300 passes=0 quiet"
 
 def _start(path, record, every="20ms", env=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "kvmguest.cli", "run", guest("dirty"), "--cmdline", DIRTY,
+        [sys.executable, "-m", "kvmguest", "run", guest("dirty"), "--cmdline", DIRTY,
          "--checkpoint", path, "--every", every, "-q"], cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, **{ck.RECORD_ENV: str(record)}, **(env or {})))
@@ -175,7 +175,7 @@ def test_a_restored_guest_checkpointed_on_and_killed_restores_its_latest(tmp_pat
     assert _check_file(path, record) >= 2
     record.unlink()
     kill_after(subprocess.Popen(
-        [sys.executable, "-m", "kvmguest.cli", "restore", path, "--checkpoint", path,
+        [sys.executable, "-m", "kvmguest", "restore", path, "--checkpoint", path,
          "--every", "20ms", "-q", *(["--lazy"] if lazy else [])], cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, **{ck.RECORD_ENV: str(record)})), 3)
@@ -237,7 +237,7 @@ def test_a_file_with_no_complete_checkpoint_or_damaged_state_is_refused_in_one_l
 
 def test_a_checkpoint_on_demand_over_the_control_socket(tmp_path):
     sock, path = tmp_path / "g.sock", tmp_path / "g.ckpt"
-    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", "run", guest("dirty"),
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest", "run", guest("dirty"),
                           "--cmdline", DIRTY, "--checkpoint", path, "--every", "3600",
                           "--control", sock, "-q"], cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
@@ -257,7 +257,7 @@ def test_a_checkpoint_on_demand_over_the_control_socket(tmp_path):
 def test_checkpoint_without_checkpoints_is_a_one_line_error(tmp_path):
     from helpers import one_line_error
     sock = tmp_path / "g.sock"
-    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", "run", guest("dirty"),
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest", "run", guest("dirty"),
                           "--cmdline", DIRTY, "--control", sock, "-q"], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_naming_the_problem_with_exit_2(case, snapshot, tm
 
 
 def test_non_utf8_command_line_is_a_usage_error():
-    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "run", str(guest("hello")),
+    p = subprocess.run([sys.executable, "-m", "kvmguest", "run", str(guest("hello")),
                         "--cmdline", b"x=\xff"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "not valid UTF-8" in p.stderr and "Traceback" not in p.stderr
 
@@ -168,7 +168,7 @@ def test_bad_snapshots_and_bad_save_paths_exit_2(tmp_path, snapshot):
 
 
 def test_unexpected_errors_are_one_line_and_v_shows_the_traceback(monkeypatch, capsys):
-    from kvmguest import cli as kcli
+    from kvmguest.front import cli as kcli
 
     def boom(args):
         raise RuntimeError("something nobody expected")
@@ -215,7 +215,7 @@ class Tty:
 def test_progress_never_goes_backwards_and_shows_pass_0_and_clears_its_line(
         machine_factory, tmp_path):
     from helpers import start_dirty
-    from kvmguest.progress import Progress
+    from kvmguest.front.progress import Progress
     from migrate.precopy import live_save
     m = start_dirty(machine_factory, pages=900)
     seen = []

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import (cli, cli_popen, guest, one_line_error, read_until, needs_root, run_dirty,
                      control_guest, fake_server, stop, NOBODY)
-from migrate.control import REQUEST_TIMEOUT, ControlError, request
+from kvmguest.front.control import REQUEST_TIMEOUT, ControlError, request
 
 
 # --- the control server removes only its own socket -------------------------------------

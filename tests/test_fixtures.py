@@ -1,4 +1,4 @@
-"""Snapshots as test fixtures: kvmguest.testing.guest_fixture in real pytest runs
+"""Snapshots as test fixtures: kvmguest.front.testing.guest_fixture in real pytest runs
 (plain and under pytest-xdist), the kvmguest port's READY, and a guest asking to be
 migrated to a new process (`run --guest-migrate`)."""
 
@@ -11,7 +11,7 @@ import pytest
 from helpers import cli, guest
 
 CONFTEST = """
-from kvmguest.testing import guest_fixture, guest_snapshot
+from kvmguest.front.testing import guest_fixture, guest_snapshot
 app = guest_fixture({kernel!r}, cmdline={cmdline!r})
 app_snapshot = guest_snapshot({kernel!r}, cmdline={cmdline!r})
 """
@@ -109,7 +109,7 @@ def test_fixture_under_xdist_shares_one_snapshot_and_leaves_nothing_behind(pytes
 
 def test_fixture_with_a_console_ready_point(pytester, tmp_path):
     pytester.makeconftest(f"""
-from kvmguest.testing import guest_fixture
+from kvmguest.front.testing import guest_fixture
 echo = guest_fixture({str(guest('echo'))!r}, ready="echo: ready")
 """)
     pytester.makepyfile(test_echo="""
@@ -126,7 +126,7 @@ def test_echo(echo, word):
 
 def test_a_guest_that_never_gets_ready_fails_the_test_in_one_line(pytester, tmp_path):
     pytester.makeconftest(f"""
-from kvmguest.testing import guest_fixture
+from kvmguest.front.testing import guest_fixture
 hello = guest_fixture({str(guest('hello'))!r}, timeout=20)
 """)
     pytester.makepyfile(test_hello="def test_it(hello):\n    pass\n")
@@ -184,13 +184,13 @@ def test_the_example_in_docs_fixtures_md_works_as_written(pytester, tmp_path):
 
 # --- the cache is trusted only when nobody else could have written it ---------------------
 def _spec(**kw):
-    from kvmguest.testing.fixtures import GuestSpec
+    from kvmguest.front.testing.fixtures import GuestSpec
     return GuestSpec(str(guest("fixture")), cmdline="pages=64", **kw)
 
 
 def test_the_cache_directory_is_made_private_and_a_shared_one_is_refused(tmp_path, monkeypatch,
                                                                           kvm_available):
-    from kvmguest.testing.fixtures import FixtureError, snapshot_for
+    from kvmguest.front.testing.fixtures import FixtureError, snapshot_for
     cache = tmp_path / "new" / "cache"
     monkeypatch.setenv("KVMGUEST_CACHE", str(cache))
     path = snapshot_for(_spec())
@@ -213,7 +213,7 @@ def test_a_snapshot_planted_in_the_cache_by_someone_else_is_refused(tmp_path, mo
                                                                     kvm_available):
     """The key is a hash of public inputs, so another user can plant a valid snapshot
     under the expected name: it is refused, not restored into every test."""
-    from kvmguest.testing.fixtures import FixtureError, snapshot_for
+    from kvmguest.front.testing.fixtures import FixtureError, snapshot_for
     monkeypatch.setenv("KVMGUEST_CACHE", str(tmp_path / "c"))
     path = snapshot_for(_spec())
     os.chown(path, 65534, 65534)                   # as if another user had put it there
@@ -231,7 +231,7 @@ def test_a_held_cache_lock_fails_in_bounded_time_naming_its_holder(tmp_path, mon
     import sys
     import time
 
-    from kvmguest.testing.fixtures import FixtureError, snapshot_for
+    from kvmguest.front.testing.fixtures import FixtureError, snapshot_for
     cache = tmp_path / "c"
     cache.mkdir(mode=0o700)
     monkeypatch.setenv("KVMGUEST_CACHE", str(cache))
@@ -244,7 +244,7 @@ time.sleep(120)
 """], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        monkeypatch.setattr("kvmguest.testing.fixtures.LOCK_GRACE", 0.0)
+        monkeypatch.setattr("kvmguest.front.testing.fixtures.LOCK_GRACE", 0.0)
         t = time.monotonic()
         with pytest.raises(FixtureError, match=rf"locked by pid {holder.pid} \(.*python"):
             snapshot_for(_spec(timeout=1.0))

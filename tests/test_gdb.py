@@ -435,7 +435,7 @@ def test_a_failed_kvm_test_leaves_its_guest_and_the_command_to_open_it(gdb, pyte
 
 def test_the_printed_gdb_socket_fits_a_unix_socket_path_however_long_the_test_name(
         tmp_path, monkeypatch):
-    from kvmguest.testing.plugin import gdb_socket_for
+    from kvmguest.front.testing.plugin import gdb_socket_for
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     short = str(tmp_path / "t.kvm")
     assert gdb_socket_for(short) == str(tmp_path / "t.gdb")
@@ -517,7 +517,7 @@ sys.stdout.write(got.hex())
 
 
 def test_a_huge_memory_read_gets_the_part_that_fits_one_packet(tmp_path):
-    from kvmguest.gdb import MAX_READ
+    from kvmguest.front.gdb.server import MAX_READ
     p, address = serve("--gdb", tmp_path / "g.sock", "--memory", "512M")
     g = RawGdb(address)
     try:
@@ -642,7 +642,7 @@ def test_the_timeout_tells_a_waiting_gdb_the_guest_was_killed(tmp_path):
 
 
 def test_a_gdb_that_stops_reading_is_dropped_and_the_guest_runs_on(tmp_path):
-    from kvmguest.gdb import SEND_TIMEOUT
+    from kvmguest.front.gdb.connection import SEND_TIMEOUT
     p, address = serve("--gdb", tmp_path / "g.sock", "--memory", "512M")
     g = RawGdb(address)
     assert g.exchange(b"?").startswith(b"T05")
@@ -659,7 +659,7 @@ def test_a_write_watchpoint_changes_a_few_slots_and_they_are_capped(tmp_path):
     """Each watched page costs at most four memory-slot changes however many are
     watched; past MAX_PROTECTED_PAGES the stub refuses with E28 and says why."""
     from kvmguest.arch.x86.platform import MAX_PROTECTED_PAGES
-    from kvmguest.gdb import GdbStub
+    from kvmguest.front.gdb.server import GdbStub
     from kvmguest.machine import Machine
     m = Machine(str(DEBUG), memory=64 << 20)
     notes: list[str] = []

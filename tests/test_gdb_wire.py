@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvmguest.gdbwire import (INTERRUPT, PACKET_SIZE, RESEND, Decoder, Packet, PacketTooLong,
+from kvmguest.front.gdb.wire import (INTERRUPT, PACKET_SIZE, RESEND, Decoder, Packet, PacketTooLong,
                               escape, frame, hexnum, unescape)
 
 

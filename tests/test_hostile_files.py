@@ -58,7 +58,7 @@ def test_a_qemu_stream_declaring_a_huge_block_costs_memory_for_its_records_only(
 
 def run_alone(*args) -> tuple[subprocess.CompletedProcess, float]:
     """`kvmguest ARGS` and its own peak RSS in MiB, from wait4 on that child alone."""
-    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest", *map(str, args)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.stdout.read(), p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
@@ -134,7 +134,7 @@ def test_a_failed_export_leaves_nothing_at_out(tmp_path):
         if out.name == "existing":
             out.mkdir()
             (out / "keep").write_text("mine")
-        p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "export-ram", big, "-o", out],
+        p = subprocess.run([sys.executable, "-m", "kvmguest", "export-ram", big, "-o", out],
                            cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files)
         one_line_error(p, 1, "exporting RAM to")
         assert not out.exists() if out.name == "new" else os.listdir(out) == ["keep"]

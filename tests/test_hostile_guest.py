@@ -136,7 +136,7 @@ def test_a_guest_whose_migrations_fail_or_that_floods_the_console_floods_no_stde
     to stdout (the console), never to stderr, even with -v."""
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "run", guest("fixture"),
+    p = subprocess.run([sys.executable, "-m", "kvmguest", "run", guest("fixture"),
                         "--cmdline", "pages=64", "--guest-migrate", "--console-input"],
                        input="migrate\n" * 30 + "exit\n", capture_output=True, text=True,
                        env=dict(os.environ, TMPDIR=str(tmp_path)), preexec_fn=small_files,

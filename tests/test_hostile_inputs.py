@@ -27,14 +27,14 @@ def test_a_multiboot_kernel_whose_path_is_not_utf8_boots(tmp_path, smptest):
     (an internal error), now as the bytes it is."""
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/k\xff\xfe.flat"))
     shutil.copy(smptest, odd)
-    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "run", os.fsencode(odd),
+    p = subprocess.run([sys.executable, "-m", "kvmguest", "run", os.fsencode(odd),
                         "--vcpus", "2", "--timeout", "60"], cwd=ROOT, capture_output=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert b"SUMMARY: " in p.stdout and b"internal error" not in p.stderr
 
 
 def _peak_rss_mib(*args) -> tuple[subprocess.CompletedProcess, float]:
-    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", *map(str, args)], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest", *map(str, args)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.stdout.read(), p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)

@@ -18,7 +18,7 @@ import pytest
 
 from helpers import ROOT, cli, guest, one_line_error, wait_until
 
-from kvmguest import kut
+from kvmguest.front import kut
 from kvmguest.arch.x86 import cpumodel, multiboot
 
 # Every test of unittests.cfg that passes on kvmguest on this host (kvm_pvm, AMD); the
@@ -177,7 +177,7 @@ def test_ctrl_c_on_the_runner_leaves_no_guest_running(kut_tree):
     runner kills them all and exits 130 in one line."""
     import signal
     import sys
-    p = subprocess.Popen([sys.executable, "-m", "kvmguest.cli", "kut", kut_tree, "sieve",
+    p = subprocess.Popen([sys.executable, "-m", "kvmguest", "kut", kut_tree, "sieve",
                           "realmode", "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
 

@@ -56,7 +56,7 @@ def test_clones_of_one_snapshot_run_independently_and_leave_it_unchanged(
     are its own, and the snapshot is not touched."""
     import hashlib
 
-    from kvmguest.testing.fixtures import GuestSpec, snapshot_for
+    from kvmguest.front.testing.fixtures import GuestSpec, snapshot_for
     monkeypatch.setenv("KVMGUEST_CACHE", str(tmp_path))
     path = snapshot_for(GuestSpec(str(guest("fixture")), "pages=64"))
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()

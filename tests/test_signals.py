@@ -12,7 +12,7 @@ import pytest
 from helpers import (MiB, cli, cli_popen, read_until, run_dirty, control_guest, stop,
                      STALL)
 from migrate import format as fmt
-from migrate.control import request
+from kvmguest.front.control import request
 from migrate.writer import MappedWriter
 
 

@@ -3,7 +3,7 @@
 A guest writes:
 
 - ``READY`` (1): "snapshot here". The guest has reached the point tests want to start
-  from (``kvmguest.testing`` saves it there once and resets every test to it).
+  from (``kvmguest.front.testing`` saves it there once and resets every test to it).
 - ``MIGRATE`` (2): "migrate me now". ``kvmguest run/restore --guest-migrate`` live-saves
   the guest and carries it on in a new ``kvmguest restore`` process.
 

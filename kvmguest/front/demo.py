@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .abi import PAGE_SIZE
-from .machine import Machine
+from kvmguest.abi import PAGE_SIZE
+from kvmguest.machine import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests" / "build"
@@ -70,7 +70,7 @@ def main() -> int:
 
     step("3. restore it in a new process: the guest carries on and checks every page")
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "kvmguest.cli", "restore", str(snap),
+    p = subprocess.run([sys.executable, "-m", "kvmguest", "restore", str(snap),
                         "--timeout", "60"], capture_output=True, text=True)
     print(p.stdout, end="")
     print(f"   restored guest exited {p.returncode} after {time.perf_counter() - t:.1f} s"

@@ -25,10 +25,10 @@ import tempfile
 import threading
 import time
 
-from .console import ConsoleInput
-from .devices.guest_port import MIGRATE
-from .errors import Handover
-from .loglimit import LogLimit
+from kvmguest.front.console import ConsoleInput
+from kvmguest.devices.guest_port import MIGRATE
+from kvmguest.errors import Handover
+from kvmguest.loglimit import LogLimit
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class GuestMigrator:
         self.refusals.close()
         if self.path is None:
             return
-        argv = [sys.executable, "-m", "kvmguest.cli", "restore", self.path, "--guest-migrate",
+        argv = [sys.executable, "-m", "kvmguest", "restore", self.path, "--guest-migrate",
                 "--max-migrations", str(self.max_migrations - 1), *self.argv_tail]
         if deadline is not None:
             argv += ["--timeout", f"{max(deadline - time.monotonic(), 0.001):.3f}"]

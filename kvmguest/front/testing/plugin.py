@@ -6,7 +6,7 @@
         assert result.exit_code == 0 and "Hello" in result.console
 
 Snapshots as fixtures (boot once to a ready point, reset per test):
-``kvmguest.testing.guest_fixture`` and docs/fixtures.md.
+``kvmguest.front.testing.guest_fixture`` and docs/fixtures.md.
 
 When a test fails, each machine it had from these fixtures is saved where it stood
 (``$KVMGUEST_FAILED_SNAPSHOTS``, default ``$TMPDIR/kvmguest-failed-UID``) and the report
@@ -27,7 +27,7 @@ import tempfile
 
 import pytest
 
-from ..kvm import KvmUnavailable
+from kvmguest.kvm import KvmUnavailable
 
 
 def kvm_required() -> bool:
@@ -38,7 +38,7 @@ def kvm_required() -> bool:
 def kvm_problem() -> str | None:
     """None when KVM is usable, else why not."""
     try:
-        from ..machine import open_kvm
+        from kvmguest.machine import open_kvm
         open_kvm().close()
     except KvmUnavailable as err:
         return str(err)
@@ -89,7 +89,7 @@ def gdb_socket_for(path: str) -> str:
     """A gdb socket path beside the saved guest, or, where that is longer than a Unix
     socket path may be (a long test name, pytest-xdist's temporary directories), a short
     one in $XDG_RUNTIME_DIR, the failed-guest directory or the temporary directory."""
-    from migrate.control import MAX_PATH
+    from kvmguest.front.control import MAX_PATH
     sock = path[:-4] + ".gdb"
     if len(os.fsencode(sock)) <= MAX_PATH:
         return sock
@@ -137,9 +137,9 @@ def kvm_available():
 
 @pytest.fixture(scope="session")
 def kvmguest_pool():
-    """The machines that kvmguest.testing.guest_fixture hands out in this process
+    """The machines that kvmguest.front.testing.guest_fixture hands out in this process
     (closed at the end of the session)."""
-    from .fixtures import Pool
+    from kvmguest.front.testing.fixtures import Pool
     pool = Pool()
     yield pool
     pool.close()
@@ -149,7 +149,7 @@ def kvmguest_pool():
 def boot_guest(kvm_available, request):
     """Boot a PVH ELF and return its GuestResult: ``boot_guest(path, cmdline=, memory=,
     timeout=, vcpus=)``. Machines are closed at teardown."""
-    from ..machine import Machine
+    from kvmguest.machine import Machine
 
     machines = []
 
@@ -168,7 +168,7 @@ def boot_guest(kvm_available, request):
 @pytest.fixture
 def machine_factory(kvm_available, request):
     """Create Machines that are closed at teardown: ``machine_factory(path, **kw)``."""
-    from ..machine import Machine
+    from kvmguest.machine import Machine
 
     machines = []
 

@@ -2,7 +2,7 @@
 
 In a conftest.py::
 
-    from kvmguest.testing import guest_fixture
+    from kvmguest.front.testing import guest_fixture
     app = guest_fixture("guests/build/fixture.elf", cmdline="pages=256")
 
 and in a test::
@@ -41,7 +41,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from ..errors import KvmguestError
+from kvmguest.errors import KvmguestError
 
 DEFAULT_TIMEOUT = 60.0
 CACHE_ENV = "KVMGUEST_CACHE"
@@ -63,7 +63,7 @@ class GuestSpec:
 
     def key(self) -> str:
         from migrate import format as fmt
-        from ..state import STATE_VERSION
+        from kvmguest.state import STATE_VERSION
         h = hashlib.sha256()
         with open(self.kernel, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -85,8 +85,8 @@ def _boot_to_ready(spec: GuestSpec, path: str) -> None:
     """Boot ``spec`` until its ready point and save it to ``path`` (temp file + rename)."""
     from migrate.precopy import live_save
 
-    from ..devices.guest_port import READY, REQUESTS
-    from ..machine import Machine
+    from kvmguest.devices.guest_port import READY, REQUESTS
+    from kvmguest.machine import Machine
 
     m = Machine(spec.kernel, memory=spec.memory, cmdline=spec.cmdline, vcpus=spec.vcpus)
     try:
@@ -286,7 +286,7 @@ def guest_fixture(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcp
             m = pool.take(spec)
         except KvmguestError as err:
             pytest.fail(f"kvmguest fixture for {kernel}: {err}", pytrace=False)
-        from .plugin import remember
+        from kvmguest.front.testing.plugin import remember
         remember(request, m)
         return m
 
@@ -300,7 +300,7 @@ def guest_snapshot(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vc
     (``migrate.reader.restore(path, lazy=True)``: a clone)."""
     import pytest
 
-    from .plugin import ensure_kvm
+    from kvmguest.front.testing.plugin import ensure_kvm
 
     spec = _spec(kernel, cmdline, memory, vcpus, ready, timeout)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .errors import KvmguestError
-from .machine import GuestTimeout
+from kvmguest.errors import KvmguestError
+from kvmguest.machine import GuestTimeout
 
 
 class Session:
@@ -32,7 +32,7 @@ class Session:
         """The control socket, when asked for (a ControlServer, not yet attached)."""
         if not self.args.control:
             return None
-        from migrate.control import ControlServer
+        from kvmguest.front.control import ControlServer
         return ControlServer(self.args.control, on_saved=self.on_saved)
 
     def run(self, m, control):
@@ -43,10 +43,10 @@ class Session:
         try:
             if control:
                 control.attach(m)
-            from .console import ConsoleInput
+            from kvmguest.front.console import ConsoleInput
             console = ConsoleInput(m, args.console_input)
             if args.guest_migrate:
-                from .guest_migrate import DEFAULT_MAX_MIGRATIONS, GuestMigrator
+                from kvmguest.front.guest_migrate import DEFAULT_MAX_MIGRATIONS, GuestMigrator
                 tail = (["-q"] if args.quiet else []) + (["-v"] if args.verbose else [])
                 migrator = GuestMigrator(m, console, tail, DEFAULT_MAX_MIGRATIONS
                                          if args.max_migrations is None
@@ -104,8 +104,15 @@ class Session:
         """The gdb stub, listening, when --gdb asked for it (not yet serving)."""
         if not getattr(self.args, "gdb", None):
             return None
-        from .gdb import GdbStub
-        stub = GdbStub(m, self.args.gdb, wait=self.args.gdb_wait == "yes", note=self.note)
+        from kvmguest.front.gdb.server import GdbStub
+
+        def snapshot(path: str) -> str:          # gdb's `monitor snapshot PATH`
+            from migrate.precopy import live_save
+            report = live_save(m, path, then="continue")
+            return f"saved the stopped guest: {report.summary().splitlines()[0]}"
+
+        stub = GdbStub(m, self.args.gdb, wait=self.args.gdb_wait == "yes", note=self.note,
+                       snapshot=snapshot)
         self.note(f"gdb: {'the guest waits for gdb' if stub.holding else 'gdb can attach'} "
                   f"at {stub.where} (gdb -ex 'target remote {stub.where}')")
         return stub
@@ -119,7 +126,7 @@ class Session:
             return False
         from migrate.precopy import live_save
 
-        from .progress import Progress
+        from kvmguest.front.progress import Progress
         progress = Progress("saving")
         try:
             report = live_save(m, args.save, threads=args.threads, direct=args.direct_io,

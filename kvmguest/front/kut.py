@@ -1,5 +1,5 @@
 """Run kvm-unit-tests' x86 suite on kvmguest (and, to compare, on QEMU as its own
-``x86/run`` does). The front-end is ``kvmguest kut`` (kvmguest.cli prints).
+``x86/run`` does). The front-end is ``kvmguest kut`` (kvmguest.front.cli prints).
 
 A test is a section of ``x86/unittests.cfg``: file, smp, test_args, qemu_params (or
 extra_params: ``-cpu``, ``-m``, ``-machine``, ...), groups, arch, accel, check, timeout.
@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .arch.x86 import cpumodel
-from .errors import UsageError
+from kvmguest.arch.x86 import cpumodel
+from kvmguest.errors import UsageError
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 DEFAULT_TIMEOUT = 90.0           # seconds, as kvm-unit-tests' runtime.bash
@@ -257,7 +257,7 @@ def host_cpuid():
     """The host's KVM_GET_SUPPORTED_CPUID, read once."""
     global _host_cpuid
     if _host_cpuid is None:
-        from .kvm import Kvm
+        from kvmguest.kvm import Kvm
         with Kvm() as kvm:
             _host_cpuid = kvm.get_supported_cpuid()
     return _host_cpuid
@@ -380,7 +380,7 @@ def run_on_kvmguest(test: KutTest, directory: str, p: Plan, log_path: str,
         env_file = os.path.join(tmp, "environ")
         Path(env_file).write_text(environ())
         sock = os.path.join(tmp, "control.sock")
-        me = [sys.executable, "-m", "kvmguest.cli"]
+        me = [sys.executable, "-m", "kvmguest"]
         argv = me + ["run", kernel, "--memory", f"{p.memory_mb}M", "--vcpus", str(p.vcpus),
                      "--initrd", env_file, "--console-input", "--control", sock,
                      "--timeout", f"{timeout:g}"]

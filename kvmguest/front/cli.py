@@ -18,10 +18,10 @@ import signal
 import sys
 import time
 
-from . import __version__
-from .errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PANIC, EXIT_REBOOT, Handover,
+from kvmguest import __version__
+from kvmguest.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PANIC, EXIT_REBOOT, Handover,
                      Interrupted, KvmguestError, UsageError, printable)
-from .progress import Progress
+from kvmguest.front.progress import Progress
 
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 MAX_SECONDS = 10 ** 7          # ~115 days: longer waits are a typo, not a plan
@@ -195,14 +195,14 @@ def _check_checkpoint(args) -> None:
 def cmd_run(args) -> int:
     # migrate.* (and numpy with it) only when the run saves or listens: a plain run of a
     # small guest starts in a fraction of the time.
-    from .machine import Machine
-    from .session import Session
+    from kvmguest.machine import Machine
+    from kvmguest.front.session import Session
 
     _check_guest_migrate(args)
     if (args.save is None) != (args.save_after is None):
         raise UsageError("--save and --save-after go together")
     if args.control:
-        from migrate.control import check_socket_path
+        from kvmguest.front.control import check_socket_path
         check_socket_path(args.control)
     if args.save is not None:
         from migrate.errors import check_save_target
@@ -233,7 +233,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_save(args) -> int:
-    from migrate.control import SaveFailed, request_save
+    from kvmguest.front.control import SaveFailed, request_save
 
     progress = Progress("saving")
     try:
@@ -256,7 +256,7 @@ def cmd_save(args) -> int:
 
 
 def cmd_checkpoint(args) -> int:
-    from migrate.control import SaveFailed, request_checkpoint
+    from kvmguest.front.control import SaveFailed, request_checkpoint
     reply = request_checkpoint(args.control)
     if not reply["ok"]:
         raise SaveFailed(f"the guest could not take a checkpoint: {printable(reply['error'])}")
@@ -267,11 +267,11 @@ def cmd_checkpoint(args) -> int:
 def cmd_restore(args) -> int:
     from migrate.reader import restore
 
-    from .session import Session
+    from kvmguest.front.session import Session
 
     _check_guest_migrate(args)
     if args.control:
-        from migrate.control import check_socket_path
+        from kvmguest.front.control import check_socket_path
         check_socket_path(args.control)
     _check_checkpoint(args)
     _check_gdb(args)
@@ -282,7 +282,7 @@ def cmd_restore(args) -> int:
                             stream=None if args.quiet else _stream_stdout, progress=progress)
     finally:
         progress.done()
-        from .guest_migrate import DIR_ENV, remove_inherited_snapshot
+        from kvmguest.front.guest_migrate import DIR_ENV, remove_inherited_snapshot
         if DIR_ENV in os.environ:        # the file of a guest-requested migration
             remove_inherited_snapshot(args.path)
     session = Session(args, note=_err, show=_show)
@@ -367,7 +367,7 @@ def _kut_cell(o) -> str:
 
 
 def cmd_kut(args) -> int:
-    from . import kut
+    from kvmguest.front import kut
 
     def show(r):
         if args.json:
@@ -400,8 +400,8 @@ def cmd_kut(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .abi import Cap
-    from .kvm import Kvm, backend_module
+    from kvmguest.abi import Cap
+    from kvmguest.kvm import Kvm, backend_module
     with Kvm() as kvm:
         print(f"KVM API version: {kvm.get_api_version()}")
         print(f"backend module:  {backend_module()}")
@@ -447,7 +447,7 @@ def _check_gdb(args) -> None:
         if args.gdb_wait != "yes":
             raise UsageError("--gdb-wait goes with --gdb")
         return
-    from .gdb import parse_address
+    from kvmguest.front.gdb.connection import parse_address
     parse_address(args.gdb)
     if args.guest_migrate:
         raise UsageError("--gdb and --guest-migrate do not go together (gdb would lose the "
@@ -623,7 +623,7 @@ def _run(args) -> int:
         _err(f"{err}" if str(err) != "interrupted" else "interrupted")
         return err.exit_code
     except KvmguestError as err:
-        from .machine import GuestError
+        from kvmguest.machine import GuestError
         if isinstance(err, GuestError):   # registers and code bytes: our own multi-line text
             print(f"\nkvmguest: {printable(err, keep_newlines=True)}", file=sys.stderr)
         else:

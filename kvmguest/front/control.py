@@ -27,8 +27,8 @@ import threading
 
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError, printable
 
-from .precopy import live_save
-from .errors import SaveCancelled, SaveError
+from migrate.precopy import live_save
+from migrate.errors import SaveCancelled, SaveError
 
 log = logging.getLogger(__name__)
 
