@@ -19,55 +19,24 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
 from kvmguest.errors import UsageError
 
-from .format import SnapshotError
-from .pageio import data_extents, fsync_dir, open_excl, runs_of_mask, temp_path_for
-from .qemu import read_qemu
-from .reader import validated
-from .snapshot import open_snapshot, reader_for
 from .errors import check_save_target, io_error
+from .format import SnapshotError
+from .formats.base import Source
+from .pageio import data_extents, fsync_dir, open_excl, runs_of_mask, temp_path_for
+from .snapshot import open_snapshot, reader_for
 
 CHUNK = 1 << 20
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass
-class Source:
-    """One block to export: its size, and its runs of pages with data in the file."""
-    name: str
-    size: int
-    page_size: int
-    pages_present: int
-    segments: Callable[[], Iterator[tuple[int, int, int]]]   # (first page, offset, pages)
-
-
 def sources(path: str, fd: int) -> tuple[str, list[Source]]:
     """The kind of file and its blocks, after validating it fully."""
     return reader_for(path, fd).export_sources()
-
-
-def qemu_sources(fd: int) -> tuple[str, list[Source]]:
-    q = read_qemu(fd)
-    kind = "QEMU " + ("mapped-ram" if q.mapped_ram else "stream") + " file"
-    return kind, [Source(b.name, b.size, b.page_size, b.pages_present,
-                         lambda b=b: b.segments(fd)) for b in q.blocks]
-
-
-def mapped_sources(path: str, fd: int) -> tuple[str, list[Source]]:
-    snap, _ = validated(path, fd)
-
-    def runs(block, present):
-        for s, e in runs_of_mask(present).tolist():
-            yield s, block.pages_offset + s * block.page_size, e - s
-    return "kvmguest snapshot", [
-        Source(b.name, b.size, b.page_size, int(np.count_nonzero(p)),
-               lambda b=b, p=p: runs(b, p)) for b, p in zip(snap.layout.blocks, snap.present)]
 
 
 def _copy(fd: int, src: Source, ofd: int) -> int:

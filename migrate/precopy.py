@@ -125,7 +125,7 @@ def make_writer(format: str, path: str, memory, threads: int, direct: bool,
     if format == "mapped":
         return MappedWriter(path, memory, threads=threads, direct=direct, cancel=cancel)
     if format == "stream":
-        from .stream import StreamWriter
+        from .formats.stream import StreamWriter
         return StreamWriter(path, memory, direct=direct, cancel=cancel)
     raise SaveError(f"unknown format {format!r} (mapped or stream)")
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from kvmguest.memory import PAGE_SIZE, close_mapping
 
-from .reader import paired, validated
-from .snapshot import open_snapshot
+from .formats.mapped import paired, validated
+from .formats.base import open_snapshot
 
 
 class ResetPoint:

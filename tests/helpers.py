@@ -185,7 +185,7 @@ def assert_file_matches_source(path, machine, lazy: bool) -> int:
     import numpy as np
 
     from migrate import format as fmt
-    from migrate.reader import load_memory
+    from migrate.formats.mapped import load_memory
 
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -125,3 +125,90 @@ def test_tests_do_not_sleep_to_synchronise():
         if path.name == "test_code_rules.py":
             continue
         assert count <= allowed.get(path.name, 0), (path.name, count)
+
+
+# --- the floors: front-ends, the snapshot library, the VMM core ----------------------------
+def _modules() -> dict[str, object]:
+    mods = {}
+    for path in sources("kvmguest", "migrate"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports, imports inside functions counted: ``from X import
+    a`` is an edge to X.a when that is a module, else to X."""
+    mods = _modules()
+
+    def known(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        package = m if path.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package
+                    for _ in range(node.level - 1):
+                        up = up.rpartition(".")[0]
+                    base = f"{up}.{base}" if base else up
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                           for a in node.names]
+            for t in targets:
+                k = known(t)
+                if k and k != m:
+                    graph[m].add(k)
+    return graph
+
+
+def floor(module: str) -> int:
+    """2: a front-end; 1: the snapshot library; 0: the VMM core."""
+    if module.startswith("kvmguest.front") or module == "kvmguest.__main__":
+        return 2
+    return 1 if module.startswith("migrate") else 0
+
+
+def test_no_module_imports_a_floor_above_its_own():
+    up = [f"{m} -> {t}" for m, ts in import_graph().items() for t in ts if floor(t) > floor(m)]
+    assert not up, "upward imports (the core imports neither migrate nor a front-end; " \
+        "migrate imports no front-end):\n" + "\n".join(sorted(up))
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v):                       # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles (imports inside functions counted):\n" + \
+        "\n".join(" <-> ".join(c) for c in cycles)

@@ -22,7 +22,7 @@ from helpers import cli, guest, one_line_error
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 from migrate import format as fmt
 from migrate.format import SnapshotError
-from migrate.reader import validate
+from migrate.formats.mapped import validate
 from migrate.writer import MappedWriter
 
 MiB = 1 << 20
@@ -697,7 +697,7 @@ def test_any_checkpoint_mutation_is_valid_or_a_snapshot_error(tmp_path, ckpt_bas
 
 
 # --- QEMU's migration files: read, never trusted --------------------------------------------
-from migrate.qemu import read_qemu  # noqa: E402
+from migrate.formats.qemu import read_qemu  # noqa: E402
 from qemu_files import qemu_file  # noqa: E402
 
 

@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 
 import pytest
 
@@ -324,7 +323,7 @@ def test_reverse_continue_goes_back_to_the_newest_checkpoint(gdb, tmp_path):
     rc, console, _ = finish(p)
     assert rc == 0 and "every cpu counted 20000100000" in console
     # The breakpoint at finish() was in guest RAM while checkpoints were taken: none holds it.
-    from migrate.checkpoint import load_checkpoint, validated_checkpoint
+    from migrate.formats.checkpoint import load_checkpoint, validated_checkpoint
     nm = subprocess.run(["nm", str(DEBUG)], capture_output=True, text=True).stdout
     at = int(re.search(r"^([0-9a-f]+) T finish$", nm, re.M).group(1), 16)
     fd = os.open(ck, os.O_RDONLY)

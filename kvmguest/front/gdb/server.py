@@ -25,7 +25,7 @@ from kvmguest.errors import KvmguestError
 from kvmguest.front.gdb import wire
 from kvmguest.front.gdb.connection import Connection, listen, peer_uid
 from kvmguest.front.gdb.monitor import Monitor
-from kvmguest.front.gdb.target import (SIGINT, SIGKILL, SIGSEGV, SIGTRAP, DebugTarget,
+from kvmguest.front.gdb.target import (SIGINT, SIGKILL, SIGTRAP, DebugTarget,
                                        NotSupported, Stop, TargetError)
 from kvmguest.front.gdb.wire import hexnum
 from kvmguest.loglimit import LogLimit

@@ -176,7 +176,7 @@ def snapshot_for(spec: GuestSpec) -> str:
     """The cached snapshot of ``spec`` at its ready point, made now if there is none (or
     the one there does not validate). Safe from several processes at once."""
     from migrate.format import SnapshotError
-    from migrate.reader import validate
+    from migrate.formats.mapped import validate
 
     directory = os.path.abspath(cache_dir())
     try:
@@ -286,7 +286,7 @@ def guest_fixture(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vcp
             m = pool.take(spec)
         except KvmguestError as err:
             pytest.fail(f"kvmguest fixture for {kernel}: {err}", pytrace=False)
-        from kvmguest.front.testing.plugin import remember
+        from kvmguest.front.testing.common import remember
         remember(request, m)
         return m
 
@@ -300,7 +300,7 @@ def guest_snapshot(kernel: str, *, cmdline: str = "", memory: int = 64 << 20, vc
     (``migrate.reader.restore(path, lazy=True)``: a clone)."""
     import pytest
 
-    from kvmguest.front.testing.plugin import ensure_kvm
+    from kvmguest.front.testing.common import ensure_kvm
 
     spec = _spec(kernel, cmdline, memory, vcpus, ready, timeout)
 

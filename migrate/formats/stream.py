@@ -25,12 +25,15 @@ from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, check_layout
 from kvmguest.state import MachineState, StateError
 
-from . import format as fmt
-from .format import MAX_SLOT, SnapshotError
-from .pageio import (IOV_MAX, fsync_dir, nonzero_pages, open_excl, pwrite_all, runs_of,
+from kvmguest.state import vcpu_summary
+
+from migrate import format as fmt
+from migrate.format import MAX_SLOT, SnapshotError
+from migrate.formats.base import STREAM, Loaded, SnapshotReader, check_host_capacity
+from migrate.pageio import (IOV_MAX, fsync_dir, nonzero_pages, open_excl, pwrite_all, runs_of,
                      temp_path_for)
-from .errors import SaveError, check_cancel, check_save_target, io_error
-from .writer import PassStats
+from migrate.errors import SaveError, check_cancel, check_save_target, io_error
+from migrate.writer import PassStats
 
 MAGIC = fmt.STREAM_MAGIC
 VERSION = 1
@@ -321,3 +324,29 @@ def load_stream(info: StreamInfo, fd: int) -> tuple[GuestMemory, int]:
         memory.close()
         raise
     return memory, pages
+
+
+def describe_stream(info: dict, path: str, fd: int) -> None:
+    s = validate_stream(path, fd)
+    present, records = page_census(s, fd)
+    info.update(valid=True, format="stream", version=VERSION,
+                ram_size=sum(b.size for b in s.blocks), pages_present=int(sum(present)),
+                page_records=s.pages, zero_records=s.zero_records,
+                blocks=[{"name": b.name, "slot": b.slot, "gpa": b.gpa, "size": b.size,
+                         "pages": b.npages, "pages_present": int(n), "records": int(r)}
+                        for b, n, r in zip(s.blocks, present, records)],
+                state=vcpu_summary(s.state), vcpus=len(s.state["vcpus"]),
+                irqchip="irqchip" in s.state.get("vm", {}))
+
+
+class StreamReader(SnapshotReader):
+    kind, what = STREAM, "a streaming-format snapshot"
+
+    def load(self, lazy, threads, progress) -> Loaded:
+        info = validate_stream(self.path, self.fd)
+        check_host_capacity(info.pages, lazy=False)
+        memory, loaded = load_stream(info, self.fd)
+        return Loaded(info.decoded, memory, loaded)
+
+    def describe(self, info):
+        describe_stream(info, self.path, self.fd)
