@@ -122,7 +122,7 @@ class Checkpointer:
         tmp = temp_path_for(self.path)
         self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         blob = json.dumps(self.layout.to_json()).encode()
-        head = SUPER.pack(MAGIC, VERSION, len(blob)) + blob
+        head = SUPER.pack(magic=MAGIC, version=VERSION, layout_length=len(blob)) + blob
         head += struct.pack("<I", zlib.crc32(head))
         if len(head) > SLOT_OFFSETS[0]:
             raise SaveError("checkpoint layout does not fit its superblock")

@@ -1,6 +1,7 @@
 """The snapshot format without KVM: layout rules, round trip, and refusal of damaged files."""
 
 import os
+import re
 import struct
 import subprocess
 
@@ -10,6 +11,7 @@ import pytest
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 from kvmguest.arch.x86.layout import plan_regions
 from migrate import format as fmt
+from migrate.formats import checkpoint as ckfmt
 from migrate.format import SnapshotError, read_snapshot
 from migrate.errors import SaveError
 from migrate.writer import MappedWriter
@@ -184,7 +186,7 @@ def _doc_table(heading: str) -> list[tuple[int, str, str]]:
     """(offset, type, field) rows of the table under ``heading`` in docs/FORMAT.md."""
     from helpers import ROOT
     text = (ROOT / "docs" / "FORMAT.md").read_text()
-    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n#{2,} ", text.split(heading, 1)[1], maxsplit=1)[0]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -193,8 +195,9 @@ def _doc_table(heading: str) -> list[tuple[int, str, str]]:
     return rows
 
 
-@pytest.mark.parametrize("heading,record", [("## Header", fmt.HEADER),
-                                            ("## Block table entry", fmt.BLOCK)])
+@pytest.mark.parametrize("heading,record", [
+    ("## Header", fmt.HEADER), ("## Block table entry", fmt.BLOCK),
+    ("### Checkpoint superblock", ckfmt.SUPER), ("### Checkpoint record", ckfmt.RECORD)])
 def test_format_doc_tables_match_the_field_tables(heading, record):
     want = [(record.offsets[f.name], f.doc_type, f.name) for f in record.fields]
     assert _doc_table(heading) == want

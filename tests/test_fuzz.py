@@ -489,13 +489,13 @@ class Bytes(bytes):
 
 
 def _ckpt_super(data: bytes) -> dict:
-    n = ck.SUPER.unpack_from(data)[2]
+    n = ck.SUPER.unpack(data)["layout_length"]
     return json.loads(data[ck.SUPER.size:ck.SUPER.size + n])
 
 
 def _ckpt_reseal_super(out: bytearray, layout) -> None:
     body = json.dumps(layout).encode()
-    head = ck.SUPER.pack(ck.MAGIC, ck.VERSION, len(body)) + body
+    head = ck.SUPER.pack(magic=ck.MAGIC, version=ck.VERSION, layout_length=len(body)) + body
     head += struct.pack("<I", zlib.crc32(head))
     assert len(head) <= ck.SLOT_OFFSETS[0], "superblock too long for the test"
     out[:ck.SLOT_OFFSETS[0]] = head.ljust(ck.SLOT_OFFSETS[0], b"\0")

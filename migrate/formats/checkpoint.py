@@ -5,6 +5,7 @@ committed checkpoint, with its journal applied). migrate/checkpoint.py writes it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
@@ -17,9 +18,10 @@ from kvmguest.memory import PAGE_SIZE, GuestMemory, Region
 from kvmguest.state import vcpu_summary
 
 from migrate.format import CHECKPOINT_MAGIC as MAGIC
-from migrate.format import MAX_BLOCKS, MAX_SLOT, Block, SnapshotError, parse_json
-from migrate.pageio import (data_extents, pread_into)
+from migrate.format import (MAX_BLOCKS, MAX_SLOT, Block, Field, Record, SnapshotError,
+                            parse_json)
 from migrate.formats.base import CHECKPOINT, Loaded, SnapshotReader, decode_state, region_specs
+from migrate.pageio import data_extents, pread_into
 
 log = logging.getLogger(__name__)
 PAGE = PAGE_SIZE
@@ -29,8 +31,29 @@ HEADER_END = 12288
 ALIGN = 1 << 20
 RECORD_MAGIC = b"CKPTRECD"
 COMMITTED, APPLIED = 1, 2
-RECORD = struct.Struct("<8sQIIIIQIQQ")          # 60 bytes, then a CRC32
-SUPER = struct.Struct("<8sII")                   # magic, version, JSON length (CRC after)
+# The superblock's fixed part (the JSON layout and a CRC32 of everything before it follow)
+# and a record (in one 512-byte sector of its slot): packed, parsed and checked against
+# docs/FORMAT.md from these tables.
+SUPER = Record([
+    Field("magic", "8s", "`KVMGCKPT`"),
+    Field("version", "I", "1"),
+    Field("layout_length", "I", "bytes of the JSON layout at 16; a CRC32 of bytes "
+          "0 to 16 + layout_length follows it"),
+])
+RECORD = Record([
+    Field("magic", "8s", "`CKPTRECD`"),
+    Field("generation", "Q", "the checkpoint's number, from 1"),
+    Field("kind", "I", "1 committed, 2 applied"),
+    Field("state_slot", "I", "0 or 1"),
+    Field("state_len", "I", "bytes of state JSON in that slot"),
+    Field("state_crc", "I", "CRC32 of them"),
+    Field("journal_pages", "Q", "pages in the journal (0 for checkpoint 1)"),
+    Field("journal_crc", "I", "CRC32 of the journal's page numbers and pages"),
+    Field("time_ns", "Q", "when it was taken, ns since the epoch"),
+    Field("pages_written", "Q", "pages it changed"),
+    Field("record_crc", "I", "CRC32 of bytes 0-59"),
+])
+_RECORD_CRC_AT = RECORD.offsets["record_crc"]
 HISTORY = 100                                    # checkpoints described in each state
 RECORD_ENV = "KVMGUEST_CKPT_RECORD"              # tests: log what each checkpoint held
 # Tests: with KVMGUEST_FAULT_POINT=ckpt-<phase> the process kills itself in that phase of
@@ -101,20 +124,18 @@ class CheckpointRecord:
     pages_written: int
 
     def pack(self) -> bytes:
-        body = RECORD.pack(RECORD_MAGIC, self.generation, self.kind, self.state_slot,
-                           self.state_len, self.state_crc, self.journal_pages,
-                           self.journal_crc, self.time_ns, self.pages_written)
-        return (body + struct.pack("<I", zlib.crc32(body))).ljust(512, b"\0")
+        raw = bytearray(RECORD.pack(magic=RECORD_MAGIC, **dataclasses.asdict(self)))
+        struct.pack_into("<I", raw, _RECORD_CRC_AT, zlib.crc32(raw[:_RECORD_CRC_AT]))
+        return bytes(raw).ljust(512, b"\0")
 
     @classmethod
     def parse(cls, raw: bytes) -> "CheckpointRecord | None":
-        if len(raw) < RECORD.size + 4 or raw[:8] != RECORD_MAGIC:
+        if len(raw) < RECORD.size or raw[:8] != RECORD_MAGIC:
             return None
-        body = raw[:RECORD.size]
-        if struct.unpack_from("<I", raw, RECORD.size)[0] != zlib.crc32(body):
+        f = RECORD.unpack(raw)
+        if f["record_crc"] != zlib.crc32(raw[:_RECORD_CRC_AT]):
             return None
-        f = RECORD.unpack(body)
-        r = cls(*f[1:])
+        r = cls(**{k: f[k] for k in cls.__dataclass_fields__})
         return r if r.kind in (COMMITTED, APPLIED) and r.state_slot in (0, 1) else None
 
     @property
@@ -202,7 +223,8 @@ def read_layout(fd: int, path: str) -> CheckpointLayout:
     head = os.pread(fd, SLOT_OFFSETS[0], 0)
     if len(head) < SUPER.size or head[:8] != MAGIC:
         raise SnapshotError(f"{path}: not a kvmguest checkpoint file")
-    _, version, n = SUPER.unpack_from(head)
+    f = SUPER.unpack(head)
+    version, n = f["version"], f["layout_length"]
     if version != VERSION:
         raise SnapshotError(f"{path}: checkpoint version {version} is not supported")
     if SUPER.size + n + 4 > len(head) or struct.unpack_from(
