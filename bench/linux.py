@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvmguest.arch.x86.linux import (EMULATING_HOST_CMDLINE, EMULATING_HOST_CPU,
+from kvmguest.arch.x86.quirks import (EMULATING_HOST_CMDLINE, EMULATING_HOST_CPU,
                                      emulating_host)
 from kvmguest.front.testing.linux import CMDLINE, MACHINE, RUN_INIT, build_initramfs
 

@@ -122,39 +122,3 @@ def decode_exit(run: abi.kvm_run) -> Exit:
     if reason == ExitReason.KVM_EXIT_SYSTEM_EVENT:
         return SystemEventExit(run.exit.system_event.type)
     return OtherExit(reason)
-
-
-
-
-def crash_message(ex: Exit) -> str | None:
-    """Why the guest cannot go on after ``ex`` (None: it asked to reset or power off)."""
-    if isinstance(ex, MmioExit):
-        what = "write to" if ex.is_write else "read from"
-        return f"guest {what} unmapped guest-physical address {ex.gpa:#x} ({ex.length} bytes)"
-    if isinstance(ex, DebugExit):
-        return (f"debug exit (exception {ex.exception} at {ex.pc:#x}) with no debugger "
-                "attached")
-    if isinstance(ex, HaltExit):
-        return "guest halted with no way to wake it (no interrupt source)"
-    if isinstance(ex, ShutdownExit):
-        return "guest triple-faulted (KVM_EXIT_SHUTDOWN)"
-    if isinstance(ex, FailEntryExit):
-        return f"VM entry failed: hardware reason {ex.hardware_reason:#x}"
-    if isinstance(ex, InternalErrorExit):
-        try:
-            sub = abi.InternalError(ex.suberror).name
-        except ValueError:
-            sub = str(ex.suberror)
-        if ex.insn and ex.suberror == abi.InternalError.KVM_INTERNAL_ERROR_EMULATION:
-            from .complete import describe
-            return (f"this host's KVM cannot emulate the guest's instruction "
-                    f"{describe(ex.insn)} (KVM internal error {sub})")
-        insn = f" instruction bytes: {ex.insn.hex(' ')}" if ex.insn else ""
-        return f"KVM internal error {sub}{insn} (an instruction this host cannot emulate?)"
-    if isinstance(ex, SystemEventExit):
-        return None
-    try:
-        name = ExitReason(ex.reason).name
-    except ValueError:
-        name = str(ex.reason)
-    return f"unexpected exit {name}"

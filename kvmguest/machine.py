@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
 from . import abi
-from .arch.x86 import (acpi, cpuid, cpumodel, firmware, image, layout, linux, multiboot, pvh,
-                       regs)
-from .arch.x86.kernel import MULTIBOOT, BootError, Module
+from .arch.x86 import acpi, cpuid, cpumodel, image, layout, linux, quirks, regs
+from .arch.x86.kernel import BootError, Module
 from .arch.x86.platform import Platform, check_options, open_kvm
-from .complete import Completer, Refused
 from .devices import Devices, acpi_pm
 from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
-from .exits import (DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
-                    crash_message)
-from .kvm import Kvm, KvmError
+from .arch.x86.complete import Completer, Refused
+from .arch.x86.crash import crash_message, describe_cpu
+from .exits import DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit
+from .kvm import Kvm
 from .memory import GuestMemory
 from .vcpu import VcpuThread
 from .vcpus import PAUSE_TIMEOUT, PauseTimeout, VcpuSet
@@ -151,7 +149,7 @@ class Machine:
         self.cmdline, self.workarounds = cmdline, []
         self.kernel = image.parse_kernel(kernel) if kernel is not None else None
         if host_workarounds and self.kernel is not None and self.kernel.linux \
-                and linux.emulating_host():
+                and quirks.emulating_host():
             self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
                                                                               cpu_model)
         if self.kernel is not None and self.kernel.linux:
@@ -165,10 +163,7 @@ class Machine:
             raise BootError("modules (--initrd) go with a kernel")
         self.modules = [Module(path) for path in modules]   # sized, not read yet
         if self.kernel is not None:
-            if self.kernel.protocol == MULTIBOOT:
-                multiboot.check_modules(self.kernel, regions, self.cmdline, self.modules)
-            else:
-                pvh.check(self.kernel, regions, self.cmdline, self.modules)
+            image.loader(self.kernel).check(self.kernel, regions, self.cmdline, self.modules)
 
     def _add_vcpus(self, count: int, cpuids) -> None:
         """The vCPUs, each with its CPUID: the saved one (a restore), or the host's made
@@ -213,16 +208,8 @@ class Machine:
         multiboot share it; EAX/EBX differ). With the irqchip, the ACPI tables describe
         the CPUs; the other vCPUs wait for INIT/SIPI."""
         rsdp = acpi.write_tables(self.memory, len(self.vcpus)) if self.irqchip else 0
-        if self.kernel.protocol == MULTIBOOT:
-            info = multiboot.load(self.memory, self.kernel, self.cmdline, self.modules)
-            if self.irqchip:
-                firmware.apply(self.memory, self.vm, self.pit)
-        else:
-            info = pvh.load(self.memory, self.kernel, self.cmdline, rsdp_paddr=rsdp,
-                            modules=self.modules)
-        start = regs.setup_regs(self.kernel.entry, info)
-        if self.kernel.protocol == MULTIBOOT:
-            start.rax = multiboot.BOOT_MAGIC
+        start = image.loader(self.kernel).boot(self.memory, self.kernel, self.cmdline,
+                                               self.modules, self.platform, rsdp)
         regs.setup_gdt(self.memory)
         bsp = self.vcpus[0].vcpu
         sregs = bsp.get_sregs()
@@ -245,24 +232,9 @@ class Machine:
             self._wake.set()
 
     def _suspend(self, thread: VcpuThread) -> None:
-        """S3 on the vCPU that asked for it: the others are parked, this one waits for a
-        wake event (the RTC alarm, if PM1_EN enabled it), then the machine restarts as
-        firmware resumes a PC: the boot CPU in real mode at the FACS waking vector, the
-        others waiting for INIT/SIPI."""
-        self.vcpus.park_others(thread)
-        self._wake.clear()
-        while not self._wake.wait(0.05):
-            if thread.stopping:
-                return
-        self.event = None
-        waking = acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR
-        vector = struct.unpack("<I", self.memory.read(waking, 4))[0]
-        for t in self.vcpus:
-            if t is thread:
-                regs.reset_to_real_mode(t.vcpu, vector)
-            else:
-                t.vcpu.set_mp_state(abi.kvm_mp_state(abi.KVM_MP_STATE_UNINITIALIZED))
-                t.resume()
+        """S3 on the vCPU that asked for it (Platform.suspend); a wake clears the event."""
+        if self.platform.suspend(self.vcpus, self.memory, thread, self._wake):
+            self.event = None
 
     # --- running ----------------------------------------------------------------------
     @property
@@ -396,24 +368,7 @@ class Machine:
 
     def describe_cpu(self, vcpu=None) -> str:
         """Registers and the bytes at rip of ``vcpu`` (the boot CPU by default)."""
-        vcpu = vcpu or self.vcpus[0].vcpu
-        try:
-            gp, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        except KvmError as err:
-            return f"(registers unavailable: {err})"
-        names = [n for n, _ in abi.kvm_regs._fields_]
-        lines = [f"  vCPU {vcpu.index}:"] if len(self.vcpus) > 1 else []
-        lines += ["  " + "  ".join(f"{n}={getattr(gp, n):#018x}" for n in names[i:i + 4])
-                 for i in range(0, len(names), 4)]
-        lines.append(f"  cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
-                     f"efer={sregs.efer:#x} cs={sregs.cs.selector:#x}")
-        gpa = self.translate(gp.rip + (sregs.cs.base if not sregs.efer & regs.EFER_LMA else 0),
-                             sregs)
-        if gpa is not None and self.memory.is_ram(gpa, 16):
-            lines.append(f"  code at rip: {self.memory.read(gpa, 16).hex(' ')}")
-        else:
-            lines.append("  code at rip: (not in RAM)")
-        return "\n".join(lines)
+        return describe_cpu(self.memory, vcpu or self.vcpus[0].vcpu, len(self.vcpus))
 
     # --- teardown ---------------------------------------------------------------------
     def close(self) -> None:

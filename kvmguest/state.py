@@ -462,5 +462,5 @@ class DecodedState:
     def apply(self, machine) -> None:
         for thread, calls in zip(machine.vcpus, self.vcpus):
             apply_calls(thread.vcpu, calls)
-        apply_calls(machine.vm, self.vm)
+        machine.platform.apply_state(self.vm)
         machine.devices.restore_state(self.devices)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, cli_popen, guest, one_line_error, read_until
-from kvmguest.arch.x86 import linux
+from kvmguest.arch.x86 import linux, quirks
 
 # What Debian's kernel needs on this host (DEVELOPERS.md, "Linux guests"): the rest of
 # the command line is the kernel's own early console.
@@ -169,7 +169,7 @@ def test_linux_is_told_by_its_structure_not_by_a_string_in_the_file(tmp_path):
     assert p.returncode == 0 and "cmdline: mine\n" in p.stdout and p.stderr == "", p
     p = cli("run", guest("hello-linux"), "--cmdline", "mine")
     assert p.returncode == 0, p.stderr
-    if linux.emulating_host():
+    if quirks.emulating_host():
         assert "cmdline: mine noxsave clearcpuid=" in p.stdout, p.stdout
         assert "Linux boots here with --cpu host,-cx16 noxsave" in p.stderr, p.stderr
     else:
@@ -181,7 +181,7 @@ def test_a_linux_command_line_that_linux_would_cut_is_refused():
     boot, naming the limit and, where kvmguest adds parameters, how many bytes they are."""
     mine = "a" * 2000
     p = cli("run", guest("hello-linux"), "--cmdline", mine)
-    if linux.emulating_host():
+    if quirks.emulating_host():
         one_line_error(p, 2, "the command line is ", " bytes and Linux keeps 2047; "
                        "kvmguest adds ", "--exact-cmdline: without")
     else:
@@ -211,7 +211,7 @@ def test_instructions_this_host_cannot_emulate_are_completed_or_named():
         "ldmxcsr/stmxcsr x3: all ok" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
     assert "insns: #GP, #SS, #PF (not present, read-only under WP), operands across " \
         "pages: all ok" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
-    if linux.emulating_host():
+    if quirks.emulating_host():
         assert "kvmguest: completed for the guest: fwait x1, int3 x5, ldmxcsr x5, " \
             "ldmxcsr (#GP) x1, ldmxcsr (#PF) x1, stmxcsr x7, stmxcsr (#GP) x1, " \
             "stmxcsr (#PF) x3, stmxcsr (#SS) x1" in p.stderr, p.stderr[-1500:]
@@ -220,7 +220,7 @@ def test_instructions_this_host_cannot_emulate_are_completed_or_named():
 def test_a_completed_instruction_with_its_operand_in_mmio_is_named_so():
     p = cli("run", guest("insns"), "--cmdline", "mmio")
     assert "insns: stmxcsr into MMIO next" in p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
-    if linux.emulating_host():      # elsewhere the CPU runs it, and KVM carries out the MMIO
+    if quirks.emulating_host():      # elsewhere the CPU runs it, and KVM carries out the MMIO
         assert p.returncode == 1 and "kvmguest: the guest's stmxcsr has its operand at " \
             "0x3001000, which is MMIO (guest-physical 0xfec01000), not RAM" in p.stderr, \
             p.stderr[-1500:]
@@ -228,7 +228,7 @@ def test_a_completed_instruction_with_its_operand_in_mmio_is_named_so():
 
 
 def test_an_instruction_nobody_completes_is_named_with_what_avoids_it():
-    from kvmguest.complete import describe
+    from kvmguest.arch.x86.complete import describe
     text = describe(bytes.fromhex("f0480fc74d20"))        # what SLUB runs (Debian's kernel)
     assert text.startswith("lock cmpxchg16b xmmword ptr [rbp + 0x20]") and \
         text.endswith("a Linux guest avoids it with --cpu host,-cx16"), text

@@ -15,8 +15,8 @@ import struct
 from pathlib import Path
 
 from ...files import open_regular
-from . import layout, linux, multiboot
-from .kernel import (MAX_KERNEL, PVH, BootError, Kernel, Segment, check_segments, read_at,
+from . import layout, linux, multiboot, pvh
+from .kernel import (MAX_KERNEL, MULTIBOOT, PVH, BootError, Kernel, Segment, check_segments, read_at,
                      read_file)
 
 _parsed: dict[tuple, Kernel] = {}
@@ -196,3 +196,13 @@ def _notes(notes: bytes, path: str) -> tuple[int | None, set[bytes]]:
             entry = int.from_bytes(notes[desc_at:desc_at + 4], "little")
         pos = end
     return entry, owners
+
+
+LOADERS = {PVH: pvh, MULTIBOOT: multiboot}     # each: check(...) and boot(...)
+
+
+def loader(kernel: Kernel):
+    """The boot protocol's module for ``kernel``: ``check(kernel, regions, cmdline,
+    modules)`` before any VM, ``boot(memory, kernel, cmdline, modules, platform, rsdp)``
+    -> the boot CPU's start registers."""
+    return LOADERS[kernel.protocol]

@@ -18,6 +18,7 @@ import struct
 import zlib
 
 from .kernel import MAX_KERNEL, BootError
+from .quirks import EMULATING_HOST_CMDLINE, EMULATING_HOST_CPU
 
 SETUP_HEADER = 0x1F1
 BOOT_FLAG_AT, BOOT_FLAG = 0x1FE, 0xAA55
@@ -32,18 +33,6 @@ LZ4_BLOCK = 8 << 20                  # the legacy format's uncompressed block si
 FORMATS = [(b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lzma"),
            (b"BZh", "bzip2"), (struct.pack("<I", LZ4_LEGACY_MAGIC), "lz4"),
            (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x89LZO", "lzo")]
-
-
-# On a host whose KVM emulates guest kernel code (kvm_pvm: DEVELOPERS.md, "Linux guests")
-# Linux needs these to boot: each steps around an instruction that host cannot emulate
-# (SLUB's cmpxchg16b: -cx16; xrstor: noxsave; the rest: clearcpuid, which Linux 6.1 reads
-# only 127 characters of) or boot-time work that stalls there (ftrace's record check,
-# the crypto self-tests). kvmguest adds them itself there (Machine host_workarounds).
-EMULATING_HOST_CPU = "-cx16"
-EMULATING_HOST_CMDLINE = (
-    "noxsave clearcpuid=smap,smep,fsgsbase,avx,avx2,umip,popcnt,movbe,ssse3,sse4_1,sse4_2,"
-    "aes,pclmulqdq,rdrand,rdseed,erms,fsrm,bmi1,bmi2,sha_ni "
-    "initcall_blacklist=ftrace_check_for_weak_functions preempt=full cryptomgr.notests")
 
 
 COMMAND_LINE_SIZE = 2048            # x86 Linux keeps 2047 bytes of its command line
@@ -61,12 +50,6 @@ def check_cmdline(path: str, cmdline: str, added: list[str]) -> None:
         if extra else ""
     raise BootError(f"{path}: the command line is {size} bytes and Linux keeps "
                     f"{COMMAND_LINE_SIZE - 1}{ours}")
-
-
-def emulating_host() -> bool:
-    """Does this host's KVM emulate guest kernel code (kvm_pvm)?"""
-    from ...kvm import backend_module
-    return "kvm_pvm" in backend_module()
 
 
 def with_workarounds(cmdline: str, cpu_model: str | None) -> tuple[str, str, list[str]]:

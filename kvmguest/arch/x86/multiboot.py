@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import struct
 
-from . import layout
+from . import firmware, layout, regs
 from .kernel import (MULTIBOOT, BootError, Kernel, Segment, check_fits, check_module_names,
                     memory_map, page_up, write_modules, write_segments)
 
@@ -107,7 +107,7 @@ def full_cmdline(kernel: Kernel, cmdline: str) -> bytes:
     return (os.fsencode(kernel.path) + b" " + cmdline.encode()).rstrip()
 
 
-def check_modules(kernel: Kernel, regions, cmdline: str, modules) -> bytes:
+def check(kernel: Kernel, regions, cmdline: str, modules=()) -> bytes:
     """Everything load() will check, before a VM exists or a module is read: returns the
     command line."""
     check_module_names(modules, MAX_MODULES, MODULE_CMDLINES)
@@ -118,7 +118,7 @@ def check_modules(kernel: Kernel, regions, cmdline: str, modules) -> bytes:
 def load(memory, kernel: Kernel, cmdline: str = "", modules=()) -> int:
     """Write the kernel, its modules (``[Module]``, page-aligned after the kernel)
     and the multiboot information; return the information's address (for EBX)."""
-    blob = check_modules(kernel, memory.regions, cmdline, modules)
+    blob = check(kernel, memory.regions, cmdline, modules)
     write_segments(memory, kernel)
     memory.write(layout.CMDLINE, blob + b"\0")
 
@@ -144,3 +144,15 @@ def load(memory, kernel: Kernel, cmdline: str = "", modules=()) -> int:
     struct.pack_into("<I", info, 64, LOADER_NAME)
     memory.write(INFO, bytes(info))
     return INFO
+
+
+def boot(memory, kernel: Kernel, cmdline: str, modules, platform, rsdp: int):
+    """The kernel loaded as GRUB and QEMU load a multiboot kernel, with what SeaBIOS
+    leaves behind where there is an irqchip (arch.x86.firmware); the boot CPU's start
+    registers: EAX the boot magic, EBX the information."""
+    info = load(memory, kernel, cmdline, modules)
+    if platform.irqchip:
+        firmware.apply(memory, platform.vm, platform.pit)
+    start = regs.setup_regs(kernel.entry, info)
+    start.rax = BOOT_MAGIC
+    return start

@@ -6,13 +6,16 @@ the VM-wide state (clock, irqchip, PIT) a snapshot carries."""
 
 from __future__ import annotations
 
+import struct
+import threading
+
 from ... import abi
 from ...abi import Cap
 from ...dirty import BitmapLog, DirtyTracker, RingLog, ring_log
 from ...errors import UsageError
 from ...kvm import Kvm, KvmUnavailable
-from ...state import VmState
-from . import layout
+from ...state import VmState, apply_calls
+from . import acpi, layout, regs
 
 REQUIRED_CAPS = (Cap.KVM_CAP_USER_MEMORY, Cap.KVM_CAP_IMMEDIATE_EXIT, Cap.KVM_CAP_NR_MEMSLOTS)
 IRQCHIP_CAPS = (Cap.KVM_CAP_IRQCHIP, Cap.KVM_CAP_PIT2)
@@ -208,6 +211,32 @@ class Platform:
     def irq_line(self, line: int, level: int) -> None:
         """Drive ISA interrupt line ``line`` of the in-kernel PIC/IOAPIC."""
         self.vm.irq_line(line, level)
+
+    def suspend(self, vcpus, memory, thread, wake: threading.Event) -> bool:
+        """S3 on ``thread``, the vCPU that asked for it: the others are parked, this one
+        waits for ``wake`` (the RTC alarm, if PM1_EN enabled it), then the machine
+        restarts as firmware resumes a PC: the boot CPU in real mode at the FACS waking
+        vector, the others waiting for INIT/SIPI. False when the vCPU was told to stop
+        while it slept."""
+        vcpus.park_others(thread)
+        wake.clear()
+        while not wake.wait(0.05):
+            if thread.stopping:
+                return False
+        waking = acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR
+        vector = struct.unpack("<I", memory.read(waking, 4))[0]
+        for t in vcpus:
+            if t is thread:
+                regs.reset_to_real_mode(t.vcpu, vector)
+            else:
+                t.vcpu.set_mp_state(abi.kvm_mp_state(abi.KVM_MP_STATE_UNINITIALIZED))
+                t.resume()
+        return True
+
+    def apply_state(self, calls) -> None:
+        """VM-wide state decoded by VmState.decoded (PIT, clock, irqchip), in its order:
+        after every vCPU's (its LAPIC takes the interrupts the irqchip still holds)."""
+        apply_calls(self.vm, calls)
 
     def read_state(self) -> tuple:
         """The VM-wide state (clock, irqchip, PIT) of a paused machine, as read

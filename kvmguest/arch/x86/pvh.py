@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import layout
+from . import layout, regs
 from .kernel import (Kernel, check_fits, check_module_names, memory_map, place_modules,
                     write_modules, write_segments)
 
@@ -63,3 +63,9 @@ def load(memory, kernel: Kernel, cmdline: str = "", rsdp_paddr: int = 0, modules
                           modlist_paddr=layout.PVH_MODLIST if modules else 0)
     memory.write_struct(layout.START_INFO, info)
     return layout.START_INFO
+
+
+def boot(memory, kernel: Kernel, cmdline: str, modules, platform, rsdp: int):
+    """The kernel loaded for PVH; the boot CPU's start registers (EBX: start_info)."""
+    info = load(memory, kernel, cmdline, rsdp_paddr=rsdp, modules=modules)
+    return regs.setup_regs(kernel.entry, info)

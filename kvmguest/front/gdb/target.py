@@ -31,9 +31,9 @@ from collections import deque
 
 from kvmguest import abi
 from kvmguest.abi import GuestDebug
-from kvmguest.arch.x86 import debugregs, gdbregs, linux, regs
+from kvmguest.arch.x86 import debugregs, gdbregs, quirks, regs
 from kvmguest.arch.x86.platform import MAX_PROTECTED_PAGES
-from kvmguest.complete import Completer
+from kvmguest.arch.x86.complete import Completer
 from kvmguest.errors import KvmguestError
 from kvmguest.exits import DebugExit, InternalErrorExit, MmioExit
 
@@ -210,7 +210,7 @@ class DebugTarget:
             mine = [e for e in self.events if e.thread == index]
             for e in mine:
                 self.events.remove(e)
-        if not completed and not self.ended and linux.emulating_host() \
+        if not completed and not self.ended and quirks.emulating_host() \
                 and thread.vcpu.get_sregs().cs.selector & 3 == 3:
             self.say("cpl3", "kvmguest: this host's KVM (kvm_pvm) runs CPL3 code natively: "
                      "single steps and breakpoints there do not stop it\n")
@@ -395,7 +395,7 @@ class DebugTarget:
         if not insert:
             self.data.pop((addr, size), None)
             return
-        if linux.emulating_host():
+        if quirks.emulating_host():
             self.say("data-dr", "kvmguest: this host's KVM (kvm_pvm) never fires "
                      "debug-register data watchpoints: access watchpoints are refused "
                      "(write watchpoints work: `watch`)\n")

@@ -23,9 +23,10 @@ import logging
 import struct
 import threading
 
-from .abi import PAGE_SIZE
-from .arch.x86.regs import EFER_LMA, PageFault, canonical, translate_access
-from .errors import KvmguestError
+from ...abi import PAGE_SIZE
+from ...errors import KvmguestError
+from .quirks import avoided_by
+from .regs import EFER_LMA, PageFault, canonical, translate_access
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,6 @@ XSTATE_BV_AT = 512                         # the XSAVE header's component bitmap
 XFEATURE_FP, XFEATURE_SSE = 1 << 0, 1 << 1
 _REGS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-
-# What keeps a Linux guest from an instruction a host cannot emulate (docs/linux.md).
-AVOID = {
-    "cmpxchg16b": "--cpu host,-cx16",
-    "xsave": "the kernel parameter noxsave", "xrstor": "the kernel parameter noxsave",
-    "xsaves": "the kernel parameter noxsave", "xrstors": "the kernel parameter noxsave",
-    "xsaveopt": "the kernel parameter noxsave",
-    "popcnt": "clearcpuid=popcnt", "movbe": "clearcpuid=movbe", "clac": "clearcpuid=smap",
-    "stac": "clearcpuid=smap", "rdrand": "clearcpuid=rdrand", "rdseed": "clearcpuid=rdseed",
-    "rdfsbase": "clearcpuid=fsgsbase", "wrfsbase": "clearcpuid=fsgsbase",
-    "rdgsbase": "clearcpuid=fsgsbase", "wrgsbase": "clearcpuid=fsgsbase",
-    "pshufb": "clearcpuid=ssse3", "aesenc": "clearcpuid=aes", "pclmulqdq": "clearcpuid=pclmulqdq",
-}
-
 
 class Refused(KvmguestError):
     """An instruction kvmguest completes, in a form it does not (the reason said)."""
@@ -254,22 +241,14 @@ def decode_mxcsr(insn: bytes):
 def describe(insn: bytes) -> str:
     """The instruction, disassembled where capstone is installed, and what avoids it."""
     text = insn.hex(" ")
-    mnemonic = None
     try:
         import capstone
         md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        for i in md.disasm(insn, 0):
-            mnemonic, text = i.mnemonic, f"{i.mnemonic} {i.op_str}".strip() + f" ({text})"
-            break
+        i = next(md.disasm(insn, 0), None)
     except ImportError:
-        pass
-    if mnemonic is None:
+        i = None
+    if i is None:
         return text
-    base = mnemonic.split()[-1]
-    for key, hint in AVOID.items():
-        if base.startswith(key) or base.lstrip("v").startswith(key):
-            return f"{text}; a Linux guest avoids it with {hint}"
-    if base.startswith("v") and len(base) > 3:
-        return f"{text}; a Linux guest avoids AVX with clearcpuid=avx,avx2"
-    return text
-
+    text = f"{i.mnemonic} {i.op_str}".strip() + f" ({text})"
+    hint = avoided_by(i.mnemonic.split()[-1])
+    return f"{text}; a Linux guest avoids it with {hint}" if hint else text
