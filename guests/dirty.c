@@ -5,6 +5,8 @@
  *   pages=N   working-set size in pages (default 256)
  *   base=A    first guest-physical address (default: 2 MiB above the image)
  *   passes=N  passes to run, then exit 0 (0 = run forever; default 4)
+ *   oninput   run until a byte arrives on COM1, then passes=N more (a test's handshake:
+ *             a guest raced by a save never finishes first, whatever the host's speed)
  *   quiet     print only every 16th pass
  *   flush     after stamping a page, ask pc-testdev to flush it (port 0xe4): the VMM
  *             write-protects the page for a moment, racing whatever reads guest RAM
@@ -75,6 +77,7 @@ int main(void)
         printf("dirty: range 0x%lx-0x%lx\n", ws[r].start, ws[r].end);
 
     pass = 1;
+    u64 end = 0;
     for (;;) {
         for (cursor = 0; cursor < npages; cursor++) {
             stamp(page_addr(cursor), pass);
@@ -88,7 +91,8 @@ int main(void)
         }
         if (!quiet || pass % 16 == 0)
             printf("dirty: pass %lu ok\n", pass);
-        if (passes && pass >= passes) break;
+        end = loop_end(pass, passes, end);
+        if (end && pass >= end) break;
         pass++;
     }
     printf("dirty: verified %lu pages over %lu passes\n", npages, pass);

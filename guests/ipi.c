@@ -4,6 +4,7 @@
  * cycles. With one CPU, CPU 0 sends itself IPIs.
  *
  *   rounds=N  rounds over all targets, then exit 0 (0 = forever; default 200)
+ *   oninput   run until a byte arrives on COM1, then rounds=N more (a test's handshake)
  *   quiet     report every 256th round only
  */
 #include "runtime/smp.h"
@@ -38,7 +39,8 @@ int main(void)
     smp_start(idle);
     printf("ipi: %d cpus, %lu rounds\n", ncpu, rounds);
     u64 cycles = 0, best = ~0UL;
-    for (u64 r = 1; !rounds || r <= rounds; r++) {
+    u64 end = 0;
+    for (u64 r = 1; !end || r <= end; r++) {
         for (int t = ncpu > 1 ? 1 : 0; t < ncpu; t++) {
             u64 want = replies + 1;
             u64 t0 = rdtsc();
@@ -58,6 +60,7 @@ int main(void)
             exit(2);
         }
         if (!quiet || r % 256 == 0) printf("ipi: round %lu ok (%lu ipis)\n", r, sent);
+        end = loop_end(r, rounds, end);
     }
     printf("ipi: %lu ipis, all delivered once; round trip avg %lu, best %lu cycles\n",
            sent, cycles / sent, best);

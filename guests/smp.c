@@ -4,6 +4,7 @@
  *
  *   pages=N   working-set size in pages (default 256), at base=A (default 16 MiB)
  *   passes=N  passes, then exit 0 (0 = run forever; default 20)
+ *   oninput   run until a byte arrives on COM1, then passes=N more (a test's handshake)
  *   quiet     report every 16th pass only
  *
  * A page of pass p written by CPU c holds: word 0 its address, word 1 p, word 2 c, the
@@ -38,9 +39,12 @@ static int good(u64 i, u64 p, u64 c)
     return w[0] == a && w[1] == p && w[2] == c && w[511] == (a ^ p ^ c ^ SEED);
 }
 
+static volatile u64 end;           /* the last pass (0: run on), set by CPU 0 */
+
 static void work(u32 id)
 {
-    for (u64 p = 1; !passes || p <= passes; p++) {
+    u64 p;
+    for (p = 1; !end || p <= end; p++) {
         for (u64 i = id; i < npages; i += (u64)ncpu)
             stamp(i, p, id);
         spin_lock(&lock);
@@ -61,11 +65,12 @@ static void work(u32 id)
                 exit(3);
             }
             if (!quiet || p % 16 == 0) printf("smp: pass %lu ok\n", p);
+            end = loop_end(p, passes, end);
         }
         barrier_wait(&bar, (u32)ncpu);
     }
     if (id == 0) {
-        printf("smp: verified %lu pages on %d cpus over %lu passes\n", npages, ncpu, passes);
+        printf("smp: verified %lu pages on %d cpus over %lu passes\n", npages, ncpu, p - 1);
         exit(0);
     }
     for (;;) hlt();

@@ -1,9 +1,13 @@
 /*
  * timer: every CPU counts its LAPIC timer (periodic) and, where the CPU has it, its
  * TSC-deadline timer; CPU 0 also counts the PIT (IRQ 0 through the IOAPIC). CPU 0 checks,
- * every 10 PIT ticks, that every other counter moved; the guest fails if a timer stops.
+ * every 10 PIT ticks and at least 200 ms of TSC time, that every other counter moved, and
+ * at the end that each moved over the run; the guest fails if a timer stops. (Time is
+ * the TSC's: KVM's PIT catches up on ticks a busy host delayed, in a burst, and its LAPIC
+ * timer does not: ten PIT ticks can pass in a moment.)
  *
  *   ticks=N     PIT ticks to run (at 100 Hz), then exit 0 (0 = forever; default 100)
+ *   oninput     run until a byte arrives on COM1, then ticks=N more (a test's handshake)
  *   lapic_us=N  LAPIC timer period in microseconds (default 2000)
  *   quiet       report every 100th PIT tick only
  */
@@ -72,13 +76,14 @@ int main(void)
     start_timers(0);
     printf("timer: %d cpus, lapic every %lu us, %s, tsc %lu kHz\n", ncpu, lapic_count / 1000,
            use_deadline ? "odd cpus in tsc-deadline mode" : "no tsc-deadline", tsc_per_ms);
-    u64 last[MAX_CPUS];
-    for (int c = 0; c < ncpu; c++) last[c] = count_of(c);
-    u64 begin = pit, check = pit;
+    u64 last[MAX_CPUS], first[MAX_CPUS];
+    for (int c = 0; c < ncpu; c++) first[c] = last[c] = count_of(c);
+    u64 begin = pit, check = pit, tcheck = rdtsc(), end = 0;
     for (;;) {
         sti_hlt();
-        if (pit - check < 10) continue;
+        if (pit - check < 10 || rdtsc() - tcheck < 200 * tsc_per_ms) continue;
         check = pit;
+        tcheck = rdtsc();
         for (int c = 0; c < ncpu; c++) {
             u64 now = count_of(c);
             if (now == last[c]) {
@@ -89,8 +94,14 @@ int main(void)
         }
         if (!quiet || (pit - begin) % 100 < 10)
             printf("timer: pit %lu ok, cpu0 lapic %lu\n", pit - begin, lapic[0]);
-        if (ticks && pit - begin >= ticks) break;
+        end = loop_end(pit - begin, ticks, end);
+        if (end && pit - begin >= end) break;
     }
+    for (int c = 0; c < ncpu; c++)
+        if (count_of(c) == first[c]) {
+            printf("timer: cpu %d's timer never ticked (pit %lu)\n", c, pit);
+            exit(2);
+        }
     printf("timer: every timer ticked on %d cpus over %lu pit ticks\n", ncpu, pit - begin);
     return 0;
 }

@@ -32,8 +32,14 @@ def guest(name: str) -> Path:
 
 
 def dirty_cmdline(pages: int = 900, passes: int = 0, base: int = WS_BASE,
-                  quiet: bool = True) -> str:
-    return f"pages={pages} base={base} passes={passes}" + (" quiet" if quiet else "")
+                  quiet: bool = True, oninput: bool = False) -> str:
+    """``oninput``: the guest runs until a byte arrives on its console (``GO``), then
+    ``passes`` more: what holds a guest a test races with a save."""
+    return f"pages={pages} base={base} passes={passes}" + (" quiet" if quiet else "") + \
+        (" oninput" if oninput else "")
+
+
+GO = "go\n"            # the byte an "oninput" guest waits for (`--console-input`)
 
 
 # --- the CLI in a child process -----------------------------------------------------------
@@ -51,7 +57,13 @@ def cli_popen(*args, env=None, **kw) -> subprocess.Popen:
                             env=dict(os.environ, **(env or {})), **kw)
 
 
-def read_until(stream, text: str, timeout: float = 60.0) -> str:
+# The most a handshake with a guest may take (a console line, a process ending) before a
+# test gives up: generous, because a test must pass on a loaded machine; no verdict
+# depends on it (a guest a test races is held by a handshake, never by the clock).
+MARGIN = 180.0
+
+
+def read_until(stream, text: str, timeout: float = MARGIN) -> str:
     """Read lines from a child's pipe until one holds ``text``: a handshake with a guest
     running in another process. Returns what was read."""
     import selectors
@@ -83,12 +95,12 @@ def one_line_error(p: subprocess.CompletedProcess, code: int, *fragments: str) -
 
 
 # --- handshakes with a guest in this process ---------------------------------------------
-def wait_console(m, text: str, timeout: float = 30.0) -> None:
+def wait_console(m, text: str, timeout: float = MARGIN) -> None:
     """Wait until the guest has printed ``text`` (the console is the handshake)."""
     assert m.serial.wait_for(text, timeout), f"{text!r} never appeared: {m.serial.text()[-2000:]!r}"
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+def wait_until(predicate, timeout: float = MARGIN, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"{what} never held within {timeout:g} s"
@@ -131,26 +143,52 @@ def verdict(output: str) -> dict:
             "registers_intact": "all 12 GPRs and 16 XMM registers intact" in output}
 
 
-def assert_verified(output: str, pages: int, passes: int) -> None:
+def assert_verified(output: str, pages: int, passes: int, oninput: bool = False) -> None:
+    """dirty verified ``pages`` over ``passes`` passes (``oninput``: ``passes`` after the
+    pass at which it was told to go)."""
     v = verdict(output)
+    if oninput:
+        go = re.search(r"^go after (\d+)$", output, re.M)
+        assert go, output[-2000:]
+        passes += int(go.group(1))
     assert v["bad"] == [] and v["verified"] == (pages, passes), (v, output[-2000:])
 
 
-def restore_runs_on(path, *args, timeout: float = 120) -> str:
+def restore_runs_on(path, *args, passes: int = 1) -> str:
     """`kvmguest restore PATH ARGS` of a dirty guest that runs forever, stopped once the
-    guest has reported a verified pass after the restore (the event, not a wall-clock
-    --timeout: a slow machine proves the same); its console output, checked clean."""
-    import signal
-    p = cli_popen("restore", path, *args)
-    try:
-        out = read_until(p.stdout, " ok\n", timeout)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        rest, err = p.communicate(timeout=60)
-    out += rest
+    guest has reported ``passes`` verified passes after the restore (the event, not a
+    wall-clock --timeout: a slow machine proves the same); its console, checked clean;
+    with its stderr, which must hold no traceback."""
+    rc, out, err = Running("restore", path, *args).passes(passes).stop()
     assert "Traceback" not in err, err
     assert_alive_and_clean(out)
-    return out
+    return out + err
+
+
+class Running:
+    """A `kvmguest ARGS` process whose console the test reads line by line: ``until``
+    a text, ``passes`` more of dirty's verified passes, then ``stop`` it (SIGTERM)."""
+
+    def __init__(self, *args, env=None):
+        self.p = cli_popen(*args, env=env)
+        self.out = ""
+
+    def until(self, text: str) -> "Running":
+        self.out += read_until(self.p.stdout, text)
+        return self
+
+    def passes(self, n: int = 2) -> "Running":
+        for _ in range(n):
+            self.until(" ok")         # "dirty: pass N ok"
+        return self
+
+    def stop(self) -> tuple[int, str, str]:
+        """End it (it may have ended already): (exit code, all its stdout, its stderr)."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        out, err = self.p.communicate(timeout=MARGIN)
+        self.out += out
+        return self.p.returncode, self.out, err
 
 
 def assert_alive_and_clean(output: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli, guest, one_line_error, wait_until
+from helpers import MARGIN, ROOT, cli, guest, one_line_error, wait_until
 
 from kvmguest.front import kut
 from kvmguest.arch.x86 import cpumodel, multiboot
@@ -189,7 +189,7 @@ def test_ctrl_c_on_the_runner_leaves_no_guest_running(kut_tree):
     wait_until(lambda: guests() == 2 or p.poll() is not None, what="both tests started")
     assert p.poll() is None, p.communicate()
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate(timeout=MARGIN)
     assert p.returncode == 130 and err == "kvmguest: interrupted by SIGINT\n", (out, err)
     assert guests() == 0
 

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from helpers import (GiB, MiB, PAGE, RAM, assert_verified, cli, fingerprint, guest,
+from helpers import (GO, MARGIN, GiB, MiB, PAGE, RAM, assert_verified, cli, dirty_cmdline,
+                     fingerprint, guest,
                      sparse_digest, start_dirty, wait_console, wait_until)
 from kvmguest import GuestTimeout
 from migrate import format as fmt
@@ -22,15 +23,18 @@ BASE = 3 * GiB - 100 * PAGE
 
 
 def save_cmd(path, pages=600, passes=40, after=0.7, *extra):
+    """`run --save` of a dirty guest held by the "oninput" handshake: it never finishes
+    before the save, whatever the host's speed; restored, it is told to go."""
     return ("run", guest("dirty"), "--memory", f"{RAM >> 20}M", "--cmdline",
-            f"pages={pages} base={BASE} passes={passes} quiet", "--save", path,
+            dirty_cmdline(pages, passes, BASE, oninput=True), "--save", path,
             "--save-after", after, *extra)
 
 
 def assert_restores_and_verifies(path, pages=600, passes=40, lazy=False):
-    p = cli("restore", path, "--timeout", "120", *(["--lazy"] if lazy else []))
+    p = cli("restore", path, "--console-input", *(["--lazy"] if lazy else []), input=GO,
+            timeout=MARGIN)
     assert p.returncode == 0, p.stdout[-1000:] + p.stderr
-    assert_verified(p.stdout, pages, passes)
+    assert_verified(p.stdout, pages, passes, oninput=True)
 
 
 KILL_POINTS = ["pass0", "midpass", "final-pass", "state", "before-rename"]
@@ -92,7 +96,7 @@ def test_disk_full_fails_clearly_keeps_guest_running_and_previous_snapshot(small
     before = fingerprint(path)
     # 8000 pages (31 MiB) do not fit in 24 MiB.
     m = machine_factory(guest("dirty"), memory=256 * MiB,
-                        cmdline=f"pages=8000 base={16 * MiB} passes=30")
+                        cmdline=f"pages=8000 base={16 * MiB} passes=30 oninput")
     m.start()
     wait_console(m, "dirty: pass 1 ok")           # all 8000 pages hold data now
     with pytest.raises(SaveError, match="no space left on device"):
@@ -101,9 +105,10 @@ def test_disk_full_fails_clearly_keeps_guest_running_and_previous_snapshot(small
     assert fingerprint(path) == before
     assert [f.name for f in small_fs.iterdir()] == ["guest.snap"]
     fmt.read_snapshot(str(path))                      # still valid
-    result = m.wait(timeout=120)
+    m.serial.feed(GO.encode())                        # it runs on to its end, verified
+    result = m.wait(timeout=MARGIN)
     assert result.exit_code == 0
-    assert_verified(result.console, 8000, 30)
+    assert_verified(result.console, 8000, 30, oninput=True)
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["preadv", "lazy"])
@@ -212,13 +217,17 @@ def test_port_io_flood_completes_and_logs_the_unknown_port_once(machine_factory,
 
 
 def test_guest_that_finishes_during_the_save_is_not_saved(machine_factory, tmp_path):
-    m = machine_factory(guest("dirty"), memory=64 * MiB, cmdline="pages=64 passes=30")
+    m = machine_factory(guest("dirty"), memory=64 * MiB, cmdline="pages=64 passes=1 oninput")
     m.start()
     wait_console(m, "dirty: range")
     path = tmp_path / "late.snap"
+
+    def finish(*_):           # between passes, the guest is told to finish, and does
+        m.serial.feed(GO.encode())
+        wait_until(lambda: not m.running, what="guest exit")
+
     with pytest.raises(SaveError, match="finished during the save"):
-        # Between passes, wait for the guest to finish: the next pass must notice.
         live_save(m, str(path), then="continue", min_passes=20, max_passes=20,
-                  progress=lambda *_: wait_until(lambda: not m.running, 60, "guest exit"))
+                  progress=finish)
     assert m.wait(timeout=30).exit_code == 0
     assert list(tmp_path.iterdir()) == []

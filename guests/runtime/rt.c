@@ -138,6 +138,20 @@ static const char *find_word(const char *key, size_t *vlen_out)
 
 int cmdline_has(const char *word) { return find_word(word, 0) != 0; }
 
+/* "oninput": the handshake a test holds a guest with (never a pass count): run until a
+ * byte arrives on COM1, then `n` more iterations. Returns the last iteration to run: n
+ * without "oninput"; with it 0 (run on) until the byte came, then i + n. */
+u64 loop_end(u64 i, u64 n, u64 end)
+{
+    static int mode = -1;
+    if (mode < 0) mode = cmdline_has("oninput");
+    if (!mode || end) return mode ? end : n;
+    if (!(inb(COM1 + 5) & 1)) return 0;
+    inb(COM1);
+    printf("go after %lu\n", i);
+    return i + n;
+}
+
 u64 cmdline_u64(const char *key, u64 dflt)
 {
     const char *v = find_word(key, 0);

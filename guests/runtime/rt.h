@@ -48,6 +48,9 @@ u32 rt_module(u32 i, u64 *addr, u64 *size);
 const char *cmdline(void);
 u64 cmdline_u64(const char *key, u64 dflt);
 int cmdline_has(const char *word);
+/* The end of a loop of n iterations, at iteration i (end: what it returned last time):
+ * n, or with "oninput" 0 (run on) until a byte arrives on COM1, then i + n. */
+u64 loop_end(u64 i, u64 n, u64 end);
 
 /* RAM from the PVH memory map (type 1 entries), sorted by address. */
 struct ram_range { u64 start, end; };

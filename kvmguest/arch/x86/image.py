@@ -43,17 +43,21 @@ def parse_kernel(path: str | Path) -> Kernel:
             head = os.pread(fd, multiboot.SEARCH_BYTES, 0)
         except OSError as err:
             raise BootError(f"{path}: cannot read kernel: {err.strerror}") from err
-        if head[:4] == b"\x7fELF":
+        elf, bzimage = head[:4] == b"\x7fELF", linux.is_bzimage(head)
+        header = None if elf or bzimage else multiboot.find_header(path, head)
+        if not elf and not bzimage and header is None:
+            raise BootError(f"{path}: not an ELF file, a Linux bzImage or a file with a "
+                            "multiboot header")
+        if st.st_size > MAX_KERNEL:
+            raise BootError(f"{path}: {st.st_size >> 20} MiB is too large for a kernel "
+                            f"(limit {MAX_KERNEL >> 20} MiB)")
+        if elf:
             kernel = _parse_elf(path, _FileBytes(fd, path, st.st_size), head)
-        elif linux.is_bzimage(head):
+        elif bzimage:
             image = linux.vmlinux_from_bzimage(path, read_file(fd, path, st.st_size, "kernel"))
             kernel = _parse_elf(path, _Bytes(image, path), image[:multiboot.SEARCH_BYTES],
                                 image=image)
         else:
-            header = multiboot.find_header(path, head)
-            if header is None:
-                raise BootError(f"{path}: not an ELF file, a Linux bzImage or a file with a "
-                                "multiboot header")
             kernel = multiboot.kernel_from_header(path, st.st_size, header)
     finally:
         os.close(fd)
