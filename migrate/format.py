@@ -21,9 +21,9 @@ from kvmguest.memory import PAGE_SIZE
 from kvmguest.state import STATE_FORMAT
 
 MAGIC = b"KVMGSNAP"
-STREAM_MAGIC = b"KVMGSTRM"        # the streaming baseline (migrate/stream.py)
+STREAM_MAGIC = b"KVMGSTRM"        # the streaming baseline (migrate/formats/stream.py)
 CHECKPOINT_MAGIC = b"KVMGCKPT"    # continuous checkpoints (migrate/checkpoint.py)
-QEMU_MAGIC = b"QEVM"              # QEMU's migration files (migrate/qemu.py reads their RAM)
+QEMU_MAGIC = b"QEVM"              # QEMU's migration files (migrate/formats/qemu.py reads their RAM)
 VERSION = 2                      # 2: state of several vCPUs, LAPICs, irqchip, PIT
 READABLE_VERSIONS = (1, 2)       # a version-1 file (one vCPU, no irqchip) restores as is
 FLAG_COMPLETE = 1 << 0

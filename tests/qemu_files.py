@@ -1,4 +1,4 @@
-"""Small QEMU migration files made by hand, as hostile input: the fields migrate/qemu.py
+"""Small QEMU migration files made by hand, as hostile input: the fields migrate/formats/qemu.py
 reads, in QEMU's layout (big-endian; migration/savevm.c and ram.c), nothing more."""
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ class _Signals:
 # --- commands --------------------------------------------------------------------------
 def _completed(m, args) -> None:
     """With -v: the instructions kvmguest completed for the guest (this host's KVM could
-    not emulate them; kvmguest/complete.py)."""
+    not emulate them; kvmguest/arch/x86/complete.py)."""
     if args.verbose and m.completer.counts:
         print(f"kvmguest: completed for the guest: {m.completer.summary()}", file=sys.stderr)
 
