@@ -2,7 +2,7 @@
 pwrite/pread of whole buffers, hole punching, fsync, and the safe creation of files.
 
 Nothing here knows a file format; :mod:`migrate.writer`, :mod:`migrate.reader` and
-:mod:`migrate.stream` build on it.
+:mod:`migrate.formats.stream` build on it.
 """
 
 from __future__ import annotations

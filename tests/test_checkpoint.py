@@ -20,6 +20,7 @@ import pytest
 
 from helpers import ROOT, cli, guest, restore_runs_on, start_dirty, wait_until
 from migrate import checkpoint as ck
+from migrate.format import SnapshotError
 from migrate.precopy import live_save
 
 KILLS = int(os.environ.get("KVMGUEST_CKPT_KILLS", "200"))
@@ -62,7 +63,7 @@ def _check_file(path, record) -> int:
     try:
         try:
             c = ck.validated_checkpoint(str(path), fd)
-        except ck.SnapshotError as err:
+        except SnapshotError as err:
             assert "no complete checkpoint yet" in str(err)
             return 0
         memory, _ = ck.load_checkpoint(c, fd)

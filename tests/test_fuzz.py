@@ -245,7 +245,7 @@ def test_any_mutation_is_valid_or_a_snapshot_error(tmp_path, base, m):
 
 
 # --- the streaming format: the same guarantees -------------------------------------------
-from migrate import stream as stm  # noqa: E402
+from migrate.formats import stream as stm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +451,7 @@ def test_any_stream_mutation_is_valid_or_a_snapshot_error(tmp_path, stream_base,
 
 # --- continuous checkpoint files (KVMGCKPT): the same guarantees ---------------------------
 from migrate import checkpoint as ck  # noqa: E402
+from migrate.formats import checkpoint as ckfmt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -503,7 +504,7 @@ def _ckpt_reseal_super(out: bytearray, layout) -> None:
 
 def _ckpt_latest(data: bytes):
     recs = [ck.CheckpointRecord.parse(data[o:o + 512]) for o in ck.SLOT_OFFSETS]
-    return ck.latest(recs)
+    return ckfmt.latest(recs)
 
 
 RECORD_FIELDS = ["generation", "kind", "state_slot", "state_len", "state_crc",
