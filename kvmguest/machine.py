@@ -22,12 +22,14 @@ from .arch.x86 import acpi, cpuid, cpumodel, image, layout, linux, quirks, regs
 from .arch.x86.kernel import BootError, Module
 from .arch.x86.platform import Platform, check_options, open_kvm
 from .devices import Devices, acpi_pm
+from .devices import virtio as virtio_devices
 from .errors import EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, KvmguestError, UsageError
 from .arch.x86.complete import Completer, Refused
 from .arch.x86.crash import crash_message, describe_cpu
 from .exits import DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit
 from .kvm import Kvm
 from .memory import GuestMemory
+from .state import StateError
 from .vcpu import VcpuThread
 from .vcpus import PAUSE_TIMEOUT, PauseTimeout, VcpuSet
 
@@ -87,7 +89,8 @@ class Machine:
                  irqchip: bool = True, origin: dict | None = None,
                  modules: list[str] = (), cpu_model: str | None = None, pit: bool = True,
                  dirty_log: str = "auto", ring_entries: int | None = None,
-                 cpuids: list | None = None, host_workarounds: bool = True):
+                 cpuids: list | None = None, host_workarounds: bool = True,
+                 virtio=()):
         """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
@@ -99,13 +102,17 @@ class Machine:
         ``cpuids`` (a restore): each vCPU's CPUID as saved, instead of the host's.
         ``host_workarounds``: a Linux kernel booted where KVM emulates kernel code
         (kvm_pvm) gets the parameters and CPU model it needs there (arch.x86.linux;
-        ``workarounds`` lists what was added)."""
+        ``workarounds`` lists what was added). ``virtio``: devices.DeviceSpec of the
+        virtio devices (a Linux kernel is told where they are on its command line)."""
         check_options(vcpus, irqchip, dirty_log)
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise UsageError(f"memory {memory} is below the minimum "
                              f"{layout.MIN_MEMORY >> 20} MiB")
         self.origin, self.irqchip = dict(origin or {}), irqchip
-        self._plan_boot(kernel, cmdline, cpu_model, modules, host_workarounds,
+        if len(virtio) > virtio_devices.MAX_DEVICES:
+            raise UsageError(f"{len(virtio)} virtio devices: at most "
+                             f"{virtio_devices.MAX_DEVICES}")
+        self._plan_boot(kernel, cmdline, cpu_model, modules, host_workarounds, virtio,
                         layout.plan_regions(memory) if guest_memory is None
                         else guest_memory.regions)
         self._own_kvm = kvm is None or own_kvm
@@ -130,7 +137,8 @@ class Machine:
             self.dirty = self.platform.dirty_tracker(self.memory, [t.vcpu for t in self.vcpus])
             self.devices = Devices(self.memory, vcpus,
                                    self.platform.irq_line if irqchip else None, stream,
-                                   console_capacity, self._power_event, self._rtc_alarm)
+                                   console_capacity, self._power_event, self._rtc_alarm,
+                                   virtio)
             self.serial = self.console = self.devices.serial
             self.serial.watch_panics = bool(self.kernel.linux if self.kernel is not None
                                             else self.origin.get("linux"))
@@ -141,7 +149,7 @@ class Machine:
             self.close()
             raise
 
-    def _plan_boot(self, kernel, cmdline, cpu_model, modules, host_workarounds,
+    def _plan_boot(self, kernel, cmdline, cpu_model, modules, host_workarounds, virtio,
                    regions) -> None:
         """The kernel, its command line (with what this host needs for Linux, unless
         ``host_workarounds`` is off), the CPU model and the modules, all checked: every
@@ -153,7 +161,9 @@ class Machine:
             self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
                                                                               cpu_model)
         if self.kernel is not None and self.kernel.linux:
-            linux.check_cmdline(self.kernel.path, self.cmdline, self.workarounds)
+            devices = virtio_devices.kernel_parameters(virtio)    # where its devices are
+            self.cmdline = " ".join([self.cmdline, *devices]).strip()
+            linux.check_cmdline(self.kernel.path, self.cmdline, self.workarounds + devices)
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
         self._check_kernel(modules, regions)
 
@@ -192,10 +202,15 @@ class Machine:
         """A machine rebuilt around restored ``memory`` with ``saved`` (a decoded, checked
         MachineState) applied: as many vCPUs, the same irqchip choice; :meth:`start`
         resumes it."""
+        disks = kw.pop("disks", None)
         m = cls(None, guest_memory=memory, vcpus=len(saved.vcpus), irqchip=saved.irqchip,
                 pit=saved.vm.pit2 is not None, origin=saved.guest,
-                cpuids=[v.saved_cpuid() for v in saved.vcpus], **kw)
+                cpuids=[v.saved_cpuid() for v in saved.vcpus],
+                virtio=virtio_devices.specs_from_state(saved.devices, disks), **kw)
         try:
+            problem = m.devices.check_restore(saved.devices)
+            if problem:
+                raise StateError(f"the snapshot's devices cannot be restored here: {problem}")
             saved.apply(m, cpuid=False)      # each vCPU got its saved CPUID when created
         except BaseException:
             m.close()
@@ -343,7 +358,7 @@ class Machine:
             return self.devices.debug_exit.fired.is_set()
         if self.debugger is not None and self.debugger.on_exit(thread, ex):
             return False                      # a breakpoint or watchpoint: it parks
-        if isinstance(ex, MmioExit) and self.devices.testdev.handle_mmio(ex):
+        if isinstance(ex, MmioExit) and self.devices.handle_mmio(ex):
             return False
         try:
             if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu,

@@ -35,8 +35,10 @@ class RestoreReport:
 
 
 def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
-            console_capacity: int = 1 << 20, progress=None) -> tuple[Machine, RestoreReport]:
+            console_capacity: int = 1 << 20, progress=None,
+            disks: dict[str, str] | None = None) -> tuple[Machine, RestoreReport]:
     """A paused-at-start Machine rebuilt from ``path``; call ``start()`` to resume the guest.
+    ``disks`` (virtio-blkN -> path): where the snapshot's disks are now, if moved.
 
     KVM is checked first (a host without it is told so before a byte is read), then the
     whole file is validated, then memory is allocated and the VM created."""
@@ -56,7 +58,8 @@ def restore(path: str, *, lazy: bool = False, threads: int = 2, stream=None,
             os.close(fd)
         try:
             machine = Machine.from_state(saved, memory, kvm=kvm, own_kvm=True,
-                                         stream=stream, console_capacity=console_capacity)
+                                         stream=stream, console_capacity=console_capacity,
+                                         disks=disks)
         except (StateError, ValueError) as err:
             memory.close()
             raise SnapshotError(f"state cannot be applied: {err}") from None

@@ -245,8 +245,12 @@ static void map_ram(void)
 
 void map_2m(u64 addr)
 {
-    rt_pd_pool[(addr >> 21) & 511] = (addr & ~((2UL << 20) - 1)) | 0x83;
-    __asm__ volatile("invlpg (%0)" :: "r"(addr) : "memory");
+    u64 gib = addr >> 30;
+    u64 *pd = &rt_pd_pool[gib * 512];
+    if (!(rt_pdpt[gib] & 1))
+        rt_pdpt[gib] = (u64)pd | 0x7;
+    pd[(addr >> 21) & 511] = (addr & ~((2UL << 20) - 1)) | 0x83;
+    __asm__ volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
 }
 
 void rt_set_gate(u32 v, u64 h)

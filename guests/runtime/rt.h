@@ -63,7 +63,7 @@ u64 ram_top(void);
 int ws_build(u64 base, u64 pages, struct ram_range *ws, int max);
 u64 ws_page(const struct ram_range *ws, int n, u64 i);
 
-/* Identity-map the 2 MiB page holding `addr` (in the first GiB) even if it is not RAM. */
+/* Identity-map the 2 MiB page holding `addr` (below 64 GiB) even if it is not RAM. */
 void map_2m(u64 addr);
 
 extern char _start_image[], _end_image[];

@@ -1,5 +1,8 @@
 """The devices of a small PC: a port-I/O bus, a 16550 UART, debug-exit, the kvmguest port,
-and what test kernels expect of QEMU's PC (fw_cfg, pc-testdev, CMOS/RTC, ACPI PM and reset)."""
+and what test kernels expect of QEMU's PC (fw_cfg, pc-testdev, CMOS/RTC, ACPI PM and reset);
+virtio devices on virtio-mmio (virtio/)."""
+
+import ctypes
 
 from .acpi_pm import AcpiPm
 from .bus import PortBus
@@ -12,9 +15,11 @@ from .testdev import PcTestdev
 
 from .fields import check_fields
 from . import cmos, fw_cfg
+from .virtio import DeviceSpec, VirtioDevices
+from .virtio import check_state as check_virtio_state
 
 __all__ = ["PortBus", "Serial", "DebugExit", "FwCfg", "PcTestdev", "Cmos", "AcpiPm",
-           "GuestPort", "DEVICE_TYPES", "Devices", "check_device_states"]
+           "GuestPort", "DEVICE_TYPES", "DeviceSpec", "Devices", "check_device_states"]
 
 # Where the PC has them (QEMU's addresses, which test kernels expect).
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -32,6 +37,11 @@ def check_device_states(devices) -> str | None:
     if not isinstance(devices, dict):
         return "device state is not an object"
     for name, state in devices.items():
+        if name.startswith("virtio-"):
+            problem = check_virtio_state(name, state)
+            if problem:
+                return problem
+            continue
         kind = DEVICE_TYPES.get(name)
         if kind is None:
             return f"unknown device {name!r} in the state"
@@ -51,7 +61,8 @@ class Devices:
     off, reset or suspend; ``on_rtc_alarm()`` the RTC alarm."""
 
     def __init__(self, memory, vcpus: int, irq_line=None, stream=None,
-                 console_capacity: int = 1 << 20, on_power=None, on_rtc_alarm=None):
+                 console_capacity: int = 1 << 20, on_power=None, on_rtc_alarm=None,
+                 virtio=()):
         serial_irq = (lambda level: irq_line(COM1_IRQ, level)) if irq_line else None
         self.serial = Serial(capacity=console_capacity, stream=stream, irq=serial_irq)
         self.debug_exit = DebugExit()
@@ -69,9 +80,17 @@ class Devices:
         self.bus.register(cmos.PORT, cmos.PORTS, self.cmos)
         for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
             self.bus.register(base, count, handler)
+        self.virtio = VirtioDevices(memory, virtio, self.serial, irq_line)
+
+    def handle_mmio(self, ex) -> bool:
+        """An MMIO exit in one of our windows carried out (False: nobody's)."""
+        return self.testdev.handle_mmio(ex) or self.virtio.handle_mmio(
+            ex, lambda e: ctypes.string_at(e.data_addr, e.length),
+            lambda e, data: ctypes.memmove(e.data_addr, data, e.length))
 
     def save_state(self) -> dict:
-        return {name: getattr(self, name).save_state() for name in DEVICE_TYPES}
+        return {**{name: getattr(self, name).save_state() for name in DEVICE_TYPES},
+                **self.virtio.save_state()}
 
     def restore_state(self, saved: dict) -> None:
         """Each device in ``saved`` (checked by check_device_states) takes its state; a
@@ -79,6 +98,18 @@ class Devices:
         for name in DEVICE_TYPES:
             if isinstance(saved.get(name), dict):
                 getattr(self, name).restore_state(saved[name])
+        self.virtio.restore_state(saved)
+
+    def check_restore(self, saved: dict) -> str | None:
+        """What makes ``saved`` unusable by these devices (virtio: features, queues)."""
+        for name, t in self.virtio.transports.items():
+            if name not in saved:
+                return f"the snapshot has no state for {name}"
+            problem = t.check_state(saved[name])
+            if problem:
+                return problem
+        return None
 
     def close(self) -> None:
         self.cmos.close()
+        self.virtio.close()

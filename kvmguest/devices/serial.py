@@ -101,6 +101,12 @@ class Serial:
                 lambda: want in self._out or want in self._out.replace(b"\r\n", b"\n"),
                 timeout)
 
+    def emit(self, data: bytes) -> None:
+        """Output another console device wrote (virtio's hvc0): it goes where this UART's
+        does (the console text, the stream), line handling and panic watch included."""
+        for byte in data:
+            self._emit(byte)
+
     def _emit(self, byte: int) -> None:
         with self._lock:
             self._out.append(byte)

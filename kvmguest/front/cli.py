@@ -96,6 +96,38 @@ def _threads(text: str) -> int:
     return _whole("threads", MAX_THREADS)(text)
 
 
+def _disk(text: str):
+    """``PATH[,readonly]``: a virtio-blk disk (checked when the machine is made)."""
+    from kvmguest.devices import DeviceSpec
+    path, _, opts = text.partition(",")
+    readonly = False
+    for opt in filter(None, opts.split(",")):
+        if opt in ("readonly", "ro"):
+            readonly = True
+        else:
+            raise argparse.ArgumentTypeError(f"unknown disk option {opt!r} (PATH[,readonly])")
+    if not path:
+        raise argparse.ArgumentTypeError("a disk needs a path (PATH[,readonly])")
+    return DeviceSpec("blk", {"path": path, "readonly": readonly})
+
+
+def _device(text: str):
+    from kvmguest.devices import DeviceSpec
+    if text not in ("console", "rng"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (console or rng; disks "
+                                         "are --disk)")
+    return DeviceSpec(text)
+
+
+def _moved_disk(text: str) -> tuple[str | None, str]:
+    """``[NAME=]PATH``: where a restored guest's disk is now (NAME: virtio-blkN; without
+    it, the disks in order)."""
+    name, sep, path = text.partition("=")
+    if sep and name.startswith("virtio-blk"):
+        return name, path
+    return None, text
+
+
 def _cmdline(text: str) -> str:
     try:
         text.encode("utf-8")
@@ -220,6 +252,7 @@ def cmd_run(args) -> int:
                           vcpus=args.vcpus, irqchip=not args.no_irqchip,
                           modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
                           dirty_log=args.dirty_log, host_workarounds=not args.exact_cmdline,
+                          virtio=args.disk + args.device,
                           stream=None if args.quiet else _stream_stdout) as m:
             if m.workarounds:
                 names = " ".join(w.split("=", 1)[0] for w in m.workarounds)
@@ -278,8 +311,10 @@ def cmd_restore(args) -> int:
     progress = Progress("restoring")
     progress("reading", 0.0)
     try:
+        disks = {name or f"virtio-blk{i}": path for i, (name, path) in enumerate(args.disk)}
         m, report = restore(args.path, lazy=args.lazy, threads=args.threads,
-                            stream=None if args.quiet else _stream_stdout, progress=progress)
+                            stream=None if args.quiet else _stream_stdout, progress=progress,
+                            disks=disks or None)
     finally:
         progress.done()
         from kvmguest.front.guest_migrate import DIR_ENV, remove_inherited_snapshot
@@ -485,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", action="append", default=[], metavar="FILE",
                      help="a module, as QEMU's -initrd: Linux's initrd (PVH module 0), or "
                           "a multiboot kernel's module (repeatable)")
+    run.add_argument("--disk", action="append", default=[], type=_disk,
+                     metavar="PATH[,readonly]",
+                     help="a virtio-blk disk backed by the image PATH (/dev/vda, /dev/vdb, "
+                          "...; repeatable); readonly: the device refuses writes")
+    run.add_argument("--device", action="append", default=[], type=_device,
+                     metavar="KIND", help="a virtio device: console (hvc0, its output on "
+                                          "the console) or rng (the host's getrandom)")
     run.add_argument("--exact-cmdline", action="store_true",
                      help="boot a Linux kernel with --cmdline and --cpu exactly as given, "
                           "even where the host needs more (kvm_pvm)")
@@ -527,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", parents=[common],
                              help="resume a saved guest and stream its console")
     restore.add_argument("path", help="snapshot file")
+    restore.add_argument("--disk", action="append", default=[], type=_moved_disk,
+                         metavar="[NAME=]PATH",
+                         help="where a disk of the snapshot is now (NAME virtio-blkN; "
+                              "without it, the disks in order); it must be the same image")
     restore.add_argument("--lazy", action="store_true",
                          help="map the page areas (MAP_PRIVATE) instead of reading them")
     restore.add_argument("--timeout", type=_seconds(False), default=None,

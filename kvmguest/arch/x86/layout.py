@@ -58,6 +58,8 @@ BIOS_STUBS = 0xF0000
 # The in-kernel irqchip's MMIO windows (architectural defaults, inside the MMIO hole).
 LAPIC_BASE = 0xFEE00000
 IOAPIC_BASE = 0xFEC00000
+# virtio-mmio devices: a 4 KiB window each from here (Firecracker's address), in the hole.
+VIRTIO_MMIO_BASE = 0xD0000000
 
 MIN_MEMORY = 4 * MiB
 

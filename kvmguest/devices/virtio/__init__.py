@@ -1,0 +1,161 @@
+"""virtio devices on the virtio-mmio transport: block, console and entropy. Each device
+gets a 4 KiB window from layout.VIRTIO_MMIO_BASE and an ISA interrupt line of its own (an
+edge, as Firecracker's); a Linux guest is told where they are on its command line
+(``virtio_mmio.device=4K@ADDR:IRQ``). Requests are carried out in the vCPU thread that
+notifies a queue: none is in flight while the guest is paused."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ...arch.x86 import layout
+from ..fields import boolean, uint
+from .blk import Blk, DiskError
+from .console import Console
+from .mmio import MAGIC, VERSION, WINDOW, MmioTransport
+from .rng import Rng
+
+IRQS = (5, 6, 7, 10, 11, 12, 14, 15)      # ISA lines no other device of ours uses
+EMPTY_WINDOW = struct.pack("<III", MAGIC, VERSION, 0)      # magic, version, device ID 0
+KINDS = {"blk": Blk, "console": Console, "rng": Rng}
+MAX_DEVICES = len(IRQS)
+
+__all__ = ["DeviceSpec", "DiskError", "VirtioDevices", "check_state"]
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device to create: ``kind`` (blk, console, rng) and its options (blk: path,
+    readonly)."""
+    kind: str
+    options: dict = field(default_factory=dict)
+
+
+class VirtioDevices:
+    """The machine's virtio devices, by name (``virtio-blk0``, ...), each on its window."""
+
+    def __init__(self, memory, specs, serial, irq_line=None):
+        if len(specs) > MAX_DEVICES:
+            raise ValueError(f"{len(specs)} virtio devices: at most {MAX_DEVICES}")
+        self.transports: dict[str, MmioTransport] = {}
+        counts: dict[str, int] = {}
+        try:
+            for i, spec in enumerate(specs):
+                n = counts[spec.kind] = counts.get(spec.kind, -1) + 1
+                if spec.kind == "blk":
+                    dev = Blk(memory, spec.options["path"], spec.options.get("readonly", False),
+                              n, spec.options.get("expect"))
+                elif spec.kind == "console":
+                    dev = Console(memory, serial, n)
+                else:
+                    dev = Rng(memory, n)
+                irq = IRQS[i]
+                line = (lambda level, irq=irq: irq_line(irq, level)) if irq_line else None
+                self.transports[dev.name] = MmioTransport(dev, memory,
+                                                          layout.VIRTIO_MMIO_BASE + i * WINDOW,
+                                                          line)
+        except BaseException:
+            self.close()
+            raise
+        self.irqs = {name: IRQS[i] for i, name in enumerate(self.transports)}
+
+
+    def handle_mmio(self, ex, read, write) -> bool:
+        """An access to a device's window, or to an empty one (as QEMU's microvm, every
+        window answers: an empty one is a transport with device ID 0, "no device")."""
+        off = ex.gpa - layout.VIRTIO_MMIO_BASE
+        if not (0 <= off and off + ex.length <= MAX_DEVICES * WINDOW):
+            return False
+        for t in self.transports.values():
+            if t.contains(ex.gpa, ex.length):
+                if ex.is_write:
+                    t.write(ex.gpa - t.base, read(ex))
+                else:
+                    write(ex, t.read(ex.gpa - t.base, ex.length))
+                return True
+        if not ex.is_write:
+            write(ex, EMPTY_WINDOW[off % WINDOW:off % WINDOW + ex.length].ljust(ex.length,
+                                                                               b"\0"))
+        return True
+
+    def save_state(self) -> dict:
+        return {name: {**t.save_state(), "index": i}
+                for i, (name, t) in enumerate(self.transports.items())}
+
+    def restore_state(self, saved: dict) -> None:
+        for name, t in self.transports.items():
+            t.restore_state(saved[name])
+
+    def close(self) -> None:
+        for t in self.transports.values():
+            t.device.close()
+
+
+# --- a snapshot's virtio state, checked before any device exists -------------------------
+_QUEUE = {"size": uint(16), "ready": boolean, "desc": uint(64), "avail": uint(64),
+          "used": uint(64), "next_avail": uint(16), "next_used": uint(16)}
+STATE_FIELDS = {"status": uint(8), "driver_features": uint(64), "offered": uint(64),
+                "interrupt_status": uint(2), "queue_sel": uint(32),
+                "dev_features_sel": uint(32), "drv_features_sel": uint(32),
+                "config_generation": uint(32), "index": uint(8)}
+
+
+def _list(v) -> bool:
+    return isinstance(v, list) and len(v) <= 8
+
+
+_list.what = "a list of at most 8 queues"
+
+
+def _object(v) -> bool:
+    return isinstance(v, dict)
+
+
+_object.what = "an object"
+
+
+def check_state(name: str, state) -> str | None:
+    """What is wrong with a virtio device's saved state (types and ranges), or None."""
+    from ..fields import check_fields
+    kind = name.removeprefix("virtio-").rstrip("0123456789")
+    if kind not in KINDS:
+        return f"unknown device {name!r} in the state"
+    problem = check_fields(name, state, {**STATE_FIELDS, "queues": _list, "device": _object},
+                           tuple(STATE_FIELDS) + ("queues", "device"))
+    if problem:
+        return problem
+    for i, q in enumerate(state["queues"]):
+        problem = check_fields(f"{name} queue {i}", q, _QUEUE, tuple(_QUEUE))
+        if problem:
+            return problem
+    if kind == "blk":
+        disk = state["device"].get("disk")
+        if not isinstance(disk, dict) or not isinstance(disk.get("path"), str) or \
+                not all(isinstance(disk.get(k), int) for k in ("size", "inode", "mtime_ns")):
+            return f"{name}: the state does not name its disk"
+    return None
+
+
+def kernel_parameters(specs) -> list[str]:
+    """What tells Linux where the devices are (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES): each
+    spec's window and line, by its position."""
+    return [f"virtio_mmio.device=4K@{layout.VIRTIO_MMIO_BASE + i * WINDOW:#x}:{IRQS[i]}"
+            for i in range(len(specs))]
+
+
+def specs_from_state(devices: dict, disks: dict[str, str] | None = None) -> list[DeviceSpec]:
+    """The virtio devices a saved machine had, in order (their windows and lines follow
+    it), blk devices on their recorded images unless ``disks`` (name -> path) moves one."""
+    out = []
+    for name in sorted((n for n in devices if n.startswith("virtio-")),
+                       key=lambda n: devices[n].get("index", 0)):
+        kind = name.removeprefix("virtio-").rstrip("0123456789")
+        if kind == "blk":
+            d = devices[name]["device"]
+            path = (disks or {}).get(name, d["disk"]["path"])
+            out.append(DeviceSpec("blk", {"path": path, "readonly": bool(d.get("readonly")),
+                                          "expect": d["disk"]}))
+        else:
+            out.append(DeviceSpec(kind))
+    return out

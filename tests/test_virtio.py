@@ -1,0 +1,117 @@
+"""virtio devices on the virtio-mmio transport, driven by our own virtio guest (as
+kvm-unit-tests' virtio tests do): block reads, writes, flush and id; read-only honoured
+by the device; entropy; broken queues set NEEDS_RESET and the VMM goes on; a guest reading
+its disk while saved live restores and reads on; a snapshot names its disks and refuses
+one that changed."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from helpers import GO, MARGIN, Running, cli, guest, one_line_error
+
+pytestmark = pytest.mark.kvm
+SECTORS = 2048
+
+
+def checksum(data: bytes) -> str:
+    s = 0
+    for b in data:
+        s = (s * 31 + b) & 0xFFFFFFFF
+    return f"{s:x}"
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """An image whose sector 0 holds a pattern and every sector k >= 2 holds k."""
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 2 + bytes(512))
+        for k in range(2, SECTORS):
+            f.write(struct.pack("<Q", k).ljust(512, b"\xaa"))
+    return path
+
+
+def test_a_disk_is_read_written_flushed_and_named(disk):
+    p = cli("run", guest("virtio"), "--disk", disk, "--device", "rng", timeout=MARGIN)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    pattern = bytes((i * 7 + 1) & 0xFF for i in range(512))
+    assert f"virtio: blk at 0xd0000000, {SECTORS} sectors" in out
+    assert "virtio: id kvmguest0" in out
+    assert "virtio: write status 0" in out and "virtio: flush status 0" in out
+    assert f"virtio: read status 0, sector 0 sum {checksum(bytes(range(256)) * 2)}, " \
+        f"sector 1 sum {checksum(pattern)}" in out, out
+    assert disk.read_bytes()[512:1024] == pattern            # the write reached the image
+    assert "virtio: rng gave 64 bytes" in out
+
+
+def test_a_readonly_disk_refuses_writes_in_the_device(disk):
+    before = disk.read_bytes()
+    p = cli("run", guest("virtio"), "--disk", f"{disk},readonly", "--cmdline", "readonly",
+            timeout=MARGIN)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "virtio: write status 1" in p.stdout             # VIRTIO_BLK_S_IOERR
+    assert disk.read_bytes() == before
+
+
+def test_a_looping_descriptor_chain_sets_needs_reset_and_the_vmm_goes_on(disk):
+    p = cli("run", guest("virtio"), "--disk", disk, "--cmdline", "loop", timeout=MARGIN)
+    assert p.returncode == 0 and "(needs reset)" in p.stdout, p.stdout + p.stderr
+    assert "a descriptor chain longer than the queue (16): a loop?" in p.stderr
+
+
+def test_bad_disks_are_one_line_before_boot(tmp_path, disk):
+    one_line_error(cli("run", guest("hello"), "--disk", tmp_path / "nope.img"), 2,
+                   "nope.img: No such file or directory")
+    one_line_error(cli("run", guest("hello"), "--disk", "/dev/null"), 2,
+                   "is a character device, not a regular file")
+    one_line_error(cli("run", guest("hello"), "--disk", tmp_path), 2, "is a directory")
+    p = cli("run", guest("hello"), "--disk", f"{disk},rw")    # argparse's usage + one line
+    assert p.returncode == 2 and "unknown disk option 'rw'" in p.stderr
+    assert "Traceback" not in p.stderr
+    os.chmod(disk, 0o444)
+    if os.geteuid() != 0:              # root opens it anyway
+        one_line_error(cli("run", guest("hello"), "--disk", disk), 2, "add ,readonly")
+    held = Running("run", guest("virtio"), "--disk", disk, "--cmdline", "reads=0")
+    try:
+        held.until("virtio: read 256 ok")
+        one_line_error(cli("run", guest("hello"), "--disk", disk), 2,
+                       "is in use by another guest")
+    finally:
+        held.stop()
+
+
+def test_a_guest_reading_its_disk_saved_live_restores_and_reads_on(tmp_path, disk):
+    """The used ring and the read data are written by the device, not the guest: they
+    must be in the snapshot (marked dirty), and the queue's cursors in its state."""
+    snap = tmp_path / "g.snap"
+    p = cli("run", guest("virtio"), "--disk", disk, "--cmdline", "reads=300 oninput",
+            "--save", snap, "--save-after", "0.5", "-q", timeout=MARGIN)
+    assert p.returncode == 0, p.stderr
+    info = cli("inspect", snap, "--json")
+    assert info.returncode == 0
+    r = cli("restore", snap, "--console-input", input=GO, timeout=MARGIN)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert "go after" in r.stdout and "virtio: every read right" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_snapshot_refuses_a_disk_that_changed_and_takes_a_moved_one(tmp_path, disk):
+    snap = tmp_path / "g.snap"
+    p = cli("run", guest("virtio"), "--disk", disk, "--cmdline", "reads=300 oninput",
+            "--save", snap, "--save-after", "0.5", "-q", timeout=MARGIN)
+    assert p.returncode == 0, p.stderr
+    moved = tmp_path / "moved.img"
+    moved.write_bytes(disk.read_bytes())
+    os.utime(disk)                                           # touched: not the same disk
+    one_line_error(cli("restore", snap), 2, "is not the one the snapshot was taken with",
+                   "mtime_ns changed")
+    r = cli("restore", snap, "--console-input", "--disk", moved, input=GO, timeout=MARGIN)
+    assert r.returncode == 0 and "virtio: every read right" in r.stdout, r.stderr
+    with open(moved, "r+b") as f:
+        f.truncate(SECTORS * 512 // 2)
+    one_line_error(cli("restore", snap, "--disk", f"virtio-blk0={moved}"), 2,
+                   "its size changed")
