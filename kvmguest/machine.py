@@ -161,7 +161,9 @@ class Machine:
             self.cmdline, cpu_model, self.workarounds = linux.with_workarounds(cmdline,
                                                                               cpu_model)
         if self.kernel is not None and self.kernel.linux:
-            devices = virtio_devices.kernel_parameters(virtio)    # where its devices are
+            # Where its devices are: the DSDT says so where there are ACPI tables (with
+            # the irqchip); the command line where there are none.
+            devices = [] if self.irqchip else virtio_devices.kernel_parameters(virtio)
             self.cmdline = " ".join([self.cmdline, *devices]).strip()
             linux.check_cmdline(self.kernel.path, self.cmdline, self.workarounds + devices)
         self.cpu_model = cpumodel.parse(cpu_model) if cpu_model else None
@@ -222,7 +224,8 @@ class Machine:
         """Load the kernel and set the 32-bit start state of the boot CPU (PVH and
         multiboot share it; EAX/EBX differ). With the irqchip, the ACPI tables describe
         the CPUs; the other vCPUs wait for INIT/SIPI."""
-        rsdp = acpi.write_tables(self.memory, len(self.vcpus)) if self.irqchip else 0
+        rsdp = acpi.write_tables(self.memory, len(self.vcpus),
+                                 self.devices.virtio.resources()) if self.irqchip else 0
         start = image.loader(self.kernel).boot(self.memory, self.kernel, self.cmdline,
                                                self.modules, self.platform, rsdp)
         regs.setup_gdt(self.memory)

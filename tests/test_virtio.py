@@ -115,3 +115,22 @@ def test_a_snapshot_refuses_a_disk_that_changed_and_takes_a_moved_one(tmp_path, 
         f.truncate(SECTORS * 512 // 2)
     one_line_error(cli("restore", snap, "--disk", f"virtio-blk0={moved}"), 2,
                    "its size changed")
+
+
+def test_the_dsdt_describes_each_device_as_firecracker_does(machine_factory, disk):
+    """Device (VRnn) { _HID "LNRO0005", _UID n, _CRS { Memory32Fixed (RW, window, 4K),
+    Interrupt (Consumer, Edge, ActiveHigh) { line } } } in \\_SB (bytes checked with iasl -d)."""
+    from kvmguest.arch.x86 import acpi, layout
+    from kvmguest.devices import DeviceSpec
+    m = machine_factory(guest("hello"), virtio=[DeviceSpec("blk", {"path": str(disk)}),
+                                                DeviceSpec("rng")])
+    fadt = m.memory.read(layout.ACPI_RSDP, 36)          # RSDP -> XSDT -> FADT -> DSDT
+    xsdt_at = struct.unpack_from("<Q", fadt, 24)[0]
+    fadt_at = struct.unpack_from("<Q", m.memory.read(xsdt_at, 52), 44)[0]
+    dsdt_at = struct.unpack_from("<I", m.memory.read(fadt_at, 44), 40)[0]
+    length = struct.unpack_from("<I", m.memory.read(dsdt_at, 8), 4)[0]
+    table = m.memory.read(dsdt_at, length)
+    assert table == acpi.dsdt([(0xD0000000, 5), (0xD0001000, 6)]) and sum(table) % 256 == 0
+    assert table[36:].hex().startswith(
+        "1041085c5f53425f5b823b56523030085f4849440d4c4e524f3030303500085f5549440a00085f4352"
+        "53111a0a1786090001000000d00010000089060003010500000079005b823b5652303108")

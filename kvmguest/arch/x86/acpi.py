@@ -1,4 +1,5 @@
-"""ACPI tables for the in-kernel irqchip: RSDP, XSDT, MADT, FADT, FACS (empty DSDT).
+"""ACPI tables for the in-kernel irqchip: RSDP, XSDT, MADT, FADT, FACS, and a DSDT that
+describes the virtio-mmio devices (LNRO0005, as Firecracker's).
 
 A guest finds its CPUs as Linux does: the RSDP in the BIOS area (a 16-byte-aligned
 signature scan of 0xE0000-0xFFFFF finds it) and in ``hvm_start_info.rsdp_paddr``. The
@@ -91,14 +92,51 @@ def facs() -> bytes:
         "<QB", 0, 2).ljust(FACS_LENGTH - 24, b"\0")
 
 
-def write_tables(memory, vcpus: int) -> int:
-    """Write the tables into guest memory; return the RSDP's address."""
+# --- the DSDT: virtio-mmio devices, as Firecracker describes them ------------------------
+def _pkg(body: bytes) -> bytes:
+    """AML PkgLength (the length counts its own bytes) followed by ``body``."""
+    n = len(body) + 1
+    if n < 0x40:
+        return bytes((n,)) + body
+    n += 1
+    assert n < 0x1000
+    return bytes((0x40 | (n & 0xF), n >> 4)) + body
+
+
+def _name(seg: str, value: bytes) -> bytes:
+    return b"\x08" + seg.encode() + value                      # NameOp NameSeg DataObject
+
+
+def _virtio_device(i: int, base: int, irq: int) -> bytes:
+    """Device (VRnn) { _HID "LNRO0005", _UID i, _CRS: its window and edge interrupt }."""
+    resources = (struct.pack("<BHBII", 0x86, 9, 1, base, 0x1000)        # Memory32Fixed, RW
+                 + struct.pack("<BHBBI", 0x89, 6, 0x03, 1, irq)           # Interrupt: consumer,
+                 + b"\x79\x00")                                         # edge, high; end tag
+    crs = b"\x11" + _pkg(b"\x0a" + bytes((len(resources),)) + resources)   # Buffer
+    body = (f"VR{i:02X}".encode()
+            + _name("_HID", b"\x0dLNRO0005\x00") + _name("_UID", b"\x0a" + bytes((i,)))
+            + _name("_CRS", crs))
+    return b"\x5b\x82" + _pkg(body)                                     # DeviceOp
+
+
+def dsdt(virtio=()) -> bytes:
+    """The DSDT: the virtio-mmio devices (``(base, irq)`` each) in \\_SB, found by Linux's
+    virtio_mmio driver through ACPI (LNRO0005)."""
+    if not virtio:
+        return _sdt(b"DSDT", 2, b"")
+    devices = b"".join(_virtio_device(i, base, irq) for i, (base, irq) in enumerate(virtio))
+    return _sdt(b"DSDT", 2, b"\x10" + _pkg(b"\\_SB_" + devices))      # Scope (\_SB)
+
+
+def write_tables(memory, vcpus: int, virtio=()) -> int:
+    """Write the tables into guest memory; return the RSDP's address. ``virtio``: the
+    (base, irq) of each virtio-mmio device, described in the DSDT."""
     at = FACS_ADDR
     facs_addr, facs_t = at, facs()
     at += len(facs_t)
     dsdt_addr = at
-    dsdt = _sdt(b"DSDT", 2, b"")
-    at = -(-(at + len(dsdt)) // 16) * 16
+    dsdt_t = dsdt(virtio)
+    at = -(-(at + len(dsdt_t)) // 16) * 16
     fadt_addr, fadt_t = at, fadt(dsdt_addr, facs_addr)
     at = -(-(at + len(fadt_t)) // 16) * 16
     madt_addr, madt_t = at, madt(vcpus)
@@ -107,7 +145,8 @@ def write_tables(memory, vcpus: int) -> int:
     xsdt = _sdt(b"XSDT", 1, struct.pack("<QQ", madt_addr, fadt_addr))
     if xsdt_addr + len(xsdt) > layout.ACPI_END:
         raise ValueError(f"ACPI tables for {vcpus} vCPUs do not fit below {layout.ACPI_END:#x}")
-    for addr, table in ((facs_addr, facs_t), (dsdt_addr, dsdt), (fadt_addr, fadt_t), (madt_addr, madt_t),
+    for addr, table in ((facs_addr, facs_t), (dsdt_addr, dsdt_t), (fadt_addr, fadt_t),
+                        (madt_addr, madt_t),
                         (xsdt_addr, xsdt)):
         memory.write(addr, table)
     rsdp = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 2, 0)

@@ -61,6 +61,10 @@ class VirtioDevices:
         self.irqs = {name: IRQS[i] for i, name in enumerate(self.transports)}
 
 
+    def resources(self) -> list[tuple[int, int]]:
+        """(window base, interrupt line) of each device, for the ACPI tables."""
+        return [(t.base, self.irqs[name]) for name, t in self.transports.items()]
+
     def handle_mmio(self, ex, read, write) -> bool:
         """An access to a device's window, or to an empty one (as QEMU's microvm, every
         window answers: an empty one is a transport with device ID 0, "no device")."""
