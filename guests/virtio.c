@@ -7,6 +7,8 @@
  *              print sector 0's checksum; rng: a 64-byte buffer filled
  *   readonly   blk: the write must fail with IOERR and sector 1 keep its bytes
  *   loop       blk: a descriptor chain that loops: the device must say NEEDS_RESET
+ *   net        net instead: send a frame (ethertype 0x88b5, "hello from the guest"), then
+ *              wait for one back and print its payload
  *   reads=N    then read sector k (k = 2, 3, ... cycling over `sectors`), checking that it
  *              holds its own number, N times (0: forever); with oninput, N more after a
  *              byte on COM1 (a save races it: the restored guest goes on reading)
@@ -48,6 +50,61 @@ static u64 find(u32 id)
     return 0;
 }
 
+static void cpu_relax_(void) { __asm__ volatile("pause" ::: "memory"); }
+
+static void queue(u64 d, u32 index, struct ring *q)
+{
+    *R(d, 0x30) = index;
+    *R(d, 0x38) = QSIZE;
+    *R(d, 0x80) = (u32)(u64)q->desc; *R(d, 0x84) = 0;
+    *R(d, 0x90) = (u32)(u64)&q->avail_flags; *R(d, 0x94) = 0;
+    *R(d, 0xa0) = (u32)(u64)&q->used_flags; *R(d, 0xa4) = 0;
+    *R(d, 0x44) = 1;
+}
+
+static struct ring netq[2];
+static u8 rxbuf[2048], txbuf[128];
+
+/* Offer one receive buffer, send one frame, wait for a frame back. */
+static int net(u64 d)
+{
+    u8 mac[6];
+    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(d + 0x100 + i);
+    printf("virtio: net at 0x%lx, mac %x:%x:%x:%x:%x:%x\n", d, mac[0], mac[1], mac[2], mac[3],
+           mac[4], mac[5]);
+    netq[0].desc[0] = (struct desc){ (u64)rxbuf, sizeof(rxbuf), 2, 0 };
+    netq[0].avail[0] = 0;
+    netq[0].avail_idx = 1;
+    *R(d, 0x50) = 0;
+    const char *msg = "hello from the guest";
+    u32 n = 12;                                        /* virtio_net_hdr_v1: zeros */
+    for (int i = 0; i < 6; i++) txbuf[n++] = 0xff;
+    for (int i = 0; i < 6; i++) txbuf[n++] = mac[i];
+    txbuf[n++] = 0x88; txbuf[n++] = 0xb5;
+    for (const char *c = msg; *c; c++) txbuf[n++] = (u8)*c;
+    while (n < 12 + 60) txbuf[n++] = 0;
+    netq[1].desc[0] = (struct desc){ (u64)txbuf, n, 0, 0 };
+    netq[1].avail[0] = 0;
+    netq[1].avail_idx = 1;
+    __asm__ volatile("mfence" ::: "memory");
+    *R(d, 0x50) = 1;
+    while (*(volatile u16 *)&netq[1].used_idx == 0) cpu_relax_();
+    printf("virtio: frame sent\n");
+    for (u16 got = 1;; got++) {            /* frames of other kinds (IPv6 ND...) skipped */
+        while (*(volatile u16 *)&netq[0].used_idx != got) cpu_relax_();
+        u32 len = netq[0].used[(got - 1) % QSIZE].len;
+        if (len > 12 + 14 && rxbuf[12 + 12] == 0x88 && rxbuf[12 + 13] == 0xb5) {
+            rxbuf[len < sizeof(rxbuf) ? len : sizeof(rxbuf) - 1] = 0;
+            printf("virtio: frame received: %s\n", (char *)rxbuf + 12 + 14);
+            return 0;
+        }
+        netq[0].avail[got % QSIZE] = 0;    /* the same buffer again */
+        __asm__ volatile("mfence" ::: "memory");
+        netq[0].avail_idx = (u16)(got + 1);
+        *R(d, 0x50) = 0;
+    }
+}
+
 static int setup(u64 d, struct ring *q, u32 want_lo)
 {
     *R(d, 0x70) = 0;
@@ -62,11 +119,8 @@ static int setup(u64 d, struct ring *q, u32 want_lo)
     if (!(*R(d, 0x70) & FEATURES_OK)) { printf("virtio: features refused\n"); return 0; }
     *R(d, 0x30) = 0;
     if (*R(d, 0x34) < QSIZE) { printf("virtio: queue too small\n"); return 0; }
-    *R(d, 0x38) = QSIZE;
-    *R(d, 0x80) = (u32)(u64)q->desc; *R(d, 0x84) = 0;
-    *R(d, 0x90) = (u32)(u64)&q->avail_flags; *R(d, 0x94) = 0;
-    *R(d, 0xa0) = (u32)(u64)&q->used_flags; *R(d, 0xa4) = 0;
-    *R(d, 0x44) = 1;
+    queue(d, 0, q);
+    if (q == &netq[0]) queue(d, 1, &netq[1]);
     *R(d, 0x70) = ACK | DRIVER | FEATURES_OK | DRIVER_OK;
     return 1;
 }
@@ -104,6 +158,12 @@ static u32 sum(const u8 *p, u32 n) { u32 s = 0; for (u32 i = 0; i < n; i++) s = 
 int main(void)
 {
     map_2m(BASE);
+    if (cmdline_has("net")) {
+        u64 d = find(1);
+        if (!d) { printf("virtio: no network device\n"); return 1; }
+        if (!setup(d, &netq[0], 1u << 5)) return 1;
+        return net(d);
+    }
     u64 blk = find(2), rng = find(4);
     if (!blk) { printf("virtio: no block device\n"); return 1; }
     if (!setup(blk, &blkq, 1u << 9)) return 1;

@@ -140,6 +140,9 @@ class Machine:
                                    console_capacity, self._power_event, self._rtc_alarm,
                                    virtio)
             self.serial = self.console = self.devices.serial
+            for hold, release in self.devices.virtio.pause_hooks():
+                self.vcpus.on_parked.append(hold)
+                self.vcpus.on_release.append(release)
             self.serial.watch_panics = bool(self.kernel.linux if self.kernel is not None
                                             else self.origin.get("linux"))
             self.completer = Completer(self.memory, self._xsave_size)

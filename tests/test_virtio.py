@@ -134,3 +134,43 @@ def test_the_dsdt_describes_each_device_as_firecracker_does(machine_factory, dis
     assert table[36:].hex().startswith(
         "1041085c5f53425f5b823b56523030085f4849440d4c4e524f3030303500085f5549440a00085f4352"
         "53111a0a1786090001000000d00010000089060003010500000079005b823b5652303108")
+
+
+NET_PEER = r'''
+import select, socket, subprocess, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+s.bind(("kvt0", 0))
+p = subprocess.Popen([sys.executable, "-m", "kvmguest", "run", sys.argv[1], "--net",
+                      "tap=kvt0,mac=52:54:00:aa:bb:cc", "--cmdline", "net"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+assert select.select([s], [], [], float(sys.argv[2]))[0], "no frame from the guest"
+frame = s.recv(2048)
+print("host got:", frame[:6].hex(), frame[6:12].hex(), frame[14:34].decode())
+s.send(frame[6:12] + bytes.fromhex("020000000001") + b"\x88\xb5"
+       + b"hello from the host".ljust(46, b"\0"))
+out, err = p.communicate(timeout=float(sys.argv[2]))
+print(out + err + f"exit {p.returncode}")
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace and a tap")
+def test_a_network_device_sends_and_receives_frames_through_a_tap(tmp_path):
+    """In a network namespace the test makes (nothing leaves it): the guest's frame comes
+    out of the tap with its MAC; a frame sent into the tap reaches the guest."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    ns = f"kvmguest-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "tuntap", "add", "kvt0", "mode", "tap"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "kvt0", "up"], check=True)
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", NET_PEER,
+                            str(guest("virtio")), str(MARGIN)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=MARGIN * 2)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "host got: ffffffffffff 525400aabbcc hello from the guest" in p.stdout, p.stdout
+    assert "virtio: net at 0xd0000000, mac 52:54:0:aa:bb:cc" in p.stdout
+    assert "virtio: frame received: hello from the host" in p.stdout and "exit 0" in p.stdout

@@ -119,6 +119,25 @@ def _device(text: str):
     return DeviceSpec(text)
 
 
+def _net(text: str):
+    """``tap=IFNAME[,mac=MAC]``: a virtio-net device on a host tap."""
+    from kvmguest.devices import DeviceSpec
+    from kvmguest.devices.virtio import NetError, parse_mac
+    options = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("tap", "mac") or key in options:
+            raise argparse.ArgumentTypeError(f"{part!r}: a network is tap=IFNAME[,mac=MAC]")
+        options[key] = value
+    if "tap" not in options:
+        raise argparse.ArgumentTypeError("a network needs tap=IFNAME")
+    try:
+        mac = parse_mac(options["mac"]) if "mac" in options else None
+    except NetError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return DeviceSpec("net", {"ifname": options["tap"], "mac": mac})
+
+
 def _moved_disk(text: str) -> tuple[str | None, str]:
     """``[NAME=]PATH``: where a restored guest's disk is now (NAME: virtio-blkN; without
     it, the disks in order)."""
@@ -252,7 +271,7 @@ def cmd_run(args) -> int:
                           vcpus=args.vcpus, irqchip=not args.no_irqchip,
                           modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
                           dirty_log=args.dirty_log, host_workarounds=not args.exact_cmdline,
-                          virtio=args.disk + args.device,
+                          virtio=args.disk + args.net + args.device,
                           stream=None if args.quiet else _stream_stdout) as m:
             if m.workarounds:
                 names = " ".join(w.split("=", 1)[0] for w in m.workarounds)
@@ -524,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="PATH[,readonly]",
                      help="a virtio-blk disk backed by the image PATH (/dev/vda, /dev/vdb, "
                           "...; repeatable); readonly: the device refuses writes")
+    run.add_argument("--net", action="append", default=[], type=_net,
+                     metavar="tap=IFNAME[,mac=MAC]",
+                     help="a virtio-net device on the host's tap IFNAME (repeatable)")
     run.add_argument("--device", action="append", default=[], type=_device,
                      metavar="KIND", help="a virtio device: console (hvc0, its output on "
                                           "the console) or rng (the host's getrandom)")

@@ -13,15 +13,17 @@ from ...arch.x86 import layout
 from ..fields import boolean, uint
 from .blk import Blk, DiskError
 from .console import Console
+from .net import Net, NetError, parse_mac
 from .mmio import MAGIC, VERSION, WINDOW, MmioTransport
 from .rng import Rng
 
 IRQS = (5, 6, 7, 10, 11, 12, 14, 15)      # ISA lines no other device of ours uses
 EMPTY_WINDOW = struct.pack("<III", MAGIC, VERSION, 0)      # magic, version, device ID 0
-KINDS = {"blk": Blk, "console": Console, "rng": Rng}
+KINDS = {"blk": Blk, "console": Console, "net": Net, "rng": Rng}
 MAX_DEVICES = len(IRQS)
 
-__all__ = ["DeviceSpec", "DiskError", "VirtioDevices", "check_state"]
+__all__ = ["DeviceSpec", "DiskError", "NetError", "VirtioDevices", "check_state",
+           "parse_mac"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class VirtioDevices:
                               n, spec.options.get("expect"))
                 elif spec.kind == "console":
                     dev = Console(memory, serial, n)
+                elif spec.kind == "net":
+                    mac = spec.options.get("mac") or bytes((0x52, 0x54, 0, 0x12, 0x34, 0x56 + n))
+                    dev = Net(memory, spec.options["ifname"], mac, n)
                 else:
                     dev = Rng(memory, n)
                 irq = IRQS[i]
@@ -60,6 +65,12 @@ class VirtioDevices:
             raise
         self.irqs = {name: IRQS[i] for i, name in enumerate(self.transports)}
 
+
+    def pause_hooks(self) -> list[tuple]:
+        """(hold, release) of each device that writes guest RAM from a thread of its own:
+        the machine's pause holds it (no such write while the guest is paused)."""
+        return [(t.device.hold, t.device.release) for t in self.transports.values()
+                if hasattr(t.device, "hold")]
 
     def resources(self) -> list[tuple[int, int]]:
         """(window base, interrupt line) of each device, for the ACPI tables."""
@@ -133,6 +144,11 @@ def check_state(name: str, state) -> str | None:
         problem = check_fields(f"{name} queue {i}", q, _QUEUE, tuple(_QUEUE))
         if problem:
             return problem
+    if kind == "net":
+        d = state["device"]
+        if not isinstance(d.get("ifname"), str) or not isinstance(d.get("mac"), str) \
+                or len(d["mac"]) != 12:
+            return f"{name}: the state does not name its tap and MAC"
     if kind == "blk":
         disk = state["device"].get("disk")
         if not isinstance(disk, dict) or not isinstance(disk.get("path"), str) or \
@@ -155,11 +171,13 @@ def specs_from_state(devices: dict, disks: dict[str, str] | None = None) -> list
     for name in sorted((n for n in devices if n.startswith("virtio-")),
                        key=lambda n: devices[n].get("index", 0)):
         kind = name.removeprefix("virtio-").rstrip("0123456789")
+        d = devices[name]["device"]
         if kind == "blk":
-            d = devices[name]["device"]
             path = (disks or {}).get(name, d["disk"]["path"])
             out.append(DeviceSpec("blk", {"path": path, "readonly": bool(d.get("readonly")),
                                           "expect": d["disk"]}))
+        elif kind == "net":
+            out.append(DeviceSpec("net", {"ifname": d["ifname"], "mac": bytes.fromhex(d["mac"])}))
         else:
             out.append(DeviceSpec(kind))
     return out

@@ -46,6 +46,7 @@ class MmioTransport:
 
     def __init__(self, device, memory, base: int, irq=None):
         self.device, self.memory, self.base, self.irq = device, memory, base, irq
+        device.transport = self
         self.offered = device.features | F_VERSION_1
         self.queues = [Queue(memory) for _ in range(device.queue_count)]
         self.lock = threading.Lock()           # one vCPU at a time in the device
@@ -155,23 +156,31 @@ class MmioTransport:
         if ready and not q.ready:
             problem = q.check()
             if problem:
-                self._broken(problem)
+                self.broken(problem)
                 return
         q.ready = ready
 
+    def ready_for_device(self) -> bool:
+        """The driver is running the device (DRIVER_OK) and it does not need a reset."""
+        return bool(self.status & DRIVER_OK) and not self.status & NEEDS_RESET
+
     def _notify(self, index: int) -> None:
-        if index >= len(self.queues) or not self.status & DRIVER_OK \
-                or self.status & NEEDS_RESET:
+        if index >= len(self.queues) or not self.ready_for_device():
             return
         try:
             used = self.device.process(index, self.queues[index])
         except QueueError as err:
-            self._broken(str(err))
+            self.broken(str(err))
             return
-        if used and self.queues[index].wants_interrupt():
+        if used:
+            self.raise_used(index)
+
+    def raise_used(self, index: int) -> None:
+        """Queue ``index`` has new used buffers: interrupt, unless the driver said not to."""
+        if self.queues[index].wants_interrupt():
             self.interrupt(INT_USED)
 
-    def _broken(self, why: str) -> None:
+    def broken(self, why: str) -> None:
         self._warnings(logging.WARNING, "virtio %s: %s; the device needs a reset",
                        self.device.name, why)
         self.status |= NEEDS_RESET
