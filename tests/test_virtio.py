@@ -174,3 +174,57 @@ def test_a_network_device_sends_and_receives_frames_through_a_tap(tmp_path):
     assert "host got: ffffffffffff 525400aabbcc hello from the guest" in p.stdout, p.stdout
     assert "virtio: net at 0xd0000000, mac 52:54:0:aa:bb:cc" in p.stdout
     assert "virtio: frame received: hello from the host" in p.stdout and "exit 0" in p.stdout
+
+
+def test_a_guest_reading_its_disk_resets_in_place_page_exact(machine_factory, tmp_path, disk):
+    """The device's writes into guest RAM (read data, used ring) are dirty pages like the
+    guest's: a reset in place puts every one back, and the guest reads on."""
+    import numpy as np
+
+    from helpers import wait_console
+    from kvmguest.devices import DeviceSpec
+    from migrate.precopy import live_save
+    from migrate.reader import restore
+    from migrate.reset import ResetPoint
+    spec = DeviceSpec("blk", {"path": str(disk), "readonly": True})
+    src = machine_factory(guest("virtio"), virtio=[spec], cmdline="readonly reads=0")
+    src.start()
+    wait_console(src, "virtio: read 256 ok")
+    path = tmp_path / "g.snap"
+    live_save(src, str(path), then="stop")
+    src.close()
+    m, _ = restore(str(path))
+    try:
+        point = ResetPoint(m, str(path))
+        snap = {r.slot: r.pages().copy() for r in m.memory.regions}
+        m.start()
+        for round_ in range(3):
+            m.serial.clear_output()
+            wait_console(m, "virtio: read")             # it read on from the snapshot
+            m.pause_all()
+            assert point.reset() > 0
+            for r in m.memory.regions:
+                assert np.array_equal(r.pages(), snap[r.slot]), (round_, r.slot)
+            m.resume_all()
+        m.serial.clear_output()
+        wait_console(m, "virtio: read")
+        assert "BAD" not in m.serial.text()
+        point.close()
+    finally:
+        m.close()
+
+
+def test_a_checkpointed_guest_reading_its_disk_killed_restores_and_reads_on(tmp_path, disk):
+    import signal
+    ckpt = tmp_path / "g.ckpt"
+    run = Running("run", guest("virtio"), "--disk", f"{disk},readonly", "--cmdline",
+                  "readonly reads=300 oninput", "--checkpoint", ckpt, "--every", "50ms")
+    run.until("virtio: read 512 ok")
+    from helpers import wait_until
+    wait_until(lambda: ckpt.exists() and cli("inspect", ckpt).returncode == 0,
+               what="a complete checkpoint")
+    run.p.send_signal(signal.SIGKILL)
+    run.p.communicate(timeout=MARGIN)
+    r = cli("restore", ckpt, "--console-input", input=GO, timeout=MARGIN)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert "go after" in r.stdout and "virtio: every read right" in r.stdout, r.stdout[-2000:]
