@@ -16,6 +16,7 @@ class Rng:
 
     def __init__(self, memory, index: int = 0):
         self.memory, self.name = memory, f"virtio-rng{index}"
+        self.given = 0                  # bytes handed to the guest
 
     def reset(self) -> None:
         pass
@@ -36,6 +37,7 @@ class Rng:
                 n = min(b.length, MAX_REQUEST)
                 self.memory.write(b.addr, os.getrandom(n))
                 written += n
+            self.given += written
             queue.push(chain.head, written)
             used = True
         return used
