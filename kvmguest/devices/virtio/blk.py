@@ -12,6 +12,7 @@ import struct
 
 from ...errors import EXIT_BAD_INPUT, KvmguestError
 from ...files import file_kind
+from .device import VirtioDevice
 from .queue import QueueError
 
 DEVICE_ID = 2
@@ -53,7 +54,7 @@ def open_disk(path: str, readonly: bool) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-class Blk:
+class Blk(VirtioDevice):
     """One disk: ``path`` (its image), ``readonly``."""
 
     device_id, queue_count = DEVICE_ID, 1
@@ -88,16 +89,10 @@ class Blk:
     def sectors(self) -> int:
         return self.size // SECTOR
 
-    def reset(self) -> None:
-        pass
-
     def config_read(self, offset: int, size: int) -> bytes:
         # capacity (u64, sectors), size_max, seg_max, geometry (4 bytes), blk_size (u32)
         space = struct.pack("<QIIHBBI", self.sectors, 0, 0, 0, 0, 0, SECTOR)
         return space[offset:offset + size].ljust(size, b"\0")
-
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass                                         # nothing writable
 
     def process(self, index: int, queue) -> bool:
         used = False
@@ -180,9 +175,6 @@ class Blk:
         st = os.fstat(self.fd)              # as the disk is now, at the pause
         self.identity.update(size=st.st_size, inode=st.st_ino, mtime_ns=st.st_mtime_ns)
         return {"disk": dict(self.identity), "readonly": self.readonly}
-
-    def restore_state(self, state: dict) -> None:
-        pass                                         # the disk was checked when opened
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -4,6 +4,7 @@ vCPU thread that notified the transmit queue."""
 
 from __future__ import annotations
 
+from .device import VirtioDevice
 from .queue import QueueError
 
 DEVICE_ID = 3
@@ -11,21 +12,15 @@ RECEIVE, TRANSMIT = 0, 1
 MAX_WRITE = 1 << 16                # bytes taken from one buffer at most
 
 
-class Console:
-    device_id, queue_count, features = DEVICE_ID, 2, 0
+class Console(VirtioDevice):
+    device_id, queue_count = DEVICE_ID, 2
 
     def __init__(self, memory, serial, index: int = 0):
         self.memory, self.serial, self.name = memory, serial, f"virtio-console{index}"
 
-    def reset(self) -> None:
-        pass
-
     def config_read(self, offset: int, size: int) -> bytes:
         # cols, rows (u16 each), max_nr_ports (u32): one port, no size known
         return bytes(12)[offset:offset + size].ljust(size, b"\0")
-
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass
 
     def process(self, index: int, queue) -> bool:
         if index != TRANSMIT:
@@ -40,12 +35,3 @@ class Console:
             queue.push(chain.head, 0)
             used = True
         return used
-
-    def save_state(self) -> dict:
-        return {}
-
-    def restore_state(self, state: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

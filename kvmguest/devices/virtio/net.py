@@ -16,6 +16,7 @@ import struct
 import threading
 
 from ...errors import EXIT_BAD_INPUT, KvmguestError
+from .device import VirtioDevice
 from .queue import QueueError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def open_tap(name: str) -> int:
     return fd
 
 
-class Net:
+class Net(VirtioDevice):
     """One network device on tap ``ifname`` with MAC ``mac`` (bytes)."""
 
     device_id, queue_count = DEVICE_ID, 2
@@ -86,9 +87,6 @@ class Net:
     def config_read(self, offset: int, size: int) -> bytes:
         space = self.mac + struct.pack("<HH", 1, 1)        # mac, status (link up), pairs
         return space[offset:offset + size].ljust(size, b"\0")
-
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass
 
     # --- the guest sends ----------------------------------------------------------------------
     def process(self, index: int, queue) -> bool:
@@ -168,9 +166,6 @@ class Net:
 
     def save_state(self) -> dict:
         return {"ifname": self.ifname, "mac": self.mac.hex()}
-
-    def restore_state(self, state: dict) -> None:
-        pass
 
     def close(self) -> None:
         if self.fd >= 0:

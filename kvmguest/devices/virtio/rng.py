@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import os
 
+from .device import VirtioDevice
 from .queue import QueueError
 
 DEVICE_ID = 4
 MAX_REQUEST = 1 << 16              # bytes filled per buffer at most
 
 
-class Rng:
-    device_id, queue_count, features = DEVICE_ID, 1, 0
+class Rng(VirtioDevice):
+    device_id = DEVICE_ID
 
     def __init__(self, memory, index: int = 0):
         self.memory, self.name = memory, f"virtio-rng{index}"
         self.given = 0                  # bytes handed to the guest
-
-    def reset(self) -> None:
-        pass
-
-    def config_read(self, offset: int, size: int) -> bytes:
-        return bytes(size)
-
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass
 
     def process(self, index: int, queue) -> bool:
         used = False
@@ -41,12 +33,3 @@ class Rng:
             queue.push(chain.head, written)
             used = True
         return used
-
-    def save_state(self) -> dict:
-        return {}
-
-    def restore_state(self, state: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
