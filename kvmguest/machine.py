@@ -354,8 +354,7 @@ class Machine:
             self.devices.bus.handle_io(ex)
             if self.devices.guest_port.request is not None:
                 self._guest_request(thread)
-            if self.serial.panic_line is not None and self.event is None:
-                self.event = "panic"          # a kernel that panicked: it would spin forever
+            self._check_panic()
             if self.event is not None:
                 if self.event == "suspend":
                     self._suspend(thread)
@@ -365,7 +364,7 @@ class Machine:
         if self.debugger is not None and self.debugger.on_exit(thread, ex):
             return False                      # a breakpoint or watchpoint: it parks
         if isinstance(ex, MmioExit) and self.devices.handle_mmio(ex):
-            return False
+            return self._check_panic()        # hvc0 prints through MMIO
         try:
             if isinstance(ex, InternalErrorExit) and self.completer.complete(thread.vcpu,
                                                                              ex.insn):
@@ -377,6 +376,13 @@ class Machine:
             return True
         kind = GuestTripleFault if isinstance(ex, ShutdownExit) else GuestCrashed
         raise kind(f"{crash}\n{self.describe_cpu(thread.vcpu)}", self.serial.text())
+
+    def _check_panic(self) -> bool:
+        """Did a Linux kernel print its panic line (on any console)? It would spin
+        forever: the run ends."""
+        if self.serial.panic_line is not None and self.event is None:
+            self.event = "panic"
+        return self.event == "panic"
 
     def _xsave_size(self) -> int:
         """KVM_CAP_XSAVE2's size for KVM_GET_XSAVE2 (0: use the 4 KiB KVM_GET_XSAVE)."""
