@@ -12,7 +12,7 @@ import threading
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
 from kvmguest.files import file_kind
 
-from .pageio import open_excl, temp_path_for
+from .pageio import fsync_dir, open_excl, temp_path_for
 
 
 class SaveError(KvmguestError):
@@ -27,6 +27,14 @@ class SavePathError(SaveError):
 
 class SaveCancelled(SaveError):
     """The save was cancelled (a signal, or the client that asked for it went away)."""
+
+
+def install(tmp: str, path: str) -> None:
+    """A finished temporary file put in place: the target still nothing but a file (or
+    nothing), renamed over, the rename made durable."""
+    check_save_target(path, probe=False)
+    os.rename(tmp, path)
+    fsync_dir(path)
 
 
 def check_save_target(path: str, what: str = "snapshot", probe: bool = True) -> str:

@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from . import format as fmt
-from .errors import SaveCancelled, SaveError, check_save_target, io_error
-from .pageio import (MAX_IO, check_threads, fault_point, fsync_dir, nonzero_pages, open_excl, punch,
+from .errors import SaveCancelled, SaveError, check_save_target, install, io_error
+from .pageio import (MAX_IO, check_threads, fault_point, nonzero_pages, open_excl, punch,
                      pwrite_all, runs_of, runs_of_mask, split_runs, start_writeback,
                      wait_writeback,
                      temp_path_for)
@@ -240,9 +240,7 @@ class MappedWriter:
             self.layout = layout
             self._close_fds()
             fault_point("before-rename")
-            check_save_target(self.path, probe=False)   # still nothing but a file there
-            os.rename(self.tmp, self.path)
-            fsync_dir(self.path)
+            install(self.tmp, self.path)
         except OSError as err:
             self.abort()
             raise io_error(err, self.path, "finishing") from None

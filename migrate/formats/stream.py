@@ -30,9 +30,9 @@ from kvmguest.state import vcpu_summary
 from migrate import format as fmt
 from migrate.format import MAX_SLOT, SnapshotError
 from migrate.formats.base import STREAM, Loaded, SnapshotReader, check_host_capacity
-from migrate.pageio import (IOV_MAX, fsync_dir, nonzero_pages, open_excl, pwrite_all, runs_of,
+from migrate.pageio import (IOV_MAX, nonzero_pages, open_excl, pwrite_all, runs_of,
                      temp_path_for)
-from migrate.errors import SaveError, check_cancel, check_save_target, io_error
+from migrate.errors import SaveError, check_cancel, check_save_target, install, io_error
 from migrate.writer import PassStats
 
 MAGIC = fmt.STREAM_MAGIC
@@ -122,9 +122,7 @@ class StreamWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            check_save_target(self.path, probe=False)   # still nothing but a file there
-            os.rename(self.tmp, self.path)
-            fsync_dir(self.path)
+            install(self.tmp, self.path)
         except OSError as err:
             self.abort()
             raise io_error(err, self.path, "finishing") from None
