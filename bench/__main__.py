@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 
-from . import boot, dirty, disk, gdb, linux, migration, plots, qemu, smp, start
+from . import boot, devices, dirty, disk, gdb, linux, migration, plots, qemu, smp, start
 from .common import RESULTS, ROOT, Report
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -21,7 +21,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU side by side")
-    p.add_argument("--only", choices=("boot", "smp", "dirty", "start", "qemu", "linux", "gdb"),
+    p.add_argument("--only", choices=("boot", "smp", "dirty", "start", "qemu", "linux", "gdb",
+                                      "devices"),
                    help="only these figures")
     args = p.parse_args()
     runs = args.runs or 3
@@ -55,6 +56,13 @@ def main() -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"\nwrote {report.write('kvmguest benchmark results: Linux', 'linux')}")
+        return 0
+    if args.only == "devices":
+        try:
+            devices.run(report, work, runs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"\nwrote {report.write('kvmguest benchmark results: devices', 'devices')}")
         return 0
     if args.only == "gdb":
         gdb.run(report)
