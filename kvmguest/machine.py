@@ -120,7 +120,8 @@ class Machine:
         self.platform = self.dirty = self.devices = None
         self.vcpus = VcpuSet()
         self.memory = guest_memory
-        self.event: str | None = None    # "poweroff", "reset", "suspend" (S3), "panic", "killed"
+        self.event: str | None = None    # "poweroff", "reset", "suspend" (S3), "panic", "killed",
+        #                                  "timeout"
         self._wake = threading.Event()
         self.guest_requests: queue.Queue | None = None   # see listen_guest_requests()
         self._msr_indices: list[int] | None = None
@@ -294,6 +295,8 @@ class Machine:
         if not self.vcpus.wait_done(timeout):
             timeout_error = GuestTimeout(f"guest did not finish within {timeout:g} s",
                                          console=self.serial.text())
+            self.event = self.event or "timeout"   # set before the vCPUs end: whoever sees
+            #                                       them end (a debugger) knows why
             try:
                 self.stop()
             except GuestError as err:    # the timeout is what the caller must hear about

@@ -360,7 +360,7 @@ class GdbStub:
         """The reply once the guest has ended: its exit status, or SIGSEGV at the crash
         (the registers stay readable until gdb detaches)."""
         self.target.holding = False
-        if self._ending:
+        if self._ending or self.target.m.event == "timeout":   # the run's --timeout
             return f"X{SIGKILL:02x}"
         kind, value, crashed = self.target.end_status()
         if crashed is not None and not self.ended_reported:
