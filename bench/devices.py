@@ -18,7 +18,7 @@ from pathlib import Path
 from kvmguest.arch.x86.quirks import EMULATING_HOST_CMDLINE, EMULATING_HOST_CPU, emulating_host
 
 from .common import ROOT, Figure, Report
-from .linux import _timeline
+from .linux import _timeline, boot_figure
 from .qemu import qemu_version
 
 MOUNTED, INIT = "VFS: Mounted root (ext4 filesystem)", "Run /sbin/init as init process"
@@ -68,16 +68,9 @@ def run(report: Report, work: str, runs: int) -> None:
     seen, tail = _timeline(argv, [MOUNTED, INIT], stop_at=INIT, timeout=TIMEOUT)
     print(f"  kvmguest: {seen}")
     for mark, label in ((MOUNTED, "VFS: Mounted root"), (INIT, "Run /sbin/init")):
-        if mark not in seen:
-            continue
-        base = f"QEMU 10 microvm: boot to {label}"
-        compared = any(f.name == base for f in report.figures)
-        fig = Figure(f"kvmguest: boot to {label}", "s", [seen[mark]],
-                     baseline=base if compared else None,
-                     target="<= QEMU's" if compared else None)
-        if compared:
-            fig.met = fig.median <= report.get(base).median
-        report.add(fig)
+        if mark in seen:
+            boot_figure(report, f"kvmguest: boot to {label}", seen[mark],
+                        f"QEMU 10 microvm: boot to {label}")
     state_downtime(report, image, max(runs, 5))
     shutil.rmtree(w, ignore_errors=True)
 

@@ -62,6 +62,17 @@ def _timeline(argv: list[str], marks: list[str], on_line=None, stop_at: str | No
     return seen, "".join(tail)
 
 
+def boot_figure(report: Report, name: str, seconds: float, base: str | None) -> None:
+    """A boot time, compared with QEMU's figure ``base`` (target: no slower) where the
+    same run has it."""
+    compared = base is not None and any(f.name == base for f in report.figures)
+    fig = Figure(name, "s", [seconds], baseline=base if compared else None,
+                 target="<= QEMU's" if compared else None)
+    if compared:
+        fig.met = fig.median <= report.get(base).median
+    report.add(fig)
+
+
 def _qemu(qemu: str, kernel: Path, initrd: Path) -> list[str]:
     # -cpu host without arch-capabilities: QEMU 10 aborts here setting MSR 0x10a.
     emulating = emulating_host()
@@ -127,15 +138,9 @@ def run(report: Report, work: str, runs: int) -> None:
         for mark, label in labels.items():
             if mark not in marks:
                 continue
-            base = f"QEMU 10, {kernel}: boot to {label}"
-            compared = who.startswith("kvmguest") and any(f.name == base
-                                                          for f in report.figures)
-            fig = Figure(f"{who}: boot to {label}", "s", [marks[mark]],
-                         baseline=base if compared else None,
-                         target="<= QEMU's" if compared else None)
-            if compared:
-                fig.met = fig.median <= report.get(base).median
-            report.add(fig)
+            boot_figure(report, f"{who}: boot to {label}", marks[mark],
+                        f"QEMU 10, {kernel}: boot to {label}" if who.startswith("kvmguest")
+                        else None)
         if note:
             print(f"{who}: never reaches Run /init here ({note})")
     _restores(report, snap, seen[LATE_BOOT], runs)

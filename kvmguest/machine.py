@@ -392,10 +392,6 @@ class Machine:
         return self.kvm.check_extension(abi.Cap.KVM_CAP_XSAVE2)
 
     # --- diagnostics ------------------------------------------------------------------
-    def translate(self, vaddr: int, sregs: abi.kvm_sregs) -> int | None:
-        """Guest-virtual to guest-physical through the guest's page tables (None: unmapped)."""
-        return regs.translate(self.memory, vaddr, sregs)
-
     def describe_cpu(self, vcpu=None) -> str:
         """Registers and the bytes at rip of ``vcpu`` (the boot CPU by default)."""
         return describe_cpu(self.memory, vcpu or self.vcpus[0].vcpu, len(self.vcpus))
