@@ -12,6 +12,11 @@
  *   reads=N    then read sector k (k = 2, 3, ... cycling over `sectors`), checking that it
  *              holds its own number, N times (0: forever); with oninput, N more after a
  *              byte on COM1 (a save races it: the restored guest goes on reading)
+ *   writes=N   then write sector k (cycling) with (k, g), g counting writes, and read back
+ *              another, checking it holds what this guest last wrote there (its RAM keeps
+ *              that), or the image's (k, 0xaa..) if it never did; N times (0: forever),
+ *              oninput as for reads; at the end every sector is checked. A disk restored
+ *              from another instant than the RAM is caught
  */
 #include "runtime/rt.h"
 
@@ -200,6 +205,39 @@ int main(void)
         u32 got = submit(rng, &rngq, 1);
         printf("virtio: rng gave %u bytes, sum %x\n", got, sum(random, 64));
         last_used = blkq.used_idx;
+    }
+
+    u64 n = cmdline_u64("writes", ~0UL);
+    if (n != ~0UL) {
+        static u64 wrote[4096];                    /* what each sector was last given */
+        u64 stop = 0, span = sectors - 2;
+        if (sectors > 4096) span = 4096 - 2;
+        for (u64 g = 1; !stop || g <= stop; g++) {
+            u64 k = 2 + (g * 7) % span, c = 2 + (g * 13 + 5) % span;
+            for (int i = 0; i < 512; i++) data[i] = (u8)(g + i);
+            ((u64 *)data)[0] = k; ((u64 *)data)[1] = g;
+            if (request(blk, 1, k, data, 512, 0) != 0) {
+                printf("virtio: BAD write %lu to sector %lu\n", g, k);
+                return 2;
+            }
+            wrote[k] = g;
+            if (request(blk, 0, c, data, 512, 1) != 0 || ((u64 *)data)[0] != c ||
+                ((u64 *)data)[1] != (wrote[c] ? wrote[c] : 0xaaaaaaaaaaaaaaaaUL)) {
+                printf("virtio: BAD write %lu: sector %lu holds (%lu, %lx), last given %lu\n",
+                       g, c, ((u64 *)data)[0], ((u64 *)data)[1], wrote[c]);
+                return 2;
+            }
+            if (g % 256 == 0) printf("virtio: write %lu ok\n", g);
+            stop = loop_end(g, n, stop);
+        }
+        for (u64 k = 2; k < 2 + span; k++)
+            if (request(blk, 0, k, data, 512, 1) != 0 || ((u64 *)data)[0] != k ||
+                ((u64 *)data)[1] != (wrote[k] ? wrote[k] : 0xaaaaaaaaaaaaaaaaUL)) {
+                printf("virtio: BAD sector %lu at the end\n", k);
+                return 2;
+            }
+        printf("virtio: every write kept\n");
+        return 0;
     }
 
     u64 reads = cmdline_u64("reads", 0), end = 0;

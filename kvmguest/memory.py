@@ -21,6 +21,10 @@ _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+# Memory a device keeps for itself (a disk's copy-on-write overlay) is saved with RAM, as
+# blocks of their own: they sit at "guest-physical" addresses from 2^52 up, beyond any
+# x86 physical address, so that they can never be taken for RAM. KVM never sees them.
+DEVICE_SPACE = 1 << 52
 # /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
 
@@ -66,6 +70,13 @@ def check_layout(specs) -> None:
     Whatever boots here can therefore be restored here; how much of it the host must
     really back is a separate question (present pages, see migrate.reader)."""
     bits = host_phys_bits()
+    device = [s for s in specs if s.gpa >= DEVICE_SPACE]
+    for s in device:
+        if s.gpa + s.size > 1 << 63:
+            raise GuestMemoryError(f"device memory {s.name} ends beyond {1 << 63:#x}")
+    specs = [s for s in specs if s.gpa < DEVICE_SPACE]
+    if not specs:
+        raise GuestMemoryError("no guest RAM")
     end = max(s.gpa + s.size for s in specs)
     if end > 1 << bits:
         total = sum(s.size for s in specs)
@@ -180,7 +191,11 @@ class GuestMemory:
     """All RAM of one VM: the regions, translation, and VMM writes with dirty tracking."""
 
     def __init__(self, regions: list[Region]):
-        self.regions = sorted(regions, key=lambda r: r.gpa)
+        # Guest RAM (what KVM maps and the guest addresses) and device memory (saved
+        # with it: see DEVICE_SPACE).
+        self.regions = sorted((r for r in regions if r.gpa < DEVICE_SPACE), key=lambda r: r.gpa)
+        self.device_regions = sorted((r for r in regions if r.gpa >= DEVICE_SPACE),
+                                     key=lambda r: r.gpa)
         self._lock = threading.Lock()
         self._closers: list = []
         # A flush (flush_page) makes a page read-only for a moment. Reads of guest RAM
@@ -202,6 +217,20 @@ class GuestMemory:
     def size(self) -> int:
         return sum(r.size for r in self.regions)
 
+    @property
+    def saved_regions(self) -> list[Region]:
+        """Every block a snapshot, checkpoint or reset carries: RAM, then device memory."""
+        return self.regions + self.device_regions
+
+    def add_device_region(self, region: Region) -> None:
+        """Device memory created with the machine (before any dirty tracking starts)."""
+        if region.gpa < DEVICE_SPACE:
+            raise ValueError(f"device memory {region.name} below DEVICE_SPACE")
+        self.device_regions = sorted(self.device_regions + [region], key=lambda r: r.gpa)
+
+    def device_region(self, slot: int) -> Region | None:
+        return next((r for r in self.device_regions if r.slot == slot), None)
+
     def region_at(self, gpa: int, length: int = 1) -> Region:
         for r in self.regions:
             if r.contains(gpa, length):
@@ -209,7 +238,7 @@ class GuestMemory:
         raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not in RAM")
 
     def region_of_slot(self, slot: int) -> Region:
-        for r in self.regions:
+        for r in self.saved_regions:
             if r.slot == slot:
                 return r
         raise GuestMemoryError(f"no RAM region in slot {slot}")
@@ -230,6 +259,26 @@ class GuestMemory:
         if length:
             with self._lock:
                 r.host_marks.append((off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE + 1))
+
+    def device_write(self, r: Region, off: int, data) -> None:
+        """Copy ``data`` into device memory ``r`` at ``off``, marked dirty as RAM is."""
+        r.map[off:off + len(data)] = data
+        self._mark(r, off, len(data))
+
+    def device_fill(self, r: Region, off: int, fd: int, length: int, offset: int) -> int:
+        """Read ``length`` bytes of ``fd`` into device memory ``r`` at ``off``."""
+        view = memoryview(r.map)[off:off + length]
+        done = 0
+        try:
+            while done < length:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        finally:
+            view.release()
+        self._mark(r, off, done)
+        return done
 
     def write(self, gpa: int, data) -> None:
         """Copy ``data`` into guest RAM and mark the pages dirty for the VMM's bitmap."""
@@ -328,5 +377,5 @@ class GuestMemory:
     def close(self) -> None:
         while self._closers:
             self._closers.pop()()
-        for r in self.regions:
+        for r in self.saved_regions:
             r.close()

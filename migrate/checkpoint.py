@@ -69,7 +69,7 @@ class Checkpointer:
         self._fd = -1
         self._latest_slot = -1
         self._base, n = {}, 0            # global page number of each slot's first page
-        for r in machine.memory.regions:
+        for r in machine.memory.saved_regions:
             self._base[r.slot] = n
             n += r.npages
         # While set, the timer takes none: a debugger holds the guest stopped, and a
@@ -162,7 +162,7 @@ class Checkpointer:
             changed = self.client.take()     # checkpoint 1 takes all RAM instead
             state = read_machine(m)     # encoded after the guest runs again
             data = {}
-            for r in m.memory.regions:
+            for r in m.memory.saved_regions:
                 if first:     # a new file: pages never written stay holes (zeros)
                     changed[r.slot] = np.flatnonzero(r.maybe_nonzero())
                 idx = changed.get(r.slot, np.zeros(0, np.int64))
@@ -272,7 +272,7 @@ class Checkpointer:
             try:
                 state = ck.decoded.decoded(m, cpuid=False)    # checked before any change
                 changed = self.client.take()
-                for r in m.memory.regions:
+                for r in m.memory.saved_regions:
                     idx = changed.get(r.slot)
                     if idx is not None and len(idx):
                         r.pages()[idx] = saved.region_of_slot(r.slot).pages()[idx]

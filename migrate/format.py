@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kvmguest.errors import EXIT_BAD_INPUT, KvmguestError
-from kvmguest.memory import PAGE_SIZE
+from kvmguest.memory import DEVICE_SPACE, PAGE_SIZE
 from kvmguest.state import STATE_FORMAT
 
 MAGIC = b"KVMGSNAP"
@@ -284,7 +284,8 @@ class Snapshot:
 
     @property
     def ram_size(self) -> int:
-        return sum(b.size for b in self.layout.blocks)
+        """Guest RAM (the blocks of device memory, a disk's overlay, not counted)."""
+        return sum(b.size for b in self.layout.blocks if b.gpa < DEVICE_SPACE)
 
     @property
     def pages_present(self) -> int:

@@ -141,7 +141,7 @@ class SnapshotLease:
     def _make_private(self) -> None:
         """Each page with data copied out and back into anonymous memory; the rest become
         anonymous zero pages."""
-        for region, bits in zip(self.memory.regions, self.snap.present):
+        for region, bits in zip(self.memory.saved_regions, self.snap.present):
             private = region.private_pages()
             if private is None:                  # cannot tell: keep every page
                 private = np.ones(region.npages, dtype=np.bool_)

@@ -192,7 +192,7 @@ class _Save:
         self.machine, self.o, self.cancel = machine, o, cancel
         self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel)
         self.report = SaveReport(path=os.path.abspath(path), format=o.format, then=o.then)
-        self.total_pages = sum(r.npages for r in machine.memory.regions)
+        self.total_pages = sum(r.npages for r in machine.memory.saved_regions)
         self.shown = _Progress(progress, self.total_pages)
         self.client = None
         self.paused = False

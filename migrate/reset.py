@@ -57,7 +57,7 @@ class ResetPoint:
         try:
             dirty = self.client.take()
             n = 0
-            for r in m.memory.regions:
+            for r in m.memory.saved_regions:
                 idx = dirty.get(r.slot)
                 if idx is None or not len(idx):
                     continue

@@ -63,10 +63,10 @@ class MappedWriter:
         self.final = False                  # the stop-and-copy pass is being written
         self.on_progress: Callable[[int], None] | None = None   # pages done in a pass
         self.memory, self.threads, self.direct = memory, threads, direct
-        self.layout = fmt.plan([(r.name, r.gpa, r.size, r.slot) for r in memory.regions])
+        self.layout = fmt.plan([(r.name, r.gpa, r.size, r.slot) for r in memory.saved_regions])
         # Block i's region is the one of its slot (as the reader pairs them), never the
         # region that happens to sit at position i.
-        by_slot = {r.slot: r for r in memory.regions}
+        by_slot = {r.slot: r for r in memory.saved_regions}
         self.regions = [by_slot[b.slot] for b in self.layout.blocks]
         self.present = [np.zeros(r.npages, dtype=np.bool_) for r in self.regions]
         self.on_disk = [np.zeros(r.npages, dtype=np.bool_) for r in self.regions]

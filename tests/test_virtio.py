@@ -228,3 +228,114 @@ def test_a_checkpointed_guest_reading_its_disk_killed_restores_and_reads_on(tmp_
     r = cli("restore", ckpt, "--console-input", input=GO, timeout=MARGIN)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     assert "go after" in r.stdout and "virtio: every read right" in r.stdout, r.stdout[-2000:]
+
+
+# --- overlay disks: the guest's writes kept with RAM, never in the image --------------------
+def sha(path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_overlay_takes_the_guests_writes_and_never_touches_the_image(disk):
+    before = sha(disk)
+    p = cli("run", guest("virtio"), "--disk", f"{disk},overlay", "--cmdline", "writes=600",
+            timeout=MARGIN)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+    pattern = bytes((i * 7 + 1) & 0xFF for i in range(512))
+    assert "virtio: write status 0" in p.stdout
+    assert f"sector 1 sum {checksum(pattern)}" in p.stdout            # read back from it
+    assert "virtio: every write kept" in p.stdout, p.stdout[-2000:]
+    assert sha(disk) == before
+    # Many guests may share the image: an overlay takes a shared lock, as readonly does.
+    held = Running("run", guest("virtio"), "--disk", f"{disk},overlay", "--cmdline",
+                   "writes=0")
+    try:
+        held.until("virtio: write 256 ok")
+        again = cli("run", guest("virtio"), "--disk", f"{disk},overlay", "--cmdline",
+                    "writes=300", timeout=MARGIN)
+        assert again.returncode == 0 and "virtio: every write kept" in again.stdout
+        one_line_error(cli("run", guest("hello"), "--disk", disk), 2,
+                       "is in use by another guest")
+    finally:
+        held.stop()
+    p = cli("run", guest("hello"), "--disk", f"{disk},overlay,readonly")
+    assert p.returncode == 2 and "readonly or overlay, not both" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_an_overlay_saved_live_restores_its_writes_with_ram(tmp_path, disk):
+    """Blocks and RAM from the same instant: the guest checks every read against what its
+    RAM says it last wrote (a disk a write ahead or behind its RAM is caught), and at
+    the end every sector."""
+    before = sha(disk)
+    snap = tmp_path / "g.snap"
+    p = cli("run", guest("virtio"), "--disk", f"{disk},overlay", "--cmdline",
+            "writes=300 oninput", "--save", snap, "--save-after", "0.5", "-q", timeout=MARGIN)
+    assert p.returncode == 0, p.stderr
+    info = cli("inspect", snap)
+    assert info.returncode == 0 and "block virtio-blk0-overlay" in info.stdout, info.stdout
+    assert "RAM 64 MiB" in info.stdout
+    for _ in range(2):                        # the snapshot, not the last run, holds them
+        r = cli("restore", snap, "--console-input", input=GO, timeout=MARGIN)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        assert "go after" in r.stdout and "virtio: every write kept" in r.stdout, \
+            r.stdout[-2000:]
+    assert sha(disk) == before
+
+
+def test_an_overlay_checkpointed_and_killed_mid_write_restores_disk_and_ram_together(
+        tmp_path, disk):
+    import signal
+
+    from helpers import wait_until
+    before = sha(disk)
+    ckpt = tmp_path / "g.ckpt"
+    run = Running("run", guest("virtio"), "--disk", f"{disk},overlay", "--cmdline",
+                  "writes=300 oninput", "--checkpoint", ckpt, "--every", "20ms")
+    run.until("virtio: write 768 ok")
+    wait_until(lambda: ckpt.exists() and cli("inspect", ckpt).returncode == 0,
+               what="a complete checkpoint")
+    run.p.send_signal(signal.SIGKILL)        # mid-write: the guest never stops writing
+    run.p.communicate(timeout=MARGIN)
+    r = cli("restore", ckpt, "--console-input", input=GO, timeout=MARGIN)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert "go after" in r.stdout and "virtio: every write kept" in r.stdout, r.stdout[-2000:]
+    assert sha(disk) == before
+
+
+def test_an_overlay_resets_in_place_with_ram(machine_factory, tmp_path, disk):
+    """A reset puts the overlay's blocks and its block map back with RAM: the guest
+    writes on from the snapshot and every check it makes holds."""
+    import numpy as np
+
+    from helpers import wait_console
+    from kvmguest.devices import DeviceSpec
+    from migrate.precopy import live_save
+    from migrate.reader import restore
+    from migrate.reset import ResetPoint
+    spec = DeviceSpec("blk", {"path": str(disk), "overlay": True})
+    src = machine_factory(guest("virtio"), virtio=[spec], cmdline="writes=0")
+    src.start()
+    wait_console(src, "virtio: write 256 ok")
+    path = tmp_path / "g.snap"
+    live_save(src, str(path), then="stop")
+    src.close()
+    m, _ = restore(str(path))
+    try:
+        point = ResetPoint(m, str(path))
+        (overlay,) = m.memory.device_regions
+        snap = overlay.pages().copy()
+        m.start()
+        for round_ in range(3):
+            m.serial.clear_output()
+            wait_console(m, "virtio: write")             # it wrote on from the snapshot
+            m.pause_all()
+            assert point.reset() > 0
+            assert np.array_equal(overlay.pages(), snap), round_
+            m.resume_all()
+        m.serial.clear_output()
+        wait_console(m, "virtio: write")
+        assert "BAD" not in m.serial.text()
+        point.close()
+    finally:
+        m.close()

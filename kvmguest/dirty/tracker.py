@@ -35,7 +35,7 @@ def merge_pages(*arrays: np.ndarray) -> np.ndarray:
 class DirtyClient:
     def __init__(self, tracker: "DirtyTracker", name: str):
         self.tracker, self.name = tracker, name
-        self._parts: dict[int, list[np.ndarray]] = {r.slot: [] for r in tracker.memory.regions}
+        self._parts: dict[int, list[np.ndarray]] = {r.slot: [] for r in tracker.memory.saved_regions}
         self.closed = False
 
     def add(self, pages: dict[int, np.ndarray]) -> None:
@@ -123,8 +123,8 @@ class DirtyTracker:
             if self.backend.take_overflow():
                 # The ring lost entries: every page may be dirty. Correct, not cheap.
                 pages = {r.slot: np.arange(r.npages, dtype=np.int64)
-                         for r in self.memory.regions}
-            for r in self.memory.regions:
+                         for r in self.memory.saved_regions}
+            for r in self.memory.saved_regions:     # device memory: the VMM's writes only
                 if r.host_marks:
                     pages[r.slot] = merge_pages(pages.get(r.slot, np.zeros(0, np.int64)),
                                                 self.memory.take_host_dirty_pages(r))

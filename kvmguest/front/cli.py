@@ -96,19 +96,26 @@ def _threads(text: str) -> int:
     return _whole("threads", MAX_THREADS)(text)
 
 
+DISK_FORM = "PATH[,readonly|,overlay]"
+
+
 def _disk(text: str):
-    """``PATH[,readonly]``: a virtio-blk disk (checked when the machine is made)."""
+    """``PATH[,readonly|,overlay]``: a virtio-blk disk (checked when the machine is
+    made)."""
     from kvmguest.devices import DeviceSpec
     path, _, opts = text.partition(",")
-    readonly = False
+    flags = {"readonly": False, "overlay": False}
     for opt in filter(None, opts.split(",")):
-        if opt in ("readonly", "ro"):
-            readonly = True
-        else:
-            raise argparse.ArgumentTypeError(f"unknown disk option {opt!r} (PATH[,readonly])")
+        opt = {"ro": "readonly"}.get(opt, opt)
+        if opt not in flags:
+            raise argparse.ArgumentTypeError(f"unknown disk option {opt!r} ({DISK_FORM})")
+        flags[opt] = True
     if not path:
-        raise argparse.ArgumentTypeError("a disk needs a path (PATH[,readonly])")
-    return DeviceSpec("blk", {"path": path, "readonly": readonly})
+        raise argparse.ArgumentTypeError(f"a disk needs a path ({DISK_FORM})")
+    if flags["readonly"] and flags["overlay"]:
+        raise argparse.ArgumentTypeError("a disk is readonly or overlay, not both (an overlay "
+                                         "takes the guest's writes)")
+    return DeviceSpec("blk", {"path": path, **flags})
 
 
 def _device(text: str):
@@ -540,9 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a module, as QEMU's -initrd: Linux's initrd (PVH module 0), or "
                           "a multiboot kernel's module (repeatable)")
     run.add_argument("--disk", action="append", default=[], type=_disk,
-                     metavar="PATH[,readonly]",
+                     metavar=DISK_FORM,
                      help="a virtio-blk disk backed by the image PATH (/dev/vda, /dev/vdb, "
-                          "...; repeatable); readonly: the device refuses writes")
+                          "...; repeatable); readonly: the device refuses writes; overlay: "
+                          "the guest's writes go to a copy-on-write overlay saved with RAM "
+                          "in snapshots and checkpoints, the image is never written")
     run.add_argument("--net", action="append", default=[], type=_net,
                      metavar="tap=IFNAME[,mac=MAC]",
                      help="a virtio-net device on the host's tap IFNAME (repeatable)")

@@ -92,7 +92,7 @@ class CheckpointLayout:
 
 def plan_checkpoint(memory: GuestMemory, vcpus: int) -> CheckpointLayout:
     state_size = _align(max(1 << 20, vcpus * (64 << 10)), PAGE)
-    return _place([(r.gpa, r.size, r.slot) for r in memory.regions], state_size)
+    return _place([(r.gpa, r.size, r.slot) for r in memory.saved_regions], state_size)
 
 
 def _place(regions, state_size: int) -> CheckpointLayout:

@@ -56,7 +56,7 @@ class StreamWriter:
         self.path = check_save_target(path)
         self.cancel = cancel
         self.on_progress = None     # per-page progress is not reported for this baseline
-        self.regions = list(memory.regions)
+        self.regions = list(memory.saved_regions)
         self.passes: list[PassStats] = []
         self.tmp = temp_path_for(self.path)
         try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ...arch.x86 import layout
 from ..fields import boolean, uint
-from .blk import Blk, DiskError
+from .blk import Blk, DiskError, check_overlay_state
 from .console import Console
 from .net import Net, NetError, parse_mac
 from .mmio import MAGIC, VERSION, WINDOW, MmioTransport
@@ -28,8 +28,8 @@ __all__ = ["DeviceSpec", "DiskError", "NetError", "VirtioDevices", "check_state"
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """A device to create: ``kind`` (blk, console, rng) and its options (blk: path,
-    readonly)."""
+    """A device to create: ``kind`` (blk, console, net, rng) and its options (blk: path,
+    readonly, overlay; net: ifname, mac)."""
     kind: str
     options: dict = field(default_factory=dict)
 
@@ -47,7 +47,7 @@ class VirtioDevices:
                 n = counts[spec.kind] = counts.get(spec.kind, -1) + 1
                 if spec.kind == "blk":
                     dev = Blk(memory, spec.options["path"], spec.options.get("readonly", False),
-                              n, spec.options.get("expect"))
+                              n, spec.options.get("expect"), spec.options.get("overlay", False))
                 elif spec.kind == "console":
                     dev = Console(memory, serial, n)
                 elif spec.kind == "net":
@@ -154,6 +154,10 @@ def check_state(name: str, state) -> str | None:
         if not isinstance(disk, dict) or not isinstance(disk.get("path"), str) or \
                 not all(isinstance(disk.get(k), int) for k in ("size", "inode", "mtime_ns")):
             return f"{name}: the state does not name its disk"
+        if "overlay" in state["device"]:
+            problem = check_overlay_state(state["device"]["overlay"])
+            if problem:
+                return f"{name}: {problem}"
     return None
 
 
@@ -175,7 +179,7 @@ def specs_from_state(devices: dict, disks: dict[str, str] | None = None) -> list
         if kind == "blk":
             path = (disks or {}).get(name, d["disk"]["path"])
             out.append(DeviceSpec("blk", {"path": path, "readonly": bool(d.get("readonly")),
-                                          "expect": d["disk"]}))
+                                          "expect": d["disk"], "overlay": "overlay" in d}))
         elif kind == "net":
             out.append(DeviceSpec("net", {"ifname": d["ifname"], "mac": bytes.fromhex(d["mac"])}))
         else:
