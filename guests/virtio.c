@@ -7,6 +7,8 @@
  *              print sector 0's checksum; rng: a 64-byte buffer filled
  *   readonly   blk: the write must fail with IOERR and sector 1 keep its bytes
  *   loop       blk: a descriptor chain that loops: the device must say NEEDS_RESET
+ *   console    console instead: write a line to hvc0, offer a receive buffer, print what
+ *              arrives there (input given to the console) up to a newline
  *   net        net instead: send a frame (ethertype 0x88b5, "hello from the guest"), then
  *              wait for one back and print its payload
  *   reads=N    then read sector k (k = 2, 3, ... cycling over `sectors`), checking that it
@@ -67,7 +69,8 @@ static void queue(u64 d, u32 index, struct ring *q)
     *R(d, 0x44) = 1;
 }
 
-static struct ring netq[2];
+static struct ring netq[2], conq[2];
+static u8 conin[64], conout[64];
 static u8 rxbuf[2048], txbuf[128];
 
 /* Offer one receive buffer, send one frame, wait for a frame back. */
@@ -126,6 +129,7 @@ static int setup(u64 d, struct ring *q, u32 want_lo)
     if (*R(d, 0x34) < QSIZE) { printf("virtio: queue too small\n"); return 0; }
     queue(d, 0, q);
     if (q == &netq[0]) queue(d, 1, &netq[1]);
+    if (q == &conq[0]) queue(d, 1, &conq[1]);
     *R(d, 0x70) = ACK | DRIVER | FEATURES_OK | DRIVER_OK;
     return 1;
 }
@@ -160,9 +164,46 @@ static u32 request(u64 d, u32 type, u64 sector, void *buf, u32 len, int device_w
 
 static u32 sum(const u8 *p, u32 n) { u32 s = 0; for (u32 i = 0; i < n; i++) s = s * 31 + p[i]; return s; }
 
+
+static int console(u64 d)
+{
+    const char *msg = "virtio: hello on hvc0\n";
+    u32 n = 0;
+    for (const char *c = msg; *c; c++) conout[n++] = (u8)*c;
+    conq[1].desc[0] = (struct desc){ (u64)conout, n, 0, 0 };
+    conq[1].avail[0] = 0;
+    conq[1].avail_idx = 1;
+    __asm__ volatile("mfence" ::: "memory");
+    *R(d, 0x50) = 1;
+    while (*(volatile u16 *)&conq[1].used_idx == 0) cpu_relax_();
+    char line[128];
+    u32 got = 0;
+    for (u16 used = 0; got < sizeof(line) - 1;) {
+        conq[0].desc[0] = (struct desc){ (u64)conin, sizeof(conin), 2, 0 };
+        conq[0].avail[used % QSIZE] = 0;
+        __asm__ volatile("mfence" ::: "memory");
+        conq[0].avail_idx = (u16)(used + 1);
+        *R(d, 0x50) = 0;
+        while (*(volatile u16 *)&conq[0].used_idx == used) cpu_relax_();
+        u32 len = conq[0].used[used % QSIZE].len;
+        used++;
+        for (u32 i = 0; i < len && got < sizeof(line) - 1; i++) line[got++] = (char)conin[i];
+        if (got && line[got - 1] == '\n') break;
+    }
+    line[got] = 0;
+    printf("virtio: hvc0 input: %s", line);
+    return 0;
+}
+
 int main(void)
 {
     map_2m(BASE);
+    if (cmdline_has("console")) {
+        u64 d = find(3);
+        if (!d) { printf("virtio: no console device\n"); return 1; }
+        if (!setup(d, &conq[0], 0)) return 1;
+        return console(d);
+    }
     if (cmdline_has("net")) {
         u64 d = find(1);
         if (!d) { printf("virtio: no network device\n"); return 1; }

@@ -339,3 +339,33 @@ def test_an_overlay_resets_in_place_with_ram(machine_factory, tmp_path, disk):
         point.close()
     finally:
         m.close()
+
+
+def test_console_input_reaches_hvc0_as_it_reaches_the_uart():
+    """What the console is given (standard input here) goes to hvc0 through the receive
+    buffers the guest offers, whenever it arrives (before the driver came up, too)."""
+    p = cli("run", guest("virtio"), "--device", "console", "--cmdline", "console",
+            "--console-input", input="ping from the host\n", timeout=MARGIN)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "virtio: hello on hvc0" in p.stdout                   # its output: stdout
+    assert "virtio: hvc0 input: ping from the host" in p.stdout, p.stdout
+
+
+def test_hvc0_input_waiting_in_the_device_travels_in_its_state(machine_factory):
+    """Input not yet delivered is device state: it is saved, checked, and given to the
+    guest of the machine the state is restored into."""
+    from kvmguest.devices import DeviceSpec
+    from kvmguest.devices.virtio import check_state
+    first = machine_factory(guest("virtio"), virtio=[DeviceSpec("console")], cmdline="console")
+    first.console.send(b"early ")             # before the guest runs: waits in the device
+    state = first.devices.virtio.save_state()["virtio-console0"]
+    assert state["device"] == {"input": b"early ".hex()}
+    assert check_state("virtio-console0", state) is None
+    assert "hex" in check_state("virtio-console0", {**state, "device": {"input": "zz"}})
+    m = machine_factory(guest("virtio"), virtio=[DeviceSpec("console")], cmdline="console")
+    m.devices.virtio.restore_state({"virtio-console0": state})
+    m.start()
+    assert m.serial.wait_for("hello on hvc0", MARGIN)
+    m.console.send(b"and late\n")
+    result = m.wait(MARGIN)
+    assert result.exit_code == 0 and "virtio: hvc0 input: early and late" in result.console

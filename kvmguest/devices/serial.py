@@ -47,6 +47,8 @@ class Serial:
         self.panic_line: str | None = None   # Linux's "Kernel panic - not syncing" line
         self.watch_panics = False            # a Linux kernel's console (Machine sets it)
         self._in: collections.deque[int] = collections.deque()
+        # Other consoles given the same input (virtio-console's hvc0): feed(data) each.
+        self.input_listeners: list[Callable[[bytes], None]] = []
         self._lock = threading.Lock()
         self._line = threading.Condition(self._lock)    # notified at every newline
         self.regs = {"ier": 0, "lcr": 0x03, "mcr": 0x08, "scr": 0, "dll": 0x0C, "dlm": 0,
@@ -71,6 +73,8 @@ class Serial:
         with self._lock:
             self._in.extend(data)
         self._update_irq()
+        for listener in list(self.input_listeners):
+            listener(data)
 
     send = feed
 

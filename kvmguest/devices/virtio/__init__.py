@@ -149,6 +149,11 @@ def check_state(name: str, state) -> str | None:
         if not isinstance(d.get("ifname"), str) or not isinstance(d.get("mac"), str) \
                 or len(d["mac"]) != 12:
             return f"{name}: the state does not name its tap and MAC"
+    if kind == "console":
+        text = state["device"].get("input", "")
+        if not isinstance(text, str) or len(text) > 2 * (1 << 20) or len(text) % 2 or \
+                any(c not in "0123456789abcdef" for c in text):
+            return f"{name}: its waiting input is not at most 1 MiB of hex"
     if kind == "blk":
         disk = state["device"].get("disk")
         if not isinstance(disk, dict) or not isinstance(disk.get("path"), str) or \
