@@ -35,10 +35,11 @@ soak: all
 	KVMGUEST_CKPT_KILLS=$${KILLS:-2000} KVMGUEST_CKPT_SEEDS=1,2,3,4,5,6,7,8 \
 		$(PY) -m pytest -q tests/test_checkpoint.py
 
-# Only the Linux tests (part of `make test` too): Debian's kernel booted to its initrd's
-# /init once (~15 minutes on a host that emulates it), then restored from mid-boot.
+# The Linux tests on Debian's stock kernel: booted to its initrd's /init once (~15 minutes
+# on a host that emulates it), then restored from mid-boot (`make test` runs the boot
+# tests on the minimal kernel for test guests, scripts/build-linux).
 linux: all
-	$(PY) -m pytest -q tests/test_linux.py tests/test_linux_boot.py
+	KVMGUEST_LINUX_BOOT=debian $(PY) -m pytest -q tests/test_linux.py tests/test_linux_boot.py
 
 fuzz: all
 	KVMGUEST_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PY) -m pytest -q tests/test_fuzz.py
