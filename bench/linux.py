@@ -36,10 +36,10 @@ TIMEOUT = 2400
 
 
 def _timeline(argv: list[str], marks: list[str], on_line=None, stop_at: str | None = None,
-              timeout: float = TIMEOUT) -> tuple[dict[str, float], str]:
+              timeout: float = TIMEOUT, stop_also=()) -> tuple[dict[str, float], str]:
     """Start ``argv``; seconds from its start to the first console line holding each
     mark, and the last lines it printed. ``on_line(line)`` sees every line; the process
-    is killed at ``stop_at`` or ``timeout``."""
+    is killed at ``stop_at`` (or any of ``stop_also``: a failed boot) or ``timeout``."""
     t0 = time.monotonic()
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL)
@@ -54,7 +54,8 @@ def _timeline(argv: list[str], marks: list[str], on_line=None, stop_at: str | No
                     seen[mark] = time.monotonic() - t0
             if on_line:
                 on_line(line)
-            if (stop_at and stop_at in line) or time.monotonic() - t0 > timeout:
+            if (stop_at and stop_at in line) or any(s in line for s in stop_also) \
+                    or time.monotonic() - t0 > timeout:
                 break
     finally:
         p.kill()

@@ -222,6 +222,7 @@ int main(void)
         blkq.avail[blkq.avail_idx % QSIZE] = 0;
         blkq.avail_idx++;
         *R(blk, 0x50) = 0;
+        while (!(*R(blk, 0x70) & NEEDS_RESET)) cpu_relax_();  /* served in another thread */
         printf("virtio: looping chain: status 0x%x%s\n", *R(blk, 0x70),
                (*R(blk, 0x70) & NEEDS_RESET) ? " (needs reset)" : "");
         return 0;

@@ -216,6 +216,20 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_irqfd(ctypes.Structure):
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32),
+                ("pad", u8 * 16)]
+
+
+class kvm_ioeventfd(ctypes.Structure):
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", ctypes.c_int32),
+                ("flags", u32), ("pad", u8 * 36)]
+
+
+KVM_IRQFD_FLAG_DEASSIGN = 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
 # kvm_run: the shared page mapped from the vcpu fd.  Only the exits we handle are
 # spelled out; the rest of the 256-byte union is padding.
 class _run_io(ctypes.Structure):
@@ -288,6 +302,8 @@ class VmIoctl(enum.IntEnum):
     KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
     KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
     KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
+    KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
+    KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
     KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
     KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)
     KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
@@ -431,7 +447,8 @@ STRUCTS = {c.__name__: c for c in (
     kvm_clear_dirty_log, kvm_dirty_gfn, kvm_enable_cap, kvm_mp_state, kvm_vcpu_events, kvm_debugregs,
     kvm_guest_debug, kvm_guest_debug_arch, kvm_debug_exit_arch,
     kvm_xsave, kvm_xcr, kvm_xcrs, kvm_lapic_state, kvm_pit_channel_state, kvm_pit_state2,
-    kvm_pit_config, kvm_clock_data, kvm_irqchip, kvm_irq_level, kvm_run)}
+    kvm_pit_config, kvm_clock_data, kvm_irqchip, kvm_irq_level, kvm_irqfd, kvm_ioeventfd,
+    kvm_run)}
 
 IOCTLS = {m.name: int(m) for group in (SysIoctl, VmIoctl, VcpuIoctl) for m in group}
 
@@ -440,6 +457,8 @@ CONSTANTS = {m.name: int(m) for group in (Cap, ExitReason, InternalError, IrqChi
              for m in group}
 CONSTANTS.update({
     "KVM_API_VERSION": KVM_API_VERSION,
+    "KVM_IRQFD_FLAG_DEASSIGN": KVM_IRQFD_FLAG_DEASSIGN,
+    "KVM_IOEVENTFD_FLAG_DEASSIGN": KVM_IOEVENTFD_FLAG_DEASSIGN,
     "KVM_MEM_LOG_DIRTY_PAGES": int(MemFlag.KVM_MEM_LOG_DIRTY_PAGES),
     "KVM_MEM_READONLY": int(MemFlag.KVM_MEM_READONLY),
     "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,

@@ -264,6 +264,18 @@ class Vm(_CapsFd):
     def irq_line(self, irq: int, level: int) -> None:
         ioctl(self.fd, VmIoctl.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
 
+    def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
+        """KVM_IRQFD: a write to eventfd ``fd`` pulses interrupt ``gsi`` (an edge)."""
+        ioctl(self.fd, VmIoctl.KVM_IRQFD,
+              abi.kvm_irqfd(fd=fd, gsi=gsi, flags=0 if assign else abi.KVM_IRQFD_FLAG_DEASSIGN))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, assign: bool = True) -> None:
+        """KVM_IOEVENTFD: a guest write of ``length`` bytes to MMIO ``addr`` signals
+        eventfd ``fd`` in the kernel (no exit to the VMM)."""
+        ioctl(self.fd, VmIoctl.KVM_IOEVENTFD, abi.kvm_ioeventfd(
+            addr=addr, len=length, fd=fd,
+            flags=0 if assign else abi.KVM_IOEVENTFD_FLAG_DEASSIGN))
+
     def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
         chip = abi.kvm_irqchip(chip_id=chip_id)
         ioctl(self.fd, VmIoctl.KVM_GET_IRQCHIP, chip)

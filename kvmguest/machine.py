@@ -139,7 +139,7 @@ class Machine:
             self.devices = Devices(self.memory, vcpus,
                                    self.platform.irq_line if irqchip else None, stream,
                                    console_capacity, self._power_event, self._rtc_alarm,
-                                   virtio)
+                                   virtio, self.platform.vm)
             self.serial = self.console = self.devices.serial
             for hold, release in self.devices.virtio.pause_hooks():
                 self.vcpus.on_parked.append(hold)

@@ -37,6 +37,7 @@ def test_a_snapshot_beyond_what_run_accepts_is_refused_before_allocating(tmp_pat
 
     class Plan:
         regions = [Spec(0, 0, 3 * GiB, "ram-low"), Spec(1, 4 * GiB, 6 * GiB, "ram-high")]
+        saved_regions = regions               # no device memory
 
     path = tmp_path / "huge.snap"
     w = MappedWriter(str(path), Plan)

@@ -62,7 +62,7 @@ class Devices:
 
     def __init__(self, memory, vcpus: int, irq_line=None, stream=None,
                  console_capacity: int = 1 << 20, on_power=None, on_rtc_alarm=None,
-                 virtio=()):
+                 virtio=(), vm=None):
         serial_irq = (lambda level: irq_line(COM1_IRQ, level)) if irq_line else None
         self.serial = Serial(capacity=console_capacity, stream=stream, irq=serial_irq)
         self.debug_exit = DebugExit()
@@ -80,7 +80,7 @@ class Devices:
         self.bus.register(cmos.PORT, cmos.PORTS, self.cmos)
         for base, count, handler in self.testdev.ports() + self.acpi_pm.ports():
             self.bus.register(base, count, handler)
-        self.virtio = VirtioDevices(memory, virtio, self.serial, irq_line)
+        self.virtio = VirtioDevices(memory, virtio, self.serial, irq_line, vm)
 
     def handle_mmio(self, ex) -> bool:
         """An MMIO exit in one of our windows carried out (False: nobody's)."""

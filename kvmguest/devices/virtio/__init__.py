@@ -6,17 +6,21 @@ notifies a queue: none is in flight while the guest is paused."""
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
 from dataclasses import dataclass, field
 
 from ...arch.x86 import layout
 from ..fields import boolean, uint
 from .blk import Blk, DiskError, check_overlay_state
+from .iothread import IoThread
 from .console import Console
 from .net import Net, NetError, parse_mac
 from .mmio import MAGIC, VERSION, WINDOW, MmioTransport
 from .rng import Rng
 
+log = logging.getLogger(__name__)
 IRQS = (5, 6, 7, 10, 11, 12, 14, 15)      # ISA lines no other device of ours uses
 EMPTY_WINDOW = struct.pack("<III", MAGIC, VERSION, 0)      # magic, version, device ID 0
 KINDS = {"blk": Blk, "console": Console, "net": Net, "rng": Rng}
@@ -37,10 +41,15 @@ class DeviceSpec:
 class VirtioDevices:
     """The machine's virtio devices, by name (``virtio-blk0``, ...), each on its window."""
 
-    def __init__(self, memory, specs, serial, irq_line=None):
+    def __init__(self, memory, specs, serial, irq_line=None, vm=None):
+        """``vm``: notifications through ioeventfds served by an I/O thread, and (with
+        ``irq_line``: the in-kernel irqchip) interrupts through irqfds; without it, both
+        are exits and ioctls (see iothread.py)."""
         if len(specs) > MAX_DEVICES:
             raise ValueError(f"{len(specs)} virtio devices: at most {MAX_DEVICES}")
         self.transports: dict[str, MmioTransport] = {}
+        self.io: IoThread | None = None
+        self._irqfds: list[int] = []
         counts: dict[str, int] = {}
         try:
             for i, spec in enumerate(specs):
@@ -60,17 +69,38 @@ class VirtioDevices:
                 self.transports[dev.name] = MmioTransport(dev, memory,
                                                           layout.VIRTIO_MMIO_BASE + i * WINDOW,
                                                           line)
+            self.irqs = {name: IRQS[i] for i, name in enumerate(self.transports)}
+            if vm is not None and self.transports:
+                self._eventfds(vm, irq_line is not None)
         except BaseException:
             self.close()
             raise
-        self.irqs = {name: IRQS[i] for i, name in enumerate(self.transports)}
 
+    def _eventfds(self, vm, irqchip: bool) -> None:
+        try:
+            if irqchip:
+                for name, t in self.transports.items():
+                    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                    self._irqfds.append(efd)
+                    vm.irqfd(efd, self.irqs[name])
+                    t.pulse = lambda efd=efd: os.eventfd_write(efd, 1)
+        except OSError as err:           # a KVM without irqfd: KVM_IRQ_LINE, as before
+            log.info("virtio: no irqfd (%s): interrupts by KVM_IRQ_LINE", err.strerror)
+            for t in self.transports.values():
+                t.pulse = None
+        try:
+            self.io = IoThread(vm, self.transports.values())
+        except OSError as err:           # without ioeventfd: notifications exit
+            log.info("virtio: no ioeventfd (%s): notifications exit to the VMM", err.strerror)
+            for t in self.transports.values():
+                t.kick = None
 
     def pause_hooks(self) -> list[tuple]:
         """(hold, release) of each device that writes guest RAM from a thread of its own:
         the machine's pause holds it (no such write while the guest is paused)."""
         return [(t.device.hold, t.device.release) for t in self.transports.values()
-                if hasattr(t.device, "hold")]
+                if hasattr(t.device, "hold")] + ([(self.io.hold, self.io.release)]
+                                                 if self.io else [])
 
     def resources(self) -> list[tuple[int, int]]:
         """(window base, interrupt line) of each device, for the ACPI tables."""
@@ -103,8 +133,14 @@ class VirtioDevices:
             t.restore_state(saved[name])
 
     def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
+            self.io = None
         for t in self.transports.values():
             t.device.close()
+        for efd in self._irqfds:
+            os.close(efd)
+        self._irqfds = []
 
 
 # --- a snapshot's virtio state, checked before any device exists -------------------------

@@ -46,6 +46,8 @@ class MmioTransport:
 
     def __init__(self, device, memory, base: int, irq=None):
         self.device, self.memory, self.base, self.irq = device, memory, base, irq
+        self.pulse = None                      # an irqfd's write, where the VM has one
+        self.kick = None                       # signals the I/O thread (ioeventfd), if any
         device.transport = self
         self.offered = device.features | F_VERSION_1
         self.queues = [Queue(memory) for _ in range(device.queue_count)]
@@ -175,6 +177,12 @@ class MmioTransport:
         if used:
             self.raise_used(index)
 
+    def notify_all(self) -> None:
+        """Serve every queue (the I/O thread, on a QueueNotify signalled by ioeventfd)."""
+        with self.lock:
+            for index in range(len(self.queues)):
+                self._notify(index)
+
     def raise_used(self, index: int) -> None:
         """Queue ``index`` has new used buffers: interrupt, unless the driver said not to."""
         if self.queues[index].wants_interrupt():
@@ -189,7 +197,9 @@ class MmioTransport:
     def interrupt(self, kind: int) -> None:
         """Raise the device's interrupt (an edge, as the line is configured)."""
         self.interrupt_status |= kind
-        if self.irq:
+        if self.pulse:
+            self.pulse()
+        elif self.irq:
             self.irq(1)
             self.irq(0)
 
@@ -230,3 +240,5 @@ class MmioTransport:
             for q, qs in zip(self.queues, state["queues"]):
                 q.restore_state(qs)
             self.device.restore_state(state["device"])
+        if self.kick:             # what the guest queued and nobody took yet: served now
+            self.kick()
