@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from ...arch.x86 import layout
 from ..fields import boolean, uint
 from .blk import Blk, DiskError, check_overlay_state
-from .iothread import IoThread
 from .console import Console
 from .net import Net, NetError, parse_mac
 from .mmio import MAGIC, VERSION, WINDOW, MmioTransport
@@ -42,13 +41,14 @@ class VirtioDevices:
     """The machine's virtio devices, by name (``virtio-blk0``, ...), each on its window."""
 
     def __init__(self, memory, specs, serial, irq_line=None, vm=None):
-        """``vm``: notifications through ioeventfds served by an I/O thread, and (with
-        ``irq_line``: the in-kernel irqchip) interrupts through irqfds; without it, both
-        are exits and ioctls (see iothread.py)."""
+        """``vm`` (with ``irq_line``: the in-kernel irqchip): interrupts through irqfds.
+        Notifications stay MMIO exits, carried out in the vCPU that made them: measured
+        here, an ioeventfd served by an I/O thread frees the vCPU sooner (a notify 0.3x
+        the cost of an exit) but makes a request slower end to end (1.35x: the thread
+        must wake) and a Linux boot no faster (docs/devices.md)."""
         if len(specs) > MAX_DEVICES:
             raise ValueError(f"{len(specs)} virtio devices: at most {MAX_DEVICES}")
         self.transports: dict[str, MmioTransport] = {}
-        self.io: IoThread | None = None
         self._irqfds: list[int] = []
         counts: dict[str, int] = {}
         try:
@@ -70,37 +70,31 @@ class VirtioDevices:
                                                           layout.VIRTIO_MMIO_BASE + i * WINDOW,
                                                           line)
             self.irqs = {name: IRQS[i] for i, name in enumerate(self.transports)}
-            if vm is not None and self.transports:
-                self._eventfds(vm, irq_line is not None)
+            if vm is not None and irq_line is not None and self.transports:
+                self._irqfds_for(vm)
         except BaseException:
             self.close()
             raise
 
-    def _eventfds(self, vm, irqchip: bool) -> None:
+    def _irqfds_for(self, vm) -> None:
+        """An irqfd per device: one write pulses its line (0.4x the cost of the two
+        KVM_IRQ_LINE ioctls of an edge, measured here)."""
         try:
-            if irqchip:
-                for name, t in self.transports.items():
-                    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                    self._irqfds.append(efd)
-                    vm.irqfd(efd, self.irqs[name])
-                    t.pulse = lambda efd=efd: os.eventfd_write(efd, 1)
+            for name, t in self.transports.items():
+                efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._irqfds.append(efd)
+                vm.irqfd(efd, self.irqs[name])
+                t.pulse = lambda efd=efd: os.eventfd_write(efd, 1)
         except OSError as err:           # a KVM without irqfd: KVM_IRQ_LINE, as before
             log.info("virtio: no irqfd (%s): interrupts by KVM_IRQ_LINE", err.strerror)
             for t in self.transports.values():
                 t.pulse = None
-        try:
-            self.io = IoThread(vm, self.transports.values())
-        except OSError as err:           # without ioeventfd: notifications exit
-            log.info("virtio: no ioeventfd (%s): notifications exit to the VMM", err.strerror)
-            for t in self.transports.values():
-                t.kick = None
 
     def pause_hooks(self) -> list[tuple]:
         """(hold, release) of each device that writes guest RAM from a thread of its own:
         the machine's pause holds it (no such write while the guest is paused)."""
         return [(t.device.hold, t.device.release) for t in self.transports.values()
-                if hasattr(t.device, "hold")] + ([(self.io.hold, self.io.release)]
-                                                 if self.io else [])
+                if hasattr(t.device, "hold")]
 
     def resources(self) -> list[tuple[int, int]]:
         """(window base, interrupt line) of each device, for the ACPI tables."""
@@ -133,9 +127,6 @@ class VirtioDevices:
             t.restore_state(saved[name])
 
     def close(self) -> None:
-        if self.io is not None:
-            self.io.close()
-            self.io = None
         for t in self.transports.values():
             t.device.close()
         for efd in self._irqfds:

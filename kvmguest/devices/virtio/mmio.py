@@ -47,7 +47,6 @@ class MmioTransport:
     def __init__(self, device, memory, base: int, irq=None):
         self.device, self.memory, self.base, self.irq = device, memory, base, irq
         self.pulse = None                      # an irqfd's write, where the VM has one
-        self.kick = None                       # signals the I/O thread (ioeventfd), if any
         device.transport = self
         self.offered = device.features | F_VERSION_1
         self.queues = [Queue(memory) for _ in range(device.queue_count)]
@@ -177,12 +176,6 @@ class MmioTransport:
         if used:
             self.raise_used(index)
 
-    def notify_all(self) -> None:
-        """Serve every queue (the I/O thread, on a QueueNotify signalled by ioeventfd)."""
-        with self.lock:
-            for index in range(len(self.queues)):
-                self._notify(index)
-
     def raise_used(self, index: int) -> None:
         """Queue ``index`` has new used buffers: interrupt, unless the driver said not to."""
         if self.queues[index].wants_interrupt():
@@ -240,5 +233,3 @@ class MmioTransport:
             for q, qs in zip(self.queues, state["queues"]):
                 q.restore_state(qs)
             self.device.restore_state(state["device"])
-        if self.kick:             # what the guest queued and nobody took yet: served now
-            self.kick()
