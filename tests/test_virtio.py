@@ -369,3 +369,48 @@ def test_hvc0_input_waiting_in_the_device_travels_in_its_state(machine_factory):
     m.console.send(b"and late\n")
     result = m.wait(MARGIN)
     assert result.exit_code == 0 and "virtio: hvc0 input: early and late" in result.console
+
+
+def test_a_damaged_overlay_block_map_is_refused_before_any_device_exists():
+    """The overlay's block map is input like the rest of a snapshot: bad base64, a map
+    longer or shorter than its disk, a decompression bomb, a wrong block count: each
+    one line, checked by check_state before a restore makes anything."""
+    import base64
+    import zlib
+
+    from kvmguest.devices.virtio import check_state
+    from kvmguest.devices.virtio.blk import check_overlay_state
+
+    def held(raw: bytes) -> str:
+        return base64.b64encode(zlib.compress(raw)).decode()
+    good = {"blocks": 256, "held": held(bytes(32))}
+    assert check_overlay_state(good) is None
+    assert "damaged" in check_overlay_state({**good, "held": "***"})
+    assert "longer" in check_overlay_state({**good, "held": held(bytes(33))})
+    assert "shorter" in check_overlay_state({**good, "held": held(bytes(31))})
+    assert "longer" in check_overlay_state({**good, "held": held(bytes(64 << 20))})
+    assert "block count" in check_overlay_state({"blocks": -1, "held": good["held"]})
+    assert "256 blocks, the disk 512" in check_overlay_state(good, 512)
+    disk = {"path": "/x.img", "size": 1 << 20, "inode": 1, "mtime_ns": 1}
+    state = {"status": 0, "driver_features": 0, "offered": 1 << 32, "interrupt_status": 0,
+             "queue_sel": 0, "dev_features_sel": 0, "drv_features_sel": 0,
+             "config_generation": 0, "index": 0, "queues": [],
+             "device": {"disk": disk, "readonly": False, "overlay": {**good, "held": "!"}}}
+    assert "virtio-blk0: the overlay's block map is damaged" in check_state("virtio-blk0", state)
+
+
+def test_an_overlay_of_a_disk_that_ends_mid_block_reads_and_writes_its_last_sector(tmp_path):
+    """A disk whose size is not a whole number of overlay blocks (4 KiB): its last block
+    is partly past the end; the last sector is still written to and read from it."""
+    path = tmp_path / "odd.img"
+    sectors = 2047                               # 1 MiB - 512: the last block ends early
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 2 + bytes(512))
+        for k in range(2, sectors):
+            f.write(struct.pack("<Q", k).ljust(512, b"\xaa"))
+    before = sha(path)
+    p = cli("run", guest("virtio"), "--disk", f"{path},overlay", "--cmdline", "writes=4100",
+            timeout=MARGIN)
+    assert p.returncode == 0 and f"{sectors} sectors" in p.stdout, p.stdout[-2000:] + p.stderr
+    assert "virtio: every write kept" in p.stdout, p.stdout[-2000:]
+    assert sha(path) == before

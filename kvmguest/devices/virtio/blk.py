@@ -303,8 +303,9 @@ class Overlay:
 
 def _held_bits(state: dict):
     d = zlib.decompressobj()
-    raw = d.decompress(base64.b64decode(state["held"], validate=True), state["blocks"] // 8 + 1)
-    if d.unconsumed_tail or not d.eof:
+    want = (state["blocks"] + 7) // 8
+    raw = d.decompress(base64.b64decode(state["held"], validate=True), want)
+    if d.unconsumed_tail or not d.eof or d.unused_data:
         raise ValueError("the block map is longer than its disk")
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:state["blocks"]]
     if len(bits) != state["blocks"]:
