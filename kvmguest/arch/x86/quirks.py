@@ -34,6 +34,12 @@ QUIRKS = (
     ("clearcpuid", "bmi2", ()),
     ("clearcpuid", "sha_ni", ()),
 )
+# Time across a restore: such a host ignores a host-initiated IA32_TSC write (the guest's
+# TSC is the host's; measured: KVM_SET_MSRS of 10^6 reads back the host's count), so a
+# guest keeping time by the TSC sees the time between a save and its restore as a jump
+# (Linux: RCU stall warnings, timers firing late). kvm-clock, which KVM_SET_CLOCK puts
+# back, keeps time across it.
+CLOCK = ("clocksource=kvm-clock",)
 # Boot-time work that stalls there rather than fails: ftrace's record check, the crypto
 # self-tests; and a preemptible kernel, whose softirqs do not starve the emulated CPU.
 STALLS = ("initcall_blacklist=ftrace_check_for_weak_functions", "preempt=full",
@@ -44,7 +50,7 @@ EMULATING_HOST_CPU = ",".join(v for how, v, _ in QUIRKS if how == "cpu")
 EMULATING_HOST_CMDLINE = " ".join(
     [v for how, v, _ in QUIRKS if how == "param"]
     + ["clearcpuid=" + ",".join(v for how, v, _ in QUIRKS if how == "clearcpuid")]
-    + list(STALLS))
+    + list(CLOCK) + list(STALLS))
 
 
 def avoided_by(mnemonic: str) -> str | None:
