@@ -46,6 +46,17 @@ def kut_tree() -> str:
 
 
 @pytest.fixture(scope="session")
+def minimal_kernel() -> Path:
+    """The kernel for test guests (scripts/build-linux: built once per machine, ~20
+    minutes the first time, cached outside the tree)."""
+    p = subprocess.run([str(ROOT / "scripts" / "build-linux")], capture_output=True,
+                       text=True, timeout=3600)
+    if p.returncode != 0:
+        pytest.fail(f"scripts/build-linux failed: {p.stderr.strip()[-2000:]}", pytrace=False)
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
 def vmlinuz() -> Path:
     """Debian's kernel (scripts/fetch-linux): a test without it fails under CI."""
     from linux_boot import fetch_linux

@@ -23,7 +23,7 @@ from migrate import checkpoint as ck
 from migrate.format import SnapshotError
 from migrate.precopy import live_save
 
-KILLS = int(os.environ.get("KVMGUEST_CKPT_KILLS", "100"))   # make soak: 2000 x 8 seeds
+KILLS = int(os.environ.get("KVMGUEST_CKPT_KILLS", "60"))   # make soak: 2000 x 8 seeds
 ZERO_CRC = zlib.crc32(bytes(4096))
 DIRTY = "pages=300 passes=0 quiet"
 

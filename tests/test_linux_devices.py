@@ -17,19 +17,9 @@ import pytest
 from helpers import ROOT
 
 pytestmark = pytest.mark.kvm
-BUILD_TIMEOUT = 3600            # the first build on a machine (cached after): ~20 minutes
 BOOT_TIMEOUT = 1800             # seconds for a boot to /sbin/init, on a loaded machine too
 CMDLINE = "console=hvc0 root=/dev/vda"
 BLOB = 16 << 20                 # bytes init hashes, paged in from the disk as it reads
-
-
-@pytest.fixture(scope="session")
-def minimal_kernel() -> Path:
-    p = subprocess.run([str(ROOT / "scripts" / "build-linux")], capture_output=True,
-                       text=True, timeout=BUILD_TIMEOUT)
-    if p.returncode != 0:
-        pytest.fail(f"scripts/build-linux failed: {p.stderr.strip()[-2000:]}", pytrace=False)
-    return Path(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
