@@ -61,11 +61,18 @@ class SaveReport:
         return d
 
     def summary(self) -> str:
-        lines = [f"saved {self.path} ({self.format}): {len(self.passes)} passes, "
-                 f"{self.bytes_written / 2**20:.1f} MiB written at "
-                 f"{self.throughput / 2**20:.0f} MiB/s, downtime {self.downtime_ms:.1f} ms, "
-                 f"file {self.file_size / 2**20:.1f} MiB ({self.allocated / 2**20:.1f} MiB "
-                 f"allocated); stopped iterating: {self.stop_reason}; guest {self.then}"]
+        if self.format == "migrate":
+            lines = [f"migrated to {self.path}: {len(self.passes)} passes, "
+                     f"{self.bytes_written / 2**20:.1f} MiB sent at "
+                     f"{self.throughput / 2**20:.0f} MiB/s, downtime {self.downtime_ms:.1f} ms "
+                     f"(to the destination's acknowledgement: {self.total_seconds:.2f} s in "
+                     f"all); stopped iterating: {self.stop_reason}; the guest runs there"]
+        else:
+            lines = [f"saved {self.path} ({self.format}): {len(self.passes)} passes, "
+                     f"{self.bytes_written / 2**20:.1f} MiB written at "
+                     f"{self.throughput / 2**20:.0f} MiB/s, downtime {self.downtime_ms:.1f} ms, "
+                     f"file {self.file_size / 2**20:.1f} MiB ({self.allocated / 2**20:.1f} MiB "
+                     f"allocated); stopped iterating: {self.stop_reason}; guest {self.then}"]
         for p in self.passes:
             lines.append(f"  pass {p.index}: {p.pages_dirty} dirty, {p.pages_written} written, "
                          f"{p.pages_zero} zero, {p.seconds * 1e3:.1f} ms")
@@ -127,6 +134,9 @@ def make_writer(format: str, path: str, memory, threads: int, direct: bool,
     if format == "stream":
         from .formats.stream import StreamWriter
         return StreamWriter(path, memory, direct=direct, cancel=cancel)
+    if format == "migrate":                      # path: the destination's address
+        from .live import SocketWriter
+        return SocketWriter(path, memory, cancel=cancel)
     raise SaveError(f"unknown format {format!r} (mapped or stream)")
 
 
@@ -175,8 +185,9 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
         machine.stop()
     report = save.report
     report.passes = save.writer.passes
-    st = os.stat(report.path)
-    report.file_size, report.allocated = st.st_size, st.st_blocks * 512
+    if o.format != "migrate":
+        st = os.stat(report.path)
+        report.file_size, report.allocated = st.st_size, st.st_blocks * 512
     report.total_seconds = time.perf_counter() - save.t0
     log.info("%s", report.summary())
     return report
@@ -191,7 +202,8 @@ class _Save:
         self.t0 = time.perf_counter()
         self.machine, self.o, self.cancel = machine, o, cancel
         self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel)
-        self.report = SaveReport(path=os.path.abspath(path), format=o.format, then=o.then)
+        self.report = SaveReport(path=path if o.format == "migrate" else os.path.abspath(path),
+                                 format=o.format, then=o.then)
         self.total_pages = sum(r.npages for r in machine.memory.saved_regions)
         self.shown = _Progress(progress, self.total_pages)
         self.client = None

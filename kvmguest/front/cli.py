@@ -314,6 +314,22 @@ def cmd_save(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    from kvmguest.front.control import SaveFailed, request
+    progress = Progress("migrating")
+    try:
+        reply = request(args.control, {"op": "migrate", "address": args.address,
+                                       "downtime_ms": args.downtime}, progress=progress)
+    finally:
+        progress.done()
+    if reply.get("interrupted"):
+        raise Interrupted("interrupted: the migration was cancelled; the guest runs on here")
+    if not reply["ok"]:
+        raise SaveFailed(f"the guest could not migrate: {printable(reply['error'])}")
+    print(printable(reply["summary"], keep_newlines=True))
+    return 0
+
+
 def cmd_checkpoint(args) -> int:
     from kvmguest.front.control import SaveFailed, request_checkpoint
     reply = request_checkpoint(args.control)
@@ -326,7 +342,6 @@ def cmd_checkpoint(args) -> int:
 def cmd_restore(args) -> int:
     from migrate.reader import restore
 
-    from kvmguest.front.session import Session
 
     _check_guest_migrate(args)
     if args.control:
@@ -334,10 +349,29 @@ def cmd_restore(args) -> int:
         check_socket_path(args.control)
     _check_checkpoint(args)
     _check_gdb(args)
+    if (args.path is None) == (args.incoming is None):
+        raise UsageError("restore takes a snapshot file or --incoming ADDRESS (one of them)")
+    disks = {name or f"virtio-blk{i}": path for i, (name, path) in enumerate(args.disk)}
+    if args.incoming:
+        from kvmguest.front.control import listen_for_migration
+        from migrate.live import restore_incoming
+        server = listen_for_migration(args.incoming)
+        try:
+            if not args.quiet:
+                _err(f"waiting for a guest on {args.incoming}")
+            m, report = restore_incoming(server, stream=None if args.quiet
+                                         else _stream_stdout, disks=disks or None)
+        finally:
+            server.close()
+            if args.incoming.startswith("unix:"):
+                try:
+                    os.unlink(args.incoming[5:])
+                except OSError:
+                    pass
+        return _run_restored(args, m, report)
     progress = Progress("restoring")
     progress("reading", 0.0)
     try:
-        disks = {name or f"virtio-blk{i}": path for i, (name, path) in enumerate(args.disk)}
         m, report = restore(args.path, lazy=args.lazy, threads=args.threads,
                             stream=None if args.quiet else _stream_stdout, progress=progress,
                             disks=disks or None)
@@ -346,6 +380,11 @@ def cmd_restore(args) -> int:
         from kvmguest.front.guest_migrate import DIR_ENV, remove_inherited_snapshot
         if DIR_ENV in os.environ:        # the file of a guest-requested migration
             remove_inherited_snapshot(args.path)
+    return _run_restored(args, m, report)
+
+
+def _run_restored(args, m, report) -> int:
+    from kvmguest.front.session import Session
     session = Session(args, note=_err, show=_show)
     with m:
         if args.verbose:
@@ -590,6 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
     _save_args(save)
     save.set_defaults(func=cmd_save)
 
+    migrate = sub.add_parser("migrate", parents=[common],
+                             help="move a guest started with --control to a `restore "
+                                  "--incoming` (live: pre-copy)")
+    migrate.add_argument("--control", metavar="SOCK", required=True, help="the guest's socket")
+    migrate.add_argument("address", help="the destination: unix:PATH or tcp:HOST:PORT")
+    migrate.add_argument("--downtime", type=float, default=50.0, metavar="MS",
+                         help="the downtime to aim for (default 50 ms)")
+    migrate.set_defaults(func=cmd_migrate)
+
     checkpoint = sub.add_parser("checkpoint", parents=[common],
                                 help="take a checkpoint now, of a guest run with --checkpoint "
                                      "and --control")
@@ -599,7 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = sub.add_parser("restore", parents=[common],
                              help="resume a saved guest and stream its console")
-    restore.add_argument("path", help="snapshot file")
+    restore.add_argument("path", nargs="?", help="snapshot file")
+    restore.add_argument("--incoming", metavar="ADDRESS",
+                         help="wait for one guest migrated to ADDRESS (unix:PATH or "
+                              "tcp:HOST:PORT) instead of reading a file, and run it")
     restore.add_argument("--disk", action="append", default=[], type=_moved_disk,
                          metavar="[NAME=]PATH",
                          help="where a disk of the snapshot is now (NAME virtio-blkN; "

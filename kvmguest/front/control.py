@@ -239,10 +239,10 @@ class ControlServer:
             return {"ok": True, "running": bool(self.machine and self.machine.running)}
         if op == "checkpoint":
             return self._checkpoint()
-        if op != "save":
+        if op not in ("save", "migrate"):
             return {"ok": False, "error": f"bad request: unknown op {printable(op)!r}"}
         try:
-            options = self._save_options(req)
+            options = (self._save_options if op == "save" else self._migrate_options)(req)
         except ValueError as err:
             return {"ok": False, "error": f"bad request: {err}"}
         try:
@@ -295,6 +295,27 @@ class ControlServer:
                 or type(direct) is not bool:
             raise ValueError("then must be stop|continue, format mapped|stream, direct a bool")
         return dict(path=path, threads=threads, direct=direct, then=then, format=format,
+                    downtime_ms=float(downtime))
+
+    @staticmethod
+    def _migrate_options(req: dict) -> dict:
+        """A migration is a live save to an address (migrate/live.py), the guest stopped
+        here once the destination has it."""
+        unknown = set(req) - {"op", "address", "downtime_ms"}
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(map(printable, unknown))}")
+        address = req.get("address")
+        if not isinstance(address, str) or not address:
+            raise ValueError("migrate needs an address (unix:PATH or tcp:HOST:PORT)")
+        from migrate.live import parse_address
+        try:
+            parse_address(address)
+        except KvmguestError as err:
+            raise ValueError(str(err)) from None
+        downtime = req.get("downtime_ms", 50.0)
+        if type(downtime) not in (int, float) or not math.isfinite(downtime) or downtime <= 0:
+            raise ValueError("downtime_ms must be a positive number")
+        return dict(path=address, threads=1, direct=False, then="stop", format="migrate",
                     downtime_ms=float(downtime))
 
     def _save(self, conn: socket.socket, options: dict):
@@ -362,6 +383,19 @@ class ControlServer:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+def listen_for_migration(address: str) -> socket.socket:
+    """The listening socket of `restore --incoming ADDRESS` (migrate/live.py): a Unix
+    socket private to its owner, as the control socket is; loopback TCP."""
+    from migrate.live import parse_address
+    where = parse_address(address)
+    if where[0] == "unix":
+        return bind_private_socket(where[1], "migration socket")[0]
+    try:
+        return socket.create_server(where[1:])
+    except OSError as err:
+        raise ControlError(f"cannot listen on {address}: {err.strerror}") from None
 
 
 def _connect(path: str) -> socket.socket:

@@ -1,0 +1,313 @@
+"""Live migration over a socket (pre-copy): the source's live save writes the stream
+format's records (migrate/formats/stream.py) to a connection instead of a file, and the
+destination reads them straight into guest memory; docs/migration.md has the protocol.
+
+The source stays paused, and resumable, until the destination acknowledges that it has
+the guest: a destination that refuses, dies or cannot be reached before that leaves the
+guest running on the source (live_save's failure path resumes it). The destination takes
+one migration and closes; every record is checked as it arrives (block and page in range,
+the state within its bound and decoded), so a broken or hostile stream costs at most the
+guest memory its (checked) block list names and ends in one SnapshotError.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import struct
+import time
+import zlib
+
+import numpy as np
+
+from kvmguest.memory import PAGE_SIZE as PAGE
+from kvmguest.memory import GuestMemory, Region, RegionSpec
+from kvmguest.state import MachineState, StateError
+
+from migrate import format as fmt
+from migrate.errors import SaveError
+from migrate.format import SnapshotError
+from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_STATE, KIND_ZERO, MAGIC,
+                                    MAX_BLOCK_LIST, RECORD, VERSION, parse_blocks)
+from migrate.pageio import nonzero_pages, runs_of
+from migrate.writer import PassStats
+
+ACK, REFUSED = b"KVMGACK\n", b"KVMGNAK\n"     # the destination's answer, then a reason
+ACK_TIMEOUT = 600.0          # seconds the source waits for the answer (a restore's checks)
+STALL = 60.0                 # seconds without a byte before a peer counts as gone
+BATCH = 256                  # pages per sendmsg
+
+
+class MigrationError(SnapshotError):
+    """A migration that could not be received (exit 2, one line)."""
+
+
+def parse_address(text: str) -> tuple:
+    """``unix:PATH`` -> ("unix", PATH); ``tcp:HOST:PORT`` -> ("tcp", HOST, PORT).
+    TCP is loopback only until TLS is supported (docs/migration.md)."""
+    kind, _, rest = text.partition(":")
+    if kind == "unix" and rest:
+        return ("unix", rest)
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 <= int(port) < 65536:
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = host == "localhost"
+            if not loopback:
+                raise SaveError(f"migration address {text}: TCP beyond loopback needs TLS, "
+                                "which this kvmguest does not have yet (unix:PATH, or "
+                                "tcp:127.0.0.1:PORT)")
+            return ("tcp", host, int(port))
+    raise SaveError(f"migration address {text!r}: want unix:PATH or tcp:HOST:PORT")
+
+
+def _sendall(sock: socket.socket, bufs) -> None:
+    bufs = [memoryview(b).cast("B") for b in bufs]
+    while bufs:
+        n = sock.sendmsg(bufs[:512])
+        while n:
+            if n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs.pop(0)
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
+
+
+class SocketWriter:
+    """The source's half: a live save's writer (write_pass, settle, finish, abort) whose
+    records go to the destination at ``address``."""
+
+    def __init__(self, address: str, memory, cancel=None):
+        self.address, self.path = address, address
+        self.cancel = cancel
+        self.on_progress = None
+        self.regions = list(memory.saved_regions)
+        self.passes: list[PassStats] = []
+        where = parse_address(address)
+        try:
+            if where[0] == "unix":
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(STALL)
+                self.sock.connect(where[1])
+            else:
+                self.sock = socket.create_connection(where[1:], timeout=STALL)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as err:
+            raise SaveError(f"cannot reach the destination {address}: "
+                            f"{err.strerror or err}") from None
+        blocks = json.dumps([{"name": r.name, "gpa": r.gpa, "size": r.size, "slot": r.slot}
+                             for r in self.regions]).encode()
+        self._send([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
+                    struct.pack("<I", len(blocks)), blocks])
+
+    def _send(self, bufs) -> None:
+        try:
+            _sendall(self.sock, bufs)
+        except OSError as err:
+            raise SaveError(f"the destination {self.address} went away: "
+                            f"{err.strerror or err}") from None
+
+    def settle(self) -> None:
+        pass
+
+    def write_pass(self, dirty) -> PassStats:
+        stats = PassStats(len(self.passes))
+        t = time.perf_counter()
+        for bi, r in enumerate(self.regions):
+            if dirty is None:
+                idx = np.flatnonzero(r.maybe_nonzero())
+                stats.pages_dirty += r.npages
+                stats.pages_zero += r.npages - len(idx)
+            else:
+                idx = np.asarray(dirty.get(r.slot, []), dtype=np.int64)
+                stats.pages_dirty += len(idx)
+            for start, end in runs_of(idx).tolist():
+                for c in range(start, end, BATCH):
+                    if self.cancel is not None and self.cancel.is_set():
+                        raise SaveError("migration cancelled; the guest runs on here")
+                    ce = min(end, c + BATCH)
+                    nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
+                    bufs = []
+                    for i in range(c, ce):
+                        if nonzero[i - c]:
+                            bufs += [RECORD.pack(KIND_PAGE, bi, i),
+                                     r.array[i * PAGE:(i + 1) * PAGE]]
+                            stats.pages_written += 1
+                        else:
+                            if dirty is not None:     # pass 0: the destination has zeros
+                                bufs.append(RECORD.pack(KIND_ZERO, bi, i))
+                            stats.pages_zero += 1
+                    if bufs:
+                        self._send(bufs)
+        stats.bytes_written = stats.pages_written * PAGE
+        stats.seconds = time.perf_counter() - t
+        self.passes.append(stats)
+        return stats
+
+    def finish(self, state: dict) -> None:
+        """The state and the end record, then the destination's answer: SaveError unless
+        it acknowledges (the caller then resumes the guest here)."""
+        data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+        self._send([RECORD.pack(KIND_STATE, 0, 0), struct.pack("<QI", len(data),
+                    zlib.crc32(data)), data, RECORD.pack(KIND_END, 0, 0)])
+        self.sock.settimeout(ACK_TIMEOUT)
+        try:
+            answer = _recv_exact(self.sock, len(ACK))
+            if answer == REFUSED:
+                why = self.sock.recv(4096).decode(errors="replace").strip()
+                raise SaveError(f"the destination refused the guest: {why or 'no reason'}; "
+                                "it runs on here")
+            if answer != ACK:
+                raise SaveError("the destination answered nonsense; the guest runs on here")
+        except (OSError, EOFError) as err:
+            raise SaveError(f"the destination {self.address} did not acknowledge "
+                            f"({getattr(err, 'strerror', None) or err or 'closed'}); "
+                            "the guest runs on here") from None
+        finally:
+            self.close()
+
+    def abort(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
+    buf = into if into is not None else bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("the source closed the connection mid-stream")
+        got += k
+    return bytes(buf) if into is None else b""
+
+
+def receive(server: socket.socket) -> tuple[MachineState, GuestMemory, socket.socket]:
+    """Take one migration from ``server``: (state, memory, the connection to answer on
+    with acknowledge() or refuse()). MigrationError on a broken or hostile stream."""
+    conn, _ = server.accept()
+    conn.settimeout(STALL)
+    memory = None
+    try:
+        magic, version, nblocks, _ = HEAD.unpack(_recv_exact(conn, HEAD.size))
+        if magic != MAGIC:
+            raise MigrationError("not a kvmguest migration (bad magic)")
+        if version != VERSION:
+            raise MigrationError(f"migration stream version {version}; this kvmguest takes "
+                                 f"version {VERSION}")
+        (blen,) = struct.unpack("<I", _recv_exact(conn, 4))
+        if blen > MAX_BLOCK_LIST:
+            raise MigrationError(f"a block list of {blen} bytes is too large")
+        blocks = parse_blocks(_recv_exact(conn, blen), nblocks)
+        memory = GuestMemory([Region(RegionSpec(b.slot, b.gpa, b.size, b.name))
+                              for b in blocks])
+        regions = [memory.region_of_slot(b.slot) for b in blocks]
+        state = None
+        while True:
+            kind, bi, index = RECORD.unpack(_recv_exact(conn, RECORD.size))
+            if kind in (KIND_PAGE, KIND_ZERO):
+                if bi >= nblocks or index >= blocks[bi].npages:
+                    raise MigrationError(f"a record for page {index} of block {bi} is out of "
+                                         "range")
+                page = regions[bi].array[index * PAGE:(index + 1) * PAGE]
+                if kind == KIND_PAGE:
+                    _recv_exact(conn, PAGE, into=page)
+                else:
+                    page[:] = 0
+            elif kind == KIND_STATE:
+                if state is not None:
+                    raise MigrationError("two state records")
+                length, crc = struct.unpack("<QI", _recv_exact(conn, 12))
+                if length > fmt.MAX_STATE:
+                    raise MigrationError(f"a state of {length} bytes exceeds {fmt.MAX_STATE}")
+                data = _recv_exact(conn, length)
+                if zlib.crc32(data) != crc:
+                    raise MigrationError("the state's checksum does not match")
+                state = fmt.parse_json(data, "migration state")
+                if not isinstance(state, dict):
+                    raise MigrationError("the state is not kvmguest state")
+            elif kind == KIND_END:
+                break
+            else:
+                raise MigrationError(f"unknown record kind {kind}")
+        if state is None:
+            raise MigrationError("the stream ended without the guest's state")
+        try:
+            decoded = MachineState.from_json(state)
+        except StateError as err:
+            raise MigrationError(f"state: {err}") from None
+        return decoded, memory, conn
+    except (OSError, EOFError, socket.timeout) as err:
+        if memory is not None:
+            memory.close()
+        conn.close()
+        raise MigrationError(f"the migration broke off: {getattr(err, 'strerror', None) or err}"
+                             ) from None
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        conn.close()
+        raise
+
+
+def restore_incoming(server: socket.socket, *, stream=None, console_capacity: int = 1 << 20,
+                     disks: dict[str, str] | None = None):
+    """`restore --incoming`: one migration taken from ``server`` (a listening socket:
+    kvmguest.front.control.listen_for_migration), checked whole, made a paused-at-start
+    Machine, then acknowledged (the source stops its copy). A machine that cannot be made
+    is refused, with the reason, and the source runs its guest on."""
+    from kvmguest.machine import Machine, open_kvm
+    from migrate.reader import RestoreReport
+    kvm = open_kvm()
+    try:
+        t = time.perf_counter()
+        saved, memory, conn = receive(server)
+        try:
+            machine = Machine.from_state(saved, memory, kvm=kvm, own_kvm=True, stream=stream,
+                                         console_capacity=console_capacity, disks=disks)
+        except BaseException as err:
+            memory.close()
+            refuse(conn, str(err) or type(err).__name__)
+            if isinstance(err, (StateError, ValueError)):
+                raise MigrationError(f"state cannot be applied: {err}") from None
+            raise
+        try:
+            acknowledge(conn)
+        except OSError as err:
+            machine.close()
+            raise MigrationError(f"the source went away before it was told the guest is "
+                                 f"here ({err.strerror}); it runs the guest on") from None
+    except BaseException:
+        kvm.close()
+        raise
+    pages = sum(int(r.maybe_nonzero().sum()) for r in memory.saved_regions)
+    return machine, RestoreReport("(migration)", False, pages, pages * PAGE,
+                                  time.perf_counter() - t)
+
+
+def acknowledge(conn: socket.socket) -> None:
+    """Tell the source the guest is here (it stops its copy); raises OSError if the
+    source is gone (the caller must not run the guest then: the source runs it on)."""
+    conn.sendall(ACK)
+    conn.close()
+
+
+def refuse(conn: socket.socket, why: str) -> None:
+    try:
+        conn.sendall(REFUSED + why.encode(errors="replace")[:4000] + b"\n")
+    except OSError:
+        pass
+    conn.close()
+
+
+__all__ = ["MigrationError", "SocketWriter", "acknowledge", "parse_address", "receive",
+           "refuse", "restore_incoming"]

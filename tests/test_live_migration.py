@@ -1,0 +1,124 @@
+"""Live migration over a socket (migrate/live.py): a running guest moved to another
+machine over a Unix socket and loopback TCP verifies every page on arrival; a destination
+that refuses or is gone leaves the guest running on the source; a broken stream is one
+error on the destination."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from helpers import GO, MARGIN, assert_verified, start_dirty, wait_console
+
+pytestmark = pytest.mark.kvm
+
+
+def _destination(address: str, answer: str = "ack"):
+    """A thread taking one migration at ``address``: its result dict gets the machine's
+    console text and exit code (or the error)."""
+    from kvmguest.front.control import listen_for_migration
+    from kvmguest.machine import Machine
+    from migrate.live import acknowledge, receive, refuse
+    server = listen_for_migration(address)
+    out: dict = {}
+
+    def serve():
+        try:
+            saved, memory, conn = receive(server)
+        except Exception as err:                 # noqa: BLE001 (handed to the test)
+            out["error"] = err
+            return
+        finally:
+            server.close()
+        if answer == "refuse":
+            memory.close()
+            refuse(conn, "the test said no")
+            return
+        m = Machine.from_state(saved, memory)
+        acknowledge(conn)
+        m.start()
+        m.console.send(GO.encode())
+        result = m.wait(MARGIN)
+        out.update(exit=result.exit_code, console=result.console)
+        m.close()
+    t = threading.Thread(target=serve)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_running_guest_migrates_and_verifies_every_page(machine_factory, tmp_path, kind):
+    from migrate.precopy import live_save
+    if kind == "unix":
+        address = f"unix:{tmp_path / 'mig.sock'}"
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        address = f"tcp:127.0.0.1:{port}"
+    t, out = _destination(address)
+    m = start_dirty(machine_factory, pages=900, passes=40, oninput=True)
+    report = live_save(m, address, format="migrate", then="stop")
+    assert not m.running
+    t.join(MARGIN)
+    assert "error" not in out, out.get("error")
+    assert out["exit"] == 0, out["console"][-2000:]
+    assert_verified(out["console"], 900, 40, oninput=True)
+    assert report.passes and report.downtime_ms > 0
+
+
+def test_a_destination_that_refuses_leaves_the_guest_running_on_the_source(
+        machine_factory, tmp_path):
+    from migrate.errors import SaveError
+    from migrate.precopy import live_save
+    address = f"unix:{tmp_path / 'mig.sock'}"
+    t, out = _destination(address, answer="refuse")
+    m = start_dirty(machine_factory, pages=300, passes=0)
+    with pytest.raises(SaveError, match="refused the guest: the test said no; it runs on here"):
+        live_save(m, address, format="migrate", then="stop")
+    t.join(MARGIN)
+    assert m.running
+    m.serial.clear_output()
+    wait_console(m, "ok\n")                       # it verifies on, here
+    with pytest.raises(SaveError, match="cannot reach the destination"):
+        live_save(m, address, format="migrate", then="stop")      # nobody listens now
+    assert m.running
+
+
+def test_a_broken_stream_is_one_error_on_the_destination(tmp_path):
+    from migrate.live import MigrationError
+    address = tmp_path / "mig.sock"
+    t, out = _destination(f"unix:{address}")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(address))
+        s.sendall(b"KVMGSTRM" + b"\x01\x00\x00\x00" + b"\x01\x00\x00\x00" + bytes(48)
+                  + b"\xff\xff\xff\x7f")           # a block list of 2 GiB
+    t.join(MARGIN)
+    assert isinstance(out.get("error"), MigrationError), out
+    assert "too large" in str(out["error"])
+
+
+def test_two_processes_migrate_a_guest_from_the_command_line(tmp_path):
+    """`kvmguest restore --incoming unix:PATH` waits for one guest; `kvmguest migrate
+    --control SOCK unix:PATH` moves the guest of a `run --control SOCK` there: the source
+    process exits 0 once the destination has it, the destination runs it to its end and
+    exits with its code; the destination's socket is gone after."""
+    import subprocess
+
+    from helpers import cli, cli_popen, guest, read_until
+    sock, address = tmp_path / "ctl.sock", tmp_path / "mig.sock"
+    dest = cli_popen("restore", "--incoming", f"unix:{address}", "--console-input",
+                     stdin=subprocess.PIPE)
+    read_until(dest.stderr, "waiting for a guest")
+    src = cli_popen("run", guest("dirty"), "--memory", "256M", "--cmdline",
+                    "pages=600 passes=40 quiet oninput", "--control", sock)
+    read_until(src.stdout, "dirty: pass 16 ok")
+    r = cli("migrate", "--control", sock, f"unix:{address}", timeout=MARGIN)
+    assert r.returncode == 0 and "migrate" in r.stdout, r.stdout + r.stderr
+    assert src.wait(MARGIN) == 0, src.stderr.read()
+    out, err = dest.communicate(GO, timeout=MARGIN)
+    assert dest.returncode == 0, err[-2000:]
+    assert_verified(out, 600, 40, oninput=True)
+    assert not address.exists()
