@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 import struct
 import time
@@ -26,6 +27,8 @@ from kvmguest.memory import GuestMemory, Region, RegionSpec
 from kvmguest.state import MachineState, StateError
 
 from migrate import format as fmt
+from kvmguest.errors import EXIT_BAD_INPUT
+
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
 from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_STATE, KIND_ZERO, MAGIC,
@@ -43,9 +46,54 @@ class MigrationError(SnapshotError):
     """A migration that could not be received (exit 2, one line)."""
 
 
-def parse_address(text: str) -> tuple:
-    """``unix:PATH`` -> ("unix", PATH); ``tcp:HOST:PORT`` -> ("tcp", HOST, PORT).
-    TCP is loopback only until TLS is supported (docs/migration.md)."""
+class AddressError(SaveError):
+    """A migration address or TLS file that cannot be used (exit 2, one line)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Tls:
+    """Mutual TLS for a migration over TCP (the standard library's ``ssl``): this side's
+    certificate and key, and the CA the peer's certificate must be signed by."""
+
+    def __init__(self, cert: str, key: str, ca: str):
+        import ssl
+        self.ssl = ssl
+        self.cert, self.key, self.ca = cert, key, ca
+        for what, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+            if not path or not os.path.isfile(path):
+                raise AddressError(f"{what} {path}: not a readable file")
+
+    def _context(self, server: bool):
+        ssl = self.ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+            ctx.load_verify_locations(self.ca)
+        except (OSError, ssl.SSLError) as err:
+            raise AddressError(f"TLS: cannot load the certificate, key or CA: {err}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED            # both ways: mutual
+        return ctx
+
+    def client(self, sock: socket.socket, host: str):
+        try:
+            return self._context(False).wrap_socket(sock, server_hostname=host)
+        except (OSError, self.ssl.SSLError) as err:
+            sock.close()
+            raise SaveError(f"TLS with the destination failed: {err}") from None
+
+    def server(self, sock: socket.socket):
+        try:
+            return self._context(True).wrap_socket(sock, server_side=True)
+        except (OSError, self.ssl.SSLError) as err:
+            sock.close()
+            raise MigrationError(f"TLS with the source failed: {err}") from None
+
+
+def parse_address(text: str, tls: bool = False) -> tuple:
+    """``unix:PATH`` -> ("unix", PATH); ``tcp:HOST:PORT`` -> ("tcp", HOST, PORT). TCP
+    beyond loopback only with TLS (``tls``) (docs/migration.md)."""
     kind, _, rest = text.partition(":")
     if kind == "unix" and rest:
         return ("unix", rest)
@@ -57,15 +105,17 @@ def parse_address(text: str) -> tuple:
                 loopback = ipaddress.ip_address(host).is_loopback
             except ValueError:
                 loopback = host == "localhost"
-            if not loopback:
-                raise SaveError(f"migration address {text}: TCP beyond loopback needs TLS, "
-                                "which this kvmguest does not have yet (unix:PATH, or "
-                                "tcp:127.0.0.1:PORT)")
+            if not loopback and not tls:
+                raise AddressError(f"migration address {text}: TCP beyond loopback needs TLS "
+                                "(--tls-cert, --tls-key and --tls-ca, on both sides)")
             return ("tcp", host, int(port))
-    raise SaveError(f"migration address {text!r}: want unix:PATH or tcp:HOST:PORT")
+    raise AddressError(f"migration address {text!r}: want unix:PATH or tcp:HOST:PORT")
 
 
 def _sendall(sock: socket.socket, bufs) -> None:
+    if not hasattr(sock, "sendmsg") or getattr(sock, "context", None) is not None:
+        sock.sendall(b"".join(memoryview(b).cast("B") for b in bufs))   # TLS: no sendmsg
+        return
     bufs = [memoryview(b).cast("B") for b in bufs]
     while bufs:
         n = sock.sendmsg(bufs[:512])
@@ -82,13 +132,14 @@ class SocketWriter:
     """The source's half: a live save's writer (write_pass, settle, finish, abort) whose
     records go to the destination at ``address``."""
 
-    def __init__(self, address: str, memory, cancel=None):
+    def __init__(self, address: str, memory, cancel=None, tls: Tls | None = None):
         self.address, self.path = address, address
         self.cancel = cancel
         self.on_progress = None
         self.regions = list(memory.saved_regions)
         self.passes: list[PassStats] = []
-        where = parse_address(address)
+        self.sock = None
+        where = parse_address(address, tls is not None)
         try:
             if where[0] == "unix":
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -97,6 +148,8 @@ class SocketWriter:
             else:
                 self.sock = socket.create_connection(where[1:], timeout=STALL)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tls is not None:
+                    self.sock = tls.client(self.sock, where[1])
         except OSError as err:
             raise SaveError(f"cannot reach the destination {address}: "
                             f"{err.strerror or err}") from None
@@ -191,11 +244,14 @@ def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
     return bytes(buf) if into is None else b""
 
 
-def receive(server: socket.socket) -> tuple[MachineState, GuestMemory, socket.socket]:
+def receive(server: socket.socket, tls: Tls | None = None
+            ) -> tuple[MachineState, GuestMemory, socket.socket]:
     """Take one migration from ``server``: (state, memory, the connection to answer on
     with acknowledge() or refuse()). MigrationError on a broken or hostile stream."""
     conn, _ = server.accept()
     conn.settimeout(STALL)
+    if tls is not None:
+        conn = tls.server(conn)
     memory = None
     try:
         magic, version, nblocks, _ = HEAD.unpack(_recv_exact(conn, HEAD.size))
@@ -260,7 +316,7 @@ def receive(server: socket.socket) -> tuple[MachineState, GuestMemory, socket.so
 
 
 def restore_incoming(server: socket.socket, *, stream=None, console_capacity: int = 1 << 20,
-                     disks: dict[str, str] | None = None):
+                     disks: dict[str, str] | None = None, tls: Tls | None = None):
     """`restore --incoming`: one migration taken from ``server`` (a listening socket:
     kvmguest.front.control.listen_for_migration), checked whole, made a paused-at-start
     Machine, then acknowledged (the source stops its copy). A machine that cannot be made
@@ -270,7 +326,7 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
     kvm = open_kvm()
     try:
         t = time.perf_counter()
-        saved, memory, conn = receive(server)
+        saved, memory, conn = receive(server, tls)
         try:
             machine = Machine.from_state(saved, memory, kvm=kvm, own_kvm=True, stream=stream,
                                          console_capacity=console_capacity, disks=disks)
@@ -309,5 +365,5 @@ def refuse(conn: socket.socket, why: str) -> None:
     conn.close()
 
 
-__all__ = ["MigrationError", "SocketWriter", "acknowledge", "parse_address", "receive",
+__all__ = ["MigrationError", "SocketWriter", "Tls", "acknowledge", "parse_address", "receive",
            "refuse", "restore_incoming"]

@@ -93,6 +93,7 @@ class SaveOptions:
     min_passes: int = 1
     then: str = "stop"
     format: str = "mapped"
+    tls: object = None               # migrate.live.Tls, for format "migrate" over TCP
 
 
 def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
@@ -100,7 +101,7 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
               min_passes: int = 1,
               then: str = "stop", format: str = "mapped",
               progress: Callable[[str, float], None] | None = None,
-              cancel: threading.Event | None = None) -> SaveReport:
+              cancel: threading.Event | None = None, tls=None) -> SaveReport:
     """Save a running machine to ``path``; the guest keeps running until the final pause.
 
     ``min_passes`` pre-copy passes run even when the dirty set converges sooner (for
@@ -118,7 +119,7 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
     if not machine.running:
         raise SaveError("the guest is not running")
     options = SaveOptions(threads, direct, downtime_ms, max_passes, max_seconds, min_passes,
-                          then, format)
+                          then, format, tls)
     if not machine.save_lock.acquire(blocking=False):
         raise SaveError("a save of this guest is already in progress")
     try:
@@ -128,7 +129,7 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
 
 
 def make_writer(format: str, path: str, memory, threads: int, direct: bool,
-                cancel: threading.Event | None = None):
+                cancel: threading.Event | None = None, tls=None):
     if format == "mapped":
         return MappedWriter(path, memory, threads=threads, direct=direct, cancel=cancel)
     if format == "stream":
@@ -136,7 +137,7 @@ def make_writer(format: str, path: str, memory, threads: int, direct: bool,
         return StreamWriter(path, memory, direct=direct, cancel=cancel)
     if format == "migrate":                      # path: the destination's address
         from .live import SocketWriter
-        return SocketWriter(path, memory, cancel=cancel)
+        return SocketWriter(path, memory, cancel=cancel, tls=tls)
     raise SaveError(f"unknown format {format!r} (mapped or stream)")
 
 
@@ -201,7 +202,8 @@ class _Save:
     def __init__(self, machine, path: str, o: SaveOptions, progress, cancel):
         self.t0 = time.perf_counter()
         self.machine, self.o, self.cancel = machine, o, cancel
-        self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel)
+        self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel,
+                                  o.tls)
         self.report = SaveReport(path=path if o.format == "migrate" else os.path.abspath(path),
                                  format=o.format, then=o.then)
         self.total_pages = sum(r.npages for r in machine.memory.saved_regions)

@@ -122,3 +122,70 @@ def test_two_processes_migrate_a_guest_from_the_command_line(tmp_path):
     assert dest.returncode == 0, err[-2000:]
     assert_verified(out, 600, 40, oninput=True)
     assert not address.exists()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A test CA, and a certificate and key for each side signed by it (the destination's
+    for 127.0.0.1), made with openssl; and a second CA nobody trusts."""
+    import subprocess
+    d = tmp_path_factory.mktemp("pki")
+
+    def ssl(*args):
+        subprocess.run(["openssl", *map(str, args)], cwd=d, check=True, capture_output=True)
+    for ca in ("ca", "rogue"):
+        ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}")
+    for name, ca in (("dest", "ca"), ("src", "ca"), ("intruder", "rogue")):
+        ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tls_carries_a_migration_and_refuses_a_source_the_ca_did_not_sign(tmp_path, pki):
+    """Mutual TLS over TCP: a source with a certificate the destination's CA signed moves
+    its guest; one signed by another CA is turned away in the handshake, one line on each
+    side, and its guest runs on; TCP beyond loopback without TLS is refused before any
+    connection."""
+    import subprocess
+
+    from helpers import cli, cli_popen, guest, one_line_error, read_until
+
+    def tls(name, ca="ca"):
+        return ["--tls-cert", pki / f"{name}.pem", "--tls-key", pki / f"{name}.key",
+                "--tls-ca", pki / f"{ca}.pem"]
+    sock = tmp_path / "ctl.sock"
+    src = cli_popen("run", guest("dirty"), "--memory", "256M", "--cmdline",
+                    "pages=600 passes=40 quiet oninput", "--control", sock)
+    read_until(src.stdout, "dirty: pass 16 ok")
+    # A source the destination's CA never signed: refused, and its guest runs on.
+    address = f"tcp:127.0.0.1:{_free_port()}"
+    dest = cli_popen("restore", "--incoming", address, *tls("dest"))
+    read_until(dest.stderr, "waiting for a guest")
+    r = cli("migrate", "--control", sock, address, *tls("intruder", "ca"), timeout=MARGIN)
+    assert r.returncode != 0 and "TLS with the destination failed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert dest.wait(MARGIN) == 2 and "TLS with the source failed" in dest.stderr.read()
+    assert src.poll() is None                       # still running here
+    # The right certificate: the guest moves and verifies every page there.
+    address = f"tcp:127.0.0.1:{_free_port()}"
+    dest = cli_popen("restore", "--incoming", address, "--console-input", *tls("dest"),
+                     stdin=subprocess.PIPE)
+    read_until(dest.stderr, "waiting for a guest")
+    r = cli("migrate", "--control", sock, address, *tls("src"), timeout=MARGIN)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert src.wait(MARGIN) == 0
+    out, err = dest.communicate(GO, timeout=MARGIN)
+    assert dest.returncode == 0, err[-2000:]
+    assert_verified(out, 600, 40, oninput=True)
+    one_line_error(cli("restore", "--incoming", "tcp:10.99.0.1:4444"), 2,
+                   "TCP beyond loopback needs TLS")

@@ -314,12 +314,34 @@ def cmd_save(args) -> int:
     return 0
 
 
+def _tls(args):
+    """--tls-cert, --tls-key, --tls-ca: all three or none (migrate.live.Tls)."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise UsageError("TLS takes --tls-cert, --tls-key and --tls-ca together")
+    from migrate.live import Tls
+    return Tls(*(os.path.abspath(p) for p in given))
+
+
+def _tls_args(p) -> None:
+    p.add_argument("--tls-cert", metavar="PEM", help="this side's certificate (mutual TLS "
+                   "over TCP; required beyond loopback)")
+    p.add_argument("--tls-key", metavar="PEM", help="this side's private key")
+    p.add_argument("--tls-ca", metavar="PEM", help="the CA the other side's certificate "
+                   "must be signed by")
+
+
 def cmd_migrate(args) -> int:
     from kvmguest.front.control import SaveFailed, request
     progress = Progress("migrating")
     try:
-        reply = request(args.control, {"op": "migrate", "address": args.address,
-                                       "downtime_ms": args.downtime}, progress=progress)
+        req = {"op": "migrate", "address": args.address, "downtime_ms": args.downtime}
+        tls = _tls(args)
+        if tls:
+            req["tls"] = [tls.cert, tls.key, tls.ca]
+        reply = request(args.control, req, progress=progress)
     finally:
         progress.done()
     if reply.get("interrupted"):
@@ -355,12 +377,13 @@ def cmd_restore(args) -> int:
     if args.incoming:
         from kvmguest.front.control import listen_for_migration
         from migrate.live import restore_incoming
-        server = listen_for_migration(args.incoming)
+        tls = _tls(args)
+        server = listen_for_migration(args.incoming, tls is not None)
         try:
             if not args.quiet:
                 _err(f"waiting for a guest on {args.incoming}")
             m, report = restore_incoming(server, stream=None if args.quiet
-                                         else _stream_stdout, disks=disks or None)
+                                         else _stream_stdout, disks=disks or None, tls=tls)
         finally:
             server.close()
             if args.incoming.startswith("unix:"):
@@ -636,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("address", help="the destination: unix:PATH or tcp:HOST:PORT")
     migrate.add_argument("--downtime", type=float, default=50.0, metavar="MS",
                          help="the downtime to aim for (default 50 ms)")
+    _tls_args(migrate)
     migrate.set_defaults(func=cmd_migrate)
 
     checkpoint = sub.add_parser("checkpoint", parents=[common],
@@ -651,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--incoming", metavar="ADDRESS",
                          help="wait for one guest migrated to ADDRESS (unix:PATH or "
                               "tcp:HOST:PORT) instead of reading a file, and run it")
+    _tls_args(restore)
     restore.add_argument("--disk", action="append", default=[], type=_moved_disk,
                          metavar="[NAME=]PATH",
                          help="where a disk of the snapshot is now (NAME virtio-blkN; "

@@ -301,22 +301,28 @@ class ControlServer:
     def _migrate_options(req: dict) -> dict:
         """A migration is a live save to an address (migrate/live.py), the guest stopped
         here once the destination has it."""
-        unknown = set(req) - {"op", "address", "downtime_ms"}
+        unknown = set(req) - {"op", "address", "downtime_ms", "tls"}
         if unknown:
             raise ValueError(f"unknown fields {sorted(map(printable, unknown))}")
         address = req.get("address")
         if not isinstance(address, str) or not address:
             raise ValueError("migrate needs an address (unix:PATH or tcp:HOST:PORT)")
-        from migrate.live import parse_address
+        from migrate.live import Tls, parse_address
+        tls = req.get("tls")
         try:
-            parse_address(address)
+            if tls is not None:
+                if not (isinstance(tls, list) and len(tls) == 3 and
+                        all(isinstance(p, str) and os.path.isabs(p) for p in tls)):
+                    raise ValueError("tls must be [cert, key, ca], absolute paths")
+                tls = Tls(*tls)
+            parse_address(address, tls is not None)
         except KvmguestError as err:
             raise ValueError(str(err)) from None
         downtime = req.get("downtime_ms", 50.0)
         if type(downtime) not in (int, float) or not math.isfinite(downtime) or downtime <= 0:
             raise ValueError("downtime_ms must be a positive number")
         return dict(path=address, threads=1, direct=False, then="stop", format="migrate",
-                    downtime_ms=float(downtime))
+                    downtime_ms=float(downtime), tls=tls)
 
     def _save(self, conn: socket.socket, options: dict):
         if self.machine is None or not self.machine.running:
@@ -338,7 +344,7 @@ class ControlServer:
             return live_save(self.machine, options["path"], threads=options["threads"],
                              direct=options["direct"], then=options["then"],
                              format=options["format"], downtime_ms=options["downtime_ms"],
-                             progress=progress, cancel=cancel)
+                             progress=progress, cancel=cancel, tls=options.get("tls"))
         finally:
             done.set()
             watcher.join()
@@ -385,11 +391,12 @@ class ControlServer:
                 pass
 
 
-def listen_for_migration(address: str) -> socket.socket:
+def listen_for_migration(address: str, tls: bool = False) -> socket.socket:
     """The listening socket of `restore --incoming ADDRESS` (migrate/live.py): a Unix
-    socket private to its owner, as the control socket is; loopback TCP."""
+    socket private to its owner, as the control socket is; TCP (beyond loopback only
+    with ``tls``)."""
     from migrate.live import parse_address
-    where = parse_address(address)
+    where = parse_address(address, tls)
     if where[0] == "unix":
         return bind_private_socket(where[1], "migration socket")[0]
     try:
