@@ -36,6 +36,7 @@ from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_STATE, KIND_
 from migrate.pageio import nonzero_pages, runs_of
 from migrate.writer import PassStats
 
+GREETING = b"KVMGMIG1\n"                    # the destination speaks first (after TLS)
 ACK, REFUSED = b"KVMGACK\n", b"KVMGNAK\n"     # the destination's answer, then a reason
 ACK_TIMEOUT = 600.0          # seconds the source waits for the answer (a restore's checks)
 STALL = 60.0                 # seconds without a byte before a peer counts as gone
@@ -153,6 +154,17 @@ class SocketWriter:
         except OSError as err:
             raise SaveError(f"cannot reach the destination {address}: "
                             f"{err.strerror or err}") from None
+        try:           # with TLS 1.3 a refused certificate shows here, not in the handshake
+            greeting = _recv_exact(self.sock, len(GREETING))
+        except (OSError, EOFError) as err:
+            self.close()
+            if tls is not None:
+                raise SaveError(f"TLS with the destination failed: it did not accept this "
+                                f"side's certificate ({err})") from None
+            raise SaveError(f"the destination {address} did not greet: {err}") from None
+        if greeting != GREETING:
+            self.close()
+            raise SaveError(f"{address} is not a kvmguest waiting for a migration")
         blocks = json.dumps([{"name": r.name, "gpa": r.gpa, "size": r.size, "slot": r.slot}
                              for r in self.regions]).encode()
         self._send([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
@@ -254,6 +266,7 @@ def receive(server: socket.socket, tls: Tls | None = None
         conn = tls.server(conn)
     memory = None
     try:
+        conn.sendall(GREETING)
         magic, version, nblocks, _ = HEAD.unpack(_recv_exact(conn, HEAD.size))
         if magic != MAGIC:
             raise MigrationError("not a kvmguest migration (bad magic)")

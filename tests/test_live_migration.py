@@ -93,6 +93,7 @@ def test_a_broken_stream_is_one_error_on_the_destination(tmp_path):
     t, out = _destination(f"unix:{address}")
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(address))
+        assert s.recv(9) == b"KVMGMIG1\n"               # the destination speaks first
         s.sendall(b"KVMGSTRM" + b"\x01\x00\x00\x00" + b"\x01\x00\x00\x00" + bytes(48)
                   + b"\xff\xff\xff\x7f")           # a block list of 2 GiB
     t.join(MARGIN)
