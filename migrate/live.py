@@ -33,7 +33,7 @@ from migrate.errors import SaveError
 from migrate.format import SnapshotError
 from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_STATE, KIND_ZERO, MAGIC,
                                     MAX_BLOCK_LIST, RECORD, VERSION, parse_blocks)
-from migrate.pageio import nonzero_pages, runs_of
+from migrate.pageio import fault_point, nonzero_pages, runs_of
 from migrate.writer import PassStats
 
 GREETING = b"KVMGMIG1\n"                    # the destination speaks first (after TLS)
@@ -209,6 +209,7 @@ class SocketWriter:
                             stats.pages_zero += 1
                     if bufs:
                         self._send(bufs)
+                        fault_point("pass0" if stats.index == 0 else "midpass")
         stats.bytes_written = stats.pages_written * PAGE
         stats.seconds = time.perf_counter() - t
         self.passes.append(stats)
@@ -280,10 +281,13 @@ def receive(server: socket.socket, tls: Tls | None = None
         memory = GuestMemory([Region(RegionSpec(b.slot, b.gpa, b.size, b.name))
                               for b in blocks])
         regions = [memory.region_of_slot(b.slot) for b in blocks]
-        state = None
+        state, received = None, 0
         while True:
             kind, bi, index = RECORD.unpack(_recv_exact(conn, RECORD.size))
             if kind in (KIND_PAGE, KIND_ZERO):
+                received += 1
+                if received == 256:
+                    fault_point("incoming-pages")         # crash tests: mid-stream
                 if bi >= nblocks or index >= blocks[bi].npages:
                     raise MigrationError(f"a record for page {index} of block {bi} is out of "
                                          "range")

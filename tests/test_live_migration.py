@@ -140,7 +140,7 @@ def pki(tmp_path_factory):
     for name, ca in (("dest", "ca"), ("src", "ca"), ("intruder", "rogue")):
         ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
             f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,IP:10.99.0.2\n")
         ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
     return d
@@ -190,3 +190,90 @@ def test_tls_carries_a_migration_and_refuses_a_source_the_ca_did_not_sign(tmp_pa
     assert_verified(out, 600, 40, oninput=True)
     one_line_error(cli("restore", "--incoming", "tcp:10.99.0.1:4444"), 2,
                    "TCP beyond loopback needs TLS")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root for namespaces")
+def test_a_guest_moves_between_two_network_namespaces_over_a_veth_pair(tmp_path, pki):
+    """Source and destination in two network namespaces the test makes, joined by a veth
+    pair (10.99.0.1 - 10.99.0.2): beyond loopback, so TLS it must be; the guest arrives
+    and verifies every page; the same move without TLS is refused at once."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, cli, guest, read_until
+    ns_a, ns_b = f"kvmguest-a-{os.getpid()}", f"kvmguest-b-{os.getpid()}"
+    tls = {name: ["--tls-cert", pki / f"{name}.pem", "--tls-key", pki / f"{name}.key",
+                  "--tls-ca", pki / "ca.pem"] for name in ("src", "dest")}
+
+    def in_ns(ns, *args, **kw):
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmguest",
+                                 *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kw)
+    for ns in (ns_a, ns_b):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", "kvmva", "netns", ns_a, "type", "veth", "peer",
+                        "name", "kvmvb", "netns", ns_b], check=True)
+        for ns, dev, ip in ((ns_a, "kvmva", "10.99.0.1/24"), (ns_b, "kvmvb", "10.99.0.2/24")):
+            subprocess.run(["ip", "-n", ns, "addr", "add", ip, "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        sock = tmp_path / "ctl.sock"
+        src = in_ns(ns_a, "run", guest("dirty"), "--memory", "256M", "--cmdline",
+                    "pages=600 passes=40 quiet oninput", "--control", sock)
+        read_until(src.stdout, "dirty: pass 16 ok")
+        address = "tcp:10.99.0.2:4567"
+        r = cli("migrate", "--control", sock, address, timeout=MARGIN)
+        assert r.returncode != 0 and "needs TLS" in r.stderr, r.stderr
+        dest = in_ns(ns_b, "restore", "--incoming", address, "--console-input", *tls["dest"],
+                     stdin=subprocess.PIPE)
+        read_until(dest.stderr, "waiting for a guest")
+        r = cli("migrate", "--control", sock, address, *tls["src"], timeout=MARGIN)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert src.wait(MARGIN) == 0
+        out, err = dest.communicate(GO, timeout=MARGIN)
+        assert dest.returncode == 0, err[-2000:]
+        assert_verified(out, 600, 40, oninput=True)
+    finally:
+        for ns in (ns_a, ns_b):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_destination_killed_mid_stream_leaves_the_guest_running_on_the_source(tmp_path):
+    """The destination SIGKILLs itself once 256 pages have arrived (a fault point: the
+    event, not a delay): the source says so in one line and its guest runs on and
+    verifies."""
+    from helpers import cli, cli_popen, guest, read_until
+    address, sock = tmp_path / "mig.sock", tmp_path / "ctl.sock"
+    dest = cli_popen("restore", "--incoming", f"unix:{address}",
+                     env={"KVMGUEST_FAULT_POINT": "incoming-pages"})
+    read_until(dest.stderr, "waiting for a guest")
+    src = cli_popen("run", guest("dirty"), "--memory", "256M", "--cmdline",
+                    "pages=600 passes=0 quiet", "--control", sock)
+    read_until(src.stdout, "dirty: pass 16 ok")
+    r = cli("migrate", "--control", sock, f"unix:{address}", timeout=MARGIN)
+    assert dest.wait(MARGIN) == -9
+    assert r.returncode != 0 and "went away" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert src.poll() is None
+    read_until(src.stdout, "ok")                   # it verifies on, here
+    src.kill()
+    src.communicate()
+
+
+def test_a_source_killed_mid_pre_copy_is_one_error_on_the_destination(tmp_path):
+    """The source SIGKILLs itself in the middle of a pre-copy pass: the destination says
+    the migration broke off, in one line, exit 2, and starts nothing."""
+    from helpers import cli, cli_popen, guest, read_until
+    address, sock = tmp_path / "mig.sock", tmp_path / "ctl.sock"
+    dest = cli_popen("restore", "--incoming", f"unix:{address}")
+    read_until(dest.stderr, "waiting for a guest")
+    src = cli_popen("run", guest("dirty"), "--memory", "256M", "--cmdline",
+                    "pages=600 passes=0 quiet", "--control", sock,
+                    env={"KVMGUEST_FAULT_POINT": "midpass"})
+    read_until(src.stdout, "dirty: pass 16 ok")
+    cli("migrate", "--control", sock, f"unix:{address}", timeout=MARGIN)
+    assert src.wait(MARGIN) == -9
+    out, err = dest.communicate(timeout=MARGIN)
+    assert dest.returncode == 2 and "the migration broke off" in err, err
+    assert "Traceback" not in err
