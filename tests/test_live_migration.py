@@ -277,3 +277,68 @@ def test_a_source_killed_mid_pre_copy_is_one_error_on_the_destination(tmp_path):
     out, err = dest.communicate(timeout=MARGIN)
     assert dest.returncode == 2 and "the migration broke off" in err, err
     assert "Traceback" not in err
+
+
+def test_any_stream_is_taken_whole_or_refused_in_one_error(tmp_path):
+    """Hypothesis writes streams around a valid one (a 2 MiB block, pages, a state, the
+    end), cut and mutated anywhere: the destination takes each whole or refuses it with
+    a SnapshotError (one line, exit 2: MigrationError is one), nothing else, and never
+    holds more than the block's memory."""
+    import json
+    import os
+    import struct
+    import zlib
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from kvmguest.front.control import listen_for_migration
+    from migrate.format import SnapshotError
+    from migrate.live import GREETING, receive
+    blocks = json.dumps([{"name": "ram", "gpa": 0, "size": 2 << 20, "slot": 0}]).encode()
+    state = json.dumps({"format": "kvmguest-state"}).encode()
+    valid = (b"KVMGSTRM" + struct.pack("<II", 1, 1) + bytes(48) + struct.pack("<I", len(blocks))
+             + blocks + struct.pack("<IIQ", 1, 0, 3) + bytes(range(256)) * 16
+             + struct.pack("<IIQ", 2, 0, 7) + struct.pack("<IIQ", 3, 0, 0)
+             + struct.pack("<QI", len(state), zlib.crc32(state)) + state
+             + struct.pack("<IIQ", 4, 0, 0))
+    examples = int(os.environ.get("KVMGUEST_FUZZ_EXAMPLES", "60"))
+
+    @settings(max_examples=examples, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(cut=st.integers(0, len(valid)), flips=st.lists(
+        st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)), max_size=4))
+    def check(cut, flips):
+        data = bytearray(valid)
+        for at, byte in flips:
+            data[at] = byte
+        data = bytes(data[:cut]) if cut < len(valid) else bytes(data)
+        path = tmp_path / "f.sock"
+        server = listen_for_migration(f"unix:{path}")
+        out = {}
+
+        def serve():
+            try:
+                _, memory, conn = receive(server)
+                memory.close()
+                conn.close()
+                out["ok"] = True
+            except SnapshotError as err:
+                out["refused"] = str(err)
+            except Exception as err:      # noqa: BLE001 - anything else is the failure
+                out["other"] = err
+        t = threading.Thread(target=serve)
+        t.start()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+            s.recv(len(GREETING))
+            try:
+                s.sendall(data)
+            except OSError:
+                pass
+        t.join(MARGIN)
+        server.close()
+        os.unlink(path)
+        assert "other" not in out, out
+        assert out, "the destination neither took nor refused the stream"
+    check()
