@@ -68,8 +68,9 @@ def test_on_a_host_that_emulates_kernel_code_linux_gets_what_it_needs_unasked(
     out = out.replace("\r", "")
     if emulating:
         assert "kvmguest: this host's KVM emulates kernel code (kvm_pvm); Linux boots here " \
-            "with --cpu host,-cx16 noxsave clearcpuid clocksource initcall_blacklist " \
-            "preempt cryptomgr.notests added" in err, err
+            "with --cpu host,-cx16 noxsave clearcpuid clocksource " \
+            "rcupdate.rcu_cpu_stall_timeout initcall_blacklist preempt cryptomgr.notests " \
+            "added" in err, err
         assert f"Command line: {CMDLINE} noxsave clearcpuid=smap," in out, out[-2000:]
     else:
         assert "kvm_pvm" not in err and f"Command line: {CMDLINE}\n" in out, out[-2000:]

@@ -39,7 +39,10 @@ QUIRKS = (
 # guest keeping time by the TSC sees the time between a save and its restore as a jump
 # (Linux: RCU stall warnings, timers firing late). kvm-clock, which KVM_SET_CLOCK puts
 # back, keeps time across it.
-CLOCK = ("clocksource=kvm-clock",)
+# And kernel code runs ~100x slower there: RCU's 21 s CPU-stall warning is 0.2 s of
+# hardware time, and fires on plain boot work when two guests share the host's cores (seen:
+# mark_rodata_ro after a restore); 300 s is the most it takes.
+CLOCK = ("clocksource=kvm-clock", "rcupdate.rcu_cpu_stall_timeout=300")
 # Boot-time work that stalls there rather than fails: ftrace's record check, the crypto
 # self-tests; and a preemptible kernel, whose softirqs do not starve the emulated CPU.
 STALLS = ("initcall_blacklist=ftrace_check_for_weak_functions", "preempt=full",
