@@ -22,7 +22,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU side by side")
     p.add_argument("--only", choices=("boot", "smp", "dirty", "start", "qemu", "linux", "gdb",
-                                      "devices"),
+                                      "devices", "migrate"),
                    help="only these figures")
     args = p.parse_args()
     runs = args.runs or 3
@@ -63,6 +63,11 @@ def main() -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"\nwrote {report.write('kvmguest benchmark results: devices', 'devices')}")
+        return 0
+    if args.only == "migrate":
+        from . import live
+        live.run(report, runs)
+        print(f"\nwrote {report.write('kvmguest benchmark results: live migration', 'migrate')}")
         return 0
     if args.only == "gdb":
         gdb.run(report)

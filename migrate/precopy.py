@@ -44,6 +44,7 @@ class SaveReport:
     # last dirty set), last pages (written), state (the wait for the vCPU/VM/device state
     # read meanwhile); resume (--then continue: every vCPU running again) comes after.
     downtime_parts: dict = field(default_factory=dict)
+    paused_at: float = 0.0       # time.perf_counter() when the final pause began
 
     @property
     def bytes_written(self) -> int:
@@ -260,7 +261,7 @@ class _Save:
         # default 5 ms switch interval a thread waiting for it could stall the pause by up
         # to 5 ms (seen with 4 vCPUs); 0.1 ms keeps the hand-offs short.
         sys.setswitchinterval(1e-4)
-        t_pause = time.perf_counter()
+        t_pause = self.report.paused_at = time.perf_counter()
         machine.pause_all()
         if not machine.running:
             raise SaveError("the guest finished during the save; nothing was saved")
