@@ -38,7 +38,7 @@ def _one(kind: str, work: str) -> tuple[float, float]:
 
     def destination():
         try:
-            saved, memory, conn = receive(server)
+            saved, memory, conn, _ = receive(server)
             m = Machine.from_state(saved, memory)
             acknowledge(conn)
             m.start()

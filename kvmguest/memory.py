@@ -267,6 +267,11 @@ class GuestMemory:
 
     def device_fill(self, r: Region, off: int, fd: int, length: int, offset: int) -> int:
         """Read ``length`` bytes of ``fd`` into device memory ``r`` at ``off``."""
+        return self._fill(r, off, fd, length, offset)
+
+    def _fill(self, r: Region, off: int, fd: int, length: int, offset: int) -> int:
+        """preadv ``length`` bytes of ``fd`` into ``r`` at ``off``, marked; the bytes read
+        (fewer at end of file)."""
         view = memoryview(r.map)[off:off + length]
         done = 0
         try:
@@ -293,20 +298,8 @@ class GuestMemory:
         """Read ``length`` bytes of ``fd`` (from ``offset``) straight into guest RAM at
         ``gpa`` (no copy held in the VMM); the bytes read (fewer at end of file)."""
         r = self.region_at(gpa, length)
-        off = gpa - r.gpa
-        view = memoryview(r.map)[off:off + length]
-        done = 0
-        try:
-            with self.protect_lock:
-                while done < length:
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                    if n == 0:
-                        break
-                    done += n
-        finally:
-            view.release()
-        self._mark(r, off, done)
-        return done
+        with self.protect_lock:
+            return self._fill(r, gpa - r.gpa, fd, length, offset)
 
     def write_struct(self, gpa: int, struct: ctypes.Structure) -> None:
         self.write(gpa, bytes(struct))

@@ -258,9 +258,10 @@ def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
 
 
 def receive(server: socket.socket, tls: Tls | None = None
-            ) -> tuple[MachineState, GuestMemory, socket.socket]:
+            ) -> tuple[MachineState, GuestMemory, socket.socket, int]:
     """Take one migration from ``server``: (state, memory, the connection to answer on
-    with acknowledge() or refuse()). MigrationError on a broken or hostile stream."""
+    with acknowledge() or refuse(), the page records taken). MigrationError on a broken
+    or hostile stream."""
     conn, _ = server.accept()
     conn.settimeout(STALL)
     if tls is not None:
@@ -281,7 +282,7 @@ def receive(server: socket.socket, tls: Tls | None = None
         memory = GuestMemory([Region(RegionSpec(b.slot, b.gpa, b.size, b.name))
                               for b in blocks])
         regions = [memory.region_of_slot(b.slot) for b in blocks]
-        state, received = None, 0
+        state, received, pages = None, 0, 0
         while True:
             kind, bi, index = RECORD.unpack(_recv_exact(conn, RECORD.size))
             if kind in (KIND_PAGE, KIND_ZERO):
@@ -294,6 +295,7 @@ def receive(server: socket.socket, tls: Tls | None = None
                 page = regions[bi].array[index * PAGE:(index + 1) * PAGE]
                 if kind == KIND_PAGE:
                     _recv_exact(conn, PAGE, into=page)
+                    pages += 1
                 else:
                     page[:] = 0
             elif kind == KIND_STATE:
@@ -318,7 +320,7 @@ def receive(server: socket.socket, tls: Tls | None = None
             decoded = MachineState.from_json(state)
         except StateError as err:
             raise MigrationError(f"state: {err}") from None
-        return decoded, memory, conn
+        return decoded, memory, conn, pages
     except (OSError, EOFError, socket.timeout) as err:
         if memory is not None:
             memory.close()
@@ -343,7 +345,7 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
     kvm = open_kvm()
     try:
         t = time.perf_counter()
-        saved, memory, conn = receive(server, tls)
+        saved, memory, conn, pages = receive(server, tls)
         try:
             machine = Machine.from_state(saved, memory, kvm=kvm, own_kvm=True, stream=stream,
                                          console_capacity=console_capacity, disks=disks)
@@ -362,7 +364,6 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
     except BaseException:
         kvm.close()
         raise
-    pages = sum(int(r.maybe_nonzero().sum()) for r in memory.saved_regions)
     return machine, RestoreReport("(migration)", False, pages, pages * PAGE,
                                   time.perf_counter() - t)
 

@@ -26,7 +26,7 @@ def _destination(address: str, answer: str = "ack"):
 
     def serve():
         try:
-            saved, memory, conn = receive(server)
+            saved, memory, conn, _ = receive(server)
         except Exception as err:                 # noqa: BLE001 (handed to the test)
             out["error"] = err
             return
@@ -319,7 +319,7 @@ def test_any_stream_is_taken_whole_or_refused_in_one_error(tmp_path):
 
         def serve():
             try:
-                _, memory, conn = receive(server)
+                _, memory, conn, _ = receive(server)
                 memory.close()
                 conn.close()
                 out["ok"] = True

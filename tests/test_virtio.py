@@ -176,42 +176,51 @@ def test_a_network_device_sends_and_receives_frames_through_a_tap(tmp_path):
     assert "virtio: frame received: hello from the host" in p.stdout and "exit 0" in p.stdout
 
 
-def test_a_guest_reading_its_disk_resets_in_place_page_exact(machine_factory, tmp_path, disk):
-    """The device's writes into guest RAM (read data, used ring) are dirty pages like the
-    guest's: a reset in place puts every one back, and the guest reads on."""
+def resets_page_exact(machine_factory, tmp_path, spec, cmdline: str, progress: str) -> None:
+    """The virtio guest saved live once it reports ``progress`` 256, restored, and reset
+    in place three times, each after it went on (a ``progress`` line): every block the
+    snapshot holds (RAM, device memory) is as saved after each reset, and the guest's
+    own checks hold to the end."""
     import numpy as np
 
     from helpers import wait_console
-    from kvmguest.devices import DeviceSpec
     from migrate.precopy import live_save
     from migrate.reader import restore
     from migrate.reset import ResetPoint
-    spec = DeviceSpec("blk", {"path": str(disk), "readonly": True})
-    src = machine_factory(guest("virtio"), virtio=[spec], cmdline="readonly reads=0")
+    src = machine_factory(guest("virtio"), virtio=[spec], cmdline=cmdline)
     src.start()
-    wait_console(src, "virtio: read 256 ok")
+    wait_console(src, f"{progress} 256 ok")
     path = tmp_path / "g.snap"
     live_save(src, str(path), then="stop")
     src.close()
     m, _ = restore(str(path))
     try:
         point = ResetPoint(m, str(path))
-        snap = {r.slot: r.pages().copy() for r in m.memory.regions}
+        snap = {r.slot: r.pages().copy() for r in m.memory.saved_regions}
         m.start()
         for round_ in range(3):
             m.serial.clear_output()
-            wait_console(m, "virtio: read")             # it read on from the snapshot
+            wait_console(m, progress)                   # it went on from the snapshot
             m.pause_all()
             assert point.reset() > 0
-            for r in m.memory.regions:
+            for r in m.memory.saved_regions:
                 assert np.array_equal(r.pages(), snap[r.slot]), (round_, r.slot)
             m.resume_all()
         m.serial.clear_output()
-        wait_console(m, "virtio: read")
+        wait_console(m, progress)
         assert "BAD" not in m.serial.text()
         point.close()
     finally:
         m.close()
+
+
+def test_a_guest_reading_its_disk_resets_in_place_page_exact(machine_factory, tmp_path, disk):
+    """The device's writes into guest RAM (read data, used ring) are dirty pages like the
+    guest's: a reset in place puts every one back, and the guest reads on."""
+    from kvmguest.devices import DeviceSpec
+    resets_page_exact(machine_factory, tmp_path,
+                      DeviceSpec("blk", {"path": str(disk), "readonly": True}),
+                      "readonly reads=0", "virtio: read")
 
 
 def test_a_checkpointed_guest_reading_its_disk_killed_restores_and_reads_on(tmp_path, disk):
@@ -306,39 +315,10 @@ def test_an_overlay_checkpointed_and_killed_mid_write_restores_disk_and_ram_toge
 def test_an_overlay_resets_in_place_with_ram(machine_factory, tmp_path, disk):
     """A reset puts the overlay's blocks and its block map back with RAM: the guest
     writes on from the snapshot and every check it makes holds."""
-    import numpy as np
-
-    from helpers import wait_console
     from kvmguest.devices import DeviceSpec
-    from migrate.precopy import live_save
-    from migrate.reader import restore
-    from migrate.reset import ResetPoint
-    spec = DeviceSpec("blk", {"path": str(disk), "overlay": True})
-    src = machine_factory(guest("virtio"), virtio=[spec], cmdline="writes=0")
-    src.start()
-    wait_console(src, "virtio: write 256 ok")
-    path = tmp_path / "g.snap"
-    live_save(src, str(path), then="stop")
-    src.close()
-    m, _ = restore(str(path))
-    try:
-        point = ResetPoint(m, str(path))
-        (overlay,) = m.memory.device_regions
-        snap = overlay.pages().copy()
-        m.start()
-        for round_ in range(3):
-            m.serial.clear_output()
-            wait_console(m, "virtio: write")             # it wrote on from the snapshot
-            m.pause_all()
-            assert point.reset() > 0
-            assert np.array_equal(overlay.pages(), snap), round_
-            m.resume_all()
-        m.serial.clear_output()
-        wait_console(m, "virtio: write")
-        assert "BAD" not in m.serial.text()
-        point.close()
-    finally:
-        m.close()
+    resets_page_exact(machine_factory, tmp_path,
+                      DeviceSpec("blk", {"path": str(disk), "overlay": True}), "writes=0",
+                      "virtio: write")
 
 
 def test_console_input_reaches_hvc0_as_it_reaches_the_uart():

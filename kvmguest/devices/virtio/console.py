@@ -57,17 +57,8 @@ class Console(VirtioDevice):
             room = MAX_INPUT - len(self.pending)
             self.pending.extend(data[:max(room, 0)])
             self.dropped += max(len(data) - max(room, 0), 0)
-            t = self.transport
-            if t is None:
-                return
-            with t.lock:
-                if not t.ready_for_device():
-                    return
-                try:
-                    if self._deliver(t.queues[RECEIVE]):
-                        t.raise_used(RECEIVE)
-                except QueueError as err:
-                    t.broken(str(err))
+            if self.transport is not None:
+                self.transport.serve(RECEIVE)      # process(RECEIVE): _deliver
 
     def _deliver(self, queue) -> bool:
         """Input waiting, into the receive buffers the guest has given (with the

@@ -165,6 +165,12 @@ class MmioTransport:
         """The driver is running the device (DRIVER_OK) and it does not need a reset."""
         return bool(self.status & DRIVER_OK) and not self.status & NEEDS_RESET
 
+    def serve(self, index: int) -> None:
+        """A device's own thread has something for queue ``index`` (a received frame,
+        console input): served now, as a notify is, if the driver runs the device."""
+        with self.lock:
+            self._notify(index)
+
     def _notify(self, index: int) -> None:
         if index >= len(self.queues) or not self.ready_for_device():
             return

@@ -123,15 +123,7 @@ class Net(VirtioDevice):
             with self.gate:                  # never while the guest is paused
                 if len(self.backlog) < MAX_BACKLOG:
                     self.backlog.append(frame)
-                t = self.transport
-                with t.lock:
-                    if not t.ready_for_device():
-                        continue
-                    try:
-                        if self._deliver(t.queues[RECEIVE]):
-                            t.raise_used(RECEIVE)
-                    except QueueError as err:
-                        t.broken(str(err))
+                self.transport.serve(RECEIVE)      # process(RECEIVE): _deliver
 
     def _deliver(self, queue) -> bool:
         """Frames waiting, into the receive buffers the guest has given (called with the
