@@ -20,7 +20,6 @@ import struct
 import time
 import zlib
 
-import numpy as np
 
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import GuestMemory, Region, RegionSpec
@@ -32,15 +31,15 @@ from kvmguest.errors import EXIT_BAD_INPUT
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
 from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_STATE, KIND_ZERO, MAGIC,
-                                    MAX_BLOCK_LIST, RECORD, VERSION, parse_blocks)
-from migrate.pageio import fault_point, nonzero_pages, runs_of
+                                    MAX_BLOCK_LIST, RECORD, VERSION, parse_blocks,
+                                    pass_records)
+from migrate.pageio import fault_point
 from migrate.writer import PassStats
 
 GREETING = b"KVMGMIG1\n"                    # the destination speaks first (after TLS)
 ACK, REFUSED = b"KVMGACK\n", b"KVMGNAK\n"     # the destination's answer, then a reason
 ACK_TIMEOUT = 600.0          # seconds the source waits for the answer (a restore's checks)
 STALL = 60.0                 # seconds without a byte before a peer counts as gone
-BATCH = 256                  # pages per sendmsg
 
 
 class MigrationError(SnapshotError):
@@ -183,33 +182,12 @@ class SocketWriter:
     def write_pass(self, dirty) -> PassStats:
         stats = PassStats(len(self.passes))
         t = time.perf_counter()
-        for bi, r in enumerate(self.regions):
-            if dirty is None:
-                idx = np.flatnonzero(r.maybe_nonzero())
-                stats.pages_dirty += r.npages
-                stats.pages_zero += r.npages - len(idx)
-            else:
-                idx = np.asarray(dirty.get(r.slot, []), dtype=np.int64)
-                stats.pages_dirty += len(idx)
-            for start, end in runs_of(idx).tolist():
-                for c in range(start, end, BATCH):
-                    if self.cancel is not None and self.cancel.is_set():
-                        raise SaveError("migration cancelled; the guest runs on here")
-                    ce = min(end, c + BATCH)
-                    nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
-                    bufs = []
-                    for i in range(c, ce):
-                        if nonzero[i - c]:
-                            bufs += [RECORD.pack(KIND_PAGE, bi, i),
-                                     r.array[i * PAGE:(i + 1) * PAGE]]
-                            stats.pages_written += 1
-                        else:
-                            if dirty is not None:     # pass 0: the destination has zeros
-                                bufs.append(RECORD.pack(KIND_ZERO, bi, i))
-                            stats.pages_zero += 1
-                    if bufs:
-                        self._send(bufs)
-                        fault_point("pass0" if stats.index == 0 else "midpass")
+        for bufs in pass_records(self.regions, dirty, stats):
+            if self.cancel is not None and self.cancel.is_set():
+                raise SaveError("migration cancelled; the guest runs on here")
+            if bufs:
+                self._send(bufs)
+                fault_point("pass0" if stats.index == 0 else "midpass")
         stats.bytes_written = stats.pages_written * PAGE
         stats.seconds = time.perf_counter() - t
         self.passes.append(stats)

@@ -44,6 +44,37 @@ KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
 BATCH = 256                     # pages per pwritev
 
 
+def pass_records(regions, dirty, stats: PassStats):
+    """One pass's records, BATCH pages at a time (each a list of buffers, maybe empty),
+    counted into ``stats``: ``dirty`` None (pass 0) every page that may hold data, the
+    other side starting from zeros (QEMU likewise skips zero pages on its first pass);
+    else the dirty pages, those zero now as zero records. The stream file's writer and a
+    migration's (migrate/live.py) send the same records."""
+    for bi, r in enumerate(regions):
+        if dirty is None:
+            idx = np.flatnonzero(r.maybe_nonzero())
+            stats.pages_dirty += r.npages
+            stats.pages_zero += r.npages - len(idx)
+        else:
+            idx = np.asarray(dirty.get(r.slot, []), dtype=np.int64)
+            stats.pages_dirty += len(idx)
+        for start, end in runs_of(idx).tolist():
+            for c in range(start, end, BATCH):
+                ce = min(end, c + BATCH)
+                nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
+                bufs = []
+                for i in range(c, ce):
+                    if dirty is None and not nonzero[i - c]:
+                        stats.pages_zero += 1
+                    elif nonzero[i - c]:
+                        bufs += [RECORD.pack(KIND_PAGE, bi, i), r.array[i * PAGE:(i + 1) * PAGE]]
+                        stats.pages_written += 1
+                    else:
+                        bufs.append(RECORD.pack(KIND_ZERO, bi, i))
+                        stats.pages_zero += 1
+                yield bufs
+
+
 class StreamWriter:
     """One snapshot being written as an append-only stream (the baseline mapped-ram
     is measured against)."""
@@ -82,33 +113,10 @@ class StreamWriter:
     def write_pass(self, dirty) -> PassStats:
         stats = PassStats(len(self.passes))
         t = time.perf_counter()
-        for bi, r in enumerate(self.regions):
-            if dirty is None:
-                # Pass 0: restore starts from zeroed RAM, so only pages that may hold
-                # data are sent (QEMU likewise skips zero pages on its first pass).
-                idx = np.flatnonzero(r.maybe_nonzero())
-                stats.pages_dirty += r.npages
-                stats.pages_zero += r.npages - len(idx)
-            else:
-                idx = np.asarray(dirty.get(r.slot, []), dtype=np.int64)
-                stats.pages_dirty += len(idx)
-            for start, end in runs_of(idx).tolist():
-                for c in range(start, end, BATCH):
-                    check_cancel(self.cancel, self.path)
-                    ce = min(end, c + BATCH)
-                    nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
-                    bufs = []
-                    for i in range(c, ce):
-                        if dirty is None and not nonzero[i - c]:
-                            stats.pages_zero += 1
-                        elif nonzero[i - c]:
-                            bufs += [RECORD.pack(KIND_PAGE, bi, i), r.array[i * PAGE:(i + 1) * PAGE]]
-                            stats.pages_written += 1
-                        else:
-                            bufs.append(RECORD.pack(KIND_ZERO, bi, i))
-                            stats.pages_zero += 1
-                    for k in range(0, len(bufs), IOV_MAX):
-                        self._append(bufs[k:k + IOV_MAX])
+        for bufs in pass_records(self.regions, dirty, stats):
+            check_cancel(self.cancel, self.path)
+            for k in range(0, len(bufs), IOV_MAX):
+                self._append(bufs[k:k + IOV_MAX])
         stats.bytes_written = stats.pages_written * PAGE
         stats.seconds = time.perf_counter() - t
         self.passes.append(stats)
