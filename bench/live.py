@@ -12,6 +12,7 @@ import socket
 import statistics
 import tempfile
 import threading
+import time
 
 from .common import ROOT, Figure, Report
 
@@ -43,7 +44,7 @@ def _one(kind: str, work: str) -> tuple[float, float]:
             acknowledge(conn)
             m.start()
             while m.first_run_at is None and m.running:
-                pass
+                time.sleep(0.0001)     # as bench.start.first_instruction: no GIL-holding spin
             got["first_run"] = m.first_run_at
             m.stop()
             m.close()
