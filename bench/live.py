@@ -26,7 +26,7 @@ def _p95(samples: list[float]) -> float:
 def _one(kind: str, work: str) -> tuple[float, float]:
     from kvmguest.front.control import listen_for_migration
     from kvmguest.machine import Machine
-    from migrate.live import acknowledge, receive
+    from migrate.live import restore_incoming
     from migrate.precopy import live_save
     if kind == "unix":
         address = f"unix:{os.path.join(work, 'mig.sock')}"
@@ -39,9 +39,7 @@ def _one(kind: str, work: str) -> tuple[float, float]:
 
     def destination():
         try:
-            saved, memory, conn, _ = receive(server)
-            m = Machine.from_state(saved, memory)
-            acknowledge(conn)
+            m, _ = restore_incoming(server)
             m.start()
             while m.first_run_at is None and m.running:
                 time.sleep(0.0001)     # as bench.start.first_instruction: no GIL-holding spin

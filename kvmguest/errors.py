@@ -19,6 +19,7 @@ EXIT_REBOOT = 121            # the guest reset the machine (kvmguest does not re
 EXIT_PANIC = 122             # the guest kernel panicked (Linux's panic line on the console)
 EXIT_TRIPLE_FAULT = 123      # the guest triple-faulted
 EXIT_TIMEOUT = 124
+EXIT_GUEST_LOST = 125        # a migration's post-copy broke off: the guest is lost (both sides)
 EXIT_INTERRUPTED = 130
 
 

@@ -29,7 +29,7 @@ from .arch.x86.crash import crash_message, describe_cpu
 from .exits import DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit
 from .kvm import Kvm
 from .memory import GuestMemory
-from .state import StateError
+from .state import StateError, cpuid_from_hex, state_shape
 from .vcpu import VcpuThread
 from .vcpus import PAUSE_TIMEOUT, PauseTimeout, VcpuSet
 
@@ -81,6 +81,8 @@ class Machine:
 
     debugger = None     # a debugger (front.gdb.target.DebugTarget) sees the exits it may own first
     closed = False
+    shape = None        # prepare_restore: the shape (state_shape) the machine was made for
+    postcopy = None     # a migration's destination in post-copy: migrate.postcopy.Receiver
 
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,
                  cmdline: str = "", stream: Callable[[bytes], None] | None = None,
@@ -90,7 +92,7 @@ class Machine:
                  modules: list[str] = (), cpu_model: str | None = None, pit: bool = True,
                  dirty_log: str = "auto", ring_entries: int | None = None,
                  cpuids: list | None = None, host_workarounds: bool = True,
-                 virtio=()):
+                 virtio=(), defer_devices: bool = False):
         """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
@@ -103,7 +105,8 @@ class Machine:
         ``host_workarounds``: a Linux kernel booted where KVM emulates kernel code
         (kvm_pvm) gets the parameters and CPU model it needs there (arch.x86.linux;
         ``workarounds`` lists what was added). ``virtio``: devices.DeviceSpec of the
-        virtio devices (a Linux kernel is told where they are on its command line)."""
+        virtio devices (a Linux kernel is told where they are on its command line).
+        ``defer_devices`` (prepare_restore): no devices yet; complete_restore adds them."""
         check_options(vcpus, irqchip, dirty_log)
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise UsageError(f"memory {memory} is below the minimum "
@@ -136,22 +139,27 @@ class Machine:
             self.platform.add_memory(self.memory)
             self._add_vcpus(vcpus, cpuids)
             self.dirty = self.platform.dirty_tracker(self.memory, [t.vcpu for t in self.vcpus])
-            self.devices = Devices(self.memory, vcpus,
-                                   self.platform.irq_line if irqchip else None, stream,
-                                   console_capacity, self._power_event, self._rtc_alarm,
-                                   virtio, self.platform.vm)
-            self.serial = self.console = self.devices.serial
-            for hold, release in self.devices.virtio.pause_hooks():
-                self.vcpus.on_parked.append(hold)
-                self.vcpus.on_release.append(release)
-            self.serial.watch_panics = bool(self.kernel.linux if self.kernel is not None
-                                            else self.origin.get("linux"))
-            self.completer = Completer(self.memory, self._xsave_size)
-            if self.kernel is not None:
-                self._load_kernel()
+            if not defer_devices:
+                self._add_devices(stream, console_capacity, virtio)
         except BaseException:
             self.close()
             raise
+
+    def _add_devices(self, stream, console_capacity: int, virtio) -> None:
+        """Our devices (the console first), then the kernel, when there is one."""
+        self.devices = Devices(self.memory, len(self.vcpus),
+                               self.platform.irq_line if self.irqchip else None, stream,
+                               console_capacity, self._power_event, self._rtc_alarm,
+                               virtio, self.platform.vm)
+        self.serial = self.console = self.devices.serial
+        for hold, release in self.devices.virtio.pause_hooks():
+            self.vcpus.on_parked.append(hold)
+            self.vcpus.on_release.append(release)
+        self.serial.watch_panics = bool(self.kernel.linux if self.kernel is not None
+                                        else self.origin.get("linux"))
+        self.completer = Completer(self.memory, self._xsave_size)
+        if self.kernel is not None:
+            self._load_kernel()
 
     def _plan_boot(self, kernel, cmdline, cpu_model, modules, host_workarounds, virtio,
                    regions) -> None:
@@ -209,19 +217,40 @@ class Machine:
         MachineState) applied: as many vCPUs, the same irqchip choice; :meth:`start`
         resumes it."""
         disks = kw.pop("disks", None)
-        m = cls(None, guest_memory=memory, vcpus=len(saved.vcpus), irqchip=saved.irqchip,
-                pit=saved.vm.pit2 is not None, origin=saved.guest,
-                cpuids=[v.saved_cpuid() for v in saved.vcpus],
-                virtio=virtio_devices.specs_from_state(saved.devices, disks), **kw)
+        stream, capacity = kw.pop("stream", None), kw.pop("console_capacity", 1 << 20)
+        m = cls.prepare_restore(state_shape(saved), memory, **kw)
         try:
-            problem = m.devices.check_restore(saved.devices)
-            if problem:
-                raise StateError(f"the snapshot's devices cannot be restored here: {problem}")
-            saved.apply(m, cpuid=False)      # each vCPU got its saved CPUID when created
+            m.complete_restore(saved, stream=stream, console_capacity=capacity, disks=disks)
         except BaseException:
             m.close()
             raise
         return m
+
+    @classmethod
+    def prepare_restore(cls, shape: dict, memory: GuestMemory, **kw) -> "Machine":
+        """The part of a restore that needs only the machine's shape (state_shape: each
+        vCPU's CPUID, the irqchip and PIT choice): the VM, its memory slots and vCPUs. A
+        migration's destination makes it while pre-copy runs; :meth:`complete_restore`
+        adds the devices and applies the state."""
+        m = cls(None, guest_memory=memory, vcpus=len(shape["cpuids"]), irqchip=shape["irqchip"],
+                pit=shape["pit"], cpuids=[cpuid_from_hex(h) for h in shape["cpuids"]],
+                defer_devices=True, **kw)
+        m.shape = shape
+        return m
+
+    def complete_restore(self, saved, *, stream=None, console_capacity: int = 1 << 20,
+                         disks: dict[str, str] | None = None) -> None:
+        """Devices made as ``saved`` had them, then its state applied; StateError if
+        ``saved`` is not of the shape the machine was prepared for (nothing applied)."""
+        if self.devices is not None or state_shape(saved) != self.shape:
+            raise StateError("the state is not of the shape this machine was prepared for")
+        self.origin = dict(saved.guest)
+        self._add_devices(stream, console_capacity,
+                          virtio_devices.specs_from_state(saved.devices, disks))
+        problem = self.devices.check_restore(saved.devices)
+        if problem:
+            raise StateError(f"the snapshot's devices cannot be restored here: {problem}")
+        saved.apply(self, cpuid=False)      # each vCPU got its saved CPUID when created
 
     # --- set-up -----------------------------------------------------------------------
     def _load_kernel(self) -> None:

@@ -95,7 +95,7 @@ _STRUCTS = [("mp_state", abi.kvm_mp_state), ("regs", abi.kvm_regs), ("sregs", ab
             ("vcpu_events", abi.kvm_vcpu_events)]
 
 
-def _cpuid_from_hex(text: str):
+def cpuid_from_hex(text: str):
     data = bytes.fromhex(text)
     if len(data) < 8:
         raise StateError("state field cpuid is too short")
@@ -125,7 +125,7 @@ class VcpuState:
     def check(self) -> None:
         """Decode every field without touching KVM: StateError if anything is malformed."""
         try:
-            _cpuid_from_hex(self.cpuid)
+            cpuid_from_hex(self.cpuid)
             for name, typ in _STRUCTS:
                 _load(typ, getattr(self, name), name)
             if self.lapic is not None:
@@ -149,7 +149,7 @@ class VcpuState:
 
     def saved_cpuid(self):
         """The saved CPUID, as the struct KVM_SET_CPUID2 takes."""
-        return _cpuid_from_hex(self.cpuid)
+        return cpuid_from_hex(self.cpuid)
 
     def decoded(self, cpuid: bool = True) -> list[tuple[str, object]]:
         """What :meth:`apply` does, each field decoded (and checked) once: the vCPU calls
@@ -163,7 +163,7 @@ class VcpuState:
         self.check()
         calls: list[tuple[str, object]] = []
         if cpuid:
-            calls.append(("set_cpuid2", _cpuid_from_hex(self.cpuid)))  # before what needs it
+            calls.append(("set_cpuid2", cpuid_from_hex(self.cpuid)))  # before what needs it
         calls += [("set_mp_state", _load(abi.kvm_mp_state, self.mp_state, "mp_state")),
                   ("set_regs", _load(abi.kvm_regs, self.regs, "regs")),
                   # sregs before xsave: CR4.OSXSAVE
@@ -214,6 +214,12 @@ class VcpuState:
 _VCPU_FIELDS = [f.name for f in fields(VcpuState) if f.name not in ("msrs", "lapic")]
 
 
+def cpuid_bytes(cpuid) -> bytes:
+    """A struct kvm_cpuid2 as the bytes a state's ``cpuid`` holds (in hex)."""
+    return ctypes.string_at(ctypes.addressof(cpuid),
+                            8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2))
+
+
 def read_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int,
               lapic: bool = False) -> dict:
     """A parked vCPU's state as KVM gave it (bytes, and the MSRs as (index, value)
@@ -221,8 +227,7 @@ def read_vcpu(vcpu, cpuid, msr_indices: list[int], xsave2_size: int,
     the records come after (encode_vcpu). mp_state first, then regs, sregs, xsave, xcrs,
     debugregs, the LAPIC, MSRs, vcpu events last (the other reads must not change what is
     pending)."""
-    size = 8 + cpuid.hdr.nent * ctypes.sizeof(abi.kvm_cpuid_entry2)
-    return {"cpuid": ctypes.string_at(ctypes.addressof(cpuid), size),
+    return {"cpuid": cpuid_bytes(cpuid),
             "mp_state": bytes(vcpu.get_mp_state()),
             "regs": bytes(vcpu.get_regs()),
             "sregs": bytes(vcpu.get_sregs()),
@@ -417,6 +422,20 @@ def read_machine(machine) -> ReadState:
                      devices=machine.devices.save_state(),
                      guest={"kernel": origin, "cmdline": cmdline, "memory": machine.memory.size,
                             "linux": linux})
+
+
+def state_shape(state: MachineState) -> dict:
+    """What a restore makes before any state is applied (Machine.prepare_restore): each
+    vCPU's CPUID (hex), the irqchip and PIT choice."""
+    return {"cpuids": [v.cpuid for v in state.vcpus], "irqchip": state.irqchip,
+            "pit": state.vm.pit2 is not None}
+
+
+def machine_shape(machine) -> dict:
+    """state_shape of what a save of the running ``machine`` will hold, read without
+    pausing it (a migration's source sends it first)."""
+    return {"cpuids": [cpuid_bytes(t.cpuid).hex() for t in machine.vcpus],
+            "irqchip": machine.irqchip, "pit": machine.pit is not None}
 
 
 # What a save writes: a snapshot's state is MachineState.to_json().

@@ -14,36 +14,48 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import mmap
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
-
+from dataclasses import dataclass
 
 from kvmguest.memory import PAGE_SIZE as PAGE
 from kvmguest.memory import GuestMemory, Region, RegionSpec
 from kvmguest.state import MachineState, StateError
 
 from migrate import format as fmt
-from kvmguest.errors import EXIT_BAD_INPUT
+from kvmguest.errors import EXIT_BAD_INPUT, EXIT_GUEST_LOST
 
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
-from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_STATE, KIND_ZERO, MAGIC,
-                                    MAX_BLOCK_LIST, RECORD, VERSION, parse_blocks,
-                                    pass_records)
+from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_POSTCOPY, KIND_SHAPE,
+                                    KIND_STATE, KIND_ZERO, KIND_ZERO_RUN, MAGIC,
+                                    MAX_BLOCK_LIST, RECORD, parse_blocks, pass_records)
 from migrate.pageio import fault_point
 from migrate.writer import PassStats
 
-GREETING = b"KVMGMIG1\n"                    # the destination speaks first (after TLS)
+GREETING = b"KVMGMIG2\n"    # the destination speaks first (after TLS), then a 16-byte token
+TOKEN = 16
+VERSION = 2                 # the migration protocol's version (its header's version field)
 ACK, REFUSED = b"KVMGACK\n", b"KVMGNAK\n"     # the destination's answer, then a reason
+FINISHED = b"KVMGFIN\n"     # post-copy: the destination has every page
+POSTCOPY_MODES = ("auto", "now", "off")   # when the source may switch to post-copy
 ACK_TIMEOUT = 600.0          # seconds the source waits for the answer (a restore's checks)
 STALL = 60.0                 # seconds without a byte before a peer counts as gone
 
 
 class MigrationError(SnapshotError):
     """A migration that could not be received (exit 2, one line)."""
+
+
+class GuestLost(SaveError):
+    """Post-copy broke off: neither side has the whole guest any more (docs/migration.md)."""
+
+    exit_code = EXIT_GUEST_LOST
 
 
 class AddressError(SaveError):
@@ -128,53 +140,111 @@ def _sendall(sock: socket.socket, bufs) -> None:
                 n = 0
 
 
+def _json_record(kind: int, obj) -> list[bytes]:
+    data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+    return [RECORD.pack(kind, 0, 0), struct.pack("<QI", len(data), zlib.crc32(data)), data]
+
+
 class SocketWriter:
     """The source's half: a live save's writer (write_pass, settle, finish, abort) whose
-    records go to the destination at ``address``."""
+    records go to the destination at ``address``; ``shape`` (kvmguest.state.machine_shape)
+    goes first, so the destination makes the machine during pre-copy. ``postcopy``: "now"
+    (switch after pass 0), "auto" (switch when pre-copy does not converge) or "off"."""
 
-    def __init__(self, address: str, memory, cancel=None, tls: Tls | None = None):
+    def __init__(self, address: str, memory, cancel=None, tls: Tls | None = None,
+                 shape: dict | None = None, postcopy: str = "auto"):
         self.address, self.path = address, address
         self.cancel = cancel
         self.on_progress = None
         self.regions = list(memory.saved_regions)
         self.passes: list[PassStats] = []
-        self.sock = None
-        where = parse_address(address, tls is not None)
-        try:
-            if where[0] == "unix":
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(STALL)
-                self.sock.connect(where[1])
-            else:
-                self.sock = socket.create_connection(where[1:], timeout=STALL)
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if tls is not None:
-                    self.sock = tls.client(self.sock, where[1])
-        except OSError as err:
-            raise SaveError(f"cannot reach the destination {address}: "
-                            f"{err.strerror or err}") from None
+        self.sock = self.fault = None
+        self.tls, self.postcopy = tls, postcopy
+        self.deferred: dict | None = None      # post-copy: the pages still to send
+        self.committed = False                 # the destination acknowledged: its guest now
+        self.postcopy_stats: dict = {}
+        self.sock = self._connect()
         try:           # with TLS 1.3 a refused certificate shows here, not in the handshake
-            greeting = _recv_exact(self.sock, len(GREETING))
+            greeting = _recv_exact(self.sock, len(GREETING) + TOKEN)
         except (OSError, EOFError) as err:
             self.close()
             if tls is not None:
                 raise SaveError(f"TLS with the destination failed: it did not accept this "
                                 f"side's certificate ({err})") from None
             raise SaveError(f"the destination {address} did not greet: {err}") from None
-        if greeting != GREETING:
+        if greeting[:len(GREETING)] != GREETING:
             self.close()
-            raise SaveError(f"{address} is not a kvmguest waiting for a migration")
+            raise SaveError(f"{address} is not a kvmguest waiting for a migration (or one "
+                            "of another version)")
+        self.token = greeting[len(GREETING):]
         blocks = json.dumps([{"name": r.name, "gpa": r.gpa, "size": r.size, "slot": r.slot}
                              for r in self.regions]).encode()
         self._send([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
-                    struct.pack("<I", len(blocks)), blocks])
+                    struct.pack("<I", len(blocks)), blocks,
+                    *_json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy})])
+        self._fault_thread = None
+        if postcopy != "off":      # the fault channel, connected while pre-copy runs
+            self._fault_error = None
+            self._fault_thread = threading.Thread(target=self._connect_fault, daemon=True,
+                                                  name="fault channel")
+            self._fault_thread.start()
+
+    def _connect(self):
+        where = parse_address(self.address, self.tls is not None)
+        sock = None
+        try:
+            if where[0] == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(STALL)
+                sock.connect(where[1])
+            else:
+                sock = socket.create_connection(where[1:], timeout=STALL)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.tls is not None:
+                    sock = self.tls.client(sock, where[1])
+        except OSError as err:
+            if sock is not None:
+                sock.close()
+            raise SaveError(f"cannot reach the destination {self.address}: "
+                            f"{err.strerror or err}") from None
+        return sock
+
+    def _connect_fault(self) -> None:
+        from migrate.postcopy import FAULT_HELLO
+        try:
+            sock = self._connect()
+            sock.sendall(FAULT_HELLO + self.token)
+            self.fault = sock
+        except (SaveError, OSError) as err:
+            self._fault_error = str(err)
+
+    def can_postcopy(self) -> bool:
+        if self._fault_thread is None:
+            return False
+        self._fault_thread.join(STALL)
+        return self.fault is not None
 
     def _send(self, bufs) -> None:
         try:
             _sendall(self.sock, bufs)
         except OSError as err:
+            why = self._refusal()
+            if why:
+                raise SaveError(f"the destination refused the guest: {why}; it runs on "
+                                "here") from None
             raise SaveError(f"the destination {self.address} went away: "
                             f"{err.strerror or err}") from None
+
+    def _refusal(self) -> str:
+        """The reason a destination that stopped reading gave, if it gave one."""
+        try:
+            self.sock.settimeout(1.0)
+            data = self.sock.recv(4096)
+        except OSError:
+            return ""
+        if data.startswith(REFUSED):
+            return data[len(REFUSED):].decode(errors="replace").strip() or "no reason"
+        return ""
 
     def settle(self) -> None:
         pass
@@ -182,7 +252,7 @@ class SocketWriter:
     def write_pass(self, dirty) -> PassStats:
         stats = PassStats(len(self.passes))
         t = time.perf_counter()
-        for bufs in pass_records(self.regions, dirty, stats):
+        for bufs in pass_records(self.regions, dirty, stats, zero_runs=True):
             if self.cancel is not None and self.cancel.is_set():
                 raise SaveError("migration cancelled; the guest runs on here")
             if bufs:
@@ -193,12 +263,30 @@ class SocketWriter:
         self.passes.append(stats)
         return stats
 
+    def defer(self, dirty: dict) -> PassStats:
+        """Post-copy: instead of the last pages, which pages are still to come (a bitmap
+        per block, zlib'd); they follow once the destination runs the guest."""
+        import numpy as np
+        stats = PassStats(len(self.passes))
+        bits = b""
+        for r in self.regions:
+            mark = np.zeros(r.npages, dtype=np.bool_)
+            mark[np.asarray(dirty.get(r.slot, []), dtype=np.int64)] = True
+            stats.pages_dirty += int(mark.sum())
+            bits += np.packbits(mark, bitorder="little").tobytes()
+        data = zlib.compress(bits, 1)
+        self._send([RECORD.pack(KIND_POSTCOPY, 0, 0), struct.pack("<QI", len(data),
+                    zlib.crc32(data)), data])
+        self.deferred = dirty
+        self.passes.append(stats)
+        return stats
+
     def finish(self, state: dict) -> None:
         """The state and the end record, then the destination's answer: SaveError unless
-        it acknowledges (the caller then resumes the guest here)."""
-        data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
-        self._send([RECORD.pack(KIND_STATE, 0, 0), struct.pack("<QI", len(data),
-                    zlib.crc32(data)), data, RECORD.pack(KIND_END, 0, 0)])
+        it acknowledges (the caller then resumes the guest here). After a post-copy
+        switch, the remaining pages follow the acknowledgement (GuestLost if the
+        destination goes away before it has them all)."""
+        self._send([*_json_record(KIND_STATE, state), RECORD.pack(KIND_END, 0, 0)])
         self.sock.settimeout(ACK_TIMEOUT)
         try:
             answer = _recv_exact(self.sock, len(ACK))
@@ -209,19 +297,58 @@ class SocketWriter:
             if answer != ACK:
                 raise SaveError("the destination answered nonsense; the guest runs on here")
         except (OSError, EOFError) as err:
+            self.close()
             raise SaveError(f"the destination {self.address} did not acknowledge "
                             f"({getattr(err, 'strerror', None) or err or 'closed'}); "
                             "the guest runs on here") from None
+        except BaseException:
+            self.close()
+            raise
+        self.committed = True
+        try:
+            if self.deferred is not None:
+                self._serve_postcopy()
         finally:
             self.close()
+
+    def _serve_postcopy(self) -> None:
+        from migrate.postcopy import Pusher
+        import sys
+        pusher = Pusher(self.regions, self.deferred, self.sock, self.fault)
+        faults = threading.Thread(target=pusher.serve_faults, name="post-copy faults",
+                                  daemon=True)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(5e-5)      # a fault's answer must not wait 5 ms for the GIL
+        t = time.perf_counter()
+        faults.start()
+        try:
+            pushed = pusher.push()
+            self.sock.settimeout(ACK_TIMEOUT)
+            if _recv_exact(self.sock, len(FINISHED)) != FINISHED:
+                raise EOFError("it answered nonsense")
+        except (OSError, EOFError) as err:
+            raise GuestLost(f"the destination {self.address} went away during post-copy "
+                            f"({getattr(err, 'strerror', None) or err or 'closed'}): the "
+                            "guest is lost") from None
+        finally:
+            sys.setswitchinterval(switch)
+        faults.join(STALL)
+        self.postcopy_stats = {"pushed": pushed, "answered": pusher.answered,
+                               "seconds": time.perf_counter() - t}
 
     def abort(self) -> None:
         self.close()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        for name in ("sock", "fault"):
+            sock = getattr(self, name)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)    # wakes a thread reading it
+                except OSError:
+                    pass
+                sock.close()
+                setattr(self, name, None)
 
 
 def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
@@ -235,57 +362,137 @@ def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
     return bytes(buf) if into is None else b""
 
 
-def receive(server: socket.socket, tls: Tls | None = None
-            ) -> tuple[MachineState, GuestMemory, socket.socket, int]:
-    """Take one migration from ``server``: (state, memory, the connection to answer on
-    with acknowledge() or refuse(), the page records taken). MigrationError on a broken
-    or hostile stream."""
+@dataclass
+class Incoming:
+    """One migration as received (receive): the machine made from its shape during
+    pre-copy and still to complete, and for post-copy the pages still to come."""
+    saved: MachineState
+    memory: GuestMemory
+    machine: object                     # Machine.prepare_restore's
+    conn: socket.socket
+    pages: int
+    regions: list                       # the blocks' regions, in the stream's order
+    remote: list | None = None          # post-copy: a bool array per block
+    pager: object = None                # post-copy: migrate.postcopy.PagerProcess
+
+    def discard(self) -> None:
+        if self.pager is not None:
+            self.pager.dismiss()
+        self.machine.close()            # and its memory and KVM
+        self.conn.close()
+
+
+def _blob(conn, bound: int, what: str) -> bytes:
+    length, crc = struct.unpack("<QI", _recv_exact(conn, 12))
+    if length > bound:
+        raise MigrationError(f"{what} of {length} bytes exceeds {bound}")
+    data = _recv_exact(conn, length)
+    if zlib.crc32(data) != crc:
+        raise MigrationError(f"the checksum of {what} does not match")
+    return data
+
+
+def _check_shape(obj) -> tuple[dict, str]:
+    from kvmguest.state import MAX_VCPUS
+    try:
+        shape, mode = obj["shape"], obj["postcopy"]
+        cpuids, irqchip, pit = shape["cpuids"], shape["irqchip"], shape["pit"]
+        ok = (isinstance(cpuids, list) and 1 <= len(cpuids) <= MAX_VCPUS
+              and all(isinstance(c, str) for c in cpuids) and type(irqchip) is bool
+              and type(pit) is bool and mode in POSTCOPY_MODES and len(shape) == 3)
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise MigrationError("the machine's shape does not decode")
+    return shape, mode
+
+
+def _remote_pages(data: bytes, blocks) -> list:
+    import numpy as np
+    sizes = [-(-b.npages // 8) for b in blocks]
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(data, sum(sizes) + 1)
+    except zlib.error as err:
+        raise MigrationError(f"the post-copy page list does not decode: {err}") from None
+    if len(raw) != sum(sizes) or d.unconsumed_tail or not d.eof:
+        raise MigrationError("the post-copy page list is not of the blocks' size")
+    out, at = [], 0
+    for b, n in zip(blocks, sizes):
+        out.append(np.unpackbits(np.frombuffer(raw, np.uint8, n, at), count=b.npages,
+                                 bitorder="little").astype(np.bool_))
+        at += n
+    return out
+
+
+def receive(server: socket.socket, tls: Tls | None = None, kvm=None) -> Incoming:
+    """Take one migration from ``server``: the machine is made (Machine.prepare_restore,
+    on ``kvm``, which it then owns) as soon as the shape arrives and memory is filled as
+    pages arrive; answer with acknowledge() or refuse(). MigrationError on a broken or
+    hostile stream or a machine that cannot be made here."""
+    from kvmguest.machine import Machine
     conn, _ = server.accept()
     conn.settimeout(STALL)
-    if tls is not None:
-        conn = tls.server(conn)
-    memory = None
+    token = os.urandom(TOKEN)
+    machine = pager = memory = None
     try:
-        conn.sendall(GREETING)
+        if tls is not None:
+            conn = tls.server(conn)
+        conn.sendall(GREETING + token)
         magic, version, nblocks, _ = HEAD.unpack(_recv_exact(conn, HEAD.size))
         if magic != MAGIC:
             raise MigrationError("not a kvmguest migration (bad magic)")
         if version != VERSION:
-            raise MigrationError(f"migration stream version {version}; this kvmguest takes "
+            raise MigrationError(f"migration protocol version {version}; this kvmguest speaks "
                                  f"version {VERSION}")
         (blen,) = struct.unpack("<I", _recv_exact(conn, 4))
         if blen > MAX_BLOCK_LIST:
             raise MigrationError(f"a block list of {blen} bytes is too large")
         blocks = parse_blocks(_recv_exact(conn, blen), nblocks)
+        if RECORD.unpack(_recv_exact(conn, RECORD.size))[0] != KIND_SHAPE:
+            raise MigrationError("the machine's shape does not follow the block list")
+        shape, mode = _check_shape(fmt.parse_json(_blob(conn, 1 << 20, "the shape"),
+                                                  "machine shape"))
         memory = GuestMemory([Region(RegionSpec(b.slot, b.gpa, b.size, b.name))
                               for b in blocks])
         regions = [memory.region_of_slot(b.slot) for b in blocks]
-        state, received, pages = None, 0, 0
+        try:
+            machine = Machine.prepare_restore(shape, memory, kvm=kvm, own_kvm=True)
+        except (StateError, ValueError, OSError) as err:
+            memory.close()
+            raise MigrationError(f"the machine cannot be made here: {err}") from None
+        if mode != "off":
+            from migrate.postcopy import PagerProcess
+            pager = PagerProcess(server, token, tls)
+        state, received, pages, remote = None, 0, 0, None
         while True:
             kind, bi, index = RECORD.unpack(_recv_exact(conn, RECORD.size))
-            if kind in (KIND_PAGE, KIND_ZERO):
+            if kind in (KIND_PAGE, KIND_ZERO, KIND_ZERO_RUN):
+                count = struct.unpack("<Q", _recv_exact(conn, 8))[0] if kind == KIND_ZERO_RUN \
+                    else 1
                 received += 1
                 if received == 256:
                     fault_point("incoming-pages")         # crash tests: mid-stream
-                if bi >= nblocks or index >= blocks[bi].npages:
+                if bi >= nblocks or index >= blocks[bi].npages or \
+                        count > blocks[bi].npages - index:
                     raise MigrationError(f"a record for page {index} of block {bi} is out of "
                                          "range")
-                page = regions[bi].array[index * PAGE:(index + 1) * PAGE]
                 if kind == KIND_PAGE:
-                    _recv_exact(conn, PAGE, into=page)
+                    _recv_exact(conn, PAGE, into=regions[bi].array[index * PAGE:
+                                                                   (index + 1) * PAGE])
                     pages += 1
-                else:
-                    page[:] = 0
+                else:        # dropped: an anonymous page reads as zeros, nothing resident
+                    regions[bi].map.madvise(mmap.MADV_DONTNEED, index * PAGE, count * PAGE)
+            elif kind == KIND_POSTCOPY:
+                if remote is not None or pager is None:
+                    raise MigrationError("a post-copy record the shape did not announce")
+                remote = _remote_pages(_blob(conn, MAX_BLOCK_LIST * 8, "the post-copy page "
+                                             "list"), blocks)
             elif kind == KIND_STATE:
                 if state is not None:
                     raise MigrationError("two state records")
-                length, crc = struct.unpack("<QI", _recv_exact(conn, 12))
-                if length > fmt.MAX_STATE:
-                    raise MigrationError(f"a state of {length} bytes exceeds {fmt.MAX_STATE}")
-                data = _recv_exact(conn, length)
-                if zlib.crc32(data) != crc:
-                    raise MigrationError("the state's checksum does not match")
-                state = fmt.parse_json(data, "migration state")
+                state = fmt.parse_json(_blob(conn, fmt.MAX_STATE, "the state"),
+                                       "migration state")
                 if not isinstance(state, dict):
                     raise MigrationError("the state is not kvmguest state")
             elif kind == KIND_END:
@@ -298,52 +505,82 @@ def receive(server: socket.socket, tls: Tls | None = None
             decoded = MachineState.from_json(state)
         except StateError as err:
             raise MigrationError(f"state: {err}") from None
-        return decoded, memory, conn, pages
-    except (OSError, EOFError, socket.timeout) as err:
-        if memory is not None:
+        if remote is None and pager is not None:
+            pager.dismiss()
+            pager = None
+        return Incoming(decoded, memory, machine, conn, pages, regions, remote, pager)
+    except BaseException as err:
+        if pager is not None:
+            pager.dismiss()
+        if machine is not None:
+            machine.close()
+        elif memory is not None:
             memory.close()
-        conn.close()
-        raise MigrationError(f"the migration broke off: {getattr(err, 'strerror', None) or err}"
-                             ) from None
-    except BaseException:
-        if memory is not None:
-            memory.close()
-        conn.close()
+        if isinstance(err, MigrationError):
+            refuse(conn, str(err))
+        else:
+            conn.close()
+        if isinstance(err, (OSError, EOFError)):
+            raise MigrationError(f"the migration broke off: "
+                                 f"{getattr(err, 'strerror', None) or err}") from None
         raise
 
 
 def restore_incoming(server: socket.socket, *, stream=None, console_capacity: int = 1 << 20,
-                     disks: dict[str, str] | None = None, tls: Tls | None = None):
+                     disks: dict[str, str] | None = None, tls: Tls | None = None,
+                     on_lost=None):
     """`restore --incoming`: one migration taken from ``server`` (a listening socket:
-    kvmguest.front.control.listen_for_migration), checked whole, made a paused-at-start
-    Machine, then acknowledged (the source stops its copy). A machine that cannot be made
-    is refused, with the reason, and the source runs its guest on."""
-    from kvmguest.machine import Machine, open_kvm
+    kvmguest.front.control.listen_for_migration), checked whole, its machine completed
+    paused at start, then acknowledged (the source stops its copy). A machine that cannot
+    be made is refused, with the reason, and the source runs its guest on.
+
+    After a post-copy switch the guest may run before all its pages are here: they are
+    fetched as it touches them (migrate/postcopy.py), ``machine.postcopy`` (a Receiver)
+    says when all are in, and ``on_lost(why)`` is called, from a thread, if the source
+    goes away first: the guest is lost (by default the machine is stopped)."""
+    from kvmguest.machine import open_kvm
     from migrate.reader import RestoreReport
     kvm = open_kvm()
+    t = time.perf_counter()
     try:
-        t = time.perf_counter()
-        saved, memory, conn, pages = receive(server, tls)
-        try:
-            machine = Machine.from_state(saved, memory, kvm=kvm, own_kvm=True, stream=stream,
-                                         console_capacity=console_capacity, disks=disks)
-        except BaseException as err:
-            memory.close()
-            refuse(conn, str(err) or type(err).__name__)
-            if isinstance(err, (StateError, ValueError)):
-                raise MigrationError(f"state cannot be applied: {err}") from None
-            raise
-        try:
-            acknowledge(conn)
-        except OSError as err:
-            machine.close()
-            raise MigrationError(f"the source went away before it was told the guest is "
-                                 f"here ({err.strerror}); it runs the guest on") from None
+        inc = receive(server, tls, kvm)
     except BaseException:
         kvm.close()
         raise
-    return machine, RestoreReport("(migration)", False, pages, pages * PAGE,
+    machine = inc.machine
+    try:
+        if inc.remote is not None:
+            inc.pager.arm(inc.regions, inc.remote)
+        machine.complete_restore(inc.saved, stream=stream, console_capacity=console_capacity,
+                                 disks=disks)
+    except BaseException as err:
+        refuse(inc.conn, str(err) or type(err).__name__)
+        inc.discard()
+        if isinstance(err, (StateError, ValueError, OSError, SnapshotError)):
+            raise MigrationError(f"the guest cannot be made here: {err}") from None
+        raise
+    try:
+        inc.conn.sendall(ACK)
+    except OSError as err:
+        inc.discard()
+        raise MigrationError(f"the source went away before it was told the guest is "
+                             f"here ({err.strerror}); it runs the guest on") from None
+    if inc.remote is None:
+        inc.conn.close()
+    else:
+        from migrate.postcopy import Receiver
+        machine.postcopy = Receiver(inc.pager, inc.conn, inc.regions,
+                                    on_lost or (lambda why: _lose(machine, why)))
+        machine.postcopy.start()
+    return machine, RestoreReport("(migration)", False, inc.pages, inc.pages * PAGE,
                                   time.perf_counter() - t)
+
+
+def _lose(machine, why: str) -> None:
+    import logging
+    logging.getLogger(__name__).error("post-copy broke off: %s; the guest is lost", why)
+    machine.event = "lost"
+    machine.stop()
 
 
 def acknowledge(conn: socket.socket) -> None:

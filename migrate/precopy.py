@@ -95,6 +95,7 @@ class SaveOptions:
     then: str = "stop"
     format: str = "mapped"
     tls: object = None               # migrate.live.Tls, for format "migrate" over TCP
+    postcopy: str = "off"            # format "migrate": "auto", "now" or "off" (live.POSTCOPY_MODES)
 
 
 def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
@@ -102,7 +103,8 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
               min_passes: int = 1,
               then: str = "stop", format: str = "mapped",
               progress: Callable[[str, float], None] | None = None,
-              cancel: threading.Event | None = None, tls=None) -> SaveReport:
+              cancel: threading.Event | None = None, tls=None,
+              postcopy: str = "auto") -> SaveReport:
     """Save a running machine to ``path``; the guest keeps running until the final pause.
 
     ``min_passes`` pre-copy passes run even when the dirty set converges sooner (for
@@ -114,13 +116,23 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
 
     ``progress(what, fraction)`` is told how far the save is; the fraction never goes
     backwards (pass 0 is most of the work; later passes fill the rest as the dirty set
-    shrinks)."""
+    shrinks).
+
+    A migration (``format`` "migrate", ``path`` the destination's address) may switch to
+    post-copy (``postcopy``: "now" after pass 0, "auto" when pre-copy does not converge,
+    "off"): the guest then runs there before all its pages have gone; once the
+    destination acknowledged, a failure is GuestLost and the guest is not resumed here."""
     if then not in ("stop", "continue"):
         raise SaveError(f"--then must be stop or continue, not {then!r}")
     if not machine.running:
         raise SaveError("the guest is not running")
+    if format == "migrate":
+        from .live import POSTCOPY_MODES
+        if postcopy not in POSTCOPY_MODES:
+            raise SaveError(f"post-copy must be one of {', '.join(POSTCOPY_MODES)}, "
+                            f"not {postcopy!r}")
     options = SaveOptions(threads, direct, downtime_ms, max_passes, max_seconds, min_passes,
-                          then, format, tls)
+                          then, format, tls, postcopy if format == "migrate" else "off")
     if not machine.save_lock.acquire(blocking=False):
         raise SaveError("a save of this guest is already in progress")
     try:
@@ -130,15 +142,12 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
 
 
 def make_writer(format: str, path: str, memory, threads: int, direct: bool,
-                cancel: threading.Event | None = None, tls=None):
+                cancel: threading.Event | None = None):
     if format == "mapped":
         return MappedWriter(path, memory, threads=threads, direct=direct, cancel=cancel)
     if format == "stream":
         from .formats.stream import StreamWriter
         return StreamWriter(path, memory, direct=direct, cancel=cancel)
-    if format == "migrate":                      # path: the destination's address
-        from .live import SocketWriter
-        return SocketWriter(path, memory, cancel=cancel, tls=tls)
     raise SaveError(f"unknown format {format!r} (mapped or stream)")
 
 
@@ -175,7 +184,10 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
     except BaseException:
         sys.setswitchinterval(switch)
         save.writer.abort()
-        if save.paused:
+        if getattr(save.writer, "committed", False):
+            machine.event = "lost"     # post-copy broke off: the destination ran the guest
+            machine.stop()
+        elif save.paused:
             machine.resume_all()   # nothing lost: the guest carries on as if no save happened
         if save.client is not None:
             save.client.close()
@@ -203,8 +215,15 @@ class _Save:
     def __init__(self, machine, path: str, o: SaveOptions, progress, cancel):
         self.t0 = time.perf_counter()
         self.machine, self.o, self.cancel = machine, o, cancel
-        self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct, cancel,
-                                  o.tls)
+        if o.format == "migrate":                     # path: the destination's address
+            from kvmguest.state import machine_shape
+            from .live import SocketWriter
+            self.writer = SocketWriter(path, machine.memory, cancel, o.tls,
+                                       machine_shape(machine), o.postcopy)
+        else:
+            self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct,
+                                      cancel)
+        self.postcopy = False        # switched: the last pages follow the guest
         self.report = SaveReport(path=path if o.format == "migrate" else os.path.abspath(path),
                                  format=o.format, then=o.then)
         self.total_pages = sum(r.npages for r in machine.memory.saved_regions)
@@ -225,6 +244,9 @@ class _Save:
         while True:
             check_cancel(self.cancel, report.path)
             dirty = self.client.take()
+            if o.postcopy == "now" and self._switch():
+                report.stop_reason = "post-copy after pass 0 (--postcopy)"
+                return dirty
             n = sum(len(v) for v in dirty.values())
             first_dirty = n if first_dirty is None else first_dirty
             bandwidth = max(stats.throughput, 1.0) if stats.bytes_written else float("inf")
@@ -238,17 +260,30 @@ class _Save:
                                       f"downtime target (~{estimate_ms:.1f} ms)")
                 return dirty
             previous = n
+            limit = None
             if len(writer.passes) >= o.max_passes:
-                report.stop_reason = f"pass limit {o.max_passes} reached with {n} dirty pages"
-                return dirty
-            if time.perf_counter() - self.t0 > o.max_seconds:
-                report.stop_reason = (f"time limit {o.max_seconds:g} s reached with {n} "
-                                      "dirty pages")
+                limit = f"pass limit {o.max_passes} reached with {n} dirty pages"
+            elif time.perf_counter() - self.t0 > o.max_seconds:
+                limit = f"time limit {o.max_seconds:g} s reached with {n} dirty pages"
+            if limit is not None:
+                report.stop_reason = limit
+                if estimate_ms > o.downtime_ms and o.postcopy == "auto" and self._switch():
+                    report.stop_reason += ": post-copy"
                 return dirty
             if not self.machine.running:
                 raise SaveError("the guest finished during the save; nothing was saved")
             stats = writer.write_pass(dirty)
             shown.later(stats.index, n, first_dirty)
+
+    def _switch(self) -> bool:
+        """Whether the last pages may follow the guest (post-copy): the destination's
+        fault channel is up. With --postcopy, SaveError when it is not."""
+        if self.writer.can_postcopy():
+            self.postcopy = True
+        elif self.o.postcopy == "now":
+            raise SaveError(f"post-copy is not possible: no fault channel to the destination "
+                            f"({self.writer._fault_error}); the guest runs on here")
+        return self.postcopy
 
     def stop_and_copy(self, dirty: dict) -> dict:
         """The downtime: pause, the pages dirtied since the last harvest, the state; the
@@ -271,8 +306,11 @@ class _Save:
         # The set harvested last (not yet written) plus what came after it.
         final = self.client.take(protect=False)    # no need to write-protect them again
         t_harvested = time.perf_counter()
-        writer.write_pass({slot: merge_pages(dirty.get(slot, final[slot]), final[slot])
-                           for slot in final})
+        last = {slot: merge_pages(dirty.get(slot, final[slot]), final[slot]) for slot in final}
+        if self.postcopy:
+            writer.defer(last)               # the pages follow the guest
+        else:
+            writer.write_pass(last)
         t_written = time.perf_counter()
         # Read here, after the writes, not beside them in a thread: on 2 cores the GIL
         # hand-offs cost more than the overlap gained (1/4 vCPUs 0.91/1.64 ms with a

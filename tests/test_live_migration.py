@@ -17,31 +17,32 @@ pytestmark = pytest.mark.kvm
 
 def _destination(address: str, answer: str = "ack"):
     """A thread taking one migration at ``address``: its result dict gets the machine's
-    console text and exit code (or the error)."""
+    console text and exit code (or the error), and post-copy's figures."""
     from kvmguest.front.control import listen_for_migration
-    from kvmguest.machine import Machine
-    from migrate.live import acknowledge, receive, refuse
+    from migrate.live import receive, refuse, restore_incoming
     server = listen_for_migration(address)
     out: dict = {}
 
     def serve():
         try:
-            saved, memory, conn, _ = receive(server)
+            if answer == "refuse":
+                inc = receive(server)
+                refuse(inc.conn, "the test said no")
+                inc.discard()
+                return
+            m, _ = restore_incoming(server)
         except Exception as err:                 # noqa: BLE001 (handed to the test)
             out["error"] = err
             return
         finally:
             server.close()
-        if answer == "refuse":
-            memory.close()
-            refuse(conn, "the test said no")
-            return
-        m = Machine.from_state(saved, memory)
-        acknowledge(conn)
         m.start()
         m.console.send(GO.encode())
         result = m.wait(MARGIN)
         out.update(exit=result.exit_code, console=result.console)
+        if m.postcopy is not None:
+            out["postcopy_done"] = m.postcopy.done.wait(MARGIN)
+            out["postcopy"] = m.postcopy.stats
         m.close()
     t = threading.Thread(target=serve)
     t.start()
@@ -93,8 +94,9 @@ def test_a_broken_stream_is_one_error_on_the_destination(tmp_path):
     t, out = _destination(f"unix:{address}")
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(address))
-        assert s.recv(9) == b"KVMGMIG1\n"               # the destination speaks first
-        s.sendall(b"KVMGSTRM" + b"\x01\x00\x00\x00" + b"\x01\x00\x00\x00" + bytes(48)
+        assert s.recv(9) == b"KVMGMIG2\n"               # the destination speaks first
+        assert len(s.recv(16)) == 16                    # and gives a token
+        s.sendall(b"KVMGSTRM" + b"\x02\x00\x00\x00" + b"\x01\x00\x00\x00" + bytes(48)
                   + b"\xff\xff\xff\x7f")           # a block list of 2 GiB
     t.join(MARGIN)
     assert isinstance(out.get("error"), MigrationError), out
@@ -294,12 +296,17 @@ def test_any_stream_is_taken_whole_or_refused_in_one_error(tmp_path):
 
     from kvmguest.front.control import listen_for_migration
     from migrate.format import SnapshotError
-    from migrate.live import GREETING, receive
+    from migrate.live import GREETING, TOKEN, receive
     blocks = json.dumps([{"name": "ram", "gpa": 0, "size": 2 << 20, "slot": 0}]).encode()
+    shape = json.dumps({"shape": {"cpuids": ["00" * 8], "irqchip": True, "pit": True},
+                        "postcopy": "off"}).encode()
     state = json.dumps({"format": "kvmguest-state"}).encode()
-    valid = (b"KVMGSTRM" + struct.pack("<II", 1, 1) + bytes(48) + struct.pack("<I", len(blocks))
-             + blocks + struct.pack("<IIQ", 1, 0, 3) + bytes(range(256)) * 16
-             + struct.pack("<IIQ", 2, 0, 7) + struct.pack("<IIQ", 3, 0, 0)
+    valid = (b"KVMGSTRM" + struct.pack("<II", 2, 1) + bytes(48) + struct.pack("<I", len(blocks))
+             + blocks + struct.pack("<IIQ", 6, 0, 0)
+             + struct.pack("<QI", len(shape), zlib.crc32(shape)) + shape
+             + struct.pack("<IIQ", 1, 0, 3) + bytes(range(256)) * 16
+             + struct.pack("<IIQ", 2, 0, 7) + struct.pack("<IIQ", 5, 0, 9) + struct.pack("<Q", 4)
+             + struct.pack("<IIQ", 3, 0, 0)
              + struct.pack("<QI", len(state), zlib.crc32(state)) + state
              + struct.pack("<IIQ", 4, 0, 0))
     examples = int(os.environ.get("KVMGUEST_FUZZ_EXAMPLES", "60"))
@@ -319,9 +326,7 @@ def test_any_stream_is_taken_whole_or_refused_in_one_error(tmp_path):
 
         def serve():
             try:
-                _, memory, conn, _ = receive(server)
-                memory.close()
-                conn.close()
+                receive(server).discard()
                 out["ok"] = True
             except SnapshotError as err:
                 out["refused"] = str(err)
@@ -331,7 +336,7 @@ def test_any_stream_is_taken_whole_or_refused_in_one_error(tmp_path):
         t.start()
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(path))
-            s.recv(len(GREETING))
+            s.recv(len(GREETING) + TOKEN)
             try:
                 s.sendall(data)
             except OSError:

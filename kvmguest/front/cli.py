@@ -19,8 +19,9 @@ import sys
 import time
 
 from kvmguest import __version__
-from kvmguest.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PANIC, EXIT_REBOOT, Handover,
-                     Interrupted, KvmguestError, UsageError, printable)
+from kvmguest.errors import (EXIT_FAILED, EXIT_GUEST_LOST, EXIT_INTERRUPTED, EXIT_PANIC,
+                             EXIT_REBOOT, Handover, Interrupted, KvmguestError, UsageError,
+                             printable)
 from kvmguest.front.progress import Progress
 
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -219,6 +220,9 @@ def _finish(result, saved, m, args) -> int:
         if result.event == "killed":
             _err("gdb killed the guest")
             return EXIT_FAILED
+        if result.event == "lost":
+            _err("the guest is lost: its migration's post-copy broke off (see above)")
+            return EXIT_GUEST_LOST
         if result.event == "panic":
             _err(f"the guest kernel panicked: {printable(result.panic)}")
             return EXIT_PANIC
@@ -337,7 +341,8 @@ def cmd_migrate(args) -> int:
     from kvmguest.front.control import SaveFailed, request
     progress = Progress("migrating")
     try:
-        req = {"op": "migrate", "address": args.address, "downtime_ms": args.downtime}
+        req = {"op": "migrate", "address": args.address, "downtime_ms": args.downtime,
+               "postcopy": "now" if args.postcopy else "off" if args.no_postcopy else "auto"}
         tls = _tls(args)
         if tls:
             req["tls"] = [tls.cert, tls.key, tls.ca]
@@ -347,7 +352,10 @@ def cmd_migrate(args) -> int:
     if reply.get("interrupted"):
         raise Interrupted("interrupted: the migration was cancelled; the guest runs on here")
     if not reply["ok"]:
-        raise SaveFailed(f"the guest could not migrate: {printable(reply['error'])}")
+        failed = SaveFailed(f"the guest could not migrate: {printable(reply['error'])}")
+        if reply.get("exit_code") == EXIT_GUEST_LOST:
+            failed.exit_code = EXIT_GUEST_LOST
+        raise failed
     print(printable(reply["summary"], keep_newlines=True))
     return 0
 
@@ -383,7 +391,8 @@ def cmd_restore(args) -> int:
             if not args.quiet:
                 _err(f"waiting for a guest on {args.incoming}")
             m, report = restore_incoming(server, stream=None if args.quiet
-                                         else _stream_stdout, disks=disks or None, tls=tls)
+                                         else _stream_stdout, disks=disks or None, tls=tls,
+                                         on_lost=_guest_lost)
         finally:
             server.close()
             if args.incoming.startswith("unix:"):
@@ -406,6 +415,15 @@ def cmd_restore(args) -> int:
     return _run_restored(args, m, report)
 
 
+def _guest_lost(why: str) -> None:
+    """A migration's source went away during post-copy: the pages the guest had not yet
+    got are nowhere now. Its vCPUs wait on them; the process ends at once."""
+    _err(f"the guest is lost: post-copy broke off ({why}); some of its memory never "
+         "arrived")
+    sys.stderr.flush()
+    os._exit(EXIT_GUEST_LOST)
+
+
 def _run_restored(args, m, report) -> int:
     from kvmguest.front.session import Session
     session = Session(args, note=_err, show=_show)
@@ -413,6 +431,8 @@ def _run_restored(args, m, report) -> int:
         if args.verbose:
             print(report.summary(), file=sys.stderr)
         result = session.run(m, session.listen())     # the restored guest can be saved
+        if m.postcopy is not None:      # the source exits once it has sent every page
+            m.postcopy.done.wait(600)
         return _finish(result, session.saved, m, args)
 
 
@@ -659,6 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("address", help="the destination: unix:PATH or tcp:HOST:PORT")
     migrate.add_argument("--downtime", type=float, default=50.0, metavar="MS",
                          help="the downtime to aim for (default 50 ms)")
+    when = migrate.add_mutually_exclusive_group()
+    when.add_argument("--postcopy", action="store_true",
+                      help="switch to post-copy after the first pass: the guest runs on the "
+                           "destination at once, its last pages fetched as it touches them")
+    when.add_argument("--no-postcopy", action="store_true",
+                      help="never switch to post-copy (by default it does when pre-copy "
+                           "stops converging)")
     _tls_args(migrate)
     migrate.set_defaults(func=cmd_migrate)
 

@@ -250,7 +250,7 @@ class ControlServer:
         except SaveCancelled as err:
             return {"ok": False, "cancelled": True, "error": str(err)}
         except KvmguestError as err:
-            return {"ok": False, "error": str(err)}
+            return {"ok": False, "error": str(err), "exit_code": err.exit_code}
         except Exception as err:  # noqa: BLE001 - reported to the client, logged here
             log.exception("control: save failed")
             return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
@@ -301,7 +301,7 @@ class ControlServer:
     def _migrate_options(req: dict) -> dict:
         """A migration is a live save to an address (migrate/live.py), the guest stopped
         here once the destination has it."""
-        unknown = set(req) - {"op", "address", "downtime_ms", "tls"}
+        unknown = set(req) - {"op", "address", "downtime_ms", "tls", "postcopy"}
         if unknown:
             raise ValueError(f"unknown fields {sorted(map(printable, unknown))}")
         address = req.get("address")
@@ -321,8 +321,12 @@ class ControlServer:
         downtime = req.get("downtime_ms", 50.0)
         if type(downtime) not in (int, float) or not math.isfinite(downtime) or downtime <= 0:
             raise ValueError("downtime_ms must be a positive number")
+        from migrate.live import POSTCOPY_MODES
+        postcopy = req.get("postcopy", "auto")
+        if postcopy not in POSTCOPY_MODES:
+            raise ValueError(f"postcopy must be one of {', '.join(POSTCOPY_MODES)}")
         return dict(path=address, threads=1, direct=False, then="stop", format="migrate",
-                    downtime_ms=float(downtime), tls=tls)
+                    downtime_ms=float(downtime), tls=tls, postcopy=postcopy)
 
     def _save(self, conn: socket.socket, options: dict):
         if self.machine is None or not self.machine.running:
@@ -344,7 +348,8 @@ class ControlServer:
             return live_save(self.machine, options["path"], threads=options["threads"],
                              direct=options["direct"], then=options["then"],
                              format=options["format"], downtime_ms=options["downtime_ms"],
-                             progress=progress, cancel=cancel, tls=options.get("tls"))
+                             progress=progress, cancel=cancel, tls=options.get("tls"),
+                             postcopy=options.get("postcopy", "off"))
         finally:
             done.set()
             watcher.join()

@@ -41,15 +41,18 @@ MAX_BLOCK_LIST = 1 << 20
 HEAD = struct.Struct("<8sII48s")
 RECORD = struct.Struct("<IIQ")
 KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
+# A migration's records only (docs/migration.md): never in a stream file.
+KIND_ZERO_RUN, KIND_SHAPE, KIND_POSTCOPY = 5, 6, 7
 BATCH = 256                     # pages per pwritev
 
 
-def pass_records(regions, dirty, stats: PassStats):
+def pass_records(regions, dirty, stats: PassStats, zero_runs: bool = False):
     """One pass's records, BATCH pages at a time (each a list of buffers, maybe empty),
     counted into ``stats``: ``dirty`` None (pass 0) every page that may hold data, the
     other side starting from zeros (QEMU likewise skips zero pages on its first pass);
-    else the dirty pages, those zero now as zero records. The stream file's writer and a
-    migration's (migrate/live.py) send the same records."""
+    else the dirty pages, those zero now as zero records (``zero_runs``: consecutive ones
+    as one KIND_ZERO_RUN record, as a migration sends them). The stream file's writer and
+    a migration's (migrate/live.py) send the same records."""
     for bi, r in enumerate(regions):
         if dirty is None:
             idx = np.flatnonzero(r.maybe_nonzero())
@@ -62,17 +65,33 @@ def pass_records(regions, dirty, stats: PassStats):
             for c in range(start, end, BATCH):
                 ce = min(end, c + BATCH)
                 nonzero = nonzero_pages(r.array[c * PAGE:ce * PAGE])
-                bufs = []
+                bufs, run = [], None        # run: the first of the zero pages pending
                 for i in range(c, ce):
-                    if dirty is None and not nonzero[i - c]:
-                        stats.pages_zero += 1
-                    elif nonzero[i - c]:
+                    if nonzero[i - c]:
+                        if run is not None:
+                            bufs += zero_records(bi, run, i)
+                            run = None
                         bufs += [RECORD.pack(KIND_PAGE, bi, i), r.array[i * PAGE:(i + 1) * PAGE]]
                         stats.pages_written += 1
                     else:
-                        bufs.append(RECORD.pack(KIND_ZERO, bi, i))
                         stats.pages_zero += 1
+                        if dirty is None:
+                            continue
+                        if not zero_runs:
+                            bufs.append(RECORD.pack(KIND_ZERO, bi, i))
+                        elif run is None:
+                            run = i
+                if run is not None:
+                    bufs += zero_records(bi, run, ce)
                 yield bufs
+
+
+def zero_records(block: int, first: int, end: int) -> list[bytes]:
+    """Pages [first, end) of ``block`` are zero: one record of a migration (KIND_ZERO_RUN
+    and its u64 count), or a KIND_ZERO record for one page."""
+    if end - first == 1:
+        return [RECORD.pack(KIND_ZERO, block, first)]
+    return [RECORD.pack(KIND_ZERO_RUN, block, first), struct.pack("<Q", end - first)]
 
 
 class StreamWriter:

@@ -1,0 +1,577 @@
+"""Post-copy (docs/migration.md): the destination runs the guest before all of its memory
+has arrived. The pages the source dirtied after its last pre-copy pass are *remote*: the
+destination drops its stale copies and registers guest memory with userfaultfd (missing
+faults on anonymous memory, which KVM takes as well), and a page a vCPU or the VMM
+touches is fetched from the source on a connection of its own (the fault channel), so a
+fault never queues behind bulk pages; meanwhile the source pushes the rest on the main
+connection, restarting just after each page asked for.
+
+The faults are served by a *pager*, a small process of its own (``python -m
+migrate.postcopy``) holding the userfaultfd and the fault channel: a Python thread of the
+VMM that touches a missing page while it holds the GIL would otherwise wait on a handler
+that needs the GIL. The pager resolves every fault alone: a remote page by asking the
+source (which answers every request, even for a page it has pushed already), any other
+page by mapping zeros (it was zero when pre-copy began and nobody wrote it since).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+
+PAGE = 4096
+REQUEST = struct.Struct("<IQ")          # a fault: (block, page index)
+FRAME = struct.Struct("<I")             # VMM <-> pager messages: u32 length, JSON
+FAULT_HELLO = b"KVMGFLT1"               # the source's fault channel: this, then the token
+LOST_AFTER = 60.0                       # seconds a fault waits before the source counts as gone
+
+# userfaultfd (linux/userfaultfd.h), x86-64
+NR_USERFAULTFD = 323
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_WAKE = 0x8010AA02
+UFFDIO_COPY = 0xC028AA03
+UFFDIO_ZEROPAGE = 0xC020AA04
+UFFDIO_REGISTER_MODE_MISSING = 1
+UFFD_EVENT_PAGEFAULT = 0x12
+MSG = struct.Struct("<BBHIQQQ")          # struct uffd_msg: event, ..., flags, address, ptid
+
+
+class PostcopyError(Exception):
+    """Post-copy could not be set up (before the acknowledgement: the source runs on)."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+class _Api(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
+                ("ioctls", ctypes.c_uint64)]
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Register(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class _Copy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+class _Zero(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
+def _ioctl(fd: int, request: int, arg) -> int:
+    """0, or the errno (EEXIST: the page is there already)."""
+    if _libc.ioctl(fd, request, ctypes.byref(arg)) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def open_uffd(ranges: list[tuple[int, int]]) -> int:
+    """A userfaultfd with ``ranges`` (host address, length) registered for missing
+    faults. PostcopyError (one line) where this host or user cannot have one."""
+    fd = _libc.syscall(NR_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise PostcopyError(f"userfaultfd: {os.strerror(err)} (post-copy needs it, as root "
+                            "or with vm.unprivileged_userfaultfd=1)")
+    try:
+        err = _ioctl(fd, UFFDIO_API, _Api(UFFD_API, 0, 0))
+        if err:
+            raise PostcopyError(f"userfaultfd API handshake: {os.strerror(err)}")
+        for start, length in ranges:
+            err = _ioctl(fd, UFFDIO_REGISTER, _Register(_Range(start, length),
+                                                        UFFDIO_REGISTER_MODE_MISSING, 0))
+            if err:
+                raise PostcopyError(f"userfaultfd cannot register guest memory: "
+                                    f"{os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def copy_page(uffd: int, dst: int, src: int) -> None:
+    """Install one page (woken: the vCPU or thread waiting on it runs on); a page that is
+    there already (the other channel was first) just wakes its waiters."""
+    err = _ioctl(uffd, UFFDIO_COPY, _Copy(dst, src, PAGE, 0, 0))
+    if err == 17:                                  # EEXIST
+        _ioctl(uffd, UFFDIO_WAKE, _Range(dst, PAGE))
+    elif err:
+        raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
+
+
+def zero_page(uffd: int, dst: int) -> None:
+    err = _ioctl(uffd, UFFDIO_ZEROPAGE, _Zero(_Range(dst, PAGE), 0, 0))
+    if err == 17:
+        _ioctl(uffd, UFFDIO_WAKE, _Range(dst, PAGE))
+    elif err:
+        raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
+
+
+# --- framing between the VMM and its pager ---------------------------------------------
+def send_frame(sock: socket.socket, obj, fds: list[int] = ()) -> None:
+    data = json.dumps(obj).encode()
+    if fds:
+        sock.sendmsg([FRAME.pack(len(data)) + data],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+    else:
+        sock.sendall(FRAME.pack(len(data)) + data)
+
+
+def recv_frame(sock: socket.socket, want_fds: int = 0):
+    """(object, fds); EOFError when the peer is gone."""
+    fds: list[int] = []
+    head = b""
+    while len(head) < FRAME.size:
+        if want_fds and not fds:
+            data, anc, _, _ = sock.recvmsg(FRAME.size - len(head),
+                                           socket.CMSG_SPACE(4 * want_fds))
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])
+        else:
+            data = sock.recv(FRAME.size - len(head))
+        if not data:
+            raise EOFError("closed")
+        head += data
+    (n,) = FRAME.unpack(head)
+    body = bytearray()
+    while len(body) < n:
+        data = sock.recv(min(n - len(body), 1 << 20))
+        if not data:
+            raise EOFError("closed")
+        body += data
+    return json.loads(body), fds
+
+
+def _recv_exact(sock, n: int, into=None):
+    buf = into if into is not None else bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("the source closed the connection")
+        got += k
+    return buf
+
+
+# --- the pager (its own process) -------------------------------------------------------
+class Pager:
+    """Runs in ``python -m migrate.postcopy``: accepts the fault channel on the migration's
+    listening socket, then, handed the userfaultfd and the remote pages, resolves every
+    fault until every remote page is in."""
+
+    def __init__(self, ctrl: socket.socket, listener: socket.socket, token: bytes, tls):
+        self.ctrl, self.listener, self.token, self.tls = ctrl, listener, token, tls
+        self.chan = None
+        self.uffd = -1
+        self.starts: list[int] = []          # region host addresses, ascending
+        self.regions: list[tuple[int, int, int]] = []    # (host address, pages, block)
+        self.state: list[bytearray] = []     # per block: 0 local, 1 remote, 2 asked, 3 in
+        self.asked_at: dict[tuple[int, int], float] = {}
+        self.latencies: list[float] = []
+        self.zero_faults = 0
+        self.remote_left = 0
+
+    def accept_fault_channel(self) -> None:
+        """The source's second connection, checked by the token the destination greeted
+        it with (a stranger's connection is closed)."""
+        self.listener.settimeout(LOST_AFTER)
+        for _ in range(16):
+            conn, _ = self.listener.accept()
+            conn.settimeout(LOST_AFTER)
+            try:
+                if self.tls is not None:
+                    conn = self.tls.server(conn)
+                hello = bytes(_recv_exact(conn, len(FAULT_HELLO) + len(self.token)))
+            except (OSError, EOFError, Exception):
+                conn.close()
+                continue
+            if hello == FAULT_HELLO + self.token:
+                if isinstance(conn, socket.socket) and conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.chan = conn
+                return
+            conn.close()
+        raise PostcopyError("no fault channel from the source")
+
+    def arm(self, plan: dict, uffd: int, remote: list[bytes]) -> None:
+        self.uffd = uffd
+        for bi, (addr, npages) in enumerate(plan["regions"]):
+            self.regions.append((addr, npages, bi))
+        self.regions.sort()
+        self.starts = [r[0] for r in self.regions]
+        for bits, (_, npages) in zip(remote, plan["regions"]):
+            st = bytearray(npages)
+            for i in range(npages):
+                if bits[i >> 3] >> (i & 7) & 1:
+                    st[i] = 1
+            self.remote_left += st.count(1)
+            self.state.append(st)
+
+    def where(self, addr: int) -> tuple[int, int, int]:
+        k = bisect.bisect_right(self.starts, addr) - 1
+        base, npages, bi = self.regions[k]
+        return bi, (addr - base) // PAGE, base
+
+    def on_fault(self, addr: int) -> None:
+        bi, index, base = self.where(addr & ~(PAGE - 1))
+        st = self.state[bi]
+        page = base + index * PAGE
+        if st[index] == 0:
+            zero_page(self.uffd, page)
+            self.zero_faults += 1
+        elif st[index] == 1:
+            st[index] = 2
+            self.asked_at[(bi, index)] = time.perf_counter()
+            self.chan.sendall(REQUEST.pack(bi, index))
+        elif st[index] == 3:
+            _ioctl(self.uffd, UFFDIO_WAKE, _Range(page, PAGE))
+
+    def on_page(self, bi: int, index: int, buf) -> None:
+        if bi >= len(self.state) or index >= len(self.state[bi]):
+            raise PostcopyError(f"the source sent page {index} of block {bi}: out of range")
+        base = next(r[0] for r in self.regions if r[2] == bi)
+        copy_page(self.uffd, base + index * PAGE, ctypes.addressof(buf))
+        st = self.state[bi]
+        if st[index] in (1, 2):
+            self.remote_left -= 1
+        st[index] = 3
+        asked = self.asked_at.pop((bi, index), None)
+        if asked is not None:
+            self.latencies.append(time.perf_counter() - asked)
+
+    def bulk_done(self) -> None:
+        """The main connection's push has ended and every page on it is installed: a
+        remote page never asked for came that way; those asked for come (again) here."""
+        for st in self.state:
+            st[:] = st.replace(b"\x01", b"\x03")
+        self.remote_left = sum(st.count(2) for st in self.state)
+
+    def run(self) -> str:
+        """Serve faults until the VMM says the bulk is in and no remote page is left:
+        "done", or the reason the source counts as gone."""
+        buf = (ctypes.c_char * PAGE)()
+        head = bytearray(REQUEST.size)
+        msgs = bytearray(MSG.size * 64)
+        poll = select.poll()
+        poll.register(self.uffd, select.POLLIN)
+        poll.register(self.chan.fileno(), select.POLLIN)
+        poll.register(self.ctrl.fileno(), select.POLLIN)
+        bulk_done = False
+        self.chan.setblocking(True)
+        self.chan.settimeout(LOST_AFTER)
+        while not (bulk_done and self.remote_left == 0):
+            pending = getattr(self.chan, "pending", lambda: 0)()   # TLS: bytes already read
+            events = [(self.chan.fileno(), select.POLLIN)] if pending else poll.poll(
+                LOST_AFTER * 1e3 if self.asked_at else None)
+            if not events:
+                return f"no page came from the source for {LOST_AFTER:g} s"
+            for fd, ev in events:
+                if fd == self.uffd:
+                    try:
+                        n = os.readv(self.uffd, [msgs])
+                    except BlockingIOError:
+                        continue
+                    for k in range(0, n, MSG.size):
+                        event, _, _, _, _, address, _ = MSG.unpack_from(msgs, k)
+                        if event == UFFD_EVENT_PAGEFAULT:
+                            self.on_fault(address)
+                elif fd == self.chan.fileno():
+                    try:
+                        _recv_exact(self.chan, REQUEST.size, head)
+                        bi, index = REQUEST.unpack(head)
+                        _recv_exact(self.chan, PAGE, buf)
+                    except (OSError, EOFError) as err:
+                        return f"the fault channel broke ({err})"
+                    self.on_page(bi, index, buf)
+                else:
+                    try:
+                        msg, _ = recv_frame(self.ctrl)
+                    except (OSError, EOFError):
+                        return "the VMM went away"
+                    if msg.get("op") == "bulk-done":
+                        bulk_done = True
+                        self.bulk_done()
+                    elif msg.get("op") == "lost":
+                        return msg.get("why", "lost")
+        return "done"
+
+    def stats(self) -> dict:
+        lat = sorted(self.latencies)
+        pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6) if lat else (
+            lambda q: 0.0)
+        return {"remote_faults": len(lat), "zero_faults": self.zero_faults,
+                "p50_us": pick(0.5), "p95_us": pick(0.95)}
+
+
+# --- the destination's VMM ----------------------------------------------------------------
+class PagerProcess:
+    """The VMM's handle on its pager: started when the source says it may switch to
+    post-copy (the shape record), so the interpreter's start is not in the downtime."""
+
+    def __init__(self, listener: socket.socket, token: bytes, tls=None):
+        import subprocess
+        ours, theirs = socket.socketpair()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "migrate.postcopy", str(theirs.fileno()),
+                 str(listener.fileno())], pass_fds=(theirs.fileno(), listener.fileno()),
+                stdin=subprocess.DEVNULL, env=env)
+        finally:
+            theirs.close()
+        self.ctrl = ours
+        self.uffd = -1
+        self.channel = False
+        send_frame(ours, {"token": token.hex(),
+                          "tls": [tls.cert, tls.key, tls.ca] if tls is not None else None})
+
+    def _expect(self, op: str, timeout: float) -> dict:
+        self.ctrl.settimeout(timeout)
+        try:
+            msg, _ = recv_frame(self.ctrl)
+        except (OSError, EOFError) as err:
+            raise PostcopyError(f"the post-copy pager did not answer ({err or 'closed'})") \
+                from None
+        if msg.get("op") != op:
+            raise PostcopyError(f"post-copy: {msg.get('why') or msg}")
+        return msg
+
+    def arm(self, regions, remote: list) -> None:
+        """Drop the stale copies of the remote pages (``remote``: a bool array per block
+        of ``regions``), register all of guest memory with a userfaultfd and hand it to the
+        pager; PostcopyError if anything fails (the guest has not run here yet)."""
+        import numpy as np
+        if not self.channel:
+            self._expect("channel", LOST_AFTER)
+            self.channel = True
+        from migrate.pageio import runs_of
+        import mmap
+        for r, bits in zip(regions, remote):
+            for a, b in runs_of(np.flatnonzero(bits)).tolist():
+                r.map.madvise(mmap.MADV_DONTNEED, a * PAGE, (b - a) * PAGE)
+        self.uffd = open_uffd([(r.host_addr, r.size) for r in regions])
+        send_frame(self.ctrl, {"op": "arm", "regions": [[r.host_addr, r.npages] for r in regions],
+                               "remote": [zlib.compress(np.packbits(bits, bitorder="little")
+                                                        .tobytes()).hex() for bits in remote]},
+                   [self.uffd])
+        self._expect("armed", LOST_AFTER)
+
+    def dismiss(self) -> None:
+        """Pre-copy completed (or failed): the pager is not needed."""
+        self.ctrl.close()
+        self.proc.kill()
+        self.proc.wait()
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
+
+
+class Receiver:
+    """After the acknowledgement: the pages the source pushes on the main connection are
+    installed here (a thread), and once every remote page is in (the pager says so) the
+    userfaultfd is closed, guest memory is ordinary memory again, and the source is told.
+    ``on_lost(why)`` is called if the source goes away first: the guest is lost."""
+
+    def __init__(self, pager: PagerProcess, conn, regions, on_lost, on_done=None):
+        self.pager, self.conn, self.regions = pager, conn, regions
+        self.on_lost, self.on_done = on_lost, on_done
+        self.stats: dict = {}
+        self.pushed = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="post-copy", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        from migrate.formats.stream import KIND_END, KIND_PAGE, RECORD
+        buf = (ctypes.c_char * PAGE)()
+        head = bytearray(RECORD.size)
+        why = None
+        try:
+            self.conn.settimeout(LOST_AFTER)
+            while True:
+                _recv_exact(self.conn, RECORD.size, head)
+                kind, bi, index = RECORD.unpack(head)
+                if kind == KIND_END:
+                    break
+                if kind != KIND_PAGE or bi >= len(self.regions) or \
+                        index >= self.regions[bi].npages:
+                    why = f"the source sent a bad post-copy record ({kind}, {bi}, {index})"
+                    break
+                _recv_exact(self.conn, PAGE, buf)
+                copy_page(self.pager.uffd, self.regions[bi].host_addr + index * PAGE,
+                          ctypes.addressof(buf))
+                self.pushed += 1
+        except (OSError, EOFError) as err:
+            why = f"the source went away ({getattr(err, 'strerror', None) or err or 'closed'})"
+        if why is None:
+            try:
+                send_frame(self.pager.ctrl, {"op": "bulk-done"})
+                self.pager.ctrl.settimeout(None)
+                msg, _ = recv_frame(self.pager.ctrl)
+            except (OSError, EOFError) as err:
+                msg = {"op": "lost", "why": f"the post-copy pager failed ({err or 'closed'})"}
+            self.stats = {k: v for k, v in msg.items() if k not in ("op", "why")}
+            if msg.get("op") != "done":
+                why = msg.get("why", "lost")
+        if why is not None:
+            self.on_lost(why)
+            return
+        self.pager.proc.wait()
+        os.close(self.pager.uffd)          # guest memory is ordinary memory again
+        self.pager.uffd = -1
+        self.pager.ctrl.close()
+        try:
+            self.conn.sendall(b"KVMGFIN\n")
+        except OSError:
+            pass
+        self.conn.close()
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+# --- the source ---------------------------------------------------------------------------
+class Pusher:
+    """The source's half after the acknowledgement (its guest paused for good): every
+    remote page pushed on the main connection in order, the push restarting just after
+    each page the destination asks for on the fault channel, every request answered."""
+
+    def __init__(self, regions, remote: dict, main, fault):
+        import numpy as np
+        self.regions, self.main, self.fault = regions, main, fault
+        keys = [np.asarray(remote.get(r.slot, []), dtype=np.int64) + (bi << 40)
+                for bi, r in enumerate(regions)]
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        self.sent = np.zeros(len(self.keys), dtype=np.bool_)
+        self.cursor = 0
+        self.lock = threading.Lock()
+        self.answered = 0
+        self.error: str | None = None
+
+    def _page(self, bi: int, index: int):
+        return self.regions[bi].array[index * PAGE:(index + 1) * PAGE]
+
+    def serve_faults(self) -> None:
+        """The fault channel's thread: a page for every request, until it closes."""
+        import numpy as np
+        head = bytearray(REQUEST.size)
+        try:
+            self.fault.settimeout(None)
+            while True:
+                _recv_exact(self.fault, REQUEST.size, head)
+                bi, index = REQUEST.unpack(head)
+                if bi >= len(self.regions) or index >= self.regions[bi].npages:
+                    self.error = f"the destination asked for page {index} of block {bi}"
+                    return
+                self.fault.sendall(REQUEST.pack(bi, index) + self._page(bi, index).tobytes())
+                self.answered += 1
+                key = (bi << 40) + index
+                with self.lock:
+                    pos = int(np.searchsorted(self.keys, key))
+                    if pos < len(self.keys) and self.keys[pos] == key:
+                        self.sent[pos] = True
+                        self.cursor = pos + 1
+        except (OSError, EOFError):
+            return
+
+    def _next(self, batch: int):
+        """Up to ``batch`` unsent pages from the cursor on (then from the start); marked
+        sent. Called with the lock held."""
+        import numpy as np
+        n = len(self.keys)
+        for start, end in ((self.cursor, n), (0, self.cursor)):
+            pos = start
+            while pos < end:
+                window = min(end, pos + 16 * batch)
+                left = np.flatnonzero(~self.sent[pos:window])
+                if len(left):
+                    take = left[:batch] + pos
+                    self.sent[take] = True
+                    self.cursor = int(take[-1]) + 1
+                    return take
+                pos = window
+        return None
+
+    def push(self, batch: int = 256) -> int:
+        """Every remote page not yet answered, on the main connection; then the end
+        record. Returns the pages pushed."""
+        from migrate.formats.stream import KIND_END, KIND_PAGE, RECORD
+        from migrate.live import _sendall
+        pushed = 0
+        while True:
+            with self.lock:
+                take = self._next(batch)
+            if take is None:
+                break
+            bufs = []
+            for key in self.keys[take].tolist():
+                bi, index = key >> 40, key & ((1 << 40) - 1)
+                bufs += [RECORD.pack(KIND_PAGE, bi, index), self._page(bi, index)]
+            _sendall(self.main, bufs)
+            pushed += len(take)
+        _sendall(self.main, [RECORD.pack(KIND_END, 0, 0)])
+        return pushed
+
+
+def pager_main(argv: list[str]) -> int:
+    ctrl = socket.socket(fileno=int(argv[0]))
+    listener = socket.socket(fileno=int(argv[1]))
+    try:
+        start, _ = recv_frame(ctrl)
+        tls = None
+        if start.get("tls"):
+            from migrate.live import Tls
+            tls = Tls(*start["tls"])
+        pager = Pager(ctrl, listener, bytes.fromhex(start["token"]), tls)
+        try:
+            pager.accept_fault_channel()
+        except (OSError, PostcopyError) as err:
+            send_frame(ctrl, {"op": "failed", "why": f"{err}"})
+            return 1
+        listener.close()
+        send_frame(ctrl, {"op": "channel"})
+        plan, fds = recv_frame(ctrl, want_fds=1)
+        if plan.get("op") != "arm" or len(fds) != 1:
+            return 0                          # pre-copy completed: not needed
+        remote = [zlib.decompress(bytes.fromhex(h)) for h in plan["remote"]]
+        pager.arm(plan, fds[0], remote)
+        send_frame(ctrl, {"op": "armed"})
+        outcome = pager.run()
+        send_frame(ctrl, {"op": "done" if outcome == "done" else "lost", "why": outcome,
+                          **pager.stats()})
+        if outcome != "done":
+            # The VMM holds the userfaultfd open: a vCPU waiting on a page stays waiting
+            # (never mapped as zeros) until the VMM ends the guest.
+            return 3
+        return 0
+    except (EOFError, OSError):
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(pager_main(sys.argv[1:]))
