@@ -264,17 +264,17 @@ class SocketWriter:
         return stats
 
     def defer(self, dirty: dict) -> PassStats:
-        """Post-copy: instead of the last pages, which pages are still to come (a bitmap
-        per block, zlib'd); they follow once the destination runs the guest."""
+        """Post-copy: instead of the last pages, which pages are still to come (per block
+        a u64 count and the u32 page indices); they follow once the destination runs the
+        guest."""
         import numpy as np
         stats = PassStats(len(self.passes))
-        bits = b""
+        parts = []
         for r in self.regions:
-            mark = np.zeros(r.npages, dtype=np.bool_)
-            mark[np.asarray(dirty.get(r.slot, []), dtype=np.int64)] = True
-            stats.pages_dirty += int(mark.sum())
-            bits += np.packbits(mark, bitorder="little").tobytes()
-        data = zlib.compress(bits, 1)
+            idx = np.asarray(dirty.get(r.slot, []), dtype="<u4")
+            stats.pages_dirty += len(idx)
+            parts += [struct.pack("<Q", len(idx)), idx.tobytes()]
+        data = b"".join(parts)
         self._send([RECORD.pack(KIND_POSTCOPY, 0, 0), struct.pack("<QI", len(data),
                     zlib.crc32(data)), data])
         self.deferred = dirty
@@ -408,33 +408,45 @@ def _check_shape(obj) -> tuple[dict, str]:
 
 
 def _remote_pages(data: bytes, blocks) -> list:
+    """The post-copy record's page lists: a bool array per block (checked: in range)."""
     import numpy as np
-    sizes = [-(-b.npages // 8) for b in blocks]
-    d = zlib.decompressobj()
-    try:
-        raw = d.decompress(data, sum(sizes) + 1)
-    except zlib.error as err:
-        raise MigrationError(f"the post-copy page list does not decode: {err}") from None
-    if len(raw) != sum(sizes) or d.unconsumed_tail or not d.eof:
-        raise MigrationError("the post-copy page list is not of the blocks' size")
     out, at = [], 0
-    for b, n in zip(blocks, sizes):
-        out.append(np.unpackbits(np.frombuffer(raw, np.uint8, n, at), count=b.npages,
-                                 bitorder="little").astype(np.bool_))
-        at += n
+    for b in blocks:
+        if at + 8 > len(data):
+            raise MigrationError("the post-copy page list is cut short")
+        (n,) = struct.unpack_from("<Q", data, at)
+        at += 8
+        if n > b.npages or at + 4 * n > len(data):
+            raise MigrationError("the post-copy page list does not fit its blocks")
+        idx = np.frombuffer(data, "<u4", n, at)
+        at += 4 * n
+        if n and int(idx.max()) >= b.npages:
+            raise MigrationError("the post-copy page list names a page out of range")
+        bits = np.zeros(b.npages, dtype=np.bool_)
+        bits[idx] = True
+        out.append(bits)
+    if at != len(data):
+        raise MigrationError("the post-copy page list has bytes beyond its blocks")
     return out
 
 
-def receive(server: socket.socket, tls: Tls | None = None, kvm=None) -> Incoming:
+def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None) -> Incoming:
     """Take one migration from ``server``: the machine is made (Machine.prepare_restore,
     on ``kvm``, which it then owns) as soon as the shape arrives and memory is filled as
     pages arrive; answer with acknowledge() or refuse(). MigrationError on a broken or
-    hostile stream or a machine that cannot be made here."""
+    hostile stream or a machine that cannot be made here. ``pager``: a PagerProcess
+    started beforehand (one is started when the source may switch to post-copy)."""
     from kvmguest.machine import Machine
-    conn, _ = server.accept()
+    from migrate.postcopy import PagerProcess
+    machine = memory = None
+    try:
+        conn, _ = server.accept()
+    except BaseException:
+        if pager is not None:
+            pager.dismiss()
+        raise
     conn.settimeout(STALL)
-    token = os.urandom(TOKEN)
-    machine = pager = memory = None
+    token = pager.token if pager is not None else os.urandom(TOKEN)
     try:
         if tls is not None:
             conn = tls.server(conn)
@@ -461,9 +473,13 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None) -> Incoming
         except (StateError, ValueError, OSError) as err:
             memory.close()
             raise MigrationError(f"the machine cannot be made here: {err}") from None
-        if mode != "off":
-            from migrate.postcopy import PagerProcess
-            pager = PagerProcess(server, token, tls)
+        if mode == "off" and pager is not None:
+            pager.dismiss()
+            pager = None
+        elif mode != "off":
+            if pager is None:
+                pager = PagerProcess(server, tls, token)
+            pager.go()
         state, received, pages, remote = None, 0, 0, None
         while True:
             kind, bi, index = RECORD.unpack(_recv_exact(conn, RECORD.size))
@@ -486,8 +502,8 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None) -> Incoming
             elif kind == KIND_POSTCOPY:
                 if remote is not None or pager is None:
                     raise MigrationError("a post-copy record the shape did not announce")
-                remote = _remote_pages(_blob(conn, MAX_BLOCK_LIST * 8, "the post-copy page "
-                                             "list"), blocks)
+                bound = sum(8 + 4 * b.npages for b in blocks)
+                remote = _remote_pages(_blob(conn, bound, "the post-copy page list"), blocks)
             elif kind == KIND_STATE:
                 if state is not None:
                     raise MigrationError("two state records")
@@ -540,10 +556,11 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
     goes away first: the guest is lost (by default the machine is stopped)."""
     from kvmguest.machine import open_kvm
     from migrate.reader import RestoreReport
+    from migrate.postcopy import PagerProcess
     kvm = open_kvm()
     t = time.perf_counter()
     try:
-        inc = receive(server, tls, kvm)
+        inc = receive(server, tls, kvm, PagerProcess(server, tls))
     except BaseException:
         kvm.close()
         raise

@@ -33,6 +33,9 @@ REQUEST = struct.Struct("<IQ")          # a fault: (block, page index)
 FRAME = struct.Struct("<I")             # VMM <-> pager messages: u32 length, JSON
 FAULT_HELLO = b"KVMGFLT1"               # the source's fault channel: this, then the token
 LOST_AFTER = 60.0                       # seconds a fault waits before the source counts as gone
+# Tests: the source pushes nothing until it has answered this many faults (a handshake
+# that makes sure the destination's guest runs on faults; never a delay).
+PUSH_AFTER_ENV = "KVMGUEST_POSTCOPY_PUSH_AFTER"
 
 # userfaultfd (linux/userfaultfd.h), x86-64
 NR_USERFAULTFD = 323
@@ -326,11 +329,13 @@ class Pager:
 
 # --- the destination's VMM ----------------------------------------------------------------
 class PagerProcess:
-    """The VMM's handle on its pager: started when the source says it may switch to
-    post-copy (the shape record), so the interpreter's start is not in the downtime."""
+    """The VMM's handle on its pager: started before the migration arrives (the
+    interpreter's start is not in the downtime), told to go on when the source says it
+    may switch to post-copy (the shape record), dismissed otherwise."""
 
-    def __init__(self, listener: socket.socket, token: bytes, tls=None):
+    def __init__(self, listener: socket.socket, tls=None, token: bytes | None = None):
         import subprocess
+        self.token = token if token is not None else os.urandom(16)
         ours, theirs = socket.socketpair()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -345,8 +350,12 @@ class PagerProcess:
         self.ctrl = ours
         self.uffd = -1
         self.channel = False
-        send_frame(ours, {"token": token.hex(),
+        send_frame(ours, {"token": self.token.hex(),
                           "tls": [tls.cert, tls.key, tls.ca] if tls is not None else None})
+
+    def go(self) -> None:
+        """The main connection is taken: the pager may accept the fault channel."""
+        send_frame(self.ctrl, {"op": "go"})
 
     def _expect(self, op: str, timeout: float) -> dict:
         self.ctrl.settimeout(timeout)
@@ -471,6 +480,8 @@ class Pusher:
         self.cursor = 0
         self.lock = threading.Lock()
         self.answered = 0
+        self.served = threading.Condition()       # answered grew, or the channel closed
+        self.closed = False
         self.error: str | None = None
 
     def _page(self, bi: int, index: int):
@@ -489,7 +500,9 @@ class Pusher:
                     self.error = f"the destination asked for page {index} of block {bi}"
                     return
                 self.fault.sendall(REQUEST.pack(bi, index) + self._page(bi, index).tobytes())
-                self.answered += 1
+                with self.served:
+                    self.answered += 1
+                    self.served.notify_all()
                 key = (bi << 40) + index
                 with self.lock:
                     pos = int(np.searchsorted(self.keys, key))
@@ -498,6 +511,10 @@ class Pusher:
                         self.cursor = pos + 1
         except (OSError, EOFError):
             return
+        finally:
+            with self.served:
+                self.closed = True
+                self.served.notify_all()
 
     def _next(self, batch: int):
         """Up to ``batch`` unsent pages from the cursor on (then from the start); marked
@@ -522,6 +539,9 @@ class Pusher:
         record. Returns the pages pushed."""
         from migrate.formats.stream import KIND_END, KIND_PAGE, RECORD
         from migrate.live import _sendall
+        hold = int(os.environ.get(PUSH_AFTER_ENV, "0") or 0)
+        with self.served:
+            self.served.wait_for(lambda: self.answered >= hold or self.closed)
         pushed = 0
         while True:
             with self.lock:
@@ -548,6 +568,9 @@ def pager_main(argv: list[str]) -> int:
             from migrate.live import Tls
             tls = Tls(*start["tls"])
         pager = Pager(ctrl, listener, bytes.fromhex(start["token"]), tls)
+        go, _ = recv_frame(ctrl)           # the VMM has taken the main connection
+        if go.get("op") != "go":
+            return 0
         try:
             pager.accept_fault_channel()
         except (OSError, PostcopyError) as err:

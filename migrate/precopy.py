@@ -45,6 +45,7 @@ class SaveReport:
     # read meanwhile); resume (--then continue: every vCPU running again) comes after.
     downtime_parts: dict = field(default_factory=dict)
     paused_at: float = 0.0       # time.perf_counter() when the final pause began
+    postcopy: dict = field(default_factory=dict)   # a migration's post-copy: what followed
 
     @property
     def bytes_written(self) -> int:
@@ -77,6 +78,10 @@ class SaveReport:
         for p in self.passes:
             lines.append(f"  pass {p.index}: {p.pages_dirty} dirty, {p.pages_written} written, "
                          f"{p.pages_zero} zero, {p.seconds * 1e3:.1f} ms")
+        if self.postcopy:
+            pc = self.postcopy
+            lines.append(f"  post-copy: {pc['pushed']} pages pushed, {pc['answered']} sent as "
+                         f"the destination asked, in {pc['seconds'] * 1e3:.1f} ms")
         if self.downtime_parts:
             lines.append("  downtime: " + ", ".join(f"{k} {v:.2f} ms"
                                                      for k, v in self.downtime_parts.items()))
@@ -199,6 +204,7 @@ def _live_save(machine, path: str, o: SaveOptions, progress, cancel) -> SaveRepo
         machine.stop()
     report = save.report
     report.passes = save.writer.passes
+    report.postcopy = getattr(save.writer, "postcopy_stats", {})
     if o.format != "migrate":
         st = os.stat(report.path)
         report.file_size, report.allocated = st.st_size, st.st_blocks * 512

@@ -375,3 +375,126 @@ def test_two_vcpus_with_timers_and_ipis_migrate_and_carry_on(tmp_path, name):
     out, err = dest.communicate(GO, timeout=MARGIN)
     assert dest.returncode == 0, out[-2000:] + err[-2000:]
     assert "go after" in out and verdict in out, out[-2000:]
+
+
+# --- post-copy --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_post_copy_runs_the_guest_on_faulted_pages_then_takes_the_rest(
+        machine_factory, tmp_path, kind, monkeypatch):
+    """`--postcopy`: the guest runs at the destination right after pass 0; the pages it
+    dirtied since are fetched as it touches them (the source pushes nothing until it has
+    answered 40 faults: a handshake, so the guest surely runs on faulted pages) and the
+    rest pushed after; it verifies every page to its end."""
+    from migrate.postcopy import PUSH_AFTER_ENV
+    from migrate.precopy import live_save
+    monkeypatch.setenv(PUSH_AFTER_ENV, "40")
+    address = (f"unix:{tmp_path / 'mig.sock'}" if kind == "unix"
+               else f"tcp:127.0.0.1:{_free_port()}")
+    t, out = _destination(address)
+    m = start_dirty(machine_factory, pages=900, passes=40, oninput=True)
+    report = live_save(m, address, format="migrate", then="stop", postcopy="now")
+    t.join(MARGIN)
+    assert "error" not in out, out.get("error")
+    assert out["exit"] == 0 and out["postcopy_done"], out["console"][-2000:]
+    assert_verified(out["console"], 900, 40, oninput=True)
+    assert "post-copy after pass 0" in report.stop_reason
+    assert report.postcopy["answered"] >= 40 and out["postcopy"]["remote_faults"] >= 40
+    assert report.postcopy["pushed"] + report.postcopy["answered"] >= report.passes[-1].pages_dirty
+
+
+@pytest.mark.parametrize("postcopy", ["off", "now"])
+def test_the_destinations_memory_is_the_paused_sources(machine_factory, tmp_path, postcopy):
+    """Every block (RAM and a disk overlay's device memory) at the destination, before
+    its guest runs, equals the source's as it stopped: pre-copy, and post-copy with its
+    pages pushed and the never-sent ones read as zeros (the test reads them through the
+    pager while the push runs, then again once it is over)."""
+    import numpy as np
+
+    from kvmguest.devices.virtio import DeviceSpec
+    from kvmguest.front.control import listen_for_migration
+    from migrate.live import restore_incoming
+    from migrate.precopy import live_save
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(range(256)) * 4096 * 4)
+    address = f"unix:{tmp_path / 'mig.sock'}"
+    server = listen_for_migration(address)
+    got: dict = {}
+
+    def destination():
+        try:
+            got["m"], _ = restore_incoming(server)
+        except Exception as err:              # noqa: BLE001 (handed to the test)
+            got["error"] = err
+        finally:
+            server.close()
+    t = threading.Thread(target=destination)
+    t.start()
+    m = start_dirty(machine_factory, pages=900, passes=40,
+                    machine={"virtio": [DeviceSpec("blk", {"path": str(disk),
+                                                           "overlay": True})]})
+    m.memory.device_write(m.memory.device_regions[0], 4096 * 3, b"overlay!" * 512)
+    live_save(m, address, format="migrate", then="stop", postcopy=postcopy)
+    t.join(MARGIN)
+    assert "error" not in got, got.get("error")
+    dest = got["m"]
+    try:
+        assert (dest.postcopy is not None) == (postcopy == "now")
+        source = {r.slot: r for r in m.memory.saved_regions}
+        for r in dest.memory.saved_regions:            # read while post-copy may run
+            assert np.array_equal(r.array, source[r.slot].array), r.name
+        if dest.postcopy is not None:
+            assert dest.postcopy.done.wait(MARGIN)
+            for r in dest.memory.saved_regions:
+                assert np.array_equal(r.array, source[r.slot].array), r.name
+    finally:
+        dest.close()
+
+
+def _postcopy_pair(tmp_path, hold: str):
+    """A dirty guest moved with `migrate --postcopy` between two processes, the source
+    pushing nothing until it answered ``hold`` faults: (source, destination, the
+    migrate command, the destination's console so far)."""
+    import os
+
+    from helpers import cli_popen, guest, read_until
+    from migrate.postcopy import PUSH_AFTER_ENV
+    sock, address = tmp_path / "ctl.sock", f"unix:{tmp_path / 'mig.sock'}"
+    dest = cli_popen("restore", "--incoming", address)
+    read_until(dest.stderr, "waiting for a guest")
+    src = cli_popen("run", guest("dirty"), "--memory", "256M", "--cmdline",
+                    "pages=2000 passes=100000", "--control", sock,
+                    env={**os.environ, PUSH_AFTER_ENV: hold})
+    read_until(src.stdout, "dirty: pass 16 ok")
+    mig = cli_popen("migrate", "--control", sock, address, "--postcopy")
+    seen = read_until(dest.stdout, "dirty: pass")        # the guest runs there, on faults
+    return src, dest, mig, seen
+
+
+def test_a_source_killed_in_post_copy_ends_the_destination_with_the_guest_lost(tmp_path):
+    """The source SIGKILLed while the destination's guest runs on pages it fetches: the
+    destination says the guest is lost, in one line, and exits 125 (the pages it never
+    got are nowhere); it does not run on with zeros."""
+    import signal
+
+    src, dest, mig, _ = _postcopy_pair(tmp_path, "1000000000")
+    src.send_signal(signal.SIGKILL)
+    src.wait(MARGIN)
+    assert dest.wait(MARGIN) == 125
+    err = dest.stderr.read()
+    assert "the guest is lost: post-copy broke off" in err and "Traceback" not in err, err
+    mig.wait(MARGIN)
+
+
+def test_a_destination_killed_in_post_copy_ends_the_source_with_the_guest_lost(tmp_path):
+    """The destination SIGKILLed after it acknowledged (its guest ran there): the source
+    cannot resume a guest that ran on elsewhere; it and `kvmguest migrate` say the guest
+    is lost and exit 125."""
+    import signal
+
+    src, dest, mig, _ = _postcopy_pair(tmp_path, "1000000000")
+    dest.send_signal(signal.SIGKILL)
+    dest.wait(MARGIN)
+    assert mig.wait(MARGIN) == 125, mig.stderr.read()
+    assert "went away during post-copy" in mig.stderr.read()
+    assert src.wait(MARGIN) == 125
+    assert "the guest is lost" in src.stderr.read()
