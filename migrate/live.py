@@ -28,7 +28,7 @@ from kvmguest.memory import GuestMemory, Region, RegionSpec
 from kvmguest.state import MachineState, StateError
 
 from migrate import format as fmt
-from kvmguest.errors import EXIT_BAD_INPUT, EXIT_GUEST_LOST
+from kvmguest.errors import EXIT_GUEST_LOST
 
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
@@ -36,6 +36,7 @@ from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_POSTCOPY, KI
                                     KIND_STATE, KIND_ZERO, KIND_ZERO_RUN, MAGIC,
                                     MAX_BLOCK_LIST, RECORD, parse_blocks, pass_records)
 from migrate.pageio import fault_point
+from migrate.wire import AddressError, MigrationError, Tls, recv_exact, sendall
 from migrate.writer import PassStats
 
 GREETING = b"KVMGMIG2\n"    # the destination speaks first (after TLS), then a 16-byte token
@@ -48,59 +49,10 @@ ACK_TIMEOUT = 600.0          # seconds the source waits for the answer (a restor
 STALL = 60.0                 # seconds without a byte before a peer counts as gone
 
 
-class MigrationError(SnapshotError):
-    """A migration that could not be received (exit 2, one line)."""
-
-
 class GuestLost(SaveError):
     """Post-copy broke off: neither side has the whole guest any more (docs/migration.md)."""
 
     exit_code = EXIT_GUEST_LOST
-
-
-class AddressError(SaveError):
-    """A migration address or TLS file that cannot be used (exit 2, one line)."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
-class Tls:
-    """Mutual TLS for a migration over TCP (the standard library's ``ssl``): this side's
-    certificate and key, and the CA the peer's certificate must be signed by."""
-
-    def __init__(self, cert: str, key: str, ca: str):
-        import ssl
-        self.ssl = ssl
-        self.cert, self.key, self.ca = cert, key, ca
-        for what, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
-            if not path or not os.path.isfile(path):
-                raise AddressError(f"{what} {path}: not a readable file")
-
-    def _context(self, server: bool):
-        ssl = self.ssl
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(self.cert, self.key)
-            ctx.load_verify_locations(self.ca)
-        except (OSError, ssl.SSLError) as err:
-            raise AddressError(f"TLS: cannot load the certificate, key or CA: {err}") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED            # both ways: mutual
-        return ctx
-
-    def client(self, sock: socket.socket, host: str):
-        try:
-            return self._context(False).wrap_socket(sock, server_hostname=host)
-        except (OSError, self.ssl.SSLError) as err:
-            sock.close()
-            raise SaveError(f"TLS with the destination failed: {err}") from None
-
-    def server(self, sock: socket.socket):
-        try:
-            return self._context(True).wrap_socket(sock, server_side=True)
-        except (OSError, self.ssl.SSLError) as err:
-            sock.close()
-            raise MigrationError(f"TLS with the source failed: {err}") from None
 
 
 def parse_address(text: str, tls: bool = False) -> tuple:
@@ -122,22 +74,6 @@ def parse_address(text: str, tls: bool = False) -> tuple:
                                 "(--tls-cert, --tls-key and --tls-ca, on both sides)")
             return ("tcp", host, int(port))
     raise AddressError(f"migration address {text!r}: want unix:PATH or tcp:HOST:PORT")
-
-
-def _sendall(sock: socket.socket, bufs) -> None:
-    if not hasattr(sock, "sendmsg") or getattr(sock, "context", None) is not None:
-        sock.sendall(b"".join(memoryview(b).cast("B") for b in bufs))   # TLS: no sendmsg
-        return
-    bufs = [memoryview(b).cast("B") for b in bufs]
-    while bufs:
-        n = sock.sendmsg(bufs[:512])
-        while n:
-            if n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][n:]
-                n = 0
 
 
 def _json_record(kind: int, obj) -> list[bytes]:
@@ -165,7 +101,7 @@ class SocketWriter:
         self.postcopy_stats: dict = {}
         self.sock = self._connect()
         try:           # with TLS 1.3 a refused certificate shows here, not in the handshake
-            greeting = _recv_exact(self.sock, len(GREETING) + TOKEN)
+            greeting = recv_exact(self.sock, len(GREETING) + TOKEN)
         except (OSError, EOFError) as err:
             self.close()
             if tls is not None:
@@ -184,7 +120,7 @@ class SocketWriter:
                     *_json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy})])
         self._fault_thread = None
         if postcopy != "off":      # the fault channel, connected while pre-copy runs
-            self._fault_error = None
+            self.fault_error = None
             self._fault_thread = threading.Thread(target=self._connect_fault, daemon=True,
                                                   name="fault channel")
             self._fault_thread.start()
@@ -216,7 +152,7 @@ class SocketWriter:
             sock.sendall(FAULT_HELLO + self.token)
             self.fault = sock
         except (SaveError, OSError) as err:
-            self._fault_error = str(err)
+            self.fault_error = str(err)
 
     def can_postcopy(self) -> bool:
         if self._fault_thread is None:
@@ -226,7 +162,7 @@ class SocketWriter:
 
     def _send(self, bufs) -> None:
         try:
-            _sendall(self.sock, bufs)
+            sendall(self.sock, bufs)
         except OSError as err:
             why = self._refusal()
             if why:
@@ -289,7 +225,7 @@ class SocketWriter:
         self._send([*_json_record(KIND_STATE, state), RECORD.pack(KIND_END, 0, 0)])
         self.sock.settimeout(ACK_TIMEOUT)
         try:
-            answer = _recv_exact(self.sock, len(ACK))
+            answer = recv_exact(self.sock, len(ACK))
             if answer == REFUSED:
                 why = self.sock.recv(4096).decode(errors="replace").strip()
                 raise SaveError(f"the destination refused the guest: {why or 'no reason'}; "
@@ -324,7 +260,7 @@ class SocketWriter:
         try:
             pushed = pusher.push()
             self.sock.settimeout(ACK_TIMEOUT)
-            if _recv_exact(self.sock, len(FINISHED)) != FINISHED:
+            if recv_exact(self.sock, len(FINISHED)) != FINISHED:
                 raise EOFError("it answered nonsense")
         except (OSError, EOFError) as err:
             raise GuestLost(f"the destination {self.address} went away during post-copy "
@@ -351,17 +287,6 @@ class SocketWriter:
                 setattr(self, name, None)
 
 
-def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
-    buf = into if into is not None else bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError("the source closed the connection mid-stream")
-        got += k
-    return bytes(buf) if into is None else b""
-
-
 @dataclass
 class Incoming:
     """One migration as received (receive): the machine made from its shape during
@@ -383,10 +308,10 @@ class Incoming:
 
 
 def _blob(conn, bound: int, what: str) -> bytes:
-    length, crc = struct.unpack("<QI", _recv_exact(conn, 12))
+    length, crc = struct.unpack("<QI", recv_exact(conn, 12))
     if length > bound:
         raise MigrationError(f"{what} of {length} bytes exceeds {bound}")
-    data = _recv_exact(conn, length)
+    data = recv_exact(conn, length)
     if zlib.crc32(data) != crc:
         raise MigrationError(f"the checksum of {what} does not match")
     return data
@@ -451,17 +376,17 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
         if tls is not None:
             conn = tls.server(conn)
         conn.sendall(GREETING + token)
-        magic, version, nblocks, _ = HEAD.unpack(_recv_exact(conn, HEAD.size))
+        magic, version, nblocks, _ = HEAD.unpack(recv_exact(conn, HEAD.size))
         if magic != MAGIC:
             raise MigrationError("not a kvmguest migration (bad magic)")
         if version != VERSION:
             raise MigrationError(f"migration protocol version {version}; this kvmguest speaks "
                                  f"version {VERSION}")
-        (blen,) = struct.unpack("<I", _recv_exact(conn, 4))
+        (blen,) = struct.unpack("<I", recv_exact(conn, 4))
         if blen > MAX_BLOCK_LIST:
             raise MigrationError(f"a block list of {blen} bytes is too large")
-        blocks = parse_blocks(_recv_exact(conn, blen), nblocks)
-        if RECORD.unpack(_recv_exact(conn, RECORD.size))[0] != KIND_SHAPE:
+        blocks = parse_blocks(recv_exact(conn, blen), nblocks)
+        if RECORD.unpack(recv_exact(conn, RECORD.size))[0] != KIND_SHAPE:
             raise MigrationError("the machine's shape does not follow the block list")
         shape, mode = _check_shape(fmt.parse_json(_blob(conn, 1 << 20, "the shape"),
                                                   "machine shape"))
@@ -482,9 +407,9 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
             pager.go()
         state, received, pages, remote = None, 0, 0, None
         while True:
-            kind, bi, index = RECORD.unpack(_recv_exact(conn, RECORD.size))
+            kind, bi, index = RECORD.unpack(recv_exact(conn, RECORD.size))
             if kind in (KIND_PAGE, KIND_ZERO, KIND_ZERO_RUN):
-                count = struct.unpack("<Q", _recv_exact(conn, 8))[0] if kind == KIND_ZERO_RUN \
+                count = struct.unpack("<Q", recv_exact(conn, 8))[0] if kind == KIND_ZERO_RUN \
                     else 1
                 received += 1
                 if received == 256:
@@ -494,7 +419,7 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
                     raise MigrationError(f"a record for page {index} of block {bi} is out of "
                                          "range")
                 if kind == KIND_PAGE:
-                    _recv_exact(conn, PAGE, into=regions[bi].array[index * PAGE:
+                    recv_exact(conn, PAGE, into=regions[bi].array[index * PAGE:
                                                                    (index + 1) * PAGE])
                     pages += 1
                 else:        # dropped: an anonymous page reads as zeros, nothing resident

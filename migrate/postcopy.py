@@ -28,7 +28,9 @@ import threading
 import time
 import zlib
 
-PAGE = 4096
+from kvmguest.memory import PAGE_SIZE as PAGE
+
+from migrate.wire import Tls, recv_exact, sendall
 REQUEST = struct.Struct("<IQ")          # a fault: (block, page index)
 FRAME = struct.Struct("<I")             # VMM <-> pager messages: u32 length, JSON
 FAULT_HELLO = b"KVMGFLT1"               # the source's fault channel: this, then the token
@@ -166,17 +168,6 @@ def recv_frame(sock: socket.socket, want_fds: int = 0):
     return json.loads(body), fds
 
 
-def _recv_exact(sock, n: int, into=None):
-    buf = into if into is not None else bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError("the source closed the connection")
-        got += k
-    return buf
-
-
 # --- the pager (its own process) -------------------------------------------------------
 class Pager:
     """Runs in ``python -m migrate.postcopy``: accepts the fault channel on the migration's
@@ -205,7 +196,7 @@ class Pager:
             try:
                 if self.tls is not None:
                     conn = self.tls.server(conn)
-                hello = bytes(_recv_exact(conn, len(FAULT_HELLO) + len(self.token)))
+                hello = bytes(recv_exact(conn, len(FAULT_HELLO) + len(self.token)))
             except (OSError, EOFError, Exception):
                 conn.close()
                 continue
@@ -301,9 +292,9 @@ class Pager:
                             self.on_fault(address)
                 elif fd == self.chan.fileno():
                     try:
-                        _recv_exact(self.chan, REQUEST.size, head)
+                        recv_exact(self.chan, REQUEST.size, head)
                         bi, index = REQUEST.unpack(head)
-                        _recv_exact(self.chan, PAGE, buf)
+                        recv_exact(self.chan, PAGE, buf)
                     except (OSError, EOFError) as err:
                         return f"the fault channel broke ({err})"
                     self.on_page(bi, index, buf)
@@ -423,7 +414,7 @@ class Receiver:
         try:
             self.conn.settimeout(LOST_AFTER)
             while True:
-                _recv_exact(self.conn, RECORD.size, head)
+                recv_exact(self.conn, RECORD.size, head)
                 kind, bi, index = RECORD.unpack(head)
                 if kind == KIND_END:
                     break
@@ -431,7 +422,7 @@ class Receiver:
                         index >= self.regions[bi].npages:
                     why = f"the source sent a bad post-copy record ({kind}, {bi}, {index})"
                     break
-                _recv_exact(self.conn, PAGE, buf)
+                recv_exact(self.conn, PAGE, buf)
                 copy_page(self.pager.uffd, self.regions[bi].host_addr + index * PAGE,
                           ctypes.addressof(buf))
                 self.pushed += 1
@@ -494,7 +485,7 @@ class Pusher:
         try:
             self.fault.settimeout(None)
             while True:
-                _recv_exact(self.fault, REQUEST.size, head)
+                recv_exact(self.fault, REQUEST.size, head)
                 bi, index = REQUEST.unpack(head)
                 if bi >= len(self.regions) or index >= self.regions[bi].npages:
                     self.error = f"the destination asked for page {index} of block {bi}"
@@ -538,7 +529,6 @@ class Pusher:
         """Every remote page not yet answered, on the main connection; then the end
         record. Returns the pages pushed."""
         from migrate.formats.stream import KIND_END, KIND_PAGE, RECORD
-        from migrate.live import _sendall
         hold = int(os.environ.get(PUSH_AFTER_ENV, "0") or 0)
         with self.served:
             self.served.wait_for(lambda: self.answered >= hold or self.closed)
@@ -552,9 +542,9 @@ class Pusher:
             for key in self.keys[take].tolist():
                 bi, index = key >> 40, key & ((1 << 40) - 1)
                 bufs += [RECORD.pack(KIND_PAGE, bi, index), self._page(bi, index)]
-            _sendall(self.main, bufs)
+            sendall(self.main, bufs)
             pushed += len(take)
-        _sendall(self.main, [RECORD.pack(KIND_END, 0, 0)])
+        sendall(self.main, [RECORD.pack(KIND_END, 0, 0)])
         return pushed
 
 
@@ -565,7 +555,6 @@ def pager_main(argv: list[str]) -> int:
         start, _ = recv_frame(ctrl)
         tls = None
         if start.get("tls"):
-            from migrate.live import Tls
             tls = Tls(*start["tls"])
         pager = Pager(ctrl, listener, bytes.fromhex(start["token"]), tls)
         go, _ = recv_frame(ctrl)           # the VMM has taken the main connection

@@ -288,7 +288,7 @@ class _Save:
             self.postcopy = True
         elif self.o.postcopy == "now":
             raise SaveError(f"post-copy is not possible: no fault channel to the destination "
-                            f"({self.writer._fault_error}); the guest runs on here")
+                            f"({self.writer.fault_error}); the guest runs on here")
         return self.postcopy
 
     def stop_and_copy(self, dirty: dict) -> dict:
