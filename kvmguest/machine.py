@@ -92,7 +92,7 @@ class Machine:
                  modules: list[str] = (), cpu_model: str | None = None, pit: bool = True,
                  dirty_log: str = "auto", ring_entries: int | None = None,
                  cpuids: list | None = None, host_workarounds: bool = True,
-                 virtio=(), defer_devices: bool = False):
+                 virtio=(), defer_devices: bool = False, shared_memory: bool = False):
         """Boot ``kernel`` (PVH or multiboot), or (kernel None) build a VM around
         ``guest_memory`` for a restore. A ``kvm`` passed in stays the caller's unless
         ``own_kvm``. ``origin`` records what a restored guest was booted with (kernel,
@@ -106,7 +106,9 @@ class Machine:
         (kvm_pvm) gets the parameters and CPU model it needs there (arch.x86.linux;
         ``workarounds`` lists what was added). ``virtio``: devices.DeviceSpec of the
         virtio devices (a Linux kernel is told where they are on its command line).
-        ``defer_devices`` (prepare_restore): no devices yet; complete_restore adds them."""
+        ``defer_devices`` (prepare_restore): no devices yet; complete_restore adds them.
+        ``shared_memory``: RAM in memfds (GuestMemory.shared), which a local migration
+        hands to the destination instead of copying it."""
         check_options(vcpus, irqchip, dirty_log)
         if guest_memory is None and memory < layout.MIN_MEMORY:
             raise UsageError(f"memory {memory} is below the minimum "
@@ -135,7 +137,9 @@ class Machine:
                                      ring_entries)
             self.vm, self.pit = self.platform.vm, self.platform.pit
             if self.memory is None:
-                self.memory = GuestMemory.anonymous(layout.plan_regions(memory))
+                plan = layout.plan_regions(memory)
+                self.memory = (GuestMemory.shared if shared_memory
+                               else GuestMemory.anonymous)(plan)
             self.platform.add_memory(self.memory)
             self._add_vcpus(vcpus, cpuids)
             self.dirty = self.platform.dirty_tracker(self.memory, [t.vcpu for t in self.vcpus])

@@ -7,6 +7,7 @@ import ctypes
 import functools
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -102,12 +103,13 @@ def close_mapping(m: mmap.mmap) -> None:
 class Region:
     """One RAM block: an anonymous (or file-backed, private) mapping and its numpy view."""
 
-    def __init__(self, spec: RegionSpec, mapping: mmap.mmap | None = None):
+    def __init__(self, spec: RegionSpec, mapping: mmap.mmap | None = None, memfd: int = -1):
         self.spec = spec
         self.slot, self.gpa, self.size, self.name = spec.slot, spec.gpa, spec.size, spec.name
         # Dropping pages of an anonymous mapping zeroes them; of a file mapping, it
-        # brings the file's bytes back.
+        # brings the file's bytes back (of a memfd's shared mapping: they stay as they are).
         self.anonymous = mapping is None
+        self.memfd = memfd          # shared memory (GuestMemory.shared): the memfd, owned
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
         try:
             self.map = mapping if mapping is not None else mmap.mmap(
@@ -154,10 +156,26 @@ class Region:
         For anonymous memory a page that is neither present nor swapped (per
         /proc/self/pagemap) was never written, or was dropped, so it reads as zeros.
         File-backed pages may hold data anywhere, so they are all "maybe"."""
+        if self.memfd >= 0:
+            return self._memfd_data()
         entries = self.pagemap() if self.anonymous else None
         if entries is None:
             return np.ones(self.npages, dtype=np.bool_)
         return (entries & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
+
+    def _memfd_data(self) -> np.ndarray:
+        """Shared memory: the pages in the memfd's data extents (a hole reads as zeros)."""
+        out = np.zeros(self.npages, dtype=np.bool_)
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self.memfd, pos, os.SEEK_DATA)
+            except OSError:                     # ENXIO: no data beyond pos
+                break
+            end = min(os.lseek(self.memfd, start, os.SEEK_HOLE), self.size)
+            out[start // PAGE_SIZE:-(-end // PAGE_SIZE)] = True
+            pos = end
+        return out
 
     def pagemap(self) -> np.ndarray | None:
         """This process's /proc/self/pagemap entries for the region (None if unreadable)."""
@@ -185,6 +203,33 @@ class Region:
         if self.map is not None:
             close_mapping(self.map)
             self.map = None
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+
+
+def shared_region(spec: RegionSpec, memfd: int, fresh: bool = False) -> Region:
+    """A region on ``memfd`` (which it then owns), mapped shared; ``fresh``: sized here.
+    GuestMemoryError if the memfd is not of the region's size."""
+    try:
+        if fresh:
+            os.ftruncate(memfd, spec.size)
+        st = os.fstat(memfd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != spec.size:
+            raise GuestMemoryError(f"{spec.name}: the memory handed over is {st.st_size} "
+                                   f"bytes, not {spec.size}")
+        mapping = mmap.mmap(memfd, spec.size, flags=mmap.MAP_SHARED,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as err:
+        os.close(memfd)
+        raise GuestMemoryError(f"{spec.name}: cannot map shared memory: {err.strerror}") \
+            from None
+    except BaseException:
+        os.close(memfd)
+        raise
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return Region(spec, mapping, memfd)
 
 
 class GuestMemory:
@@ -212,6 +257,21 @@ class GuestMemory:
     def anonymous(cls, specs: list[RegionSpec]) -> "GuestMemory":
         """Fresh, zeroed RAM in the slots ``specs`` plans (arch.x86.layout.plan_regions)."""
         return cls([Region(s) for s in specs])
+
+    @classmethod
+    def shared(cls, specs: list[RegionSpec]) -> "GuestMemory":
+        """Fresh RAM, each region a memfd mapped shared: another process given the memfd
+        (a local migration, migrate/live.py) maps the same pages, none copied."""
+        regions = []
+        try:
+            for s in specs:
+                regions.append(shared_region(s, os.memfd_create(f"kvmguest-{s.name}",
+                                                                os.MFD_CLOEXEC), fresh=True))
+        except OSError as err:
+            for r in regions:
+                r.close()
+            raise GuestMemoryError(f"cannot make shared guest memory: {err.strerror}") from None
+        return cls(regions)
 
     @property
     def size(self) -> int:

@@ -32,7 +32,8 @@ from kvmguest.errors import EXIT_GUEST_LOST
 
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
-from migrate.formats.stream import (HEAD, KIND_END, KIND_PAGE, KIND_POSTCOPY, KIND_SHAPE,
+from migrate.formats.stream import (HEAD, KIND_END, KIND_MEMFD, KIND_PAGE, KIND_POSTCOPY,
+                                    KIND_SHAPE,
                                     KIND_STATE, KIND_ZERO, KIND_ZERO_RUN, MAGIC,
                                     MAX_BLOCK_LIST, RECORD, parse_blocks, pass_records)
 from migrate.pageio import fault_point
@@ -88,7 +89,7 @@ class SocketWriter:
     (switch after pass 0), "auto" (switch when pre-copy does not converge) or "off"."""
 
     def __init__(self, address: str, memory, cancel=None, tls: Tls | None = None,
-                 shape: dict | None = None, postcopy: str = "auto"):
+                 shape: dict | None = None, postcopy: str = "auto", local: bool = False):
         self.address, self.path = address, address
         self.cancel = cancel
         self.on_progress = None
@@ -99,6 +100,14 @@ class SocketWriter:
         self.deferred: dict | None = None      # post-copy: the pages still to send
         self.committed = False                 # the destination acknowledged: its guest now
         self.postcopy_stats: dict = {}
+        self.shared_slots: set[int] = set()    # local: RAM handed over, never sent
+        if local:
+            if not address.startswith("unix:"):
+                raise AddressError("a local migration goes to a Unix socket (unix:PATH)")
+            if any(r.memfd < 0 for r in memory.regions):
+                raise SaveError("a local migration hands the guest's RAM over: run the guest "
+                                "with --shared-memory")
+            self.shared_slots = {r.slot for r in memory.regions}
         self.sock = self._connect()
         try:           # with TLS 1.3 a refused certificate shows here, not in the handshake
             greeting = recv_exact(self.sock, len(GREETING) + TOKEN)
@@ -115,9 +124,22 @@ class SocketWriter:
         self.token = greeting[len(GREETING):]
         blocks = json.dumps([{"name": r.name, "gpa": r.gpa, "size": r.size, "slot": r.slot}
                              for r in self.regions]).encode()
+        shared = [bi for bi, r in enumerate(self.regions) if r.slot in self.shared_slots]
         self._send([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
                     struct.pack("<I", len(blocks)), blocks,
-                    *_json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy})])
+                    *_json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy,
+                                               "local": shared})])
+        if shared:                  # the memfds, passed with the record's first byte
+            fds = [self.regions[bi].memfd for bi in shared]
+            try:
+                self.sock.sendmsg([RECORD.pack(KIND_MEMFD, len(fds), 0)],
+                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    struct.pack(f"{len(fds)}i", *fds))])
+            except OSError as err:
+                self.close()
+                raise SaveError(f"cannot hand the guest's memory over: {err.strerror}") \
+                    from None
+        self.page_regions = [None if r.slot in self.shared_slots else r for r in self.regions]
         self._fault_thread = None
         if postcopy != "off":      # the fault channel, connected while pre-copy runs
             self.fault_error = None
@@ -188,7 +210,7 @@ class SocketWriter:
     def write_pass(self, dirty) -> PassStats:
         stats = PassStats(len(self.passes))
         t = time.perf_counter()
-        for bufs in pass_records(self.regions, dirty, stats, zero_runs=True):
+        for bufs in pass_records(self.page_regions, dirty, stats, zero_runs=True):
             if self.cancel is not None and self.cancel.is_set():
                 raise SaveError("migration cancelled; the guest runs on here")
             if bufs:
@@ -317,19 +339,47 @@ def _blob(conn, bound: int, what: str) -> bytes:
     return data
 
 
-def _check_shape(obj) -> tuple[dict, str]:
+def _check_shape(obj, nblocks: int) -> tuple[dict, str, list[int]]:
+    """The shape record: (shape, post-copy mode, the blocks a local migration hands over)."""
     from kvmguest.state import MAX_VCPUS
     try:
-        shape, mode = obj["shape"], obj["postcopy"]
+        shape, mode, local = obj["shape"], obj["postcopy"], obj["local"]
         cpuids, irqchip, pit = shape["cpuids"], shape["irqchip"], shape["pit"]
         ok = (isinstance(cpuids, list) and 1 <= len(cpuids) <= MAX_VCPUS
               and all(isinstance(c, str) for c in cpuids) and type(irqchip) is bool
-              and type(pit) is bool and mode in POSTCOPY_MODES and len(shape) == 3)
+              and type(pit) is bool and mode in POSTCOPY_MODES and len(shape) == 3
+              and isinstance(local, list) and all(type(b) is int for b in local)
+              and sorted(set(local)) == local and all(0 <= b < nblocks for b in local)
+              and not (local and mode != "off"))
     except (KeyError, TypeError):
         ok = False
     if not ok:
         raise MigrationError("the machine's shape does not decode")
-    return shape, mode
+    return shape, mode, local
+
+
+def _receive_memfds(conn: socket.socket, count: int) -> list[int]:
+    """The KIND_MEMFD record and the memfds passed with it (a local migration)."""
+    if not isinstance(conn, socket.socket) or conn.family != socket.AF_UNIX:
+        raise MigrationError("memory handed over other than on a Unix socket")
+    data, anc, _, _ = conn.recvmsg(RECORD.size, socket.CMSG_SPACE(4 * count))
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])
+    try:
+        if not data:
+            raise EOFError("the other side closed the connection mid-stream")
+        data += recv_exact(conn, RECORD.size - len(data)) if len(data) < RECORD.size else b""
+        kind, n, _ = RECORD.unpack(data)
+        if kind != KIND_MEMFD or n != count or len(fds) != count:
+            raise MigrationError(f"the shared memory did not follow the shape ({len(fds)} of "
+                                 f"{count} memfds)")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def _remote_pages(data: bytes, blocks) -> list:
@@ -353,6 +403,27 @@ def _remote_pages(data: bytes, blocks) -> list:
     if at != len(data):
         raise MigrationError("the post-copy page list has bytes beyond its blocks")
     return out
+
+
+def _memory(blocks, local: list[int], fds: list[int]) -> GuestMemory:
+    """The blocks' memory: fresh, or (a local migration) the memfds handed over."""
+    from kvmguest.memory import GuestMemoryError, shared_region
+    given = dict(zip(local, fds))
+    regions = []
+    try:
+        for bi, b in enumerate(blocks):
+            spec = RegionSpec(b.slot, b.gpa, b.size, b.name)
+            if bi in given:
+                regions.append(shared_region(spec, given.pop(bi)))
+            else:
+                regions.append(Region(spec))
+    except GuestMemoryError as err:
+        for fd in given.values():
+            os.close(fd)
+        for r in regions:
+            r.close()
+        raise MigrationError(f"the memory handed over cannot be used: {err}") from None
+    return GuestMemory(regions)
 
 
 def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None) -> Incoming:
@@ -388,10 +459,9 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
         blocks = parse_blocks(recv_exact(conn, blen), nblocks)
         if RECORD.unpack(recv_exact(conn, RECORD.size))[0] != KIND_SHAPE:
             raise MigrationError("the machine's shape does not follow the block list")
-        shape, mode = _check_shape(fmt.parse_json(_blob(conn, 1 << 20, "the shape"),
-                                                  "machine shape"))
-        memory = GuestMemory([Region(RegionSpec(b.slot, b.gpa, b.size, b.name))
-                              for b in blocks])
+        shape, mode, local = _check_shape(fmt.parse_json(_blob(conn, 1 << 20, "the shape"),
+                                                         "machine shape"), nblocks)
+        memory = _memory(blocks, local, _receive_memfds(conn, len(local)) if local else [])
         regions = [memory.region_of_slot(b.slot) for b in blocks]
         try:
             machine = Machine.prepare_restore(shape, memory, kvm=kvm, own_kvm=True)

@@ -32,6 +32,7 @@ from kvmguest.memory import PAGE_SIZE as PAGE
 
 from migrate.wire import Tls, recv_exact, sendall
 REQUEST = struct.Struct("<IQ")          # a fault: (block, page index)
+RUN_PAGES = 256                         # the most pages one pushed record carries
 FRAME = struct.Struct("<I")             # VMM <-> pager messages: u32 length, JSON
 FAULT_HELLO = b"KVMGFLT1"               # the source's fault channel: this, then the token
 LOST_AFTER = 60.0                       # seconds a fault waits before the source counts as gone
@@ -124,6 +125,20 @@ def copy_page(uffd: int, dst: int, src: int) -> None:
         raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
 
 
+def copy_run(uffd: int, dst: int, src: int, count: int) -> None:
+    """Install ``count`` pages in one UFFDIO_COPY where none is there yet; where one is
+    (a fault fetched it first), the others one by one around it."""
+    arg = _Copy(dst, src, count * PAGE, 0, 0)
+    err = _ioctl(uffd, UFFDIO_COPY, arg)
+    if err == 0:
+        return
+    if err not in (17, 11):                          # EEXIST, EAGAIN (partial)
+        raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
+    done = max(arg.copy, 0) // PAGE
+    for k in range(done, count):
+        copy_page(uffd, dst + k * PAGE, src + k * PAGE)
+
+
 def zero_page(uffd: int, dst: int) -> None:
     err = _ioctl(uffd, UFFDIO_ZEROPAGE, _Zero(_Range(dst, PAGE), 0, 0))
     if err == 17:
@@ -214,13 +229,15 @@ class Pager:
             self.regions.append((addr, npages, bi))
         self.regions.sort()
         self.starts = [r[0] for r in self.regions]
+        import numpy as np
         for bits, (_, npages) in zip(remote, plan["regions"]):
-            st = bytearray(npages)
-            for i in range(npages):
-                if bits[i >> 3] >> (i & 7) & 1:
-                    st[i] = 1
+            st = bytearray(np.unpackbits(np.frombuffer(bits, np.uint8), count=npages,
+                                         bitorder="little").tobytes())
             self.remote_left += st.count(1)
             self.state.append(st)
+        self.base = [0] * len(self.state)
+        for addr, _, bi in self.regions:
+            self.base[bi] = addr
 
     def where(self, addr: int) -> tuple[int, int, int]:
         k = bisect.bisect_right(self.starts, addr) - 1
@@ -244,8 +261,7 @@ class Pager:
     def on_page(self, bi: int, index: int, buf) -> None:
         if bi >= len(self.state) or index >= len(self.state[bi]):
             raise PostcopyError(f"the source sent page {index} of block {bi}: out of range")
-        base = next(r[0] for r in self.regions if r[2] == bi)
-        copy_page(self.uffd, base + index * PAGE, ctypes.addressof(buf))
+        copy_page(self.uffd, self.base[bi] + index * PAGE, ctypes.addressof(buf))
         st = self.state[bi]
         if st[index] in (1, 2):
             self.remote_left -= 1
@@ -407,25 +423,28 @@ class Receiver:
         self.thread.start()
 
     def _run(self) -> None:
-        from migrate.formats.stream import KIND_END, KIND_PAGE, RECORD
-        buf = (ctypes.c_char * PAGE)()
-        head = bytearray(RECORD.size)
+        from migrate.formats.stream import KIND_END, KIND_PAGE_RUN, RECORD
+        buf = (ctypes.c_char * (RUN_PAGES * PAGE))()
+        head = bytearray(RECORD.size + 8)
         why = None
         try:
             self.conn.settimeout(LOST_AFTER)
             while True:
-                recv_exact(self.conn, RECORD.size, head)
-                kind, bi, index = RECORD.unpack(head)
+                recv_exact(self.conn, RECORD.size, memoryview(head)[:RECORD.size])
+                kind, bi, index = RECORD.unpack_from(head)
                 if kind == KIND_END:
                     break
-                if kind != KIND_PAGE or bi >= len(self.regions) or \
-                        index >= self.regions[bi].npages:
+                if kind == KIND_PAGE_RUN:
+                    recv_exact(self.conn, 8, memoryview(head)[RECORD.size:])
+                    (count,) = struct.unpack_from("<Q", head, RECORD.size)
+                if kind != KIND_PAGE_RUN or bi >= len(self.regions) or not \
+                        0 < count <= RUN_PAGES or count > self.regions[bi].npages - index:
                     why = f"the source sent a bad post-copy record ({kind}, {bi}, {index})"
                     break
-                recv_exact(self.conn, PAGE, buf)
-                copy_page(self.pager.uffd, self.regions[bi].host_addr + index * PAGE,
-                          ctypes.addressof(buf))
-                self.pushed += 1
+                recv_exact(self.conn, count * PAGE, memoryview(buf)[:count * PAGE])
+                copy_run(self.pager.uffd, self.regions[bi].host_addr + index * PAGE,
+                         ctypes.addressof(buf), count)
+                self.pushed += count
         except (OSError, EOFError) as err:
             why = f"the source went away ({getattr(err, 'strerror', None) or err or 'closed'})"
         if why is None:
@@ -528,7 +547,8 @@ class Pusher:
     def push(self, batch: int = 256) -> int:
         """Every remote page not yet answered, on the main connection; then the end
         record. Returns the pages pushed."""
-        from migrate.formats.stream import KIND_END, KIND_PAGE, RECORD
+        from migrate.formats.stream import KIND_END, KIND_PAGE_RUN, RECORD
+        from migrate.pageio import runs_of
         hold = int(os.environ.get(PUSH_AFTER_ENV, "0") or 0)
         with self.served:
             self.served.wait_for(lambda: self.answered >= hold or self.closed)
@@ -539,9 +559,14 @@ class Pusher:
             if take is None:
                 break
             bufs = []
-            for key in self.keys[take].tolist():
-                bi, index = key >> 40, key & ((1 << 40) - 1)
-                bufs += [RECORD.pack(KIND_PAGE, bi, index), self._page(bi, index)]
+            keys = self.keys[take]
+            for a, b in runs_of(keys).tolist():        # consecutive pages of one block
+                bi, first = a >> 40, a & ((1 << 40) - 1)
+                for c in range(first, first + b - a, RUN_PAGES):
+                    n = min(RUN_PAGES, first + b - a - c)
+                    r = self.regions[bi]
+                    bufs += [RECORD.pack(KIND_PAGE_RUN, bi, c), struct.pack("<Q", n),
+                             r.array[c * PAGE:(c + n) * PAGE]]
             sendall(self.main, bufs)
             pushed += len(take)
         sendall(self.main, [RECORD.pack(KIND_END, 0, 0)])

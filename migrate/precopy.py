@@ -101,6 +101,7 @@ class SaveOptions:
     format: str = "mapped"
     tls: object = None               # migrate.live.Tls, for format "migrate" over TCP
     postcopy: str = "off"            # format "migrate": "auto", "now" or "off" (live.POSTCOPY_MODES)
+    local: bool = False              # format "migrate": RAM handed over (shared memory)
 
 
 def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
@@ -109,7 +110,7 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
               then: str = "stop", format: str = "mapped",
               progress: Callable[[str, float], None] | None = None,
               cancel: threading.Event | None = None, tls=None,
-              postcopy: str = "auto") -> SaveReport:
+              postcopy: str = "auto", local: bool = False) -> SaveReport:
     """Save a running machine to ``path``; the guest keeps running until the final pause.
 
     ``min_passes`` pre-copy passes run even when the dirty set converges sooner (for
@@ -126,7 +127,9 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
     A migration (``format`` "migrate", ``path`` the destination's address) may switch to
     post-copy (``postcopy``: "now" after pass 0, "auto" when pre-copy does not converge,
     "off"): the guest then runs there before all its pages have gone; once the
-    destination acknowledged, a failure is GuestLost and the guest is not resumed here."""
+    destination acknowledged, a failure is GuestLost and the guest is not resumed here.
+    ``local``: the destination is a process on this host (unix:PATH) and the guest's RAM
+    is shared memory (Machine's shared_memory): it is handed over, not copied."""
     if then not in ("stop", "continue"):
         raise SaveError(f"--then must be stop or continue, not {then!r}")
     if not machine.running:
@@ -136,8 +139,11 @@ def live_save(machine, path: str, *, threads: int = 1, direct: bool = False,
         if postcopy not in POSTCOPY_MODES:
             raise SaveError(f"post-copy must be one of {', '.join(POSTCOPY_MODES)}, "
                             f"not {postcopy!r}")
+        if local:
+            postcopy = "off"
     options = SaveOptions(threads, direct, downtime_ms, max_passes, max_seconds, min_passes,
-                          then, format, tls, postcopy if format == "migrate" else "off")
+                          then, format, tls, postcopy if format == "migrate" else "off",
+                          local and format == "migrate")
     if not machine.save_lock.acquire(blocking=False):
         raise SaveError("a save of this guest is already in progress")
     try:
@@ -225,7 +231,7 @@ class _Save:
             from kvmguest.state import machine_shape
             from .live import SocketWriter
             self.writer = SocketWriter(path, machine.memory, cancel, o.tls,
-                                       machine_shape(machine), o.postcopy)
+                                       machine_shape(machine), o.postcopy, o.local)
         else:
             self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct,
                                       cancel)
@@ -249,7 +255,7 @@ class _Save:
         shown.pass0(self.total_pages)
         while True:
             check_cancel(self.cancel, report.path)
-            dirty = self.client.take()
+            dirty = self._relevant(self.client.take())
             if o.postcopy == "now" and self._switch():
                 report.stop_reason = "post-copy after pass 0 (--postcopy)"
                 return dirty
@@ -281,6 +287,11 @@ class _Save:
             stats = writer.write_pass(dirty)
             shown.later(stats.index, n, first_dirty)
 
+    def _relevant(self, dirty: dict) -> dict:
+        """The dirty pages to send: a local migration's shared RAM is not sent at all."""
+        shared = getattr(self.writer, "shared_slots", ())
+        return {slot: pages for slot, pages in dirty.items() if slot not in shared}
+
     def _switch(self) -> bool:
         """Whether the last pages may follow the guest (post-copy): the destination's
         fault channel is up. With --postcopy, SaveError when it is not."""
@@ -310,7 +321,7 @@ class _Save:
         t_paused = time.perf_counter()
         fault_point("final-pass")
         # The set harvested last (not yet written) plus what came after it.
-        final = self.client.take(protect=False)    # no need to write-protect them again
+        final = self._relevant(self.client.take(protect=False))   # not write-protected again
         t_harvested = time.perf_counter()
         last = {slot: merge_pages(dirty.get(slot, final[slot]), final[slot]) for slot in final}
         if self.postcopy:

@@ -498,3 +498,48 @@ def test_a_destination_killed_in_post_copy_ends_the_source_with_the_guest_lost(t
     assert "went away during post-copy" in mig.stderr.read()
     assert src.wait(MARGIN) == 125
     assert "the guest is lost" in src.stderr.read()
+
+
+# --- local mode -------------------------------------------------------------------------
+def test_a_local_migration_hands_the_ram_over_and_sends_no_page_of_it(machine_factory,
+                                                                        tmp_path):
+    """A guest with shared memory (memfds) moved to a process on this host: its RAM is
+    passed over the Unix socket (SCM_RIGHTS), not one page of it is sent, and it verifies
+    every page there; a guest without shared memory is refused in one line and runs on."""
+    from migrate.errors import SaveError
+    from migrate.precopy import live_save
+    address = f"unix:{tmp_path / 'mig.sock'}"
+    m = start_dirty(machine_factory, pages=300, passes=0)
+    with pytest.raises(SaveError, match="run the guest with --shared-memory"):
+        live_save(m, address, format="migrate", then="stop", local=True)
+    assert m.running
+    t, out = _destination(address)
+    m = start_dirty(machine_factory, pages=900, passes=40, oninput=True,
+                    machine={"shared_memory": True})
+    report = live_save(m, address, format="migrate", then="stop", local=True)
+    t.join(MARGIN)
+    assert "error" not in out, out.get("error")
+    assert out["exit"] == 0, out["console"][-2000:]
+    assert_verified(out["console"], 900, 40, oninput=True)
+    assert sum(p.pages_written for p in report.passes) == 0, report.summary()
+
+
+def test_two_processes_move_a_guest_locally_from_the_command_line(tmp_path):
+    """`run --shared-memory` and `migrate --local`: the destination process maps the
+    source's memory; the source exits 0, the destination verifies every page."""
+    import subprocess
+
+    from helpers import cli, cli_popen, guest, read_until
+    sock, address = tmp_path / "ctl.sock", f"unix:{tmp_path / 'mig.sock'}"
+    dest = cli_popen("restore", "--incoming", address, "--console-input",
+                     stdin=subprocess.PIPE)
+    read_until(dest.stderr, "waiting for a guest")
+    src = cli_popen("run", guest("dirty"), "--memory", "256M", "--shared-memory", "--cmdline",
+                    "pages=600 passes=40 quiet oninput", "--control", sock)
+    read_until(src.stdout, "dirty: pass 16 ok")
+    r = cli("migrate", "--control", sock, address, "--local", timeout=MARGIN)
+    assert r.returncode == 0 and "0.0 MiB sent" in r.stdout, r.stdout + r.stderr
+    assert src.wait(MARGIN) == 0, src.stderr.read()
+    out, err = dest.communicate(GO, timeout=MARGIN)
+    assert dest.returncode == 0, err[-2000:]
+    assert_verified(out, 600, 40, oninput=True)

@@ -283,6 +283,7 @@ def cmd_run(args) -> int:
                           modules=args.initrd, cpu_model=args.cpu, pit=not args.no_pit,
                           dirty_log=args.dirty_log, host_workarounds=not args.exact_cmdline,
                           virtio=args.disk + args.net + args.device,
+                          shared_memory=args.shared_memory,
                           stream=None if args.quiet else _stream_stdout) as m:
             if m.workarounds:
                 names = " ".join(w.split("=", 1)[0] for w in m.workarounds)
@@ -342,7 +343,8 @@ def cmd_migrate(args) -> int:
     progress = Progress("migrating")
     try:
         req = {"op": "migrate", "address": args.address, "downtime_ms": args.downtime,
-               "postcopy": "now" if args.postcopy else "off" if args.no_postcopy else "auto"}
+               "postcopy": "now" if args.postcopy else "off" if args.no_postcopy else "auto",
+               "local": args.local}
         tls = _tls(args)
         if tls:
             req["tls"] = [tls.cert, tls.key, tls.ca]
@@ -615,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("kernel", help="PVH ELF or multiboot kernel (e.g. guests/build/hello.elf)")
     run.add_argument("--memory", "-m", type=parse_size, default=64 << 20,
                      help="guest RAM (default 64M; bare numbers are MiB)")
+    run.add_argument("--shared-memory", action="store_true",
+                     help="guest RAM in memfds, which `migrate --local` hands to another "
+                          "process on this host instead of copying")
     run.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line")
     run.add_argument("--vcpus", type=_whole("vCPUs"), default=1,
                      help="vCPUs (default 1); the others start on INIT/SIPI from the first")
@@ -686,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--no-postcopy", action="store_true",
                       help="never switch to post-copy (by default it does when pre-copy "
                            "stops converging)")
+    when.add_argument("--local", action="store_true",
+                      help="to a process on this host (unix:PATH) of a guest run with "
+                           "--shared-memory: its RAM is handed over, not copied")
     _tls_args(migrate)
     migrate.set_defaults(func=cmd_migrate)
 

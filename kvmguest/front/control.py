@@ -301,7 +301,7 @@ class ControlServer:
     def _migrate_options(req: dict) -> dict:
         """A migration is a live save to an address (migrate/live.py), the guest stopped
         here once the destination has it."""
-        unknown = set(req) - {"op", "address", "downtime_ms", "tls", "postcopy"}
+        unknown = set(req) - {"op", "address", "downtime_ms", "tls", "postcopy", "local"}
         if unknown:
             raise ValueError(f"unknown fields {sorted(map(printable, unknown))}")
         address = req.get("address")
@@ -325,8 +325,12 @@ class ControlServer:
         postcopy = req.get("postcopy", "auto")
         if postcopy not in POSTCOPY_MODES:
             raise ValueError(f"postcopy must be one of {', '.join(POSTCOPY_MODES)}")
+        local = req.get("local", False)
+        if type(local) is not bool or (local and not address.startswith("unix:")):
+            raise ValueError("local is a bool, and a local migration goes to unix:PATH")
         return dict(path=address, threads=1, direct=False, then="stop", format="migrate",
-                    downtime_ms=float(downtime), tls=tls, postcopy=postcopy)
+                    downtime_ms=float(downtime), tls=tls, postcopy="off" if local else postcopy,
+                    local=local)
 
     def _save(self, conn: socket.socket, options: dict):
         if self.machine is None or not self.machine.running:
@@ -349,7 +353,8 @@ class ControlServer:
                              direct=options["direct"], then=options["then"],
                              format=options["format"], downtime_ms=options["downtime_ms"],
                              progress=progress, cancel=cancel, tls=options.get("tls"),
-                             postcopy=options.get("postcopy", "off"))
+                             postcopy=options.get("postcopy", "off"),
+                             local=options.get("local", False))
         finally:
             done.set()
             watcher.join()

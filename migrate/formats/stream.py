@@ -42,7 +42,7 @@ HEAD = struct.Struct("<8sII48s")
 RECORD = struct.Struct("<IIQ")
 KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
 # A migration's records only (docs/migration.md): never in a stream file.
-KIND_ZERO_RUN, KIND_SHAPE, KIND_POSTCOPY = 5, 6, 7
+KIND_ZERO_RUN, KIND_SHAPE, KIND_POSTCOPY, KIND_MEMFD, KIND_PAGE_RUN = 5, 6, 7, 8, 9
 BATCH = 256                     # pages per pwritev
 
 
@@ -54,6 +54,8 @@ def pass_records(regions, dirty, stats: PassStats, zero_runs: bool = False):
     as one KIND_ZERO_RUN record, as a migration sends them). The stream file's writer and
     a migration's (migrate/live.py) send the same records."""
     for bi, r in enumerate(regions):
+        if r is None:                   # a block not sent (a local migration's shared RAM)
+            continue
         if dirty is None:
             idx = np.flatnonzero(r.maybe_nonzero())
             stats.pages_dirty += r.npages
