@@ -177,7 +177,7 @@ def _qemu(report: Report, work: str, runs: int) -> None:
 
 def run(report: Report, runs: int) -> None:
     runs = max(runs, 20)
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=ROOT / "bench") as work:
         base = [_file(work) for _ in range(runs)]
         total_base = _figure(report, "live save of an idle 1 GiB guest to a file: total",
                              [t for t, _ in base])
