@@ -179,7 +179,7 @@ def state_downtime(report: Report, image: Path, runs: int) -> None:
                 m.resume_all()
             whole.append((t1 - t0) * 1e3)
             devices.append((t2 - t1) * 1e3)
-        with tempfile.TemporaryDirectory(dir=ROOT / "bench") as d:
+        with tempfile.TemporaryDirectory(prefix="bench-", dir=ROOT / "bench") as d:
             for i in range(runs):
                 r = live_save(m, str(Path(d) / f"s{i}.snap"), then="continue")
                 saves.append(r.downtime_parts["state"])

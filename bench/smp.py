@@ -119,7 +119,7 @@ def run(report: Report, runs: int) -> None:
                       met=abs(sorted(lapic)[len(lapic) // 2] - 1) <= 0.05))
     report.add(Figure("PIT ticks delivered per wall-clock tick (100 Hz)", "ratio", list(pit),
                       target="1.0 +- 0.1", met=abs(sorted(pit)[len(pit) // 2] - 1) <= 0.1))
-    with tempfile.TemporaryDirectory(dir=str(GUESTS.parent.parent / "bench")) as work:
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=str(GUESTS.parent.parent / "bench")) as work:
         one = None
         for n in (1, 2, 4):
             samples, parts = zip(*(downtime(n, work) for _ in range(max(runs, 5))))
