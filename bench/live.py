@@ -11,6 +11,7 @@ destination a process of its own (`python -m bench.live ADDRESS`, what `restore
   of RAM, pre-copy switching to post-copy when it stops converging (the default);
 - post-copy (`--postcopy`) of that guest: how soon the destination runs after the
   source stops, and the pager's remote fault latency;
+- local mode (`--local`, RAM in memfds handed over) of an idle 1 GiB and 8 GiB guest;
 - QEMU (qemu-system-x86_64 -accel kvm, the same guest ELF) in the same run: idle over a
   Unix socket and TCP, its total-time and downtime; the dirtying guest, and post-copy.
 
@@ -73,7 +74,7 @@ def destination_main(address: str) -> None:
 
 
 def _migrate(kind: str, work: str, n: int, cmdline: str, ready: str,
-             postcopy: str = "auto") -> dict:
+             postcopy: str = "auto", local: bool = False, memory: int = GiB) -> dict:
     from kvmguest.machine import Machine
     from migrate.precopy import live_save
     address = _address(kind, work, n)
@@ -81,11 +82,12 @@ def _migrate(kind: str, work: str, n: int, cmdline: str, ready: str,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert dest.stdout.readline().strip() == "listening"
-        with Machine(str(ROOT / "guests" / "build" / "dirty.elf"), memory=GiB,
-                     cmdline=cmdline) as m:
+        with Machine(str(ROOT / "guests" / "build" / "dirty.elf"), memory=memory,
+                     cmdline=cmdline, shared_memory=local) as m:
             m.start()
             m.serial.wait_for(ready, 300)
-            report = live_save(m, address, format="migrate", then="stop", postcopy=postcopy)
+            report = live_save(m, address, format="migrate", then="stop", postcopy=postcopy,
+                               local=local)
         got = json.loads(dest.stdout.readline())
         dest.wait(120)
     finally:
@@ -211,6 +213,12 @@ def run(report: Report, runs: int) -> None:
             _figure(report, "post-copy: remote fault p50 (pager, loopback)", faults, unit="us",
                     target=100)
         print(f"  (remote faults per run: {[g['postcopy'].get('remote_faults') for g in got]})")
+        for size in (1, 8):
+            got = [_migrate("unix", work, 300 + 10 * size + i, IDLE, "dirty: pass 16 ok",
+                            local=True, memory=size * GiB) for i in range(n)]
+            _figure(report, f"local mode, idle {size} GiB: downtime end to end",
+                    [g["down"] for g in got], target=5, digits=2)
+            _figure(report, f"local mode, idle {size} GiB: total", [g["total"] for g in got])
         _qemu(report, work, runs)
 
 

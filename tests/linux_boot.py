@@ -5,9 +5,11 @@ guests, scripts/build-linux, ~90 s to /init here) or debian (`make linux`: Debia
 kernel, scripts/fetch-linux, ~15 minutes here, where kernel code is emulated).
 conftest.py starts the boot as soon as the run's tests are collected (when any test of
 test_linux_boot.py is selected) and the rest of the suite runs meanwhile; those tests run
-last. The boot is live-saved (`kvmguest save --control ... --then continue`) when it
-prints MID_BOOT, in its late initcalls with both vCPUs up, and runs on to /init: one run
-proves the boot, and every later Linux test starts from that snapshot."""
+last. When the boot prints MID_BOOT (in its late initcalls, both vCPUs up) it is migrated,
+by post-copy, to a `kvmguest restore --incoming` process, and there live-saved at once
+(`kvmguest save --control ... --then continue`); it runs on to /init: one run proves the
+boot and the migration of a booting kernel, and every later Linux test starts from the
+snapshot."""
 
 from __future__ import annotations
 
@@ -70,6 +72,9 @@ class Boot:
         self.stdout = self.stderr = self.save_output = ""
         self.returncode: int | None = None
         self.save_returncode: int | None = None
+        self.migrate_output = ""
+        self.migrate_returncode: int | None = None
+        self.source_returncode: int | None = None
         self.error: BaseException | None = None
         self._procs: list[subprocess.Popen] = []
         self._thread = threading.Thread(target=self._run, name="linux-boot", daemon=True)
@@ -106,31 +111,52 @@ class Boot:
             self.error = err
 
     def _boot(self) -> None:
-        with open(self.work / "boot.err", "w+") as err:
+        address = f"unix:{self.work / 'mig.sock'}"
+        with open(self.work / "boot.err", "w+") as err, \
+                open(self.work / "dest.err", "w+") as dest_err:
+            dest = subprocess.Popen(
+                _cli("restore", "--incoming", address, "--timeout", TIMEOUT, "-v",
+                     "--control", self.work / "dest.sock"), cwd=ROOT,
+                stdout=subprocess.PIPE, stderr=dest_err, text=True)
+            self._procs.append(dest)
             run = subprocess.Popen(
                 _cli("run", self.vmlinuz, *MACHINE, "--initrd", self.initramfs, "--cmdline",
                      CMDLINE, "--control", self.work / "ctl.sock", "--timeout", TIMEOUT,
                      "-v"), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
             self._procs.append(run)
-            out, save = [], None
+            out, mover = [], None
             log = open(self.work / "boot.out", "w", buffering=1)     # line by line
             for line in run.stdout:
                 out.append(line)
                 log.write(line)
-                if save is None and MID_BOOT in line:
-                    save = subprocess.Popen(
-                        _cli("save", "--control", self.work / "ctl.sock", self.snapshot,
-                             "--then", "continue"), cwd=ROOT, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True)
-                    self._procs.append(save)
-            self.returncode = run.wait()
+                if mover is None and MID_BOOT in line:
+                    mover = threading.Thread(target=self._move, args=(address,), daemon=True)
+                    mover.start()
+            self.source_returncode = run.wait()
+            for line in dest.stdout:             # the boot, carried on there
+                out.append(line)
+                log.write(line)
+            self.returncode = dest.wait()
             log.close()
             self.stdout = "".join(out)
             err.seek(0)
-            self.stderr = err.read()
-        if save is not None:
-            self.save_output = save.communicate(timeout=600)[0]
-            self.save_returncode = save.returncode
+            dest_err.seek(0)
+            self.stderr = err.read() + dest_err.read()
+        if mover is not None:
+            mover.join(600)
+
+    def _move(self, address: str) -> None:
+        """The booting kernel moved by post-copy, then saved where it went."""
+        p = subprocess.run(_cli("migrate", "--control", self.work / "ctl.sock", address,
+                                "--postcopy"), cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        self.migrate_output = p.stdout + p.stderr
+        self.migrate_returncode = p.returncode
+        p = subprocess.run(_cli("save", "--control", self.work / "dest.sock", self.snapshot,
+                                "--then", "continue"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        self.save_output = p.stdout + p.stderr
+        self.save_returncode = p.returncode
 
 
 BOOT: Boot | None = None

@@ -49,14 +49,20 @@ def boots_on_to_init(returncode: int, out: str, err: str) -> None:
 def test_the_kernel_boots_to_its_initrds_init(boot):
     """Booted from its bzImage through PVH with our initramfs as module 0: it unpacks the
     initramfs, runs /init, and the run ends with the panic's own exit code and line; the
-    instructions this host cannot emulate were completed on the way (-v counts them)."""
+    instructions this host cannot emulate were completed on the way (-v counts them).
+    It got there in another process: migrated there mid-boot by post-copy (and saved
+    there)."""
     boots_on_to_init(boot.returncode, boot.stdout, boot.stderr)
     assert "Freeing initrd memory" in boot.stdout and \
         "rootfs image is not initramfs" not in boot.stdout, boot.stdout[-3000:]
     assert "kvmguest: completed for the guest:" in boot.stderr and "int3 x" in boot.stderr, \
         boot.stderr[-2000:]
     assert "kvmguest: the guest kernel panicked: " in boot.stderr, boot.stderr[-2000:]
-    # live-saved on the way, and it ran on: a save of a booting kernel leaves it booting
+    # migrated by post-copy mid-boot to another process, where it booted on to /init ...
+    assert boot.migrate_returncode == 0 and "post-copy:" in boot.migrate_output, \
+        boot.migrate_output
+    assert boot.source_returncode == 0, boot.stderr[-2000:]
+    # ... and was live-saved there, and ran on: a save of a booting kernel leaves it booting
     assert "guest continue" in boot.save_output, boot.save_output
 
 
