@@ -310,6 +310,8 @@ class Machine:
         """Start the vCPUs; ``paused``: stopped before their first instruction, held by
         one pause (``resume_all`` lets them run)."""
         self.vcpus.start(paused)
+        if self.postcopy is not None:
+            self.postcopy.go()           # a migration's destination: the pages still to come
 
     def run(self, timeout: float | None = None) -> GuestResult:
         self.start()

@@ -77,6 +77,17 @@ def parse_address(text: str, tls: bool = False) -> tuple:
     raise AddressError(f"migration address {text!r}: want unix:PATH or tcp:HOST:PORT")
 
 
+def _pushing(pusher, result: dict) -> None:
+    """The push, in a thread that yields to the one answering faults: ``result`` gets
+    the pages pushed, or the error."""
+    from migrate.postcopy import background
+    background()
+    try:
+        result["pages"] = pusher.push()
+    except (OSError, EOFError) as err:
+        result["error"] = err
+
+
 def _json_record(kind: int, obj) -> list[bytes]:
     data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
     return [RECORD.pack(kind, 0, 0), struct.pack("<QI", len(data), zlib.crc32(data)), data]
@@ -98,6 +109,7 @@ class SocketWriter:
         self.sock = self.fault = None
         self.tls, self.postcopy = tls, postcopy
         self.deferred: dict | None = None      # post-copy: the pages still to send
+        self.pusher = None                     # post-copy: migrate.postcopy.Pusher
         self.committed = False                 # the destination acknowledged: its guest now
         self.postcopy_stats: dict = {}
         self.shared_slots: set[int] = set()    # local: RAM handed over, never sent
@@ -140,12 +152,14 @@ class SocketWriter:
                 raise SaveError(f"cannot hand the guest's memory over: {err.strerror}") \
                     from None
         self.page_regions = [None if r.slot in self.shared_slots else r for r in self.regions]
-        self._fault_thread = None
+        self._fault_ready = None
         if postcopy != "off":      # the fault channel, connected while pre-copy runs
+            from migrate.postcopy import Pusher
             self.fault_error = None
-            self._fault_thread = threading.Thread(target=self._connect_fault, daemon=True,
-                                                  name="fault channel")
-            self._fault_thread.start()
+            self._fault_ready = threading.Event()
+            self.pusher = Pusher(self.regions, self.sock, None)
+            threading.Thread(target=self._connect_fault, daemon=True,
+                             name="post-copy faults").start()
 
     def _connect(self):
         where = parse_address(self.address, self.tls is not None)
@@ -168,18 +182,24 @@ class SocketWriter:
         return sock
 
     def _connect_fault(self) -> None:
+        """The fault channel's thread: connected during pre-copy, then serving faults
+        (none come before a post-copy switch) until the channel closes."""
         from migrate.postcopy import FAULT_HELLO
         try:
             sock = self._connect()
             sock.sendall(FAULT_HELLO + self.token)
-            self.fault = sock
+            self.fault = self.pusher.fault = sock
         except (SaveError, OSError) as err:
             self.fault_error = str(err)
+            return
+        finally:
+            self._fault_ready.set()
+        self.pusher.serve_faults()
 
     def can_postcopy(self) -> bool:
-        if self._fault_thread is None:
+        if self._fault_ready is None:
             return False
-        self._fault_thread.join(STALL)
+        self._fault_ready.wait(STALL)
         return self.fault is not None
 
     def _send(self, bufs) -> None:
@@ -224,7 +244,8 @@ class SocketWriter:
     def defer(self, dirty: dict) -> PassStats:
         """Post-copy: instead of the last pages, which pages are still to come (per block
         a u64 count and the u32 page indices); they follow once the destination runs the
-        guest."""
+        guest. Called before the pause (what the guest dirtied since the last pass) and
+        after it (what came after that)."""
         import numpy as np
         stats = PassStats(len(self.passes))
         parts = []
@@ -235,8 +256,13 @@ class SocketWriter:
         data = b"".join(parts)
         self._send([RECORD.pack(KIND_POSTCOPY, 0, 0), struct.pack("<QI", len(data),
                     zlib.crc32(data)), data])
-        self.deferred = dirty
-        self.passes.append(stats)
+        if self.deferred is None:
+            self.deferred = {}
+            self.passes.append(stats)
+        else:
+            self.passes[-1].pages_dirty += stats.pages_dirty
+        for slot, pages in dirty.items():
+            self.deferred.setdefault(slot, []).append(np.asarray(pages, dtype=np.int64))
         return stats
 
     def finish(self, state: dict) -> None:
@@ -270,17 +296,24 @@ class SocketWriter:
             self.close()
 
     def _serve_postcopy(self) -> None:
-        from migrate.postcopy import Pusher
         import sys
-        pusher = Pusher(self.regions, self.deferred, self.sock, self.fault)
-        faults = threading.Thread(target=pusher.serve_faults, name="post-copy faults",
-                                  daemon=True)
+
+        import numpy as np
+        pusher = self.pusher
         switch = sys.getswitchinterval()
         sys.setswitchinterval(5e-5)      # a fault's answer must not wait 5 ms for the GIL
         t = time.perf_counter()
-        faults.start()
+        remote = {slot: np.unique(np.concatenate(parts)) for slot, parts in self.deferred.items()}
+        self.passes[-1].pages_dirty = sum(len(v) for v in remote.values())   # no page twice
+        pusher.set_remote(remote)
+        result: dict = {}
+        push = threading.Thread(target=_pushing, args=(pusher, result),
+                                name="post-copy push", daemon=True)
         try:
-            pushed = pusher.push()
+            push.start()
+            push.join()
+            if "pages" not in result:
+                raise result.get("error") or EOFError("the push failed")
             self.sock.settimeout(ACK_TIMEOUT)
             if recv_exact(self.sock, len(FINISHED)) != FINISHED:
                 raise EOFError("it answered nonsense")
@@ -290,8 +323,9 @@ class SocketWriter:
                             "guest is lost") from None
         finally:
             sys.setswitchinterval(switch)
-        faults.join(STALL)
-        self.postcopy_stats = {"pushed": pushed, "answered": pusher.answered,
+        with pusher.served:          # the destination closes the channel when it has all
+            pusher.served.wait_for(lambda: pusher.closed, STALL)
+        self.postcopy_stats = {"pushed": result["pages"], "answered": pusher.answered,
                                "seconds": time.perf_counter() - t}
 
     def abort(self) -> None:
@@ -321,8 +355,11 @@ class Incoming:
     regions: list                       # the blocks' regions, in the stream's order
     remote: list | None = None          # post-copy: a bool array per block
     pager: object = None                # post-copy: migrate.postcopy.PagerProcess
+    receiver: object = None             # post-copy: migrate.postcopy.Receiver, not going yet
 
     def discard(self) -> None:
+        if self.receiver is not None:
+            self.receiver.cancel()
         if self.pager is not None:
             self.pager.dismiss()
         self.machine.close()            # and its memory and KVM
@@ -433,8 +470,8 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
     hostile stream or a machine that cannot be made here. ``pager``: a PagerProcess
     started beforehand (one is started when the source may switch to post-copy)."""
     from kvmguest.machine import Machine
-    from migrate.postcopy import PagerProcess
-    machine = memory = None
+    from migrate.postcopy import PagerProcess, PostcopyError, Receiver
+    machine = memory = receiver = None
     try:
         conn, _ = server.accept()
     except BaseException:
@@ -475,7 +512,7 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
             if pager is None:
                 pager = PagerProcess(server, tls, token)
             pager.go()
-        state, received, pages, remote = None, 0, 0, None
+        state, received, pages, remote, switched = None, 0, 0, None, 0
         while True:
             kind, bi, index = RECORD.unpack(recv_exact(conn, RECORD.size))
             if kind in (KIND_PAGE, KIND_ZERO, KIND_ZERO_RUN):
@@ -494,11 +531,19 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
                     pages += 1
                 else:        # dropped: an anonymous page reads as zeros, nothing resident
                     regions[bi].map.madvise(mmap.MADV_DONTNEED, index * PAGE, count * PAGE)
-            elif kind == KIND_POSTCOPY:
-                if remote is not None or pager is None:
+            elif kind == KIND_POSTCOPY:       # before the source's pause, then after it
+                if pager is None or switched == 2:
                     raise MigrationError("a post-copy record the shape did not announce")
                 bound = sum(8 + 4 * b.npages for b in blocks)
-                remote = _remote_pages(_blob(conn, bound, "the post-copy page list"), blocks)
+                more = _remote_pages(_blob(conn, bound, "the post-copy page list"), blocks)
+                try:
+                    pager.arm(regions, more)
+                except PostcopyError as err:
+                    raise MigrationError(f"post-copy cannot be set up here: {err}") from None
+                remote = more if remote is None else [a | b for a, b in zip(remote, more)]
+                if receiver is None:
+                    receiver = Receiver(pager, conn, regions)
+                switched += 1
             elif kind == KIND_STATE:
                 if state is not None:
                     raise MigrationError("two state records")
@@ -519,8 +564,11 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
         if remote is None and pager is not None:
             pager.dismiss()
             pager = None
-        return Incoming(decoded, memory, machine, conn, pages, regions, remote, pager)
+        return Incoming(decoded, memory, machine, conn, pages, regions, remote, pager,
+                        receiver)
     except BaseException as err:
+        if receiver is not None:
+            receiver.cancel()
         if pager is not None:
             pager.dismiss()
         if machine is not None:
@@ -561,14 +609,13 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
         raise
     machine = inc.machine
     try:
-        if inc.remote is not None:
-            inc.pager.arm(inc.regions, inc.remote)
         machine.complete_restore(inc.saved, stream=stream, console_capacity=console_capacity,
                                  disks=disks)
     except BaseException as err:
         refuse(inc.conn, str(err) or type(err).__name__)
         inc.discard()
-        if isinstance(err, (StateError, ValueError, OSError, SnapshotError)):
+        from migrate.postcopy import PostcopyError
+        if isinstance(err, (StateError, ValueError, OSError, SnapshotError, PostcopyError)):
             raise MigrationError(f"the guest cannot be made here: {err}") from None
         raise
     try:
@@ -579,11 +626,9 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
                              f"here ({err.strerror}); it runs the guest on") from None
     if inc.remote is None:
         inc.conn.close()
-    else:
-        from migrate.postcopy import Receiver
-        machine.postcopy = Receiver(inc.pager, inc.conn, inc.regions,
-                                    on_lost or (lambda why: _lose(machine, why)))
-        machine.postcopy.start()
+    else:              # the pushed pages are taken once the vCPUs run (Machine.start)
+        machine.postcopy = inc.receiver
+        inc.receiver.on_lost = on_lost or (lambda why: _lose(machine, why))
     return machine, RestoreReport("(migration)", False, inc.pages, inc.pages * PAGE,
                                   time.perf_counter() - t)
 

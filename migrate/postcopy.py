@@ -200,6 +200,7 @@ class Pager:
         self.latencies: list[float] = []
         self.zero_faults = 0
         self.remote_left = 0
+        self.bulk_over = False
 
     def accept_fault_channel(self) -> None:
         """The source's second connection, checked by the token the destination greeted
@@ -238,6 +239,17 @@ class Pager:
         self.base = [0] * len(self.state)
         for addr, _, bi in self.regions:
             self.base[bi] = addr
+
+    def add_remote(self, remote: list[bytes]) -> None:
+        import numpy as np
+        for st, bits in zip(self.state, remote):
+            more = np.unpackbits(np.frombuffer(bits, np.uint8), count=len(st),
+                                 bitorder="little").astype(np.bool_)
+            mine = np.frombuffer(st, np.uint8).copy()
+            new = more & (mine == 0)
+            mine[new] = 1
+            st[:] = mine.tobytes()
+            self.remote_left += int(new.sum())
 
     def where(self, addr: int) -> tuple[int, int, int]:
         k = bisect.bisect_right(self.starts, addr) - 1
@@ -287,16 +299,21 @@ class Pager:
         poll.register(self.uffd, select.POLLIN)
         poll.register(self.chan.fileno(), select.POLLIN)
         poll.register(self.ctrl.fileno(), select.POLLIN)
-        bulk_done = False
         self.chan.setblocking(True)
         self.chan.settimeout(LOST_AFTER)
-        while not (bulk_done and self.remote_left == 0):
+        while not (self.bulk_over and self.remote_left == 0):
             pending = getattr(self.chan, "pending", lambda: 0)()   # TLS: bytes already read
             events = [(self.chan.fileno(), select.POLLIN)] if pending else poll.poll(
                 LOST_AFTER * 1e3 if self.asked_at else None)
             if not events:
                 return f"no page came from the source for {LOST_AFTER:g} s"
             for fd, ev in events:
+                if fd in (self.ctrl.fileno(), self.uffd):
+                    # News of pages first: the VMM sent it before the guest could run,
+                    # so it is there before any fault it concerns.
+                    outcome = self._read_ctrl()
+                    if outcome is not None:
+                        return outcome
                 if fd == self.uffd:
                     try:
                         n = os.readv(self.uffd, [msgs])
@@ -314,17 +331,24 @@ class Pager:
                     except (OSError, EOFError) as err:
                         return f"the fault channel broke ({err})"
                     self.on_page(bi, index, buf)
-                else:
-                    try:
-                        msg, _ = recv_frame(self.ctrl)
-                    except (OSError, EOFError):
-                        return "the VMM went away"
-                    if msg.get("op") == "bulk-done":
-                        bulk_done = True
-                        self.bulk_done()
-                    elif msg.get("op") == "lost":
-                        return msg.get("why", "lost")
         return "done"
+
+    def _read_ctrl(self) -> str | None:
+        """Every message the VMM has sent: more remote pages, the end of the bulk;
+        the reason to stop, if one says so."""
+        while select.select([self.ctrl], [], [], 0)[0]:
+            try:
+                msg, _ = recv_frame(self.ctrl)
+            except (OSError, EOFError):
+                return "the VMM went away"
+            if msg.get("op") == "more":
+                self.add_remote([zlib.decompress(bytes.fromhex(h)) for h in msg["remote"]])
+            elif msg.get("op") == "bulk-done":
+                self.bulk_over = True
+                self.bulk_done()
+            else:
+                return msg.get("why", "lost")
+        return None
 
     def stats(self) -> dict:
         lat = sorted(self.latencies)
@@ -377,23 +401,32 @@ class PagerProcess:
 
     def arm(self, regions, remote: list) -> None:
         """Drop the stale copies of the remote pages (``remote``: a bool array per block
-        of ``regions``), register all of guest memory with a userfaultfd and hand it to the
-        pager; PostcopyError if anything fails (the guest has not run here yet)."""
-        import numpy as np
-        if not self.channel:
-            self._expect("channel", LOST_AFTER)
-            self.channel = True
-        from migrate.pageio import runs_of
+        of ``regions``); the first time, register all of guest memory with a userfaultfd
+        and hand it to the pager, then tell it of the pages. Called with the pages the
+        source dirtied before its pause (the guest still running there) and again with
+        those after. The pager reads every message sent to it before it serves a fault
+        (each is in its socket before the guest can run), so nobody waits for an answer.
+        PostcopyError if anything fails (the guest has not run here yet)."""
         import mmap
+
+        import numpy as np
+
+        from migrate.pageio import runs_of
         for r, bits in zip(regions, remote):
             for a, b in runs_of(np.flatnonzero(bits)).tolist():
                 r.map.madvise(mmap.MADV_DONTNEED, a * PAGE, (b - a) * PAGE)
-        self.uffd = open_uffd([(r.host_addr, r.size) for r in regions])
-        send_frame(self.ctrl, {"op": "arm", "regions": [[r.host_addr, r.npages] for r in regions],
-                               "remote": [zlib.compress(np.packbits(bits, bitorder="little")
-                                                        .tobytes()).hex() for bits in remote]},
-                   [self.uffd])
-        self._expect("armed", LOST_AFTER)
+        lists = [zlib.compress(np.packbits(bits, bitorder="little").tobytes(), 1).hex()
+                 for bits in remote]
+        if self.uffd < 0:
+            if not self.channel:
+                self._expect("channel", LOST_AFTER)
+                self.channel = True
+            self.uffd = open_uffd([(r.host_addr, r.size) for r in regions])
+            send_frame(self.ctrl, {"op": "arm", "remote": lists,
+                                   "regions": [[r.host_addr, r.npages] for r in regions]},
+                       [self.uffd])
+        else:
+            send_frame(self.ctrl, {"op": "more", "remote": lists})
 
     def dismiss(self) -> None:
         """Pre-copy completed (or failed): the pager is not needed."""
@@ -411,18 +444,33 @@ class Receiver:
     userfaultfd is closed, guest memory is ordinary memory again, and the source is told.
     ``on_lost(why)`` is called if the source goes away first: the guest is lost."""
 
-    def __init__(self, pager: PagerProcess, conn, regions, on_lost, on_done=None):
+    def __init__(self, pager: PagerProcess, conn, regions, on_lost=None, on_done=None):
         self.pager, self.conn, self.regions = pager, conn, regions
         self.on_lost, self.on_done = on_lost, on_done
         self.stats: dict = {}
         self.pushed = 0
         self.done = threading.Event()
+        self._go = threading.Event()
+        self._cancelled = False
+        # Started now (while the source still pauses), so that a thread start is not in
+        # the downtime; it reads nothing before go().
         self.thread = threading.Thread(target=self._run, name="post-copy", daemon=True)
-
-    def start(self) -> None:
         self.thread.start()
 
+    def go(self) -> None:
+        """Take what the source pushes (Machine.start calls it, once the vCPUs run)."""
+        self._go.set()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._go.set()
+        self.thread.join()
+
     def _run(self) -> None:
+        self._go.wait()
+        if self._cancelled:
+            return
+        background()
         from migrate.formats.stream import KIND_END, KIND_PAGE_RUN, RECORD
         buf = (ctypes.c_char * (RUN_PAGES * PAGE))()
         head = bytearray(RECORD.size + 8)
@@ -474,19 +522,38 @@ class Receiver:
             self.on_done(self)
 
 
+def background() -> None:
+    """This thread yields the CPU to the vCPUs and to the faults being served (nice 10):
+    the bulk of post-copy must not delay a page a vCPU waits for."""
+    _nice(10)
+
+
+def foreground() -> None:
+    """This thread serves faults: ahead of the others where this user may say so (nice
+    -5 needs root or CAP_SYS_NICE; elsewhere it stays as it is)."""
+    _nice(-5)
+
+
+def _nice(value: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+    except OSError:
+        pass
+
+
 # --- the source ---------------------------------------------------------------------------
 class Pusher:
-    """The source's half after the acknowledgement (its guest paused for good): every
-    remote page pushed on the main connection in order, the push restarting just after
-    each page the destination asks for on the fault channel, every request answered."""
+    """The source's half of post-copy (its guest paused for good): every request on the
+    fault channel answered (from before the acknowledgement on, so that the guest's first
+    fault finds it ready), and every remote page pushed on the main connection in order,
+    the push restarting just after each page the destination asked for."""
 
-    def __init__(self, regions, remote: dict, main, fault):
+    def __init__(self, regions, main, fault):
         import numpy as np
         self.regions, self.main, self.fault = regions, main, fault
-        keys = [np.asarray(remote.get(r.slot, []), dtype=np.int64) + (bi << 40)
-                for bi, r in enumerate(regions)]
-        self.keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-        self.sent = np.zeros(len(self.keys), dtype=np.bool_)
+        self.keys = np.zeros(0, np.int64)        # the remote pages, (block << 40) + index
+        self.sent = np.zeros(0, dtype=np.bool_)
+        self.early: list[int] = []               # answered before the keys were known
         self.cursor = 0
         self.lock = threading.Lock()
         self.answered = 0
@@ -494,13 +561,31 @@ class Pusher:
         self.closed = False
         self.error: str | None = None
 
+    def set_remote(self, remote: dict) -> None:
+        """The pages to push (slot -> sorted page indices), once the source is paused."""
+        import numpy as np
+        keys = [np.asarray(remote.get(r.slot, []), dtype=np.int64) + (bi << 40)
+                for bi, r in enumerate(self.regions)]
+        with self.lock:
+            self.keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+            self.sent = np.zeros(len(self.keys), dtype=np.bool_)
+            for key in self.early:
+                self._mark(key)
+
+    def _mark(self, key: int) -> None:
+        import numpy as np
+        pos = int(np.searchsorted(self.keys, key))
+        if pos < len(self.keys) and self.keys[pos] == key:
+            self.sent[pos] = True
+            self.cursor = pos + 1
+
     def _page(self, bi: int, index: int):
         return self.regions[bi].array[index * PAGE:(index + 1) * PAGE]
 
     def serve_faults(self) -> None:
         """The fault channel's thread: a page for every request, until it closes."""
-        import numpy as np
         head = bytearray(REQUEST.size)
+        foreground()
         try:
             self.fault.settimeout(None)
             while True:
@@ -513,12 +598,9 @@ class Pusher:
                 with self.served:
                     self.answered += 1
                     self.served.notify_all()
-                key = (bi << 40) + index
                 with self.lock:
-                    pos = int(np.searchsorted(self.keys, key))
-                    if pos < len(self.keys) and self.keys[pos] == key:
-                        self.sent[pos] = True
-                        self.cursor = pos + 1
+                    self.early.append((bi << 40) + index)
+                    self._mark((bi << 40) + index)
         except (OSError, EOFError):
             return
         finally:
@@ -574,6 +656,7 @@ class Pusher:
 
 
 def pager_main(argv: list[str]) -> int:
+    foreground()
     ctrl = socket.socket(fileno=int(argv[0]))
     listener = socket.socket(fileno=int(argv[1]))
     try:
@@ -595,9 +678,7 @@ def pager_main(argv: list[str]) -> int:
         plan, fds = recv_frame(ctrl, want_fds=1)
         if plan.get("op") != "arm" or len(fds) != 1:
             return 0                          # pre-copy completed: not needed
-        remote = [zlib.decompress(bytes.fromhex(h)) for h in plan["remote"]]
-        pager.arm(plan, fds[0], remote)
-        send_frame(ctrl, {"op": "armed"})
+        pager.arm(plan, fds[0], [zlib.decompress(bytes.fromhex(h)) for h in plan["remote"]])
         outcome = pager.run()
         send_frame(ctrl, {"op": "done" if outcome == "done" else "lost", "why": outcome,
                           **pager.stats()})
