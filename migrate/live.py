@@ -32,8 +32,8 @@ from kvmguest.errors import EXIT_GUEST_LOST
 
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
-from migrate.formats.stream import (HEAD, KIND_END, KIND_MEMFD, KIND_PAGE, KIND_POSTCOPY,
-                                    KIND_SHAPE,
+from migrate.formats.stream import (HEAD, KIND_END, KIND_MEMFD, KIND_PAGE, KIND_PASS_END,
+                                    KIND_POSTCOPY, KIND_SHAPE,
                                     KIND_STATE, KIND_ZERO, KIND_ZERO_RUN, MAGIC,
                                     MAX_BLOCK_LIST, RECORD, parse_blocks, pass_records)
 from migrate.pageio import fault_point
@@ -46,6 +46,8 @@ VERSION = 2                 # the migration protocol's version (its header's ver
 ACK, REFUSED = b"KVMGACK\n", b"KVMGNAK\n"     # the destination's answer, then a reason
 FINISHED = b"KVMGFIN\n"     # post-copy: the destination has every page
 POSTCOPY_MODES = ("auto", "now", "off")   # when the source may switch to post-copy
+PAGE_HELLO = b"KVMGPAG1"    # a page channel (--threads): this, the token, its u32 number
+MAX_CHANNELS = 16
 ACK_TIMEOUT = 600.0          # seconds the source waits for the answer (a restore's checks)
 STALL = 60.0                 # seconds without a byte before a peer counts as gone
 
@@ -100,7 +102,8 @@ class SocketWriter:
     (switch after pass 0), "auto" (switch when pre-copy does not converge) or "off"."""
 
     def __init__(self, address: str, memory, cancel=None, tls: Tls | None = None,
-                 shape: dict | None = None, postcopy: str = "auto", local: bool = False):
+                 shape: dict | None = None, postcopy: str = "auto", local: bool = False,
+                 channels: int = 1):
         self.address, self.path = address, address
         self.cancel = cancel
         self.on_progress = None
@@ -140,7 +143,7 @@ class SocketWriter:
         self._send([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
                     struct.pack("<I", len(blocks)), blocks,
                     *_json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy,
-                                               "local": shared})])
+                                               "local": shared, "channels": channels})])
         if shared:                  # the memfds, passed with the record's first byte
             fds = [self.regions[bi].memfd for bi in shared]
             try:
@@ -152,6 +155,20 @@ class SocketWriter:
                 raise SaveError(f"cannot hand the guest's memory over: {err.strerror}") \
                     from None
         self.page_regions = [None if r.slot in self.shared_slots else r for r in self.regions]
+        self.senders = None               # --threads: the page channels' senders
+        if channels > 1:
+            from migrate.channels import Senders
+            socks = [self.sock]
+            try:
+                for i in range(1, channels):
+                    socks.append(self._connect())
+                    socks[-1].sendall(PAGE_HELLO + self.token + struct.pack("<I", i))
+            except (SaveError, OSError) as err:
+                for sock in socks[1:]:
+                    sock.close()
+                self.close()
+                raise SaveError(f"cannot open page channel {len(socks)}: {err}") from None
+            self.senders = Senders(socks, self.address)
         self._fault_ready = None
         if postcopy != "off":      # the fault channel, connected while pre-copy runs
             from migrate.postcopy import Pusher
@@ -230,12 +247,15 @@ class SocketWriter:
     def write_pass(self, dirty) -> PassStats:
         stats = PassStats(len(self.passes))
         t = time.perf_counter()
+        send = self._send if self.senders is None else self.senders.send
         for bufs in pass_records(self.page_regions, dirty, stats, zero_runs=True):
             if self.cancel is not None and self.cancel.is_set():
                 raise SaveError("migration cancelled; the guest runs on here")
             if bufs:
-                self._send(bufs)
+                send(bufs)
                 fault_point("pass0" if stats.index == 0 else "midpass")
+        if self.senders is not None:
+            self.senders.end_pass(RECORD.pack(KIND_PASS_END, 0, 0))
         stats.bytes_written = stats.pages_written * PAGE
         stats.seconds = time.perf_counter() - t
         self.passes.append(stats)
@@ -270,6 +290,8 @@ class SocketWriter:
         it acknowledges (the caller then resumes the guest here). After a post-copy
         switch, the remaining pages follow the acknowledgement (GuestLost if the
         destination goes away before it has them all)."""
+        if self.senders is not None:
+            self.senders.end(RECORD.pack(KIND_END, 0, 0))
         self._send([*_json_record(KIND_STATE, state), RECORD.pack(KIND_END, 0, 0)])
         self.sock.settimeout(ACK_TIMEOUT)
         try:
@@ -332,6 +354,9 @@ class SocketWriter:
         self.close()
 
     def close(self) -> None:
+        if getattr(self, "senders", None) is not None:
+            self.senders.close()
+            self.senders = None
         for name in ("sock", "fault"):
             sock = getattr(self, name)
             if sock is not None:
@@ -376,23 +401,26 @@ def _blob(conn, bound: int, what: str) -> bytes:
     return data
 
 
-def _check_shape(obj, nblocks: int) -> tuple[dict, str, list[int]]:
-    """The shape record: (shape, post-copy mode, the blocks a local migration hands over)."""
+def _check_shape(obj, nblocks: int) -> tuple[dict, str, list[int], int]:
+    """The shape record: (shape, post-copy mode, the blocks a local migration hands over,
+    the page channels)."""
     from kvmguest.state import MAX_VCPUS
     try:
-        shape, mode, local = obj["shape"], obj["postcopy"], obj["local"]
+        shape, mode, local, channels = obj["shape"], obj["postcopy"], obj["local"], \
+            obj["channels"]
         cpuids, irqchip, pit = shape["cpuids"], shape["irqchip"], shape["pit"]
         ok = (isinstance(cpuids, list) and 1 <= len(cpuids) <= MAX_VCPUS
               and all(isinstance(c, str) for c in cpuids) and type(irqchip) is bool
               and type(pit) is bool and mode in POSTCOPY_MODES and len(shape) == 3
               and isinstance(local, list) and all(type(b) is int for b in local)
               and sorted(set(local)) == local and all(0 <= b < nblocks for b in local)
-              and not (local and mode != "off"))
+              and not (local and mode != "off")
+              and type(channels) is int and 1 <= channels <= MAX_CHANNELS)
     except (KeyError, TypeError):
         ok = False
     if not ok:
         raise MigrationError("the machine's shape does not decode")
-    return shape, mode, local
+    return shape, mode, local, channels
 
 
 def _receive_memfds(conn: socket.socket, count: int) -> list[int]:
@@ -471,7 +499,7 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
     started beforehand (one is started when the source may switch to post-copy)."""
     from kvmguest.machine import Machine
     from migrate.postcopy import PagerProcess, PostcopyError, Receiver
-    machine = memory = receiver = None
+    machine = memory = receiver = readers = None
     try:
         conn, _ = server.accept()
     except BaseException:
@@ -496,8 +524,8 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
         blocks = parse_blocks(recv_exact(conn, blen), nblocks)
         if RECORD.unpack(recv_exact(conn, RECORD.size))[0] != KIND_SHAPE:
             raise MigrationError("the machine's shape does not follow the block list")
-        shape, mode, local = _check_shape(fmt.parse_json(_blob(conn, 1 << 20, "the shape"),
-                                                         "machine shape"), nblocks)
+        shape, mode, local, channels = _check_shape(
+            fmt.parse_json(_blob(conn, 1 << 20, "the shape"), "machine shape"), nblocks)
         memory = _memory(blocks, local, _receive_memfds(conn, len(local)) if local else [])
         regions = [memory.region_of_slot(b.slot) for b in blocks]
         try:
@@ -505,6 +533,10 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
         except (StateError, ValueError, OSError) as err:
             memory.close()
             raise MigrationError(f"the machine cannot be made here: {err}") from None
+        if channels > 1:            # before the pager may take a connection
+            from migrate.channels import Readers, accept_channels
+            readers = Readers(accept_channels(server, channels - 1, token, tls, PAGE_HELLO,
+                                              STALL), regions, blocks)
         if mode == "off" and pager is not None:
             pager.dismiss()
             pager = None
@@ -551,7 +583,14 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
                                        "migration state")
                 if not isinstance(state, dict):
                     raise MigrationError("the state is not kvmguest state")
+            elif kind == KIND_PASS_END and readers is not None:
+                readers.end_pass(STALL)
             elif kind == KIND_END:
+                if readers is not None:
+                    readers.finish(STALL)
+                    pages += readers.pages
+                    readers.close()
+                    readers = None
                 break
             else:
                 raise MigrationError(f"unknown record kind {kind}")
@@ -567,6 +606,8 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
         return Incoming(decoded, memory, machine, conn, pages, regions, remote, pager,
                         receiver)
     except BaseException as err:
+        if readers is not None:
+            readers.close()
         if receiver is not None:
             receiver.cancel()
         if pager is not None:

@@ -231,7 +231,7 @@ class _Save:
             from kvmguest.state import machine_shape
             from .live import SocketWriter
             self.writer = SocketWriter(path, machine.memory, cancel, o.tls,
-                                       machine_shape(machine), o.postcopy, o.local)
+                                       machine_shape(machine), o.postcopy, o.local, o.threads)
         else:
             self.writer = make_writer(o.format, path, machine.memory, o.threads, o.direct,
                                       cancel)

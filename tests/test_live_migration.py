@@ -49,8 +49,12 @@ def _destination(address: str, answer: str = "ack"):
     return t, out
 
 
-@pytest.mark.parametrize("kind", ["unix", "tcp"])
-def test_a_running_guest_migrates_and_verifies_every_page(machine_factory, tmp_path, kind):
+@pytest.mark.parametrize("kind,threads", [("unix", 1), ("tcp", 1), ("tcp", 3)])
+def test_a_running_guest_migrates_and_verifies_every_page(machine_factory, tmp_path, kind,
+                                                          threads):
+    """Pre-copy over a Unix socket and loopback TCP, and over three connections
+    (--threads: each pass spread over them, the destination's readers meeting at each
+    pass's end, so the last copy of a page still wins)."""
     from migrate.precopy import live_save
     if kind == "unix":
         address = f"unix:{tmp_path / 'mig.sock'}"
@@ -61,7 +65,8 @@ def test_a_running_guest_migrates_and_verifies_every_page(machine_factory, tmp_p
         address = f"tcp:127.0.0.1:{port}"
     t, out = _destination(address)
     m = start_dirty(machine_factory, pages=900, passes=40, oninput=True)
-    report = live_save(m, address, format="migrate", then="stop")
+    report = live_save(m, address, format="migrate", then="stop", threads=threads,
+                       postcopy="off", min_passes=3)
     assert not m.running
     t.join(MARGIN)
     assert "error" not in out, out.get("error")
@@ -118,7 +123,7 @@ def test_two_processes_migrate_a_guest_from_the_command_line(tmp_path):
     src = cli_popen("run", guest("dirty"), "--memory", "256M", "--cmdline",
                     "pages=600 passes=40 quiet oninput", "--control", sock)
     read_until(src.stdout, "dirty: pass 16 ok")
-    r = cli("migrate", "--control", sock, f"unix:{address}", timeout=MARGIN)
+    r = cli("migrate", "--control", sock, f"unix:{address}", "--threads", 2, timeout=MARGIN)
     assert r.returncode == 0 and "migrate" in r.stdout, r.stdout + r.stderr
     assert src.wait(MARGIN) == 0, src.stderr.read()
     out, err = dest.communicate(GO, timeout=MARGIN)

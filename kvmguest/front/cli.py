@@ -344,7 +344,7 @@ def cmd_migrate(args) -> int:
     try:
         req = {"op": "migrate", "address": args.address, "downtime_ms": args.downtime,
                "postcopy": "now" if args.postcopy else "off" if args.no_postcopy else "auto",
-               "local": args.local}
+               "local": args.local, "threads": args.threads}
         tls = _tls(args)
         if tls:
             req["tls"] = [tls.cert, tls.key, tls.ca]
@@ -684,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("address", help="the destination: unix:PATH or tcp:HOST:PORT")
     migrate.add_argument("--downtime", type=float, default=50.0, metavar="MS",
                          help="the downtime to aim for (default 50 ms)")
+    migrate.add_argument("--threads", type=_whole("threads", 16), default=1, metavar="N",
+                         help="send pre-copy's pages over N connections (default 1)")
     when = migrate.add_mutually_exclusive_group()
     when.add_argument("--postcopy", action="store_true",
                       help="switch to post-copy after the first pass: the guest runs on the "

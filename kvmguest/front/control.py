@@ -301,7 +301,8 @@ class ControlServer:
     def _migrate_options(req: dict) -> dict:
         """A migration is a live save to an address (migrate/live.py), the guest stopped
         here once the destination has it."""
-        unknown = set(req) - {"op", "address", "downtime_ms", "tls", "postcopy", "local"}
+        unknown = set(req) - {"op", "address", "downtime_ms", "tls", "postcopy", "local",
+                              "threads"}
         if unknown:
             raise ValueError(f"unknown fields {sorted(map(printable, unknown))}")
         address = req.get("address")
@@ -328,7 +329,11 @@ class ControlServer:
         local = req.get("local", False)
         if type(local) is not bool or (local and not address.startswith("unix:")):
             raise ValueError("local is a bool, and a local migration goes to unix:PATH")
-        return dict(path=address, threads=1, direct=False, then="stop", format="migrate",
+        from migrate.live import MAX_CHANNELS
+        threads = req.get("threads", 1)
+        if type(threads) is not int or not 1 <= threads <= MAX_CHANNELS:
+            raise ValueError(f"threads must be 1 to {MAX_CHANNELS}")
+        return dict(path=address, threads=threads, direct=False, then="stop", format="migrate",
                     downtime_ms=float(downtime), tls=tls, postcopy="off" if local else postcopy,
                     local=local)
 

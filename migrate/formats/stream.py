@@ -43,6 +43,7 @@ RECORD = struct.Struct("<IIQ")
 KIND_PAGE, KIND_ZERO, KIND_STATE, KIND_END = 1, 2, 3, 4
 # A migration's records only (docs/migration.md): never in a stream file.
 KIND_ZERO_RUN, KIND_SHAPE, KIND_POSTCOPY, KIND_MEMFD, KIND_PAGE_RUN = 5, 6, 7, 8, 9
+KIND_PASS_END = 10
 BATCH = 256                     # pages per pwritev
 
 
