@@ -74,7 +74,8 @@ def destination_main(address: str) -> None:
 
 
 def _migrate(kind: str, work: str, n: int, cmdline: str, ready: str,
-             postcopy: str = "auto", local: bool = False, memory: int = GiB) -> dict:
+             postcopy: str = "auto", local: bool = False, memory: int = GiB,
+             threads: int = 1) -> dict:
     from kvmguest.machine import Machine
     from migrate.precopy import live_save
     address = _address(kind, work, n)
@@ -87,7 +88,7 @@ def _migrate(kind: str, work: str, n: int, cmdline: str, ready: str,
             m.start()
             m.serial.wait_for(ready, 300)
             report = live_save(m, address, format="migrate", then="stop", postcopy=postcopy,
-                               local=local)
+                               local=local, threads=threads)
         got = json.loads(dest.stdout.readline())
         dest.wait(120)
     finally:
@@ -196,6 +197,10 @@ def run(report: Report, runs: int) -> None:
                     "downtime (pause to state read, as QEMU counts it)",
                     [g["source_down"] for g in got], digits=2)
         n = max(3, runs // 4)
+        got = [_migrate("unix", work, 400 + i, IDLE, "dirty: pass 16 ok", threads=2)
+               for i in range(n)]
+        _figure(report, "migration of an idle 1 GiB guest over unix, --threads 2: total",
+                [g["total"] for g in got])
         got = [_migrate("unix", work, 100 + i, BUSY, "dirty: pass 1 ok") for i in range(n)]
         _figure(report, "dirtying 256 MiB of 1 GiB over unix: downtime end to end",
                 [g["down"] for g in got], target=5, digits=2)

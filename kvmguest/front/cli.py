@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", parents=[common],
                              help="move a guest started with --control to a `restore "
-                                  "--incoming` (live: pre-copy)")
+                                  "--incoming` (live: pre-copy, post-copy, or local)")
     migrate.add_argument("--control", metavar="SOCK", required=True, help="the guest's socket")
     migrate.add_argument("address", help="the destination: unix:PATH or tcp:HOST:PORT")
     migrate.add_argument("--downtime", type=float, default=50.0, metavar="MS",
