@@ -437,7 +437,8 @@ def test_the_destinations_memory_is_the_paused_sources(machine_factory, tmp_path
             server.close()
     t = threading.Thread(target=destination)
     t.start()
-    m = start_dirty(machine_factory, pages=900, passes=40,
+    # 64 MiB: the post-copy variant reads every page of it through the pager
+    m = start_dirty(machine_factory, memory=64 << 20, pages=900, passes=40, base=32 << 20,
                     machine={"virtio": [DeviceSpec("blk", {"path": str(disk),
                                                            "overlay": True})]})
     m.memory.device_write(m.memory.device_regions[0], 4096 * 3, b"overlay!" * 512)
