@@ -644,7 +644,11 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
     kvm = open_kvm()
     t = time.perf_counter()
     try:
-        inc = receive(server, tls, kvm, PagerProcess(server, tls))
+        pager = PagerProcess(server, tls)
+    except OSError:
+        pager = None             # started when the source says it may switch, or never
+    try:
+        inc = receive(server, tls, kvm, pager)
     except BaseException:
         kvm.close()
         raise
