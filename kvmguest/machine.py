@@ -29,7 +29,7 @@ from .arch.x86.crash import crash_message, describe_cpu
 from .exits import DirtyRingFullExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit
 from .kvm import Kvm
 from .memory import GuestMemory
-from .state import StateError, cpuid_from_hex, state_shape
+from .state import StateError, cpuid_from_hex, machine_shape, state_shape
 from .vcpu import VcpuThread
 from .vcpus import PAUSE_TIMEOUT, PauseTimeout, VcpuSet
 
@@ -81,7 +81,6 @@ class Machine:
 
     debugger = None     # a debugger (front.gdb.target.DebugTarget) sees the exits it may own first
     closed = False
-    shape = None        # prepare_restore: the shape (state_shape) the machine was made for
     postcopy = None     # a migration's destination in post-copy: migrate.postcopy.Receiver
 
     def __init__(self, kernel: str | None = None, memory: int = DEFAULT_MEMORY,
@@ -236,17 +235,16 @@ class Machine:
         vCPU's CPUID, the irqchip and PIT choice): the VM, its memory slots and vCPUs. A
         migration's destination makes it while pre-copy runs; :meth:`complete_restore`
         adds the devices and applies the state."""
-        m = cls(None, guest_memory=memory, vcpus=len(shape["cpuids"]), irqchip=shape["irqchip"],
-                pit=shape["pit"], cpuids=[cpuid_from_hex(h) for h in shape["cpuids"]],
-                defer_devices=True, **kw)
-        m.shape = shape
-        return m
+        return cls(None, guest_memory=memory, vcpus=len(shape["cpuids"]),
+                   irqchip=shape["irqchip"], pit=shape["pit"],
+                   cpuids=[cpuid_from_hex(h) for h in shape["cpuids"]], defer_devices=True,
+                   **kw)
 
     def complete_restore(self, saved, *, stream=None, console_capacity: int = 1 << 20,
                          disks: dict[str, str] | None = None) -> None:
         """Devices made as ``saved`` had them, then its state applied; StateError if
         ``saved`` is not of the shape the machine was prepared for (nothing applied)."""
-        if self.devices is not None or state_shape(saved) != self.shape:
+        if self.devices is not None or state_shape(saved) != machine_shape(self):
             raise StateError("the state is not of the shape this machine was prepared for")
         self.origin = dict(saved.guest)
         self._add_devices(stream, console_capacity,

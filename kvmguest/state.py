@@ -435,7 +435,7 @@ def machine_shape(machine) -> dict:
     """state_shape of what a save of the running ``machine`` will hold, read without
     pausing it (a migration's source sends it first)."""
     return {"cpuids": [cpuid_bytes(t.cpuid).hex() for t in machine.vcpus],
-            "irqchip": machine.irqchip, "pit": machine.pit is not None}
+            "irqchip": machine.irqchip, "pit": bool(machine.pit)}
 
 
 # What a save writes: a snapshot's state is MachineState.to_json().
