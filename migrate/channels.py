@@ -6,6 +6,7 @@ later pass is written before every copy from an earlier one (the last copy wins)
 
 from __future__ import annotations
 
+import mmap
 import queue
 import socket
 import struct
@@ -109,6 +110,25 @@ def accept_channels(server: socket.socket, count: int, token: bytes, tls, hello:
     return socks
 
 
+PAGE_KINDS = (KIND_PAGE, KIND_ZERO, KIND_ZERO_RUN)
+
+
+def page_record(sock, kind: int, bi: int, index: int, blocks, regions) -> int:
+    """The rest of a page record (one of PAGE_KINDS, its header read) taken into guest
+    memory, checked against ``blocks``: a page read straight into its place, zero pages
+    dropped (an anonymous page reads as zeros, nothing stays resident). Returns the pages
+    read. The main connection's loop (migrate/live.py) and each page channel's use it."""
+    count = struct.unpack("<Q", recv_exact(sock, 8))[0] if kind == KIND_ZERO_RUN else 1
+    if bi >= len(blocks) or index >= blocks[bi].npages or count > blocks[bi].npages - index:
+        raise MigrationError(f"a record for page {index} of block {bi} is out of range")
+    r = regions[bi]
+    if kind == KIND_PAGE:
+        recv_exact(sock, PAGE, into=r.array[index * PAGE:(index + 1) * PAGE])
+        return 1
+    r.map.madvise(mmap.MADV_DONTNEED, index * PAGE, count * PAGE)
+    return 0
+
+
 class Readers:
     """The destination's page channels past the main connection: a thread each, writing
     pages straight into guest memory; every pass ends at a barrier with the main loop."""
@@ -124,7 +144,6 @@ class Readers:
             t.start()
 
     def _run(self, sock) -> None:
-        import mmap
         try:
             while True:
                 kind, bi, index = RECORD.unpack(recv_exact(sock, RECORD.size))
@@ -133,20 +152,9 @@ class Readers:
                     continue
                 if kind == KIND_END:
                     return
-                if kind not in (KIND_PAGE, KIND_ZERO, KIND_ZERO_RUN):
+                if kind not in PAGE_KINDS:
                     raise MigrationError(f"record kind {kind} on a page channel")
-                count = struct.unpack("<Q", recv_exact(sock, 8))[0] \
-                    if kind == KIND_ZERO_RUN else 1
-                if bi >= len(self.blocks) or index >= self.blocks[bi].npages or \
-                        count > self.blocks[bi].npages - index:
-                    raise MigrationError(f"a record for page {index} of block {bi} is out "
-                                         "of range")
-                r = self.regions[bi]
-                if kind == KIND_PAGE:
-                    recv_exact(sock, PAGE, into=r.array[index * PAGE:(index + 1) * PAGE])
-                    self.pages += 1
-                else:
-                    r.map.madvise(mmap.MADV_DONTNEED, index * PAGE, count * PAGE)
+                self.pages += page_record(sock, kind, bi, index, self.blocks, self.regions)
         except (OSError, EOFError, MigrationError, threading.BrokenBarrierError) as err:
             self.error = self.error or str(err) or type(err).__name__
             self.barrier.abort()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import mmap
 import os
 import socket
 import struct
@@ -32,12 +31,13 @@ from kvmguest.errors import EXIT_GUEST_LOST
 
 from migrate.errors import SaveError
 from migrate.format import SnapshotError
-from migrate.formats.stream import (HEAD, KIND_END, KIND_MEMFD, KIND_PAGE, KIND_PASS_END,
-                                    KIND_POSTCOPY, KIND_SHAPE,
-                                    KIND_STATE, KIND_ZERO, KIND_ZERO_RUN, MAGIC,
-                                    MAX_BLOCK_LIST, RECORD, parse_blocks, pass_records)
+from migrate.channels import PAGE_KINDS, Readers, Senders, accept_channels, page_record
+from migrate.formats.stream import (HEAD, KIND_END, KIND_MEMFD, KIND_PASS_END, KIND_POSTCOPY,
+                                    KIND_SHAPE, KIND_STATE, MAGIC, MAX_BLOCK_LIST, RECORD,
+                                    blob_record, json_record, parse_blocks, pass_records)
 from migrate.pageio import fault_point
-from migrate.wire import AddressError, MigrationError, Tls, recv_exact, sendall
+from migrate.wire import (AddressError, MigrationError, Tls, recv_exact, recv_with_fds,
+                          send_with_fds, sendall)
 from migrate.writer import PassStats
 
 GREETING = b"KVMGMIG2\n"    # the destination speaks first (after TLS), then a 16-byte token
@@ -90,11 +90,6 @@ def _pushing(pusher, result: dict) -> None:
         result["error"] = err
 
 
-def _json_record(kind: int, obj) -> list[bytes]:
-    data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-    return [RECORD.pack(kind, 0, 0), struct.pack("<QI", len(data), zlib.crc32(data)), data]
-
-
 class SocketWriter:
     """The source's half: a live save's writer (write_pass, settle, finish, abort) whose
     records go to the destination at ``address``; ``shape`` (kvmguest.state.machine_shape)
@@ -110,7 +105,7 @@ class SocketWriter:
         self.regions = list(memory.saved_regions)
         self.passes: list[PassStats] = []
         self.sock = self.fault = None
-        self.tls, self.postcopy = tls, postcopy
+        self.tls = tls
         self.deferred: dict | None = None      # post-copy: the pages still to send
         self.pusher = None                     # post-copy: migrate.postcopy.Pusher
         self.committed = False                 # the destination acknowledged: its guest now
@@ -142,14 +137,12 @@ class SocketWriter:
         shared = [bi for bi, r in enumerate(self.regions) if r.slot in self.shared_slots]
         self._send([HEAD.pack(MAGIC, VERSION, len(self.regions), b"\0" * 48),
                     struct.pack("<I", len(blocks)), blocks,
-                    *_json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy,
+                    *json_record(KIND_SHAPE, {"shape": shape, "postcopy": postcopy,
                                                "local": shared, "channels": channels})])
         if shared:                  # the memfds, passed with the record's first byte
             fds = [self.regions[bi].memfd for bi in shared]
             try:
-                self.sock.sendmsg([RECORD.pack(KIND_MEMFD, len(fds), 0)],
-                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    struct.pack(f"{len(fds)}i", *fds))])
+                send_with_fds(self.sock, RECORD.pack(KIND_MEMFD, len(fds), 0), fds)
             except OSError as err:
                 self.close()
                 raise SaveError(f"cannot hand the guest's memory over: {err.strerror}") \
@@ -157,7 +150,6 @@ class SocketWriter:
         self.page_regions = [None if r.slot in self.shared_slots else r for r in self.regions]
         self.senders = None               # --threads: the page channels' senders
         if channels > 1:
-            from migrate.channels import Senders
             socks = [self.sock]
             try:
                 for i in range(1, channels):
@@ -273,9 +265,7 @@ class SocketWriter:
             idx = np.asarray(dirty.get(r.slot, []), dtype="<u4")
             stats.pages_dirty += len(idx)
             parts += [struct.pack("<Q", len(idx)), idx.tobytes()]
-        data = b"".join(parts)
-        self._send([RECORD.pack(KIND_POSTCOPY, 0, 0), struct.pack("<QI", len(data),
-                    zlib.crc32(data)), data])
+        self._send(blob_record(KIND_POSTCOPY, b"".join(parts)))
         if self.deferred is None:
             self.deferred = {}
             self.passes.append(stats)
@@ -292,7 +282,7 @@ class SocketWriter:
         destination goes away before it has them all)."""
         if self.senders is not None:
             self.senders.end(RECORD.pack(KIND_END, 0, 0))
-        self._send([*_json_record(KIND_STATE, state), RECORD.pack(KIND_END, 0, 0)])
+        self._send([*json_record(KIND_STATE, state), RECORD.pack(KIND_END, 0, 0)])
         self.sock.settimeout(ACK_TIMEOUT)
         try:
             answer = recv_exact(self.sock, len(ACK))
@@ -378,9 +368,9 @@ class Incoming:
     conn: socket.socket
     pages: int
     regions: list                       # the blocks' regions, in the stream's order
-    remote: list | None = None          # post-copy: a bool array per block
     pager: object = None                # post-copy: migrate.postcopy.PagerProcess
-    receiver: object = None             # post-copy: migrate.postcopy.Receiver, not going yet
+    receiver: object = None             # post-copy (None: pre-copy completed): the
+    #                                     migrate.postcopy.Receiver, not going yet
 
     def discard(self) -> None:
         if self.receiver is not None:
@@ -427,23 +417,13 @@ def _receive_memfds(conn: socket.socket, count: int) -> list[int]:
     """The KIND_MEMFD record and the memfds passed with it (a local migration)."""
     if not isinstance(conn, socket.socket) or conn.family != socket.AF_UNIX:
         raise MigrationError("memory handed over other than on a Unix socket")
-    data, anc, _, _ = conn.recvmsg(RECORD.size, socket.CMSG_SPACE(4 * count))
-    fds: list[int] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])
-    try:
-        if not data:
-            raise EOFError("the other side closed the connection mid-stream")
-        data += recv_exact(conn, RECORD.size - len(data)) if len(data) < RECORD.size else b""
-        kind, n, _ = RECORD.unpack(data)
-        if kind != KIND_MEMFD or n != count or len(fds) != count:
-            raise MigrationError(f"the shared memory did not follow the shape ({len(fds)} of "
-                                 f"{count} memfds)")
-    except BaseException:
+    data, fds = recv_with_fds(conn, RECORD.size, count)
+    kind, n, _ = RECORD.unpack(data)
+    if kind != KIND_MEMFD or n != count or len(fds) != count:
         for fd in fds:
             os.close(fd)
-        raise
+        raise MigrationError(f"the shared memory did not follow the shape ({len(fds)} of "
+                             f"{count} memfds)")
     return fds
 
 
@@ -494,7 +474,7 @@ def _memory(blocks, local: list[int], fds: list[int]) -> GuestMemory:
 def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None) -> Incoming:
     """Take one migration from ``server``: the machine is made (Machine.prepare_restore,
     on ``kvm``, which it then owns) as soon as the shape arrives and memory is filled as
-    pages arrive; answer with acknowledge() or refuse(). MigrationError on a broken or
+    pages arrive; answer with ACK (restore_incoming) or refuse(). MigrationError on a broken or
     hostile stream or a machine that cannot be made here. ``pager``: a PagerProcess
     started beforehand (one is started when the source may switch to post-copy)."""
     from kvmguest.machine import Machine
@@ -534,7 +514,6 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
             memory.close()
             raise MigrationError(f"the machine cannot be made here: {err}") from None
         if channels > 1:            # before the pager may take a connection
-            from migrate.channels import Readers, accept_channels
             readers = Readers(accept_channels(server, channels - 1, token, tls, PAGE_HELLO,
                                               STALL), regions, blocks)
         if mode == "off" and pager is not None:
@@ -544,25 +523,14 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
             if pager is None:
                 pager = PagerProcess(server, tls, token)
             pager.go()
-        state, received, pages, remote, switched = None, 0, 0, None, 0
+        state, received, pages, switched = None, 0, 0, 0
         while True:
             kind, bi, index = RECORD.unpack(recv_exact(conn, RECORD.size))
-            if kind in (KIND_PAGE, KIND_ZERO, KIND_ZERO_RUN):
-                count = struct.unpack("<Q", recv_exact(conn, 8))[0] if kind == KIND_ZERO_RUN \
-                    else 1
+            if kind in PAGE_KINDS:
                 received += 1
                 if received == 256:
                     fault_point("incoming-pages")         # crash tests: mid-stream
-                if bi >= nblocks or index >= blocks[bi].npages or \
-                        count > blocks[bi].npages - index:
-                    raise MigrationError(f"a record for page {index} of block {bi} is out of "
-                                         "range")
-                if kind == KIND_PAGE:
-                    recv_exact(conn, PAGE, into=regions[bi].array[index * PAGE:
-                                                                   (index + 1) * PAGE])
-                    pages += 1
-                else:        # dropped: an anonymous page reads as zeros, nothing resident
-                    regions[bi].map.madvise(mmap.MADV_DONTNEED, index * PAGE, count * PAGE)
+                pages += page_record(conn, kind, bi, index, blocks, regions)
             elif kind == KIND_POSTCOPY:       # before the source's pause, then after it
                 if pager is None or switched == 2:
                     raise MigrationError("a post-copy record the shape did not announce")
@@ -572,7 +540,6 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
                     pager.arm(regions, more)
                 except PostcopyError as err:
                     raise MigrationError(f"post-copy cannot be set up here: {err}") from None
-                remote = more if remote is None else [a | b for a, b in zip(remote, more)]
                 if receiver is None:
                     receiver = Receiver(pager, conn, regions)
                 switched += 1
@@ -600,11 +567,10 @@ def receive(server: socket.socket, tls: Tls | None = None, kvm=None, pager=None)
             decoded = MachineState.from_json(state)
         except StateError as err:
             raise MigrationError(f"state: {err}") from None
-        if remote is None and pager is not None:
+        if receiver is None and pager is not None:
             pager.dismiss()
             pager = None
-        return Incoming(decoded, memory, machine, conn, pages, regions, remote, pager,
-                        receiver)
+        return Incoming(decoded, memory, machine, conn, pages, regions, pager, receiver)
     except BaseException as err:
         if readers is not None:
             readers.close()
@@ -669,7 +635,7 @@ def restore_incoming(server: socket.socket, *, stream=None, console_capacity: in
         inc.discard()
         raise MigrationError(f"the source went away before it was told the guest is "
                              f"here ({err.strerror}); it runs the guest on") from None
-    if inc.remote is None:
+    if inc.receiver is None:
         inc.conn.close()
     else:              # the pushed pages are taken once the vCPUs run (Machine.start)
         machine.postcopy = inc.receiver
@@ -685,13 +651,6 @@ def _lose(machine, why: str) -> None:
     machine.stop()
 
 
-def acknowledge(conn: socket.socket) -> None:
-    """Tell the source the guest is here (it stops its copy); raises OSError if the
-    source is gone (the caller must not run the guest then: the source runs it on)."""
-    conn.sendall(ACK)
-    conn.close()
-
-
 def refuse(conn: socket.socket, why: str) -> None:
     try:
         conn.sendall(REFUSED + why.encode(errors="replace")[:4000] + b"\n")
@@ -700,5 +659,5 @@ def refuse(conn: socket.socket, why: str) -> None:
     conn.close()
 
 
-__all__ = ["MigrationError", "SocketWriter", "Tls", "acknowledge", "parse_address", "receive",
-           "refuse", "restore_incoming"]
+__all__ = ["MigrationError", "SocketWriter", "Tls", "parse_address", "receive", "refuse",
+           "restore_incoming"]

@@ -30,7 +30,7 @@ import zlib
 
 from kvmguest.memory import PAGE_SIZE as PAGE
 
-from migrate.wire import Tls, recv_exact, sendall
+from migrate.wire import Tls, recv_exact, recv_with_fds, send_with_fds, sendall
 REQUEST = struct.Struct("<IQ")          # a fault: (block, page index)
 RUN_PAGES = 256                         # the most pages one pushed record carries
 FRAME = struct.Struct("<I")             # VMM <-> pager messages: u32 length, JSON
@@ -115,14 +115,20 @@ def open_uffd(ranges: list[tuple[int, int]]) -> int:
     return fd
 
 
-def copy_page(uffd: int, dst: int, src: int) -> None:
-    """Install one page (woken: the vCPU or thread waiting on it runs on); a page that is
-    there already (the other channel was first) just wakes its waiters."""
-    err = _ioctl(uffd, UFFDIO_COPY, _Copy(dst, src, PAGE, 0, 0))
+def _resolve(uffd: int, request: int, arg, dst: int, what: str) -> None:
+    """One page resolved by ``request`` (woken: the vCPU or thread waiting on it runs
+    on); a page that is there already (the other channel was first) just wakes its
+    waiters."""
+    err = _ioctl(uffd, request, arg)
     if err == 17:                                  # EEXIST
         _ioctl(uffd, UFFDIO_WAKE, _Range(dst, PAGE))
     elif err:
-        raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def copy_page(uffd: int, dst: int, src: int) -> None:
+    """Install one page, read from ``src``."""
+    _resolve(uffd, UFFDIO_COPY, _Copy(dst, src, PAGE, 0, 0), dst, "UFFDIO_COPY")
 
 
 def copy_run(uffd: int, dst: int, src: int, count: int) -> None:
@@ -140,47 +146,27 @@ def copy_run(uffd: int, dst: int, src: int, count: int) -> None:
 
 
 def zero_page(uffd: int, dst: int) -> None:
-    err = _ioctl(uffd, UFFDIO_ZEROPAGE, _Zero(_Range(dst, PAGE), 0, 0))
-    if err == 17:
-        _ioctl(uffd, UFFDIO_WAKE, _Range(dst, PAGE))
-    elif err:
-        raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
+    """Map one page of zeros."""
+    _resolve(uffd, UFFDIO_ZEROPAGE, _Zero(_Range(dst, PAGE), 0, 0), dst, "UFFDIO_ZEROPAGE")
 
 
 # --- framing between the VMM and its pager ---------------------------------------------
 def send_frame(sock: socket.socket, obj, fds: list[int] = ()) -> None:
     data = json.dumps(obj).encode()
     if fds:
-        sock.sendmsg([FRAME.pack(len(data)) + data],
-                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        send_with_fds(sock, FRAME.pack(len(data)) + data, fds)
     else:
         sock.sendall(FRAME.pack(len(data)) + data)
 
 
 def recv_frame(sock: socket.socket, want_fds: int = 0):
     """(object, fds); EOFError when the peer is gone."""
-    fds: list[int] = []
-    head = b""
-    while len(head) < FRAME.size:
-        if want_fds and not fds:
-            data, anc, _, _ = sock.recvmsg(FRAME.size - len(head),
-                                           socket.CMSG_SPACE(4 * want_fds))
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])
-        else:
-            data = sock.recv(FRAME.size - len(head))
-        if not data:
-            raise EOFError("closed")
-        head += data
+    if want_fds:
+        head, fds = recv_with_fds(sock, FRAME.size, want_fds)
+    else:
+        head, fds = recv_exact(sock, FRAME.size), []
     (n,) = FRAME.unpack(head)
-    body = bytearray()
-    while len(body) < n:
-        data = sock.recv(min(n - len(body), 1 << 20))
-        if not data:
-            raise EOFError("closed")
-        body += data
-    return json.loads(body), fds
+    return json.loads(recv_exact(sock, n)), fds
 
 
 # --- the pager (its own process) -------------------------------------------------------
@@ -213,7 +199,7 @@ class Pager:
                 if self.tls is not None:
                     conn = self.tls.server(conn)
                 hello = bytes(recv_exact(conn, len(FAULT_HELLO) + len(self.token)))
-            except (OSError, EOFError, Exception):
+            except Exception:          # noqa: BLE001 - a stranger's connection: closed
                 conn.close()
                 continue
             if hello == FAULT_HELLO + self.token:
@@ -224,26 +210,22 @@ class Pager:
             conn.close()
         raise PostcopyError("no fault channel from the source")
 
-    def arm(self, plan: dict, uffd: int, remote: list[bytes]) -> None:
+    def arm(self, plan: dict, uffd: int) -> None:
+        """The userfaultfd, the blocks' host addresses and the first remote pages."""
         self.uffd = uffd
-        for bi, (addr, npages) in enumerate(plan["regions"]):
-            self.regions.append((addr, npages, bi))
-        self.regions.sort()
+        self.base = [addr for addr, _ in plan["regions"]]
+        self.regions = sorted((addr, npages, bi)
+                              for bi, (addr, npages) in enumerate(plan["regions"]))
         self.starts = [r[0] for r in self.regions]
-        import numpy as np
-        for bits, (_, npages) in zip(remote, plan["regions"]):
-            st = bytearray(np.unpackbits(np.frombuffer(bits, np.uint8), count=npages,
-                                         bitorder="little").tobytes())
-            self.remote_left += st.count(1)
-            self.state.append(st)
-        self.base = [0] * len(self.state)
-        for addr, _, bi in self.regions:
-            self.base[bi] = addr
+        self.state = [bytearray(npages) for _, npages in plan["regions"]]
+        self.add_remote(plan["remote"])
 
-    def add_remote(self, remote: list[bytes]) -> None:
+    def add_remote(self, lists: list[str]) -> None:
+        """More remote pages: per block, the hex of a zlib'd bitmap (PagerProcess.arm)."""
         import numpy as np
-        for st, bits in zip(self.state, remote):
-            more = np.unpackbits(np.frombuffer(bits, np.uint8), count=len(st),
+        for st, packed in zip(self.state, lists):
+            more = np.unpackbits(np.frombuffer(zlib.decompress(bytes.fromhex(packed)),
+                                               np.uint8), count=len(st),
                                  bitorder="little").astype(np.bool_)
             mine = np.frombuffer(st, np.uint8).copy()
             new = more & (mine == 0)
@@ -342,7 +324,7 @@ class Pager:
             except (OSError, EOFError):
                 return "the VMM went away"
             if msg.get("op") == "more":
-                self.add_remote([zlib.decompress(bytes.fromhex(h)) for h in msg["remote"]])
+                self.add_remote(msg["remote"])
             elif msg.get("op") == "bulk-done":
                 self.bulk_over = True
                 self.bulk_done()
@@ -559,7 +541,6 @@ class Pusher:
         self.answered = 0
         self.served = threading.Condition()       # answered grew, or the channel closed
         self.closed = False
-        self.error: str | None = None
 
     def set_remote(self, remote: dict) -> None:
         """The pages to push (slot -> sorted page indices), once the source is paused."""
@@ -592,8 +573,7 @@ class Pusher:
                 recv_exact(self.fault, REQUEST.size, head)
                 bi, index = REQUEST.unpack(head)
                 if bi >= len(self.regions) or index >= self.regions[bi].npages:
-                    self.error = f"the destination asked for page {index} of block {bi}"
-                    return
+                    return         # nonsense: no more answers (the destination gives up)
                 self.fault.sendall(REQUEST.pack(bi, index) + self._page(bi, index).tobytes())
                 with self.served:
                     self.answered += 1
@@ -678,7 +658,7 @@ def pager_main(argv: list[str]) -> int:
         plan, fds = recv_frame(ctrl, want_fds=1)
         if plan.get("op") != "arm" or len(fds) != 1:
             return 0                          # pre-copy completed: not needed
-        pager.arm(plan, fds[0], [zlib.decompress(bytes.fromhex(h)) for h in plan["remote"]])
+        pager.arm(plan, fds[0])
         outcome = pager.run()
         send_frame(ctrl, {"op": "done" if outcome == "done" else "lost", "why": outcome,
                           **pager.stats()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 from kvmguest.errors import EXIT_BAD_INPUT
 
@@ -88,3 +89,27 @@ def recv_exact(sock: socket.socket, n: int, into=None) -> bytes:
     return bytes(buf) if into is None else b""
 
 
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """``data`` with ``fds`` passed along (SCM_RIGHTS) on a Unix socket."""
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           struct.pack(f"{len(fds)}i", *fds))])
+
+
+def recv_with_fds(sock: socket.socket, n: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """``n`` bytes and the file descriptors passed with their first one (at most
+    ``max_fds``); on failure those descriptors are closed."""
+    data, anc, _, _ = sock.recvmsg(n, socket.CMSG_SPACE(4 * max_fds))
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])
+    try:
+        if not data:
+            raise EOFError("the other side closed the connection mid-stream")
+        if len(data) < n:
+            data += recv_exact(sock, n - len(data))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data, fds

@@ -97,6 +97,16 @@ def zero_records(block: int, first: int, end: int) -> list[bytes]:
     return [RECORD.pack(KIND_ZERO_RUN, block, first), struct.pack("<Q", end - first)]
 
 
+def blob_record(kind: int, data: bytes) -> list[bytes]:
+    """A record carrying ``data``: (kind, 0, 0), u64 length, u32 CRC-32, the bytes (the
+    state record; a migration's shape and post-copy records too)."""
+    return [RECORD.pack(kind, 0, 0), struct.pack("<QI", len(data), zlib.crc32(data)), data]
+
+
+def json_record(kind: int, obj) -> list[bytes]:
+    return blob_record(kind, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode())
+
+
 class StreamWriter:
     """One snapshot being written as an append-only stream (the baseline mapped-ram
     is measured against)."""
@@ -145,10 +155,8 @@ class StreamWriter:
         return stats
 
     def finish(self, state: dict) -> None:
-        data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
         try:
-            self._append([RECORD.pack(KIND_STATE, 0, 0), struct.pack("<QI", len(data),
-                          zlib.crc32(data)), data, RECORD.pack(KIND_END, 0, 0)])
+            self._append([*json_record(KIND_STATE, state), RECORD.pack(KIND_END, 0, 0)])
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
